@@ -1,0 +1,92 @@
+"""Block attention kernels: one (query chunk, key chunk) block → (out, lse), and its backward.
+
+No communication and no knowledge of rings or graphs lives here (DESIGN §1b). The ring calls
+``block_attention_forward`` / ``block_attention_backward`` with a ``BlockMask`` that states the
+block's global positions and mask kinds; the kernel decides how to evaluate it.
+
+Kernels (``SEQPAR_KERNEL``):
+  aten    ATen's CPU flash kernel (CPU tensors; fp32, fp64, bf16, fp16)
+  triton  our Triton flash kernels (CUDA; CPU tensors only under TRITON_INTERPRET=1)
+  math    plain tensor math, tiled over query rows (any device and dtype)
+  auto    aten on CPU, triton on CUDA, math otherwise
+
+Shape legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), M query rows,
+N key rows, D head dim. ``lse`` is [B, Hq, M] in fp32 (fp64 for fp64 inputs), natural log;
+a row that sees no key has out = 0, lse = -inf.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .aten_cpu import ATEN_DTYPES, aten_block_backward, aten_block_forward
+from .block_mask import BlockKind, BlockMask, classify_block, plan_tiles, visible_key_range
+from .math_attention import math_block_backward, math_block_forward
+
+__all__ = [
+    "BlockKind",
+    "BlockMask",
+    "KERNELS",
+    "block_attention_backward",
+    "block_attention_forward",
+    "classify_block",
+    "resolve_kernel",
+    "visible_key_range",
+    "plan_tiles",
+]
+
+KERNELS = ("auto", "aten", "triton", "math")
+
+
+def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete kernel for a choice and the tensors' device and dtype; a clear error when
+    the choice cannot run here."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; allowed: {', '.join(KERNELS)}")
+    if kernel == "auto":
+        if device.type == "cpu" and dtype in ATEN_DTYPES:
+            return "aten"
+        if device.type == "cuda":
+            return "triton"
+        return "math"
+    if kernel == "aten" and (device.type != "cpu" or dtype not in ATEN_DTYPES):
+        raise ValueError(f"kernel 'aten' runs on CPU tensors of dtype {', '.join(map(str, ATEN_DTYPES))}; "
+                         f"got {device.type} {dtype}")
+    if kernel == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("kernel 'triton' on CPU tensors needs the Triton interpreter: set "
+                         "TRITON_INTERPRET=1 before importing triton (or use kernel 'aten' or 'math')")
+    return kernel
+
+
+def block_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
+                            scale: float, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B,Hq,M,D], k/v [B,Hkv,N,D] → out [B,Hq,M,D] (q's dtype), lse [B,Hq,M] (fp32).
+
+    ``kernel`` is a resolved name (see ``resolve_kernel``).
+    """
+    if kernel == "aten":
+        return aten_block_forward(q, k, v, mask, scale)
+    if kernel == "triton":
+        from .triton_attention import triton_block_forward
+        return triton_block_forward(q, k, v, mask, scale)
+    return math_block_forward(q, k, v, mask, scale)
+
+
+def block_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, mask: BlockMask, scale: float,
+                             kernel: str, dlse: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one block, given the merged (out, lse) of the whole attention.
+
+    Returns dq [B,Hq,M,D], dk/dv [B,Hkv,N,D] in fp32 (fp64 for fp64 inputs). A gradient on
+    the lse (``dlse`` [B,Hq,M]) is taken by the math kernel only.
+    """
+    if dlse is not None:
+        return math_block_backward(dout, q, k, v, out, lse, mask, scale, dlse)
+    if kernel == "aten":
+        return aten_block_backward(dout, q, k, v, out, lse, mask, scale)
+    if kernel == "triton":
+        from .triton_attention import triton_block_backward
+        return triton_block_backward(dout, q, k, v, out, lse, mask, scale)
+    return math_block_backward(dout, q, k, v, out, lse, mask, scale)

@@ -1,0 +1,100 @@
+"""Block attention on CPU through ATen's flash kernel.
+
+``aten._scaled_dot_product_flash_attention_for_cpu`` is a tiled flash kernel (no S×S score
+matrix), returns the log-sum-exp, supports GQA natively (key head = query head // G) and has a
+matching backward that takes a saved (out, lse): exactly the block interface the ring needs.
+Two quirks are fixed here (DESIGN §3):
+  * it rejects boolean masks (the mask must have the query's dtype), so visibility becomes an
+    additive 0 / -inf mask, built per tile, never for the whole block;
+  * a row that sees no key comes back with lse = 0; the contract is out = 0, lse = -inf.
+
+Shape legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), M query rows,
+N key rows, D head dim. LSE is fp32 (fp64 for fp64 inputs).
+"""
+from __future__ import annotations
+
+import torch
+
+from .block_mask import BlockMask, TilePlan, dense_visibility, plan_tiles
+
+__all__ = ["aten_block_forward", "aten_block_backward", "ATEN_DTYPES"]
+
+ATEN_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# Rows per tile when a block needs an explicit mask: a [TILE_ROWS, N] additive mask stays a
+# few MB at the key lengths one rank holds.
+TILE_ROWS = 256
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _additive_mask(mask: BlockMask, tile: TilePlan, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(additive mask broadcastable to [B, H, T, K], rows-alive [B or 1, T])."""
+    visible = dense_visibility(mask, tile, torch.device("cpu"))
+    additive = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+    alive = visible.any(dim=-1)
+    if visible.dim() == 2:
+        return additive, alive[None]
+    return additive[:, None], alive                    # [B, 1, T, K], [B, T]
+
+
+def aten_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one block. q [B,Hq,M,D], k/v [B,Hkv,N,D] → out [B,Hq,M,D], lse [B,Hq,M]."""
+    B, Hq, M, D = q.shape
+    N = k.shape[-2]
+    out = q.new_zeros(B, Hq, M, D)
+    lse = torch.full((B, Hq, M), float("-inf"), dtype=_lse_dtype(q.dtype))
+    for tile in plan_tiles(mask, M, N, TILE_ROWS):
+        qt = q[:, :, tile.q0:tile.q1]
+        kt, vt = k[:, :, tile.k0:tile.k1], v[:, :, tile.k0:tile.k1]
+        if tile.mode == "dense":
+            additive, alive = _additive_mask(mask, tile, q.dtype)
+            o_t, lse_t = _flash(qt, kt, vt, 0.0, False, attn_mask=additive, scale=scale)
+            lse_t = lse_t.masked_fill(~alive[:, None, :], float("-inf"))
+        else:
+            o_t, lse_t = _flash(qt, kt, vt, 0.0, tile.mode == "causal", scale=scale)
+        out[:, :, tile.q0:tile.q1] = o_t
+        lse[:, :, tile.q0:tile.q1] = lse_t
+    return out, lse
+
+
+def aten_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        out: torch.Tensor, lse: torch.Tensor, mask: BlockMask,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one block given the *merged* (out, lse) of the whole attention.
+
+    With the global out and lse, ``exp(s - lse)`` is this block's share of the global softmax,
+    so the per-block gradients sum to the gradient of the whole attention.
+    Returns fp32 (fp64 for fp64 inputs) dq [B,Hq,M,D], dk [B,Hkv,N,D], dv [B,Hkv,N,D].
+    """
+    acc = _lse_dtype(q.dtype)
+    B, Hq, M, D = q.shape
+    N = k.shape[-2]
+    dq = torch.zeros(q.shape, dtype=acc)
+    dk = torch.zeros(k.shape, dtype=acc)
+    dv = torch.zeros(v.shape, dtype=acc)
+    # Rows dead everywhere have lse = -inf; exp(-inf - (-inf)) would be NaN. Their scores are
+    # -inf (or they are in no tile), so any finite lse gives them zero probability.
+    lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(_lse_dtype(q.dtype))
+    out = out.to(q.dtype)
+    dout = dout.to(q.dtype)
+    for tile in plan_tiles(mask, M, N, TILE_ROWS):
+        rows = slice(tile.q0, tile.q1)
+        keys = slice(tile.k0, tile.k1)
+        attn_mask = None
+        if tile.mode == "dense":
+            attn_mask, _ = _additive_mask(mask, tile, q.dtype)
+        dq_t, dk_t, dv_t = _flash_backward(
+            dout[:, :, rows].contiguous(), q[:, :, rows], k[:, :, keys], v[:, :, keys],
+            out[:, :, rows].contiguous(), lse[:, :, rows].contiguous(), 0.0, tile.mode == "causal",
+            attn_mask=attn_mask, scale=scale)
+        dq[:, :, rows] += dq_t
+        dk[:, :, keys] += dk_t
+        dv[:, :, keys] += dv_t
+    return dq, dk, dv

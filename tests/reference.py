@@ -1,0 +1,52 @@
+"""Float64 single-process references the tests compare against."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["reference_attention", "rel_err", "visibility"]
+
+
+def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool = False, window: int | None = None,
+               q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> torch.Tensor:
+    """[B or 1, M, N] boolean: is key j visible to query i (DESIGN §3 mask kinds)."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    vis = torch.ones(diff.shape, dtype=torch.bool)
+    if causal or window is not None:
+        vis &= diff >= 0
+    if window is not None:
+        vis &= diff < window
+    vis = vis[None]
+    if q_doc is not None:
+        vis = vis & (q_doc[:, :, None] == k_doc[:, None, :])
+    return vis
+
+
+def reference_attention(q, k, v, *, scale=None, causal=False, window=None, doc_ids=None,
+                        q_pos=None, k_pos=None, k_doc=None):
+    """Plain softmax attention in float64 over full tensors [B,H,S,D] (GQA by repeat_interleave).
+
+    Returns (out, lse); rows that see no key give out = 0, lse = -inf.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    B, Hq, M, D = q.shape
+    N = k.shape[-2]
+    G = Hq // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    scale = D ** -0.5 if scale is None else scale
+    q_pos = torch.arange(M) if q_pos is None else q_pos
+    k_pos = torch.arange(N) if k_pos is None else k_pos
+    k_doc = doc_ids if k_doc is None else k_doc
+    vis = visibility(q_pos, k_pos, causal=causal, window=window, q_doc=doc_ids, k_doc=k_doc)[:, None]
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
+    return p @ v, lse
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64 (0 when both are 0)."""
+    x, ref = x.double(), ref.double()
+    den = ref.norm().item()
+    num = (x - ref).norm().item()
+    return num / den if den > 0 else num
