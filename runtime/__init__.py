@@ -1,0 +1,25 @@
+"""The ring at run time: layouts and schedules, communication, the custom op pair, stats.
+
+Knows nothing of graphs (DESIGN §1b); the passes import op handles and layout math from here.
+"""
+from .layout import SCHEDULES, Segment, check_sequence_length, local_positions, local_segments
+from .plan import RingPlan, build_plan
+from .ring_op import ring_attention_backward_op, ring_attention_op
+from .sequence_ops import gather_sequence_op, shard_sequence_op
+from .stats import Stats, stats
+
+__all__ = [
+    "SCHEDULES",
+    "RingPlan",
+    "Segment",
+    "Stats",
+    "build_plan",
+    "check_sequence_length",
+    "gather_sequence_op",
+    "local_positions",
+    "local_segments",
+    "ring_attention_backward_op",
+    "ring_attention_op",
+    "shard_sequence_op",
+    "stats",
+]

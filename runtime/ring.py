@@ -1,0 +1,308 @@
+"""The ring loops: exact blockwise attention over a process group, forward and backward.
+
+Shape legend (local shards; the sequence dim is sharded in the schedule's layout):
+  q, out, dout  [B, Hq, S_local, D]      k, v  [B, Hkv, S_local, D]   (Hq % Hkv == 0)
+  lse           [B, Hq, S_local] fp32 (fp64 for fp64 inputs)
+  doc           [B, S_local] integer document ids, or None
+
+Forward, at every step of the plan (``plan.py``): post the transfers for the next step (the
+next KV block from the previous rank, queries for a help task), compute this step's blocks,
+then wait — so communication hides behind compute (``overlap=False`` waits right away, for
+comparison). Partial results are merged in fp32 with the order-independent online-softmax
+merge, so blocks may arrive in any order:
+
+    lse_new = max + log1p(exp(min - max))          (max/min of lse, lse_b)
+    out_new = out - sigmoid(lse_b - lse) * (out - out_b)
+
+Backward: the same plan again with the *merged* (out, lse); the K/V block travels ahead and its
+fp32 dK/dV accumulator follows one hop behind, then goes home from the last rank that used it.
+dQ accumulates locally; help tasks send dQ back. Never more than two KV blocks are held.
+
+Transfers sent at the end of a step (results, accumulators) are received at the start of the
+next one, so every pair of ranks posts its messages in the same order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seqpar_compiler.kernels import (BlockKind, block_attention_backward, block_attention_forward,
+                                     classify_block, visible_key_range)
+
+from .comm import Pending, RingComm, Transfer
+from .layout import Segment, local_segments
+from .plan import RingPlan, build_plan, segment_mask
+from .stats import record
+
+__all__ = ["RingConfig", "ring_forward", "ring_backward", "merge_partial_attention"]
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    schedule: str
+    causal: bool
+    window: int | None
+    scale: float
+    kernel: str          # resolved kernel name
+    overlap: bool
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_partial_attention(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
+                            lse_b: torch.Tensor) -> None:
+    """Merge block result (out_b [.., M, D], lse_b [.., M]) into (out, lse) in place.
+
+    NaN-free when either or both lse are -inf (rows that saw no key so far / in this block).
+    """
+    lse_b = lse_b.to(lse.dtype)
+    hi = torch.maximum(lse, lse_b)
+    lo = torch.minimum(lse, lse_b)
+    both_dead = torch.isneginf(hi)
+    new_lse = torch.where(both_dead, hi, hi + torch.log1p(torch.exp(lo - torch.where(both_dead, 0.0, hi))))
+    d = torch.where(torch.isneginf(lse_b), float("-inf"),
+                    torch.where(torch.isneginf(lse), float("inf"), lse_b - lse))
+    out.sub_(torch.sigmoid(d)[..., None] * (out - out_b.to(out.dtype)))
+    lse.copy_(new_lse)
+
+
+def _pairs(mask, M: int, N: int, kind: BlockKind) -> int:
+    if kind is BlockKind.FULL or not mask.positional:
+        return M * N
+    lo, hi = visible_key_range(mask, M, N)
+    return int((hi - lo).clamp(min=0).sum())
+
+
+def _blocks(q_segs, kv_segs, cfg: RingConfig, q_doc, k_doc):
+    """Non-empty (q segment, kv segment, mask) triples of one (queries, KV block) pair."""
+    for qs in q_segs:
+        for ks in kv_segs:
+            qd = None if q_doc is None else q_doc[:, qs.offset:qs.offset + qs.count]
+            kd = None if k_doc is None else k_doc[:, ks.offset:ks.offset + ks.count]
+            mask = segment_mask(qs, ks, cfg.causal, cfg.window, qd, kd)
+            kind = classify_block(mask, qs.count, ks.count)
+            if kind is not BlockKind.EMPTY:
+                yield qs, ks, mask, kind
+
+
+def _attend(q, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig, out, lse) -> None:
+    """Merge attention of queries against one KV block into (out, lse)."""
+    B, Hq, _, D = q.shape
+    for qs, ks, mask, kind in _blocks(q_segs, kv_segs, cfg, q_doc, k_doc):
+        rows, keys = slice(qs.offset, qs.offset + qs.count), slice(ks.offset, ks.offset + ks.count)
+        o_b, lse_b = block_attention_forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], mask,
+                                             cfg.scale, cfg.kernel)
+        merge_partial_attention(out[:, :, rows], lse[:, :, rows], o_b, lse_b)
+        record(block_kernel_calls=1, attention_flops=4 * B * Hq * D * _pairs(mask, qs.count, ks.count, kind))
+
+
+def _attend_backward(dout, q, out, lse, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig,
+                     dq, dk, dv, dlse) -> None:
+    """Accumulate gradients of queries against one KV block into dq, dk, dv (fp32)."""
+    B, Hq, _, D = q.shape
+    for qs, ks, mask, kind in _blocks(q_segs, kv_segs, cfg, q_doc, k_doc):
+        rows, keys = slice(qs.offset, qs.offset + qs.count), slice(ks.offset, ks.offset + ks.count)
+        dq_b, dk_b, dv_b = block_attention_backward(
+            dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
+            lse[:, :, rows], mask, cfg.scale, cfg.kernel, None if dlse is None else dlse[:, :, rows])
+        dq[:, :, rows] += dq_b
+        dk[:, :, keys] += dk_b
+        dv[:, :, keys] += dv_b
+        record(block_kernel_calls=1, attention_flops=4 * B * Hq * D * _pairs(mask, qs.count, ks.count, kind))
+
+
+def _kv_transfers(send: bool, block, peer: int, step: int) -> list[Transfer]:
+    k, v, doc = block
+    out = [Transfer(send, k, peer, "k", step), Transfer(send, v, peer, "v", step)]
+    if doc is not None:
+        out.append(Transfer(send, doc, peer, "doc", step))
+    return out
+
+
+def _empty_block(k, v, doc):
+    return (torch.empty_like(k), torch.empty_like(v), None if doc is None else torch.empty_like(doc))
+
+
+class _Loop:
+    """State shared by the forward and backward loops of one call."""
+
+    def __init__(self, q, doc, cfg: RingConfig, comm: RingComm):
+        self.comm, self.cfg = comm, cfg
+        self.P, self.rank = comm.size, comm.rank
+        self.S = q.shape[2]
+        self.plan: RingPlan = build_plan(cfg.schedule, self.P, self.S, cfg.causal, cfg.window)
+        self.sent: list[Pending] = []           # end-of-step sends, waited on at the very end
+
+    def segs(self, owner: int) -> tuple[Segment, ...]:
+        return local_segments(self.cfg.schedule, owner, self.P, self.S)
+
+    def finish(self) -> None:
+        for p in self.sent:
+            p.wait()
+
+
+def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor | None,
+                 cfg: RingConfig, comm: RingComm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of the local queries over the whole group's keys → (out, lse)."""
+    L = _Loop(q, doc, cfg, comm)
+    r, plan = L.rank, L.plan
+    acc = _acc_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+    results = {t: (torch.empty_like(out), torch.empty_like(lse), h) for t, h in plan.helpers[r]}
+    late: list[Pending] = []
+    held, help_q = (k, v, doc), None
+    for t, steps in enumerate(plan.steps):
+        st = steps[r]
+        # Results a helper sent at the end of step t-1 (posted first: see module docstring).
+        if t - 1 in results:
+            o_buf, l_buf, h = results[t - 1]
+            late.append(comm.post([Transfer(False, o_buf, h, "res_out", t - 1),
+                                   Transfer(False, l_buf, h, "res_lse", t - 1)], f"helper results of step {t - 1}"))
+        transfers, nxt, nxt_q = [], None, None
+        if st.forward_kv:
+            transfers += _kv_transfers(True, held, comm.next, t)
+        if st.receive_kv:
+            nxt = _empty_block(k, v, doc)
+            transfers += _kv_transfers(False, nxt, comm.prev, t)
+        if st.q_to is not None:
+            transfers.append(Transfer(True, q, st.q_to, "q", t))
+            if doc is not None:
+                transfers.append(Transfer(True, doc, st.q_to, "q_doc", t))
+        if st.q_from is not None:
+            nxt_q = (torch.empty_like(q), None if doc is None else torch.empty_like(doc))
+            transfers.append(Transfer(False, nxt_q[0], st.q_from, "q", t))
+            if doc is not None:
+                transfers.append(Transfer(False, nxt_q[1], st.q_from, "q_doc", t))
+        pending = comm.post(transfers, f"the KV block for step {t + 1} (forward)")
+        if not cfg.overlap:
+            pending.wait()
+        if st.compute_own:
+            hk, hv, hdoc = held
+            _attend(q, L.segs(r), doc, hk, hv, hdoc, L.segs(st.holds), cfg, out, lse)
+        if st.help_q is not None:
+            fq, fdoc = help_q
+            h_out = torch.zeros_like(out)
+            h_lse = torch.full_like(lse, float("-inf"))
+            _attend(fq, L.segs(st.help_q), fdoc, k, v, doc, L.segs(r), cfg, h_out, h_lse)
+            L.sent.append(comm.post([Transfer(True, h_out, st.help_q, "res_out", t),
+                                     Transfer(True, h_lse, st.help_q, "res_lse", t)], "sending helper results"))
+        pending.wait()
+        held, help_q = nxt, nxt_q
+    last = plan.num_steps - 1
+    if last in results:
+        o_buf, l_buf, h = results[last]
+        late.append(comm.post([Transfer(False, o_buf, h, "res_out", last),
+                               Transfer(False, l_buf, h, "res_lse", last)], f"helper results of step {last}"))
+    for p in late:
+        p.wait()
+    for o_buf, l_buf, _ in results.values():
+        merge_partial_attention(out, lse, o_buf, l_buf)
+    L.finish()
+    return out.to(q.dtype), lse
+
+
+def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  out: torch.Tensor, lse: torch.Tensor, doc: torch.Tensor | None, cfg: RingConfig,
+                  comm: RingComm, dlse: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the ring attention → (dq, dk, dv) in the inputs' dtypes."""
+    L = _Loop(q, doc, cfg, comm)
+    r, plan = L.rank, L.plan
+    acc = _acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    home_dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    home_dv = torch.zeros_like(home_dk)
+    dq_results = {t: (torch.empty_like(dq), h) for t, h in plan.helpers[r]}
+    # the step at which our own KV block's journey ends (its accumulator then comes home)
+    own_last = max(t for t in range(plan.num_steps) if plan.steps[t][(r + t) % L.P].holds == r)
+    home_buf = None
+    if plan.path_end[r] != r:
+        home_buf = (torch.empty_like(home_dk), torch.empty_like(home_dv))
+    late_done: list[Pending] = []
+    held, help_in = (k, v, doc), None
+    # what a helper needs of the queries it computes for us (at step t+1, sent at step t)
+    bundle = [("q", q), ("dout", dout), ("out", out), ("lse", lse), ("dlse", dlse), ("q_doc", doc)]
+    bundle = [(kind, x) for kind, x in bundle if x is not None]
+    for t, steps in enumerate(plan.steps):
+        st = steps[r]
+        # 1. Receive what was sent at the end of step t-1: accumulator of the block held now,
+        #    the own block's accumulator coming home, dQ from a helper.
+        late, acc_in = [], None
+        if t > 0 and steps[r].holds is not None and steps[r].holds != r:
+            acc_in = (torch.empty_like(home_dk), torch.empty_like(home_dv))
+            late += [Transfer(False, acc_in[0], comm.prev, "acc_dk", t - 1),
+                     Transfer(False, acc_in[1], comm.prev, "acc_dv", t - 1)]
+        if home_buf is not None and t - 1 == own_last:
+            late += [Transfer(False, home_buf[0], plan.path_end[r], "home_dk", t - 1),
+                     Transfer(False, home_buf[1], plan.path_end[r], "home_dv", t - 1)]
+        if t - 1 in dq_results:
+            late.append(Transfer(False, dq_results[t - 1][0], dq_results[t - 1][1], "res_dq", t - 1))
+        late_pending = comm.post(late, f"dK/dV accumulators and dQ results of step {t - 1}")
+        # 2. Prefetch the next step's KV block and help bundle.
+        transfers, nxt, nxt_help = [], None, None
+        if st.forward_kv:
+            transfers += _kv_transfers(True, held, comm.next, t)
+        if st.receive_kv:
+            nxt = _empty_block(k, v, doc)
+            transfers += _kv_transfers(False, nxt, comm.prev, t)
+        if st.q_to is not None:
+            transfers += [Transfer(True, x, st.q_to, kind, t) for kind, x in bundle]
+        if st.q_from is not None:
+            nxt_help = {kind: torch.empty_like(x) for kind, x in bundle}
+            transfers += [Transfer(False, x, st.q_from, kind, t) for kind, x in nxt_help.items()]
+        pending = comm.post(transfers, f"the KV block for step {t + 1} (backward)")
+        if not cfg.overlap:
+            pending.wait()
+        # 3. Own block: dQ locally, dK/dV into the travelling accumulator.
+        if st.holds is not None:
+            hk, hv, hdoc = held
+            dk_b = torch.zeros_like(home_dk)
+            dv_b = torch.zeros_like(home_dv)
+            if st.compute_own:
+                _attend_backward(dout, q, out, lse, L.segs(r), doc, hk, hv, hdoc, L.segs(st.holds), cfg,
+                                 dq, dk_b, dv_b, dlse)
+            late_pending.wait()
+            if acc_in is not None:
+                dk_b += acc_in[0]
+                dv_b += acc_in[1]
+            if st.forward_kv:
+                L.sent.append(comm.post([Transfer(True, dk_b, comm.next, "acc_dk", t),
+                                         Transfer(True, dv_b, comm.next, "acc_dv", t)], "forwarding dK/dV"))
+            elif st.holds != r:
+                L.sent.append(comm.post([Transfer(True, dk_b, st.holds, "home_dk", t),
+                                         Transfer(True, dv_b, st.holds, "home_dv", t)], "sending dK/dV home"))
+            else:
+                home_dk += dk_b
+                home_dv += dv_b
+        else:
+            late_done.append(late_pending)
+        # 4. Help task: gradients of another rank's queries against our own KV.
+        if st.help_q is not None:
+            f = help_in
+            f_dq = torch.zeros_like(dq)
+            _attend_backward(f["dout"], f["q"], f["out"], f["lse"], L.segs(st.help_q), f.get("q_doc"), k, v,
+                             doc, L.segs(r), cfg, f_dq, home_dk, home_dv, f.get("dlse"))
+            L.sent.append(comm.post([Transfer(True, f_dq, st.help_q, "res_dq", t)], "sending dQ results"))
+        pending.wait()
+        held, help_in = nxt, nxt_help
+    last = plan.num_steps - 1
+    final = []
+    if home_buf is not None and last == own_last:
+        final += [Transfer(False, home_buf[0], plan.path_end[r], "home_dk", last),
+                  Transfer(False, home_buf[1], plan.path_end[r], "home_dv", last)]
+    if last in dq_results:
+        final.append(Transfer(False, dq_results[last][0], dq_results[last][1], "res_dq", last))
+    late_done.append(comm.post(final, "the last dK/dV and dQ results"))
+    for p in late_done:
+        p.wait()
+    if home_buf is not None:
+        home_dk += home_buf[0]
+        home_dv += home_buf[1]
+    for buf, _ in dq_results.values():
+        dq += buf
+    L.finish()
+    return dq.to(q.dtype), home_dk.to(k.dtype), home_dv.to(v.dtype)

@@ -1,0 +1,65 @@
+"""Counters of this rank's attention work: ``with stats() as s: ...`` (DESIGN §1).
+
+Counting is cheap (a few integer additions per ring step) and only happens while a block is
+open, so the ring pays nothing outside one. Nested blocks all count.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+__all__ = ["Stats", "stats", "record"]
+
+
+@dataclass
+class Stats:
+    """This rank's work inside one ``stats()`` block.
+
+    attention_flops counts 4·B·Hq·D per (query, key) pair a block kernel computed, in the
+    forward and in the backward alike (so a ratio between ranks is a ratio of kernel work).
+    bytes_sent / bytes_received count ring traffic (K/V blocks and their key metadata, queries
+    and partial results moved for load balancing, dK/dV accumulators); control_bytes counts the
+    agreement checks.
+    """
+
+    attention_forward_calls: int = 0
+    attention_backward_calls: int = 0
+    block_kernel_calls: int = 0
+    attention_flops: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    control_bytes: int = 0
+    comm_wait_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# Process-wide, not thread-local: the autograd engine may run the backward on a device thread.
+_open: list[Stats] = []
+_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def stats() -> Iterator[Stats]:
+    """Count this rank's attention work inside the block."""
+    s = Stats()
+    with _lock:
+        _open.append(s)
+    try:
+        yield s
+    finally:
+        with _lock:
+            _open.remove(s)
+
+
+def record(**increments) -> None:
+    """Add to every open ``Stats`` (no-op when none is open)."""
+    if not _open:
+        return
+    with _lock:
+        for s in _open:
+            for name, value in increments.items():
+                setattr(s, name, getattr(s, name) + value)

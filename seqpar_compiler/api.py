@@ -1,0 +1,82 @@
+"""The public runtime functions: ring attention on local shards, and moving tensors between
+their full form and a rank's shard (DESIGN §1). Options left as ``None`` take the registry's
+value (``SEQPAR_*`` env or default).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from seqpar_compiler.runtime import gather_sequence_op, ring_attention_op, shard_sequence_op
+
+from .options import get_option
+
+__all__ = ["ring_attention", "shard_sequence", "gather_sequence"]
+
+
+def _group_name(group: dist.ProcessGroup | None) -> str:
+    """The name the ops take: '' for no group or a group of one."""
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return ""
+        group = dist.group.WORLD
+    if dist.get_world_size(group) == 1:
+        return ""
+    return group.group_name
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                   scale: float | None = None, window: int | None = None, doc_ids: torch.Tensor | None = None,
+                   schedule: str = "zigzag", group: dist.ProcessGroup | None = None, return_lse: bool = False,
+                   overlap: bool | None = None, kernel: str | None = None):
+    """Exact softmax attention of this rank's queries over the whole group's keys, as a ring.
+
+    Shape legend (this rank's shard; the sequence dim is split in ``schedule``'s layout, as
+    ``shard_sequence`` makes it):
+      q [B, Hq, S_local, D]; k, v [B, Hkv, S_local, D] with Hq % Hkv == 0 (GQA/MQA: K/V travel
+      at Hkv heads); doc_ids [B, S_local] integer; out [B, Hq, S_local, D]; lse [B, Hq, S_local] fp32.
+
+    Args:
+        causal: key visible iff its global position <= the query's.
+        scale: softmax scale; default ``D ** -0.5``.
+        window: sliding window W >= 1: key visible iff q - W < k <= q (a window is causal).
+        doc_ids: packed-document ids of the local tokens: keys visible only within the same
+            document (combines with ``causal``/``window``).
+        schedule: ``ring``, ``zigzag``, ``striped`` or ``distflash`` (DESIGN §3).
+        group: the sequence-parallel process group; default the whole default group.
+        return_lse: also return the log-sum-exp (natural log).
+        overlap: post the next KV block's transfer before computing (``SEQPAR_OVERLAP``).
+        kernel: ``auto``, ``aten``, ``triton`` or ``math`` (``SEQPAR_KERNEL``).
+
+    Returns:
+        ``out``, or ``(out, lse)`` with ``return_lse``. Differentiable in q, k, v (and lse).
+        A query that sees no key gets out = 0 and lse = -inf.
+    """
+    schedule = get_option("schedule", schedule)
+    overlap = get_option("overlap", overlap)
+    kernel = get_option("kernel", kernel)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise ValueError(f"window must be an int >= 1; got {window!r}")
+    out, lse = ring_attention_op(q, k, v, doc_ids, float(scale), bool(causal), window, schedule,
+                                 _group_name(group), overlap, kernel)
+    return (out, lse) if return_lse else out
+
+
+def shard_sequence(x: torch.Tensor, dim: int, *, schedule: str = "zigzag",
+                   group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """This rank's part of the full tensor ``x`` along ``dim``, in ``schedule``'s layout.
+
+    Differentiable: the gradient of ``x`` is gathered, so every rank holds the same full gradient.
+    """
+    return shard_sequence_op(x, dim, get_option("schedule", schedule), _group_name(group))
+
+
+def gather_sequence(x: torch.Tensor, dim: int, *, schedule: str = "zigzag",
+                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The full tensor, in natural order on every rank, from each rank's shard ``x`` along ``dim``.
+
+    Differentiable: the gradient is this rank's slice of the full gradient (no communication).
+    """
+    return gather_sequence_op(x, dim, get_option("schedule", schedule), _group_name(group))

@@ -1,0 +1,149 @@
+"""Every ``SEQPAR_*`` option, declared once: name, type, default, allowed values, help (DESIGN §6).
+
+Options are read here, at the face, from ``SEQPAR_<NAME>`` environment variables or from
+keyword arguments (lower-case names), and passed down as plain values; nothing below the face
+reads the environment. A bad value is an error that lists what is allowed. The README's options
+table is generated from this registry (``python -m seqpar_compiler.options``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Option", "OPTIONS", "get_option", "resolve_options", "options_table"]
+
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Option:
+    """One option. ``choices`` lists the allowed strings; ``kind`` is the type name shown to users."""
+
+    name: str
+    kind: str                       # "choice", "bool", "int", "path"
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+
+    @property
+    def env(self) -> str:
+        return f"SEQPAR_{self.name.upper()}"
+
+    def allowed(self) -> str:
+        if self.kind == "choice":
+            return ", ".join(self.choices)
+        if self.kind == "bool":
+            return "1/0/true/false/on/off"
+        if self.kind == "int":
+            return f"int >= {self.minimum}"
+        return "a folder path"
+
+    def parse(self, value: Any, source: str) -> Any:
+        """The typed value of ``value`` (a string from the env or a Python value)."""
+        def bad() -> ValueError:
+            return ValueError(f"bad value {value!r} for {source}; allowed: {self.allowed()}")
+        if value is None:
+            return self.default
+        if self.kind == "choice":
+            v = str(value).strip().lower()
+            if v not in self.choices:
+                raise bad()
+            return v
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            v = str(value).strip().lower()
+            if v in _TRUE:
+                return True
+            if v in _FALSE:
+                return False
+            raise bad()
+        if self.kind == "int":
+            if isinstance(value, bool):
+                raise bad()
+            try:
+                v = int(str(value).strip())
+            except ValueError:
+                raise bad() from None
+            if self.minimum is not None and v < self.minimum:
+                raise bad()
+            return v
+        return str(value)
+
+
+def _opts(*options: Option) -> dict[str, Option]:
+    return {o.name: o for o in options}
+
+
+OPTIONS: dict[str, Option] = _opts(
+    Option(name="degree", kind="int", default=None, minimum=1,
+           help="Ranks per sequence-parallel group; must divide the world size. Consecutive ranks form a "
+                "group, so data parallelism can run across groups. Default: the whole world."),
+    Option(name="schedule", kind="choice", default="zigzag",
+           choices=("ring", "zigzag", "striped", "distflash"),
+           help="How the sequence is laid out and the ring is scheduled. zigzag and striped balance causal "
+                "work across ranks; distflash moves queries of late ranks to idle early ranks; ring is the "
+                "plain contiguous ring."),
+    Option(name="checkpoint", kind="choice", default="remat-aware", choices=("remat-aware", "full", "none"),
+           help="What the backward recomputes: remat-aware saves attention out+lse and recomputes the rest; "
+                "full also recomputes attention; none keeps the default partitioner."),
+    Option(name="ffn_chunks", kind="int", default=1, minimum=1,
+           help="Chunks of the local sequence that per-token blocks (FFN) run over, recomputing each "
+                "chunk's hidden activation in the backward."),
+    Option(name="kernel", kind="choice", default="auto", choices=("auto", "aten", "triton", "math"),
+           help="Block attention kernel: aten (CPU flash), triton (CUDA; CPU only under TRITON_INTERPRET=1), "
+                "math (any device), auto (aten on CPU, triton on CUDA)."),
+    Option(name="output", kind="choice", default="gather", choices=("gather", "local"),
+           help="gather: outputs equal the single-device outputs; local: outputs stay this rank's shard."),
+    Option(name="fallback", kind="choice", default="gather", choices=("gather", "error"),
+           help="What to do with an op that cannot be sharded: gather the sequence with a warning, or raise."),
+    Option(name="grad_reduce", kind="choice", default="sum", choices=("sum", "none"),
+           help="sum: parameter gradients are summed over the group; none: left partial for a data-parallel "
+                "reduction that spans the sequence group too."),
+    Option(name="overlap", kind="bool", default=True,
+           help="Post the next KV block's transfer before computing the current one."),
+    Option(name="check_inputs", kind="bool", default=True,
+           help="Check that every rank of a group passes the same inputs (one tiny all-reduce per call)."),
+    Option(name="inner", kind="choice", default="inductor", choices=("inductor", "aot_eager"),
+           help="The compiler used after the seqpar passes."),
+    Option(name="dump", kind="path", default=None,
+           help="A folder to write what the compiler did (graphs, schedule, fallbacks)."),
+)
+
+
+def get_option(name: str, value: Any = None) -> Any:
+    """The value of option ``name``: ``value`` if given, else ``SEQPAR_<NAME>``, else the default."""
+    if name not in OPTIONS:
+        raise ValueError(f"unknown seqpar option {name!r}; known: {', '.join(OPTIONS)}")
+    opt = OPTIONS[name]
+    if value is not None:
+        return opt.parse(value, f"option {name}")
+    env = os.environ.get(opt.env)
+    if env is None or env == "":
+        return opt.default
+    return opt.parse(env, opt.env)
+
+
+def resolve_options(**overrides: Any) -> dict[str, Any]:
+    """All options, keyword overrides first, then the environment, then defaults."""
+    unknown = set(overrides) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown seqpar option(s) {', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)}")
+    return {name: get_option(name, overrides.get(name)) for name in OPTIONS}
+
+
+def options_table() -> str:
+    """The README's options table, in Markdown."""
+    rows = ["| env var | values | default | what |", "|---|---|---|---|"]
+    for o in OPTIONS.values():
+        default = {None: "—", True: "on", False: "off"}.get(o.default, o.default) \
+            if not isinstance(o.default, int) or isinstance(o.default, bool) else o.default
+        rows.append(f"| `{o.env}` | {o.allowed()} | {default} | {o.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(options_table())

@@ -1,0 +1,154 @@
+"""Functions that run on every spawned rank for the ring attention tests (see ``spawn.py``).
+
+Each builds the same full float64 tensors on every rank from a fixed seed, computes the
+float64 reference on the full sequence, runs ``ring_attention`` on this rank's shard and returns
+squared-error sums, so the test can report ||x - ref|| / ||ref|| over the whole tensor.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import seqpar_compiler as sp
+from reference import reference_attention
+from seqpar_compiler.runtime import local_positions
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _full_inputs(B, Hq, Hkv, S, D, docs, seed=1234):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, S, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    dout = torch.randn(B, Hq, S, D, generator=g, dtype=torch.float64)
+    doc = None
+    if docs:
+        # non-decreasing ids with a few boundaries per row, as packing makes them
+        doc = torch.sort(torch.randint(0, 5, (B, S), generator=g), dim=1).values
+    return q, k, v, dout, doc
+
+
+def _sq(x, ref):
+    x, ref = x.double(), ref.double()
+    x = x.detach()
+    return [float((x - ref).pow(2).sum()), float(ref.pow(2).sum()), bool(torch.isnan(x).any())]
+
+
+def accuracy_case(rank, P, *, schedule, causal=False, Hq=4, Hkv=4, D=32, S_local=16, B=2, window=None,
+                  docs=False, dtype="float32", overlap=True, kernel=None):
+    S = S_local * P
+    q64, k64, v64, dout64, doc = _full_inputs(B, Hq, Hkv, S, D, docs)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q64, k64, v64))
+    ref_out, _ = reference_attention(qr, kr, vr, causal=causal, window=window, doc_ids=doc)
+    ref_out.backward(dout64)
+    idx = local_positions(schedule, rank, P, S)
+    dt = DTYPES[dtype]
+    q, k, v = (t[:, :, idx].to(dt).requires_grad_() for t in (q64, k64, v64))
+    out = sp.ring_attention(q, k, v, causal=causal, window=window, schedule=schedule, overlap=overlap,
+                            kernel=kernel, doc_ids=None if doc is None else doc[:, idx])
+    out.backward(dout64[:, :, idx].to(dt))
+    res = {"out": _sq(out, ref_out[:, :, idx]), "dq": _sq(q.grad, qr.grad[:, :, idx]),
+           "dk": _sq(k.grad, kr.grad[:, :, idx]), "dv": _sq(v.grad, vr.grad[:, :, idx])}
+    if dtype != "float32" and rank == 0:
+        # single-process SDPA in the same low precision against the same reference
+        if window is not None or doc is not None:
+            raise ValueError("low-precision baseline only for plain/causal cases")
+        qs, ks, vs = (t.to(dt).requires_grad_() for t in (q64, k64, v64))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=Hq != Hkv)
+        o.backward(dout64.to(dt))
+        res["sdpa"] = {"out": _sq(o, ref_out), "dq": _sq(qs.grad, qr.grad), "dk": _sq(ks.grad, kr.grad),
+                       "dv": _sq(vs.grad, vr.grad)}
+    return res
+
+
+def stats_case(rank, P, *, schedule, causal, Hq=4, Hkv=4, D=16, S_local=64, B=1, window=None, docs=False):
+    S = S_local * P
+    q64, k64, v64, _, doc = _full_inputs(B, Hq, Hkv, S, D, docs)
+    idx = local_positions(schedule, rank, P, S)
+    q, k, v = (t[:, :, idx].float() for t in (q64, k64, v64))
+    with sp.stats() as s:
+        sp.ring_attention(q, k, v, causal=causal, window=window, schedule=schedule,
+                          doc_ids=None if doc is None else doc[:, idx])
+    d = s.as_dict()
+    d["kv_bytes"] = (k.numel() + v.numel()) * k.element_size()
+    d["doc_bytes"] = 0 if doc is None else doc[:, idx].numel() * doc.element_size()
+    return d
+
+
+def run_cases(rank, P, cases):
+    """Run named cases: ``[(name, kind, kwargs)]`` with kind ``accuracy`` or ``stats``."""
+    runners = {"accuracy": accuracy_case, "stats": stats_case}
+    return {name: runners[kind](rank, P, **kw) for name, kind, kw in cases}
+
+
+def disagreement_cases(rank, P):
+    """Ranks that pass different configurations must all get a clear error."""
+    errors = {}
+    base = dict(B=1, H=2, S_local=8, D=8)
+    variants = {
+        "shape": lambda r: dict(S_local=8 if r == 0 else 16),
+        "causal": lambda r: dict(causal=(r == 0)),
+        "schedule": lambda r: dict(schedule="zigzag" if r == 0 else "striped"),
+    }
+    for name, var in variants.items():
+        kw = dict(base, causal=False, schedule="zigzag")
+        kw.update(var(rank))
+        q = torch.randn(kw["B"], kw["H"], kw["S_local"], kw["D"])
+        try:
+            sp.ring_attention(q, q, q, causal=kw["causal"], schedule=kw["schedule"])
+            errors[name] = None
+        except ValueError as e:
+            errors[name] = str(e)
+    # the group still works afterwards
+    q = torch.randn(1, 2, 8, 8)
+    out = sp.ring_attention(q, q, q)
+    errors["after"] = bool(torch.isfinite(out).all())
+    return errors
+
+
+def fault_case(rank, P, mode):
+    """Rank 1 dies (``exit``) or raises (``raise``) at its second block kernel call, mid-ring."""
+    import seqpar_compiler.runtime.ring as ring
+    calls = {"n": 0}
+    real = ring.block_attention_forward
+
+    def failing(*a, **kw):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 2:
+            if mode == "exit":
+                os._exit(3)
+            raise RuntimeError("injected failure on rank 1")
+        return real(*a, **kw)
+
+    ring.block_attention_forward = failing
+    q = torch.randn(1, 2, 64, 16)
+    start = time.monotonic()
+    try:
+        sp.ring_attention(q, q, q, causal=False, schedule="ring")
+        return {"error": None, "seconds": time.monotonic() - start}
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - start}
+
+
+def shard_gather_case(rank, P, schedule):
+    """shard → gather round trip and the gradient convention of both."""
+    S = 4 * P
+    x = torch.arange(2 * S * 3, dtype=torch.float64).reshape(2, S, 3).requires_grad_()
+    local = sp.shard_sequence(x, 1, schedule=schedule)
+    expected_local = x.detach()[:, local_positions(schedule, rank, P, S)]
+    w = torch.arange(local.numel(), dtype=torch.float64).reshape(local.shape) + 100 * rank
+    (local * w).sum().backward()
+    # every rank must hold the full gradient: rank r's weights at rank r's positions
+    y = local.detach().clone().requires_grad_()
+    full = sp.gather_sequence(y, 1, schedule=schedule)
+    (full * torch.arange(full.numel(), dtype=torch.float64).reshape(full.shape)).sum().backward()
+    return {"local_ok": torch.equal(local.detach(), expected_local),
+            "roundtrip_ok": torch.equal(full.detach(), x.detach()),
+            "x_grad": x.grad.tolist(),
+            "w": w.tolist(),
+            "y_grad_ok": torch.equal(y.grad, torch.arange(full.numel(), dtype=torch.float64)
+                                     .reshape(full.shape)[:, local_positions(schedule, rank, P, S)])}
