@@ -77,7 +77,16 @@ def _pairs(mask, M: int, N: int, kind: BlockKind) -> int:
 
 
 def _blocks(q_segs, kv_segs, cfg: RingConfig, q_doc, k_doc):
-    """Non-empty (q segment, kv segment, mask) triples of one (queries, KV block) pair."""
+    """The kernel calls of one (queries, KV block) pair: (q segment, kv segment, mask, kind).
+
+    Segment pairs that are empty are skipped. Pairs that one kernel call can do together are
+    coalesced, since a few large calls run faster than many small ones:
+      * all non-empty pairs full and forming one rectangle of local rows → one unmasked call
+        (zigzag: a past or future block is two full chunk pairs);
+      * a rank's own block under a plain causal mask → one causal call in local coordinates
+        (positions increase along the local rows, so k_pos <= q_pos iff k_local <= q_local).
+    """
+    pairs = []
     for qs in q_segs:
         for ks in kv_segs:
             qd = None if q_doc is None else q_doc[:, qs.offset:qs.offset + qs.count]
@@ -85,7 +94,26 @@ def _blocks(q_segs, kv_segs, cfg: RingConfig, q_doc, k_doc):
             mask = segment_mask(qs, ks, cfg.causal, cfg.window, qd, kd)
             kind = classify_block(mask, qs.count, ks.count)
             if kind is not BlockKind.EMPTY:
-                yield qs, ks, mask, kind
+                pairs.append((qs, ks, mask, kind))
+    if len(pairs) <= 1:
+        return pairs
+    if all(kind is BlockKind.FULL for *_, kind in pairs):
+        rows, keys = _span({qs for qs, *_ in pairs}), _span({ks for _, ks, *_ in pairs})
+        if rows and keys and len(pairs) == len({qs for qs, *_ in pairs}) * len({ks for _, ks, *_ in pairs}):
+            return [(rows, keys, segment_mask(rows, keys, False, None), BlockKind.FULL)]
+    if q_segs == kv_segs and cfg.causal and cfg.window is None:
+        local = Segment(0, 0, sum(seg.count for seg in q_segs))
+        return [(local, local, segment_mask(local, local, True, None, q_doc, k_doc), BlockKind.PARTIAL)]
+    return pairs
+
+
+def _span(segs) -> Segment | None:
+    """One segment covering ``segs`` if they are adjacent in local rows (positions unused)."""
+    segs = sorted(segs, key=lambda seg: seg.offset)
+    for a, b in zip(segs, segs[1:]):
+        if a.offset + a.count != b.offset:
+            return None
+    return Segment(segs[0].offset, 0, sum(seg.count for seg in segs))
 
 
 def _attend(q, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig, out, lse) -> None:

@@ -13,7 +13,7 @@ from typing import Iterator
 __all__ = ["Stats", "stats", "record"]
 
 
-@dataclass
+@dataclass(eq=False)
 class Stats:
     """This rank's work inside one ``stats()`` block.
 

@@ -33,8 +33,7 @@ def _full_inputs(B, Hq, Hkv, S, D, docs, seed=1234):
 
 
 def _sq(x, ref):
-    x, ref = x.double(), ref.double()
-    x = x.detach()
+    x, ref = x.detach().double(), ref.detach().double()
     return [float((x - ref).pow(2).sum()), float(ref.pow(2).sum()), bool(torch.isnan(x).any())]
 
 
@@ -111,14 +110,15 @@ def disagreement_cases(rank, P):
 
 
 def fault_case(rank, P, mode):
-    """Rank 1 dies (``exit``) or raises (``raise``) at its second block kernel call, mid-ring."""
+    """Rank 1 dies (``exit``) or raises (``raise``) at its first block kernel call: it has posted
+    its first sends, but never forwards the blocks the others still need."""
     import seqpar_compiler.runtime.ring as ring
     calls = {"n": 0}
     real = ring.block_attention_forward
 
     def failing(*a, **kw):
         calls["n"] += 1
-        if rank == 1 and calls["n"] == 2:
+        if rank == 1 and calls["n"] == 1:
             if mode == "exit":
                 os._exit(3)
             raise RuntimeError("injected failure on rank 1")

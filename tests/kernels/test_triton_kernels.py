@@ -1,12 +1,17 @@
 """Triton block kernels against the float64 reference, for every mask kind the ring uses.
 
-Without a GPU the kernels run on CPU tensors under the Triton interpreter: ``TRITON_INTERPRET=1``
-is set while ``kernels.triton_attention`` is imported, because ``triton.jit`` chooses interpreted
-or compiled when it decorates. The interpreter is slow, so shapes are small and tiles are 16
-rows: lengths such as 37 and 53 still span several tiles and end in a partial one. With a GPU
-(and TRITON_INTERPRET unset) the same tests run compiled on CUDA, plus the bf16/fp16 tests,
-which are GPU-only because the interpreter's bf16 ``tl.dot`` is unreliable (garbage seen in
-triton 3.9).
+Without a GPU the kernels run on CPU tensors under the Triton interpreter. ``TRITON_INTERPRET=1``
+must be set before triton is first imported (``triton.jit`` picks interpreted or compiled when
+it decorates, and triton's own ``tl.sum``/``tl.max`` are decorated on import) and while the
+kernels first launch (triton then lazily imports gluon, which asserts it). So it is set here for
+the import and for this module's tests only: the rest of the session, and the processes it
+spawns, do not inherit it. If something imported triton earlier without it, the module is
+skipped with a message saying how to run it.
+
+The interpreter is slow, so shapes are small and tiles are 16 rows: lengths such as 37 and 53
+still span several tiles and end in a partial one. With a GPU (and TRITON_INTERPRET unset) the
+same tests run compiled on CUDA, plus the bf16/fp16 tests, which are GPU-only because the
+interpreter's bf16 ``tl.dot`` is unreliable (garbage seen in triton 3.9).
 """
 import importlib
 import os
@@ -15,20 +20,28 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-_saved_interpret = os.environ.get("TRITON_INTERPRET")
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
+INTERPRET = not ON_GPU
+
+with pytest.MonkeyPatch.context() as _mp:
+    if INTERPRET:
+        _mp.setenv("TRITON_INTERPRET", "1")
+    triton = pytest.importorskip("triton")
     from seqpar_compiler.kernels import triton_attention
-    if not ON_GPU and type(triton_attention._fwd_kernel).__name__ != "InterpretedFunction":
+    if INTERPRET and type(triton.language.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run "
+                    "`TRITON_INTERPRET=1 pytest tests/kernels/test_triton_kernels.py`",
+                    allow_module_level=True)
+    if INTERPRET and type(triton_attention._fwd_kernel).__name__ != "InterpretedFunction":
         triton_attention = importlib.reload(triton_attention)   # imported earlier, compiled
-finally:
-    # Restore at once: the rest of the session (and processes it spawns) must not inherit it.
-    if _saved_interpret is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved_interpret
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _triton_interpreter():
+    with pytest.MonkeyPatch.context() as mp:
+        if INTERPRET:
+            mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
 
 from reference import reference_attention, rel_err  # noqa: E402
 from seqpar_compiler.kernels import (BlockMask, block_attention_backward,  # noqa: E402

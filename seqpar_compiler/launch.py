@@ -1,14 +1,15 @@
-"""Run a function on P gloo ranks over loopback and collect each rank's result in pytest.
+"""Run a function on P gloo ranks over loopback, without torchrun, and collect each rank's result.
 
-Each spawned rank pays ~3 s to import torch, so tests share one spawn across many cases:
-the worker runs them all and returns plain data (floats, dicts, strings) that module-scoped
-fixtures hand to many small tests. Every collective has a timeout (the process group's) and the
-whole run has a deadline, so a deadlock fails fast instead of hanging CI.
+Used by the tests, the benchmarks and the demo. Each spawned rank pays ~3 s to import torch,
+so callers share one spawn across many cases: the function runs them all and returns plain
+data (floats, dicts, strings). Every collective has a timeout (the process group's) and the
+whole run has a deadline, so a deadlock fails fast instead of hanging.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -28,17 +29,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, results, pg_timeout, env):
+def _worker(rank, world_size, port, fn, args, results, pg_timeout, env, threads):
     os.environ.update(env)
     import torch
     import torch.distributed as dist
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout))
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
-    except BaseException:  # noqa: BLE001 - everything goes back to pytest
+        # Plain pickle (tensors by value): torch's queue reducers pass tensors through shared
+        # memory that dies with this process before the parent reads it.
+        results.put((rank, "ok", pickle.dumps(out)))
+    except BaseException:  # noqa: BLE001 - everything goes back to the caller
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
@@ -49,16 +52,17 @@ def _worker(rank, world_size, port, fn, args, results, pg_timeout, env):
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 240.0, pg_timeout: float = 60.0,
-              env: dict | None = None, allow_failures: bool = False):
+              env: dict | None = None, allow_failures: bool = False, threads: int = 1):
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
 
-    ``fn`` must be importable (module level). With ``allow_failures`` a rank's exception (or
-    death) is returned as ``("error", traceback)`` instead of failing the test.
+    ``fn`` must be importable (module level); each rank uses ``threads`` intra-op threads. With
+    ``allow_failures`` a rank's exception (or death) is returned as ``("error", traceback)`` or
+    ``("died", message)`` instead of raising ``RankFailure``.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, pg_timeout, env or {}),
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, pg_timeout, env or {}, threads),
                          daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
@@ -83,11 +87,12 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240.0, pg_timeout: fl
                 p.kill()
     missing = [r for r in range(world_size) if r not in got]
     if allow_failures:
-        return [got.get(r, ("died", f"rank {r} exited without a result")) for r in range(world_size)]
+        return [(s, pickle.loads(v) if s == "ok" else v)
+                for s, v in (got.get(r, ("died", f"rank {r} exited without a result")) for r in range(world_size))]
     if missing:
         raise RankFailure(f"ranks {missing} of {world_size} returned nothing within {timeout:.0f} s "
                           f"(deadlock, crash or timeout); results from {sorted(got)}")
     errors = {r: v for r, (s, v) in got.items() if s != "ok"}
     if errors:
         raise RankFailure("\n".join(f"--- rank {r} raised:\n{tb}" for r, tb in sorted(errors.items())))
-    return [got[r][1] for r in range(world_size)]
+    return [pickle.loads(got[r][1]) for r in range(world_size)]
