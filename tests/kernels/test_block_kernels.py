@@ -98,3 +98,13 @@ def test_low_precision_block_close_to_reference(kernel, dtype):
     assert got[1].dtype == torch.float32, "lse must be fp32 for low-precision inputs"
     for x, r in zip(got, ref):
         assert rel_err(x.float(), r) < 2e-2
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("D", [256, 96, 40])
+def test_head_dims_up_to_256_including_non_powers_of_two(kernel, D):
+    got, ref = _run_case(kernel, 20, 20, dict(causal=True, q_start=4), Hq=2, Hkv=1, D=D)
+    for x, r in zip(got, ref):
+        if x.dim() == 3:
+            continue
+        assert rel_err(x, r) < 1e-5
