@@ -175,6 +175,8 @@ class _Loop:
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor | None,
                  cfg: RingConfig, comm: RingComm) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of the local queries over the whole group's keys → (out, lse)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()       # P2P sends whole buffers
+    doc = None if doc is None else doc.contiguous()
     L = _Loop(q, doc, cfg, comm)
     r, plan = L.rank, L.plan
     acc = _acc_dtype(q.dtype)
@@ -238,6 +240,8 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   comm: RingComm, dlse: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the ring attention → (dq, dk, dv) in the inputs' dtypes."""
+    dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
+    doc = None if doc is None else doc.contiguous()
     L = _Loop(q, doc, cfg, comm)
     r, plan = L.rank, L.plan
     acc = _acc_dtype(q.dtype)

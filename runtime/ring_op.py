@@ -145,7 +145,8 @@ def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
 
 @ring_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, doc_ids, dlse, scale, causal, window, schedule, group_name, overlap, kernel):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the real op returns contiguous gradients whatever the inputs' strides; say the same here
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):

@@ -92,12 +92,8 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
             _log_once("single", "seqpar: no process group or a group of one rank: compiling with "
                                 f"{opts['inner']} only (nothing to shard)")
             return _inner_compile(gm, example_inputs, opts["inner"])
-        message = (f"seqpar: the sharding passes are not built yet, so this graph runs replicated on "
-                   f"each of the {P} ranks (correct, not sequence-parallel)")
-        if opts["fallback"] == "error":
-            raise NotImplementedError(message + "; SEQPAR_FALLBACK=error forbids the fallback")
-        warnings.warn(message, stacklevel=2)
-        compiled = _inner_compile(gm, example_inputs, opts["inner"])
+        sharded = _shard_graph(gm, example_inputs, pg, opts)
+        compiled = _inner_compile(sharded if sharded is not None else gm, example_inputs, opts["inner"])
         if not opts["check_inputs"]:
             return compiled
 
@@ -107,6 +103,45 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
         return run
 
     return compile_graph
+
+
+def _user_input_dims(gm: torch.fx.GraphModule, example_inputs, S: int) -> dict[str, int]:
+    """Placeholders that are the user's inputs (not parameters or buffers) with a sequence dim."""
+    dims = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        name = str(node.target)
+        if (not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter)
+                or "_parameters_" in name or "_buffers_" in name):
+            continue
+        shape = tuple(value.shape)
+        if len(shape) >= 2 and shape[1] == S:
+            dims[node.name] = 1
+        elif shape.count(S) == 1:
+            dims[node.name] = shape.index(S)
+    return dims
+
+
+def _shard_graph(gm, example_inputs, pg, opts) -> torch.fx.GraphModule | None:
+    """The sequence-parallel graph, or None when the graph has nothing to shard."""
+    from seqpar_compiler.passes.canonicalize import find_attention, sequence_length
+    from seqpar_compiler.passes.rewrite import ShardingContext, rewrite_graph
+    from seqpar_compiler.runtime import check_sequence_length
+    attention = find_attention(gm)
+    S = sequence_length(attention)
+    P = dist.get_world_size(pg)
+    if not attention or S is None:
+        warnings.warn(f"seqpar: this graph has {'no' if not attention else 'no common-length'} self-attention; "
+                      f"it runs replicated on each of the {P} ranks", stacklevel=3)
+        return None
+    check_sequence_length(S, opts["schedule"], P, what="the model's sequence length")
+    ctx = ShardingContext(S=S, P=P, rank=dist.get_rank(pg), schedule=opts["schedule"],
+                          group_name=pg.group_name, fallback=opts["fallback"], output=opts["output"],
+                          kernel=opts["kernel"], overlap=opts["overlap"])
+    out = rewrite_graph(gm, example_inputs, ctx, _user_input_dims(gm, example_inputs, S))
+    log.info("seqpar: sharded a graph over %d ranks (S=%d, schedule %s): %d fallbacks, collectives: %s",
+             P, S, opts["schedule"], len(ctx.fallbacks), ", ".join(ctx.collectives))
+    return out
 
 
 def seqpar_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:

@@ -1,0 +1,83 @@
+"""Placements of values in a sequence-parallel graph, and how views move them.
+
+``Shard(dim, pre, post)``: dim ``dim`` of the global value has size pre·S·post and is the
+flattening of (pre, sequence, post) — pre = post = 1 for a plain sequence dim; a view that
+merges batch and sequence (``logits.view(-1, V)``) gives pre = B. Locally the dim has size
+pre·(S/P)·post in the same order, so flatten → pointwise → reduce stays local when both sides
+are flattened alike (DESIGN §2 "Merged dims").
+``Replicate()``: the same full value on every rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+__all__ = ["Shard", "Replicate", "Placement", "view_placement", "local_view_shape"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    dim: int
+    pre: int = 1
+    post: int = 1
+
+    @property
+    def plain(self) -> bool:
+        return self.pre == 1 and self.post == 1
+
+    def __str__(self) -> str:
+        return f"Shard({self.dim})" if self.plain else f"Shard({self.dim}, pre={self.pre}, post={self.post})"
+
+
+@dataclass(frozen=True)
+class Replicate:
+    def __str__(self) -> str:
+        return "Replicate()"
+
+
+Placement = Shard | Replicate
+
+
+def _groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[range, range]]:
+    """Split two shapes of equal numel into aligned runs of dims with equal products."""
+    groups, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        i0, j0 = i, j
+        a = src[i] if i < len(src) else 1
+        b = dst[j] if j < len(dst) else 1
+        i, j = i + 1, j + 1
+        while a != b:
+            if a < b:
+                a *= src[i]
+                i += 1
+            else:
+                b *= dst[j]
+                j += 1
+        # absorb trailing size-1 dims so groups stay unambiguous
+        groups.append((range(i0, min(i, len(src))), range(j0, min(j, len(dst)))))
+    return groups
+
+
+def view_placement(src: tuple[int, ...], dst: tuple[int, ...], shard: Shard, S: int) -> Shard | None:
+    """Where the sequence lands after viewing a ``src``-shaped value as ``dst``; None if it is
+    split across output dims in a way a shard cannot express."""
+    for g_src, g_dst in _groups(tuple(src), tuple(dst)):
+        if shard.dim not in g_src:
+            continue
+        pre_total = prod(src[g_src.start:shard.dim]) * shard.pre
+        post_total = shard.post * prod(src[shard.dim + 1:g_src.stop])
+        for o in g_dst:
+            before, after = prod(dst[g_dst.start:o]), prod(dst[o + 1:g_dst.stop])
+            if pre_total % before or post_total % after:
+                continue
+            pre_o, post_o = pre_total // before, post_total // after
+            if dst[o] == pre_o * S * post_o:
+                return Shard(o, pre_o, post_o)
+        return None
+    return None
+
+
+def local_view_shape(dst: tuple[int, ...], shard: Shard, P: int) -> list[int]:
+    shape = list(dst)
+    shape[shard.dim] //= P
+    return shape

@@ -1,0 +1,220 @@
+"""Rewrite a Dynamo FX graph so that each rank computes only its shard of the sequence.
+
+Reads: ``node.meta["example_value"]`` (global shapes from Dynamo), ``node.meta["seqpar_attention"]``
+(from ``canonicalize``). Writes a new graph whose nodes carry ``node.meta["seqpar_placement"]``.
+
+Walks the graph once in order, keeping for every value its placement (``placement.py``):
+  * entry: a user input with a dim of the sequence length is sharded (``seqpar::shard_sequence``);
+  * each op goes through its sharding rule (``sharding_rules.py``), which emits the local op;
+  * a replicated value that meets a shard is sliced in the layout (its gradient is gathered);
+    a replicated value that requires grad and meets shards unsliced (a weight) gets its
+    gradient summed over the group;
+  * an op with sharded inputs and no rule falls back: its inputs are gathered and it runs
+    replicated, with a warning naming the op and the source line (an error with
+    ``fallback="error"``);
+  * exit: sharded outputs are gathered (or left local with ``output="local"``).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from seqpar_compiler.runtime import local_positions
+
+# op handles for graph nodes (a CustomOpDef is not an FX target)
+shard_sequence_op = torch.ops.seqpar.shard_sequence.default
+gather_sequence_op = torch.ops.seqpar.gather_sequence.default
+from seqpar_compiler.runtime.grad_collectives import sum_grad_over_group
+
+from .placement import Replicate, Shard
+
+__all__ = ["ShardingContext", "SeqparFallbackError", "rewrite_graph"]
+
+
+class SeqparFallbackError(RuntimeError):
+    """An op could not be sharded and ``SEQPAR_FALLBACK=error`` forbids the gather fallback."""
+
+
+def _example(node: Any):
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+@dataclass
+class ShardingContext:
+    """What the rules need: sizes, the layout, and the new graph under construction."""
+
+    S: int
+    P: int
+    rank: int
+    schedule: str
+    group_name: str
+    fallback: str
+    output: str
+    kernel: str
+    overlap: bool
+    graph: fx.Graph = field(default_factory=fx.Graph)
+    env: dict = field(default_factory=dict)         # old node -> new node
+    place: dict = field(default_factory=dict)       # old node -> placement (or tuple of them)
+    constants: dict = field(default_factory=dict)   # attribute name -> tensor
+    fallbacks: list = field(default_factory=list)   # (op, source line, reason)
+    collectives: list = field(default_factory=list)
+    _grad_summed: dict = field(default_factory=dict)
+    _gathered: dict = field(default_factory=dict)
+
+    # -- values ---------------------------------------------------------------------------
+    def example(self, old: Any):
+        return _example(old)
+
+    def placement_of(self, old: Any):
+        return self.place.get(old, Replicate()) if isinstance(old, fx.Node) else Replicate()
+
+    def emit(self, target, args, kwargs=None, placement=None, op="call_function") -> fx.Node:
+        node = self.graph.create_node(op, target, tuple(args), dict(kwargs or {}))
+        node.meta["seqpar_placement"] = placement
+        return node
+
+    def full(self, old: Any) -> Any:
+        """The new-graph value of ``old`` in full (gathered if sharded)."""
+        if not isinstance(old, fx.Node):
+            return old
+        pl = self.placement_of(old)
+        if not isinstance(pl, Shard):
+            return self.env[old]
+        if old not in self._gathered:
+            self._gathered[old] = self._gather(self.env[old], pl, self.example(old).shape)
+        return self._gathered[old]
+
+    def _gather(self, new: fx.Node, pl: Shard, global_shape) -> fx.Node:
+        self.collectives.append(f"all-gather {new.name}")
+        if pl.plain:
+            return self.emit(gather_sequence_op, (new, pl.dim, self.schedule, self.group_name), placement=Replicate())
+        # unmerge (pre, S/P, post), gather the sequence, merge back
+        local = list(global_shape)
+        split = local[:pl.dim] + [pl.pre, self.S // self.P, pl.post] + local[pl.dim + 1:]
+        unmerged = self.emit("reshape", (new, split), op="call_method")
+        full = self.emit(gather_sequence_op, (unmerged, pl.dim + 1, self.schedule, self.group_name))
+        return self.emit("reshape", (full, list(global_shape)), op="call_method", placement=Replicate())
+
+    def local(self, old: Any, dim: int) -> Any:
+        """``old`` as this rank's shard along ``dim``: sharded values as they are, replicated
+        values of full sequence length sliced in the layout (gradient gathered)."""
+        if not isinstance(old, fx.Node):
+            return old
+        pl = self.placement_of(old)
+        if isinstance(pl, Shard):
+            return self.env[old]
+        return self.emit(shard_sequence_op, (self.env[old], dim, self.schedule, self.group_name),
+                         placement=Shard(dim))
+
+    def weight(self, old: Any) -> Any:
+        """A replicated value used unsliced by sharded computation: its gradient is summed."""
+        if not isinstance(old, fx.Node):
+            return old
+        ex = self.example(old)
+        if not (isinstance(ex, torch.Tensor) and ex.requires_grad):
+            return self.env[old]
+        if old not in self._grad_summed:
+            self.collectives.append(f"grad all-reduce {old.name}")
+            self._grad_summed[old] = self.emit(sum_grad_over_group, (self.env[old], self.group_name),
+                                               placement=Replicate())
+        return self._grad_summed[old]
+
+    def constant(self, name: str, value: torch.Tensor) -> fx.Node:
+        name = f"_seqpar_{name}_{len(self.constants)}"
+        self.constants[name] = value
+        return self.emit(name, (), op="get_attr", placement=Shard(0))
+
+    def positions(self, device, dtype) -> torch.Tensor:
+        return local_positions(self.schedule, self.rank, self.P, self.S, device=device).to(dtype)
+
+    # -- fallback -------------------------------------------------------------------------
+    def fall_back(self, node: fx.Node, reason: str) -> None:
+        line = _source_line(node)
+        self.fallbacks.append((_op_name(node), line, reason))
+        message = (f"seqpar: cannot shard {_op_name(node)} ({reason}) at {line}; gathering the sequence "
+                   f"and computing it replicated (correct, slower)")
+        if self.fallback == "error":
+            raise SeqparFallbackError(message.replace("; gathering", ". SEQPAR_FALLBACK=error forbids gathering"))
+        warnings.warn(message, stacklevel=2)
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return f"Tensor.{t}"
+    return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
+
+
+def _source_line(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File")]
+    return lines[-1] if lines else f"graph node {node.name}"
+
+
+def _is_sharded(pl) -> bool:
+    if isinstance(pl, tuple):
+        return any(_is_sharded(p) for p in pl)
+    return isinstance(pl, Shard)
+
+
+def _map(fn, value):
+    return fx.node.map_arg(value, fn)
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, input_dims: dict) -> fx.GraphModule:
+    """Build the sharded graph. ``input_dims`` maps placeholder names to their sequence dim."""
+    from .sharding_rules import RULES, rule_key
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            new = ctx.emit(node.target, (), op="placeholder")
+            new.meta.update(node.meta)
+            ctx.env[node] = new
+            if node.name in input_dims:
+                d = input_dims[node.name]
+                ctx.env[node] = ctx.emit(shard_sequence_op, (new, d, ctx.schedule, ctx.group_name),
+                                         placement=Shard(d))
+                ctx.place[node] = Shard(d)
+            continue
+        if node.op == "get_attr":
+            ctx.env[node] = ctx.emit(node.target, (), op="get_attr")
+            continue
+        if node.op == "output":
+            def exit_value(old):
+                pl = ctx.placement_of(old)
+                return ctx.env[old] if (ctx.output == "local" or not isinstance(pl, Shard)) else ctx.full(old)
+            ctx.emit("output", (_map(exit_value, node.args[0]),), op="output")
+            continue
+        inputs_sharded = any(_is_sharded(ctx.placement_of(a)) for a in node.all_input_nodes)
+        if not inputs_sharded and not _creates_sequence(ctx, node):
+            ctx.env[node] = ctx.emit(node.target, _map(lambda a: ctx.env[a], node.args),
+                                     _map(lambda a: ctx.env[a], node.kwargs), Replicate(), op=node.op)
+            ctx.place[node] = Replicate()
+            continue
+        rule = RULES.get(rule_key(node))
+        result = rule(ctx, node) if rule is not None else None
+        if isinstance(result, str) or result is None:
+            ctx.fall_back(node, result or "no sharding rule for this op")
+            ctx.env[node] = ctx.emit(node.target, _map(ctx.full, node.args), _map(ctx.full, node.kwargs),
+                                     Replicate(), op=node.op)
+            ctx.place[node] = Replicate()
+        else:
+            ctx.env[node], ctx.place[node] = result
+        ctx.env[node].meta["seqpar_placement"] = ctx.place[node]
+    for name, value in ctx.constants.items():
+        gm.register_buffer(name, value, persistent=False)
+    out = fx.GraphModule(gm, ctx.graph)
+    out.graph.eliminate_dead_code()
+    out.graph.lint()
+    out.recompile()
+    return out
+
+
+def _creates_sequence(ctx: ShardingContext, node: fx.Node) -> bool:
+    """A replicated op that makes a full-sequence value from nothing (``arange(S)``): computed
+    locally at its source instead (DESIGN §2 "Compute locally at the source")."""
+    from .sharding_rules import is_sequence_arange
+    return is_sequence_arange(ctx, node)

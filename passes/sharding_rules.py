@@ -1,0 +1,352 @@
+"""Sharding rules: for one op whose inputs are (partly) sharded, emit the local op and say where
+the sequence is in its output. A rule returns ``(new node, placement)``, or a string saying why it
+cannot shard this use (the caller then falls back to gathering).
+
+How to add a rule: write ``def _rule(ctx, node)`` using ``ctx.env`` / ``ctx.local`` /
+``ctx.weight`` / ``ctx.full`` to build arguments, and register it under the op's key
+(``("method", name)`` for ``Tensor.name`` calls, else the function) in ``RULES``.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import seqpar_compiler.runtime  # noqa: F401  (registers the seqpar ops)
+from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
+
+from .placement import Replicate, Shard, local_view_shape, view_placement
+
+__all__ = ["RULES", "rule_key", "is_sequence_arange"]
+
+
+def rule_key(node: fx.Node):
+    return ("method", node.target) if node.op == "call_method" else node.target
+
+
+def _args(node: fx.Node, names: list[str], defaults: dict):
+    """Positional and keyword arguments of ``node`` by name."""
+    out = dict(defaults)
+    for name, value in zip(names, node.args):
+        out[name] = value
+    out.update(node.kwargs)
+    return out
+
+
+def _shard(ctx, old) -> Shard | None:
+    pl = ctx.placement_of(old)
+    return pl if isinstance(pl, Shard) else None
+
+
+def _tensor_nodes(value) -> list[fx.Node]:
+    found = []
+    fx.node.map_arg(value, found.append)
+    return found
+
+
+# -- pointwise ---------------------------------------------------------------------------------
+def _pointwise(ctx, node):
+    out = ctx.example(node)
+    if not isinstance(out, torch.Tensor):
+        return "non-tensor result"
+    target = None
+    for a in _tensor_nodes((node.args, node.kwargs)):
+        pl = _shard(ctx, a)
+        if pl is None:
+            continue
+        d = pl.dim + out.dim() - ctx.example(a).dim()
+        cand = Shard(d, pl.pre, pl.post)
+        if target is not None and cand != target:
+            return f"operands sharded differently ({target} vs {cand})"
+        target = cand
+    full = target.pre * ctx.S * target.post
+
+    def operand(a):
+        if _shard(ctx, a) is not None:
+            return ctx.env[a]
+        ex = ctx.example(a)
+        if not isinstance(ex, torch.Tensor):
+            return ctx.env[a]
+        ad = target.dim - (out.dim() - ex.dim())
+        if ad < 0 or ex.shape[ad] == 1:
+            return ctx.weight(a)
+        if ex.shape[ad] == full and target.plain:
+            return ctx.local(a, ad)
+        raise _NoRule(f"a replicated operand of size {ex.shape[ad]} meets the sequence dim")
+    try:
+        args = fx.node.map_arg(node.args, operand)
+        kwargs = fx.node.map_arg(node.kwargs, operand)
+    except _NoRule as e:
+        return str(e)
+    return ctx.emit(node.target, args, kwargs, target, op=node.op), target
+
+
+class _NoRule(Exception):
+    pass
+
+
+# -- matmul-like ops that keep the token dims ---------------------------------------------------
+def _linear(ctx, node):
+    a = _args(node, ["input", "weight", "bias"], {"bias": None})
+    x = _shard(ctx, a["input"])
+    if x is None or _shard(ctx, a["weight"]) or x.dim == ctx.example(a["input"]).dim() - 1:
+        return "only the input of a linear may be sharded, not along its feature dim"
+    new = ctx.emit(F.linear, (ctx.env[a["input"]], ctx.weight(a["weight"]), ctx.weight(a["bias"])), placement=x)
+    return new, x
+
+
+def _embedding(ctx, node):
+    idx = _shard(ctx, node.args[0])
+    if idx is None or _shard(ctx, node.args[1]):
+        return "the embedding table itself is sharded"
+    args = (ctx.env[node.args[0]], ctx.weight(node.args[1]), *node.args[2:])
+    return ctx.emit(node.target, args, node.kwargs, idx), idx
+
+
+def _layer_norm(ctx, node):
+    a = _args(node, ["input", "normalized_shape", "weight", "bias", "eps"], {"weight": None, "bias": None, "eps": 1e-5})
+    x = _shard(ctx, a["input"])
+    nd = ctx.example(a["input"]).dim()
+    shape = a["normalized_shape"]
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    if x is None or x.dim >= nd - k:
+        return "layer norm over the sequence dim"
+    new = ctx.emit(F.layer_norm, (ctx.env[a["input"]], shape, ctx.weight(a["weight"]), ctx.weight(a["bias"]),
+                                  a["eps"]), placement=x)
+    return new, x
+
+
+def _outer(ctx, node):
+    a, b = node.args[:2]
+    if _shard(ctx, a) and not _shard(ctx, b):
+        pl = Shard(0)
+    elif _shard(ctx, b) and not _shard(ctx, a):
+        pl = Shard(1)
+    else:
+        return "both factors sharded"
+    return ctx.emit(node.target, (ctx.env[a] if pl.dim == 0 else ctx.weight(a),
+                                  ctx.env[b] if pl.dim == 1 else ctx.weight(b)), placement=pl), pl
+
+
+# -- views ---------------------------------------------------------------------------------------
+def _view(ctx, node):
+    x = _shard(ctx, node.args[0])
+    src = tuple(ctx.example(node.args[0]).shape)
+    dst = tuple(ctx.example(node).shape)
+    pl = view_placement(src, dst, x, ctx.S)
+    if pl is None:
+        return f"view {src} -> {dst} splits the sequence"
+    shape = local_view_shape(dst, pl, ctx.P)
+    if node.op == "call_method":
+        new = ctx.emit(node.target, (ctx.env[node.args[0]], shape), op="call_method", placement=pl)
+    else:
+        new = ctx.emit(node.target, (ctx.env[node.args[0]], shape), placement=pl)
+    return new, pl
+
+
+def _norm_dim(d: int, nd: int) -> int:
+    return d % nd if nd else 0
+
+
+def _transpose(ctx, node):
+    x = _shard(ctx, node.args[0])
+    nd = ctx.example(node.args[0]).dim()
+    a = _args(node, ["input", "dim0", "dim1"], {})
+    d0, d1 = _norm_dim(a["dim0"], nd), _norm_dim(a["dim1"], nd)
+    d = {d0: d1, d1: d0}.get(x.dim, x.dim)
+    pl = Shard(d, x.pre, x.post)
+    return ctx.emit(node.target, (ctx.env[node.args[0]], d0, d1), op=node.op, placement=pl), pl
+
+
+def _permute(ctx, node):
+    x = _shard(ctx, node.args[0])
+    nd = ctx.example(node.args[0]).dim()
+    dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    dims = [_norm_dim(d, nd) for d in dims]
+    pl = Shard(dims.index(x.dim), x.pre, x.post)
+    return ctx.emit(node.target, (ctx.env[node.args[0]], dims), op=node.op, placement=pl), pl
+
+
+def _unsqueeze(ctx, node):
+    x = _shard(ctx, node.args[0])
+    nd = ctx.example(node).dim()
+    d = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs["dim"], nd)
+    pl = Shard(x.dim + (1 if d <= x.dim else 0), x.pre, x.post)
+    return ctx.emit(node.target, (ctx.env[node.args[0]], d), op=node.op, placement=pl), pl
+
+
+def _expand(ctx, node):
+    x = _shard(ctx, node.args[0])
+    out = ctx.example(node)
+    d = x.dim + out.dim() - ctx.example(node.args[0]).dim()
+    pl = Shard(d, x.pre, x.post)
+    sizes = list(out.shape)
+    sizes[d] //= ctx.P
+    return ctx.emit(node.target, (ctx.env[node.args[0]], sizes), op=node.op, placement=pl), pl
+
+
+def _split(ctx, node):
+    """chunk / split along a dim other than the sequence: every piece keeps the shard."""
+    x = _shard(ctx, node.args[0])
+    nd = ctx.example(node.args[0]).dim()
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    if _norm_dim(dim, nd) == x.dim:
+        return "split along the sequence dim"
+    new = ctx.emit(node.target, tuple(ctx.env[a] if isinstance(a, fx.Node) else a for a in node.args),
+                   node.kwargs, x, op=node.op)
+    return new, tuple(x for _ in ctx.example(node))
+
+
+def _getitem(ctx, node):
+    container, index = node.args
+    pl = ctx.placement_of(container)
+    if isinstance(pl, tuple) and isinstance(index, int):
+        return ctx.emit(operator.getitem, (ctx.env[container], index), placement=pl[index]), pl[index]
+    return "indexing a sharded tensor"
+
+
+def _cat(ctx, node):
+    tensors = node.args[0]
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    nd = ctx.example(node).dim()
+    target = next(_shard(ctx, t) for t in tensors if _shard(ctx, t))
+    if _norm_dim(dim, nd) == target.dim or not target.plain:
+        return "concatenation along the sequence dim"
+    parts = []
+    for t in tensors:
+        pl = _shard(ctx, t)
+        if pl is not None and pl != target:
+            return "operands sharded differently"
+        parts.append(ctx.env[t] if pl else ctx.local(t, target.dim))
+    return ctx.emit(node.target, (parts,), {"dim": dim}, target), target
+
+
+# -- reductions ------------------------------------------------------------------------------------
+def _reduction(ctx, node):
+    """sum / mean: over other dims stays local; over the sequence becomes local + all-reduce."""
+    x = _shard(ctx, node.args[0])
+    nd = ctx.example(node.args[0]).dim()
+    a = _args(node, ["input", "dim", "keepdim"], {"dim": None, "keepdim": False})
+    dims = a["dim"]
+    dims = list(range(nd)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    dims = sorted(_norm_dim(d, nd) for d in dims)
+    kind = node.target if isinstance(node.target, str) else node.target.__name__
+    if x.dim not in dims:
+        d = x.dim if a["keepdim"] else x.dim - sum(1 for r in dims if r < x.dim)
+        pl = Shard(d, x.pre, x.post)
+        return ctx.emit(node.target, (ctx.env[node.args[0]],), {"dim": dims, "keepdim": a["keepdim"]},
+                        pl, op=node.op), pl
+    ex = ctx.example(node.args[0])
+    local = ctx.emit(torch.sum, (ctx.env[node.args[0]],), {"dim": dims, "keepdim": a["keepdim"]})
+    ctx.collectives.append(f"all-reduce {node.name}")
+    total = ctx.emit(all_reduce_to_replicated, (local, ctx.group_name), placement=Replicate())
+    if kind == "mean":
+        count = 1
+        for r in dims:
+            count *= ex.shape[r]
+        total = ctx.emit(operator.truediv, (total, count), placement=Replicate())
+    return total, Replicate()
+
+
+def _cross_entropy(ctx, node):
+    a = _args(node, ["input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
+                     "label_smoothing"], {"weight": None, "ignore_index": -100, "reduction": "mean",
+                                          "label_smoothing": 0.0, "size_average": None, "reduce": None})
+    x, t = _shard(ctx, a["input"]), _shard(ctx, a["target"])
+    if (x is None or t is None or x.dim != 0 or t.dim != 0 or ctx.example(a["input"]).dim() != 2
+            or (x.pre, x.post) != (t.pre, t.post) or a["weight"] is not None or a["label_smoothing"]
+            or a["size_average"] is not None or a["reduce"] is not None):
+        return "cross entropy in a form without a rule (2-D logits, sharded targets, no weight/smoothing)"
+    inp, tgt = ctx.env[a["input"]], ctx.env[a["target"]]
+    if a["reduction"] == "none":
+        pl = Shard(0, x.pre, x.post)
+        return ctx.emit(F.cross_entropy, (inp, tgt), {"ignore_index": a["ignore_index"], "reduction": "none"}, pl), pl
+    local = ctx.emit(F.cross_entropy, (inp, tgt), {"ignore_index": a["ignore_index"], "reduction": "sum"})
+    ctx.collectives.append(f"all-reduce {node.name}")
+    if a["reduction"] == "sum":
+        return ctx.emit(all_reduce_to_replicated, (local, ctx.group_name), placement=Replicate()), Replicate()
+    # mean over the targets that are not ignored, counted over the whole sequence
+    valid = ctx.emit(operator.ne, (tgt, a["ignore_index"]))
+    count = ctx.emit("sum", (valid,), op="call_method")
+    count = ctx.emit("to", (count, ctx.example(node).dtype), op="call_method")
+    both = ctx.emit(torch.stack, ([local, count],))
+    both = ctx.emit(all_reduce_to_replicated, (both, ctx.group_name))
+    loss_sum = ctx.emit(operator.getitem, (both, 0))
+    n = ctx.emit(operator.getitem, (both, 1))
+    return ctx.emit(operator.truediv, (loss_sum, n), placement=Replicate()), Replicate()
+
+
+# -- attention -------------------------------------------------------------------------------------
+def _sdpa(ctx, node):
+    a = _args(node, ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"],
+              {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False})
+    if a["dropout_p"]:
+        raise ValueError(f"seqpar: attention dropout p={a['dropout_p']} is not supported yet (no per-block RNG); "
+                         f"use dropout_p=0 in attention ({_where(node)})")
+    q, k, v = (ctx.example(a[n]) for n in ("query", "key", "value"))
+    if any(t.dim() != 4 for t in (q, k, v)):
+        return "attention on tensors that are not [B, H, S, D]"
+    pls = [_shard(ctx, a[n]) for n in ("query", "key", "value")]
+    if any(p is None or p != Shard(2) for p in pls):
+        return "attention whose q/k/v are not all sharded along the sequence"
+    if a["attn_mask"] is not None:
+        return "an explicit attention mask (not yet traced to a mask function)"
+    scale = a["scale"] if a["scale"] is not None else q.shape[-1] ** -0.5
+    out = ctx.emit(torch.ops.seqpar.ring_attention.default, (ctx.env[a["query"]], ctx.env[a["key"]], ctx.env[a["value"]], None,
+                                       float(scale), bool(a["is_causal"]), None, ctx.schedule, ctx.group_name,
+                                       ctx.overlap, ctx.kernel))
+    return ctx.emit(operator.getitem, (out, 0), placement=Shard(2)), Shard(2)
+
+
+def _where(node) -> str:
+    from .rewrite import _source_line
+    return _source_line(node)
+
+
+def is_sequence_arange(ctx, node) -> bool:
+    if node.target is not torch.arange:
+        return False
+    ex = ctx.example(node)
+    if not (isinstance(ex, torch.Tensor) and ex.dim() == 1 and ex.shape[0] == ctx.S):
+        return False
+    args = list(node.args)
+    return args in ([ctx.S], [0, ctx.S], [0, ctx.S, 1]) and not node.kwargs.get("requires_grad", False)
+
+
+def _arange(ctx, node):
+    if not is_sequence_arange(ctx, node):
+        return "arange that is not 0..S"
+    ex = ctx.example(node)
+    return ctx.constant("positions", ctx.positions(ex.device, ex.dtype)), Shard(0)
+
+
+POINTWISE_FUNCTIONS = [operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+                       torch.add, torch.sub, torch.mul, torch.div, torch.rsqrt, torch.exp, torch.tanh,
+                       torch.sigmoid, torch.sin, torch.cos, torch.sqrt, torch.neg, torch.pow, torch.where,
+                       F.gelu, F.silu, F.relu, F.dropout, torch.nn.functional.tanh]
+POINTWISE_METHODS = ["add", "sub", "mul", "div", "neg", "pow", "rsqrt", "exp", "tanh", "sigmoid", "sin", "cos",
+                     "sqrt", "float", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "relu",
+                     "detach", "__add__", "__mul__", "__radd__", "__rmul__", "masked_fill"]
+
+RULES = {
+    **{f: _pointwise for f in POINTWISE_FUNCTIONS},
+    **{("method", m): _pointwise for m in POINTWISE_METHODS},
+    F.linear: _linear, torch._C._nn.linear: _linear,
+    F.embedding: _embedding,
+    F.layer_norm: _layer_norm, torch.layer_norm: _layer_norm,
+    torch.outer: _outer,
+    ("method", "view"): _view, ("method", "reshape"): _view, torch.reshape: _view,
+    ("method", "transpose"): _transpose, torch.transpose: _transpose,
+    ("method", "permute"): _permute, torch.permute: _permute,
+    ("method", "unsqueeze"): _unsqueeze, torch.unsqueeze: _unsqueeze,
+    ("method", "expand"): _expand,
+    ("method", "chunk"): _split, torch.chunk: _split, ("method", "split"): _split, torch.split: _split,
+    operator.getitem: _getitem,
+    torch.cat: _cat,
+    ("method", "mean"): _reduction, ("method", "sum"): _reduction, torch.mean: _reduction, torch.sum: _reduction,
+    F.cross_entropy: _cross_entropy,
+    F.scaled_dot_product_attention: _sdpa, torch._C._nn.scaled_dot_product_attention: _sdpa,
+    torch.arange: _arange,
+}
