@@ -347,16 +347,26 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, DQ, QDoc, KDoc,
 # ----------------------------------------------------------------------------- host side
 
 
-def _tile_sizes(d_pad: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). On a GPU the tiles shrink as D grows so that the fp32
-    accumulators ([BLOCK_M, D_PAD] forward, two [BLOCK_N, D_PAD] in dk/dv) stay in registers.
-    The interpreter runs each tile op as one numpy call, so larger tiles are simply faster."""
+def _tile_sizes(d_pad: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps).
+
+    On a GPU the tiles shrink as D grows so that the fp32 accumulators ([BLOCK_M, D_PAD] in
+    forward and dq, two [BLOCK_N, D_PAD] in dk/dv) stay in registers; fp32 inputs go through
+    the FMA path of ``tl.dot`` (ieee), which needs far more registers than tensor cores, hence
+    smaller tiles. Chosen from ptxas resource usage for sm_80 (no or < 100 B of spills per
+    thread), not tuned for speed. The interpreter runs each tile op as one numpy call, so
+    larger tiles are simply faster there.
+    """
     if device.type != "cuda":
         return 64, 64, 4
+    if dtype == torch.float32:
+        if d_pad <= 64:
+            return 32, 32, 8
+        return (32, 16, 8) if d_pad <= 128 else (16, 16, 8)
     if d_pad <= 64:
-        return 64, 64, 4
-    if d_pad <= 128:
         return 64, 32, 4
+    if d_pad <= 128:
+        return 64, 32, 8
     return 32, 32, 8
 
 
@@ -427,7 +437,7 @@ def triton_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     if B * Hq * M == 0 or N == 0:
         return out, lse
     d_pad = max(16, triton.next_power_of_2(D))
-    bm, bn, warps = _tile_sizes(d_pad, q.device)
+    bm, bn, warps = _tile_sizes(d_pad, q.dtype, q.device)
     bm, bn = block_m or bm, block_n or bn
     a = _mask_args(mask, q, B, M, N)
     with _device_guard(q.device):
@@ -468,7 +478,7 @@ def triton_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     if B * Hq * M == 0 or N == 0:
         return dq, dk, dv
     d_pad = max(16, triton.next_power_of_2(D))
-    bm, bn, warps = _tile_sizes(d_pad, q.device)
+    bm, bn, warps = _tile_sizes(d_pad, q.dtype, q.device)
     bm, bn = block_m or bm, block_n or bn
     a = _mask_args(mask, q, B, M, N)
     lse = lse.to(torch.float32).contiguous()

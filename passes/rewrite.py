@@ -56,6 +56,7 @@ class ShardingContext:
     output: str
     kernel: str
     overlap: bool
+    grad_reduce: str = "sum"
     graph: fx.Graph = field(default_factory=fx.Graph)
     env: dict = field(default_factory=dict)         # old node -> new node
     place: dict = field(default_factory=dict)       # old node -> placement (or tuple of them)
@@ -111,11 +112,12 @@ class ShardingContext:
                          placement=Shard(dim))
 
     def weight(self, old: Any) -> Any:
-        """A replicated value used unsliced by sharded computation: its gradient is summed."""
+        """A replicated value used unsliced by sharded computation: its gradient is summed
+        (left partial with ``grad_reduce="none"``)."""
         if not isinstance(old, fx.Node):
             return old
         ex = self.example(old)
-        if not (isinstance(ex, torch.Tensor) and ex.requires_grad):
+        if self.grad_reduce == "none" or not (isinstance(ex, torch.Tensor) and ex.requires_grad):
             return self.env[old]
         if old not in self._grad_summed:
             self.collectives.append(f"grad all-reduce {old.name}")

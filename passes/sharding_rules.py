@@ -294,9 +294,15 @@ def _sdpa(ctx, node):
     if a["attn_mask"] is not None:
         return "an explicit attention mask (not yet traced to a mask function)"
     scale = a["scale"] if a["scale"] is not None else q.shape[-1] ** -0.5
-    out = ctx.emit(torch.ops.seqpar.ring_attention.default, (ctx.env[a["query"]], ctx.env[a["key"]], ctx.env[a["value"]], None,
-                                       float(scale), bool(a["is_causal"]), None, ctx.schedule, ctx.group_name,
-                                       ctx.overlap, ctx.kernel))
+    # Under autocast SDPA computes in the autocast dtype; the ring op is not autocast-aware, so
+    # cast its inputs to the dtype the traced SDPA produced.
+    dtype = ctx.example(node).dtype
+    qkv = [ctx.env[a[n]] if ctx.example(a[n]).dtype == dtype else
+           ctx.emit("to", (ctx.env[a[n]], dtype), op="call_method", placement=Shard(2))
+           for n in ("query", "key", "value")]
+    out = ctx.emit(torch.ops.seqpar.ring_attention.default,
+                   (*qkv, None, float(scale), bool(a["is_causal"]), None, ctx.schedule, ctx.group_name,
+                    ctx.overlap, ctx.kernel))
     return ctx.emit(operator.getitem, (out, 0), placement=Shard(2)), Shard(2)
 
 

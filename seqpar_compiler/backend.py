@@ -137,7 +137,7 @@ def _shard_graph(gm, example_inputs, pg, opts) -> torch.fx.GraphModule | None:
     check_sequence_length(S, opts["schedule"], P, what="the model's sequence length")
     ctx = ShardingContext(S=S, P=P, rank=dist.get_rank(pg), schedule=opts["schedule"],
                           group_name=pg.group_name, fallback=opts["fallback"], output=opts["output"],
-                          kernel=opts["kernel"], overlap=opts["overlap"])
+                          kernel=opts["kernel"], overlap=opts["overlap"], grad_reduce=opts["grad_reduce"])
     out = rewrite_graph(gm, example_inputs, ctx, _user_input_dims(gm, example_inputs, S))
     log.info("seqpar: sharded a graph over %d ranks (S=%d, schedule %s): %d fallbacks, collectives: %s",
              P, S, opts["schedule"], len(ctx.fallbacks), ", ".join(ctx.collectives))

@@ -1,0 +1,132 @@
+"""Run models through `torch.compile(backend=seqpar)` on spawned ranks and compare with eager."""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+
+import seqpar_compiler as sp  # noqa: E402
+from models import GPT, GPTConfig, Llama, LlamaConfig  # noqa: E402
+
+MODELS = {"gpt": lambda: GPT(GPTConfig()), "llama": lambda: Llama(LlamaConfig())}
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm()) if b.norm() > 0 else float((a - b).norm())
+
+
+def _batch(S, B=2, vocab=256, ignore_tail=False):
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, vocab, (B, S), generator=g)
+    tgt = torch.randint(0, vocab, (B, S), generator=g)
+    if ignore_tail:
+        tgt[:, -5:] = -1          # GPT's ignore_index: the mean counts only the rest
+    return idx, tgt
+
+
+def train_step_case(rank, P, *, model, S=32, inner="aot_eager", autocast=False, **options):
+    torch.manual_seed(0)
+    m, ref = MODELS[model](), MODELS[model]()
+    ref.load_state_dict(m.state_dict())
+    idx, tgt = _batch(S, ignore_tail=(model == "gpt"))
+    counter = torch._dynamo.testing.CompileCounter()
+    seqpar = sp.backend(inner=inner, **options)
+
+    def counting(gm, ex):
+        counter(gm, ex)
+        return seqpar(gm, ex)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm = torch.compile(m, backend=counting)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = cm(idx, tgt)
+        loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        r_logits, r_loss = ref(idx, tgt)
+    r_loss.backward()
+    grads = {n: _rel(p.grad, q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())}
+    return {"loss": _rel(loss, r_loss), "logits": _rel(logits, r_logits), "grads": grads,
+            "frames": counter.frame_count, "logits_shape": list(logits.shape),
+            "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
+
+
+def local_output_case(rank, P, *, model="gpt", S=32, schedule="zigzag"):
+    torch.manual_seed(0)
+    m = MODELS[model]()
+    idx, _ = _batch(S)
+    torch._dynamo.reset()
+    cm = torch.compile(m, backend=sp.backend(inner="aot_eager", output="local", schedule=schedule))
+    with torch.no_grad():
+        local = cm(idx)
+        ref = m(idx)
+    from seqpar_compiler.runtime import local_positions
+    return {"shape": list(local.shape), "err": _rel(local, ref[:, local_positions(schedule, rank, P, S)])}
+
+
+def grad_reduce_none_case(rank, P, *, model="llama", S=32):
+    """With grad_reduce='none' gradients stay partial: their sum over ranks is the full one."""
+    torch.manual_seed(0)
+    m, ref = MODELS[model](), MODELS[model]()
+    ref.load_state_dict(m.state_dict())
+    idx, tgt = _batch(S)
+    torch._dynamo.reset()
+    cm = torch.compile(m, backend=sp.backend(inner="aot_eager", grad_reduce="none"))
+    cm(idx, tgt)[1].backward()
+    ref(idx, tgt)[1].backward()
+    errs = {}
+    for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+        summed = p.grad.clone()
+        torch.distributed.all_reduce(summed)
+        errs[n] = _rel(summed, q.grad)
+    return errs
+
+
+class _CumsumModel(torch.nn.Module):
+    """A model with a sequence-mixing op (cumsum over time) that has no sharding rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = GPT(GPTConfig())
+
+    def forward(self, idx, targets):
+        logits, loss = self.inner(idx, targets)
+        return logits.cumsum(dim=1), loss
+
+
+def fallback_case(rank, P, *, fallback="gather"):
+    torch.manual_seed(0)
+    m = _CumsumModel()
+    idx, tgt = _batch(32)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out, loss = torch.compile(m, backend=sp.backend(inner="aot_eager", fallback=fallback))(idx, tgt)
+        except Exception as e:  # noqa: BLE001
+            return {"error": str(e)}
+    ref_out, ref_loss = m(idx, tgt)
+    return {"error": None, "err": _rel(out, ref_out),
+            "warnings": [str(w.message) for w in caught if "cannot shard" in str(w.message)]}
+
+
+def indivisible_case(rank, P):
+    m = MODELS["gpt"]()
+    idx, tgt = _batch(30)
+    torch._dynamo.reset()
+    try:
+        torch.compile(m, backend=sp.backend(inner="aot_eager", schedule="zigzag"))(idx, tgt)
+        return None
+    except Exception as e:  # noqa: BLE001
+        return str(e)
+
+
+def run_cases(rank, P, cases):
+    fns = {"train": train_step_case, "local": local_output_case, "grad_none": grad_reduce_none_case,
+           "fallback": fallback_case, "indivisible": indivisible_case}
+    return {name: fns[kind](rank, P, **kw) for name, kind, kw in cases}
