@@ -129,11 +129,12 @@ def _fwd_kernel(Q, K, V, Out, Lse, QDoc, KDoc,
     h = (pid_bh % Hq).to(tl.int64)
     hk = h // G
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)   # row × stride can pass 2**31 on long shards
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     m_ok = rows < M
     d_ok = offs_d < D
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_m + offs_d[None, :],
+    q = tl.load(Q + b * sq_b + h * sq_h + rows64[:, None] * sq_m + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)                 # [BLOCK_M, D_PAD]
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
@@ -151,10 +152,11 @@ def _fwd_kernel(Q, K, V, Out, Lse, QDoc, KDoc,
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
+        cols64 = cols.to(tl.int64)
         n_ok = cols < N
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + cols64[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols64[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
         k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
         if HAS_DOCS:
             k_doc = tl.load(KDoc + b * skd_b + cols, mask=n_ok, other=0)
@@ -171,7 +173,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, QDoc, KDoc,
     l_safe = tl.where(dead, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
-    tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_m + offs_d[None, :],
+    tl.store(Out + b * so_b + h * so_h + rows64[:, None] * so_m + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(Lse + pid_bh.to(tl.int64) * M + rows, lse, mask=m_ok)
 
@@ -187,12 +189,13 @@ def _bwd_preprocess_kernel(Out, DOut, Lse, Delta, Lse2, so_b, so_h, so_m, sdo_b,
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
     m_ok = rows < M
     tile_mask = m_ok[:, None] & (offs_d < D)[None, :]
-    o = tl.load(Out + b * so_b + h * so_h + rows[:, None] * so_m + offs_d[None, :],
+    o = tl.load(Out + b * so_b + h * so_h + rows64[:, None] * so_m + offs_d[None, :],
                 mask=tile_mask, other=0.0).to(tl.float32)
-    do = tl.load(DOut + b * sdo_b + h * sdo_h + rows[:, None] * sdo_m + offs_d[None, :],
+    do = tl.load(DOut + b * sdo_b + h * sdo_h + rows64[:, None] * sdo_m + offs_d[None, :],
                  mask=tile_mask, other=0.0).to(tl.float32)
     row_base = pid_bh.to(tl.int64) * M
     lse = tl.load(Lse + row_base + rows, mask=m_ok, other=0.0)
@@ -227,13 +230,14 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, DK, DV, QDoc, KDoc,
     b = (pid_bh // Hkv).to(tl.int64)
     hk = (pid_bh % Hkv).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols64 = cols.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     n_ok = cols < N
     d_ok = offs_d < D
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * sk_b + hk * sk_h + cols[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * sv_b + hk * sv_h + cols[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(K + b * sk_b + hk * sk_h + cols64[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * sv_b + hk * sv_h + cols64[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
     k_pos = k_start + cols * k_stride
     k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
     if HAS_DOCS:
@@ -252,10 +256,11 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, DK, DV, QDoc, KDoc,
         row_base = (b * Hq + h) * M
         for m0 in range(lo, hi, BLOCK_M):
             rows = m0 + offs_m
+            rows64 = rows.to(tl.int64)
             m_ok = rows < M
             q_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows[:, None] * sq_m + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * sdo_m + offs_d[None, :], mask=q_mask, other=0.0)
+            q = tl.load(q_base + rows64[:, None] * sq_m + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + rows64[:, None] * sdo_m + offs_d[None, :], mask=q_mask, other=0.0)
             lse2 = tl.load(Lse2 + row_base + rows, mask=m_ok, other=float("inf"))
             delta = tl.load(Delta + row_base + rows, mask=m_ok, other=0.0)
             q_doc = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -300,13 +305,14 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, DQ, QDoc, KDoc,
     h = (pid_bh % Hq).to(tl.int64)
     hk = h // G
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     m_ok = rows < M
     d_ok = offs_d < D
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_m + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DOut + b * sdo_b + h * sdo_h + rows[:, None] * sdo_m + offs_d[None, :],
+    q = tl.load(Q + b * sq_b + h * sq_h + rows64[:, None] * sq_m + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DOut + b * sdo_b + h * sdo_h + rows64[:, None] * sdo_m + offs_d[None, :],
                  mask=q_mask, other=0.0)
     row_base = pid_bh.to(tl.int64) * M
     lse2 = tl.load(Lse2 + row_base + rows, mask=m_ok, other=float("inf"))
@@ -325,10 +331,11 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, DQ, QDoc, KDoc,
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
+        cols64 = cols.to(tl.int64)
         n_ok = cols < N
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + cols64[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols64[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
         k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
         if HAS_DOCS:
             k_doc = tl.load(KDoc + b * skd_b + cols, mask=n_ok, other=0)
@@ -432,10 +439,11 @@ def triton_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
-    out = torch.zeros(B, Hq, M, D, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device)
     if B * Hq * M == 0 or N == 0:
-        return out, lse
+        return (q.new_zeros(B, Hq, M, D),
+                torch.full((B, Hq, M), float("-inf"), dtype=torch.float32, device=q.device))
+    out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=q.device)     # every row is written
+    lse = torch.empty(B, Hq, M, dtype=torch.float32, device=q.device)
     d_pad = max(16, triton.next_power_of_2(D))
     bm, bn, warps = _tile_sizes(d_pad, q.dtype, q.device)
     bm, bn = block_m or bm, block_n or bn
@@ -472,9 +480,10 @@ def triton_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     dout, out = _rows_contiguous(dout.to(q.dtype)), _rows_contiguous(out)
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
-    dq = torch.zeros(B, Hq, M, D, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(B, Hkv, N, D, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(B, Hkv, N, D, dtype=torch.float32, device=q.device)
+    empty = torch.zeros if B * Hq * M == 0 or N == 0 else torch.empty   # kernels write every row
+    dq = empty(B, Hq, M, D, dtype=torch.float32, device=q.device)
+    dk = empty(B, Hkv, N, D, dtype=torch.float32, device=q.device)
+    dv = empty(B, Hkv, N, D, dtype=torch.float32, device=q.device)
     if B * Hq * M == 0 or N == 0:
         return dq, dk, dv
     d_pad = max(16, triton.next_power_of_2(D))

@@ -4,7 +4,9 @@ Reads: ``node.meta["example_value"]`` (global shapes from Dynamo), ``node.meta["
 (from ``canonicalize``). Writes a new graph whose nodes carry ``node.meta["seqpar_placement"]``.
 
 Walks the graph once in order, keeping for every value its placement (``placement.py``):
-  * entry: a user input with a dim of the sequence length is sharded (``seqpar::shard_sequence``);
+  * entry: a user input with a dim of the sequence length stays replicated until an op that
+    starts the sharded part of the model (embedding, linear, norm, attention) uses it; there it is
+    sharded (``seqpar::shard_sequence``), and replicated uses elsewhere (label shifting) stay exact;
   * each op goes through its sharding rule (``sharding_rules.py``), which emits the local op;
   * a replicated value that meets a shard is sliced in the layout (its gradient is gathered);
     a replicated value that requires grad and meets shards unsliced (a weight) gets its
@@ -57,6 +59,7 @@ class ShardingContext:
     kernel: str
     overlap: bool
     grad_reduce: str = "sum"
+    seq_inputs: dict = field(default_factory=dict)  # old placeholder -> its sequence dim
     graph: fx.Graph = field(default_factory=fx.Graph)
     env: dict = field(default_factory=dict)         # old node -> new node
     place: dict = field(default_factory=dict)       # old node -> placement (or tuple of them)
@@ -100,16 +103,36 @@ class ShardingContext:
         full = self.emit(gather_sequence_op, (unmerged, pl.dim + 1, self.schedule, self.group_name))
         return self.emit("reshape", (full, list(global_shape)), op="call_method", placement=Replicate())
 
-    def local(self, old: Any, dim: int) -> Any:
+    def local(self, old: Any, dim: int, pre: int = 1, post: int = 1) -> Any:
         """``old`` as this rank's shard along ``dim``: sharded values as they are, replicated
-        values of full sequence length sliced in the layout (gradient gathered)."""
+        values of full sequence length sliced in the layout (gradient gathered). With pre/post,
+        ``dim`` is a merged (pre, sequence, post) dim."""
         if not isinstance(old, fx.Node):
             return old
         pl = self.placement_of(old)
         if isinstance(pl, Shard):
             return self.env[old]
-        return self.emit(shard_sequence_op, (self.env[old], dim, self.schedule, self.group_name),
-                         placement=Shard(dim))
+        new = self.env[old]
+        if pre == 1 and post == 1:
+            return self.emit(shard_sequence_op, (new, dim, self.schedule, self.group_name), placement=Shard(dim))
+        shape = list(self.example(old).shape)
+        split = shape[:dim] + [pre, self.S, post] + shape[dim + 1:]
+        local = shape[:dim] + [pre * (self.S // self.P) * post] + shape[dim + 1:]
+        unmerged = self.emit("reshape", (new, split), op="call_method")
+        sliced = self.emit(shard_sequence_op, (unmerged, dim + 1, self.schedule, self.group_name))
+        return self.emit("reshape", (sliced, local), op="call_method", placement=Shard(dim, pre, post))
+
+    def seed(self, old: Any) -> None:
+        """Shard a user input that carries the sequence where a rule first needs it sharded.
+
+        Inputs stay replicated until then, so replicated work on them (HF's label shift:
+        ``pad(labels)[..., 1:]``) stays exact and cheap; the result is sliced where it meets shards.
+        """
+        if isinstance(old, fx.Node) and old in self.seq_inputs and not isinstance(self.placement_of(old), Shard):
+            d = self.seq_inputs[old]
+            self._gathered[old] = self.env[old]          # the full input stays at hand, for free
+            self.env[old] = self.local(old, d)
+            self.place[old] = Shard(d)
 
     def weight(self, old: Any) -> Any:
         """A replicated value used unsliced by sharded computation: its gradient is summed
@@ -169,27 +192,37 @@ def _map(fn, value):
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, input_dims: dict) -> fx.GraphModule:
     """Build the sharded graph. ``input_dims`` maps placeholder names to their sequence dim."""
-    from .sharding_rules import RULES, rule_key
+    from .sharding_rules import RULES, SEEDING_RULES, rule_key
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             new = ctx.emit(node.target, (), op="placeholder")
             new.meta.update(node.meta)
             ctx.env[node] = new
             if node.name in input_dims:
-                d = input_dims[node.name]
-                ctx.env[node] = ctx.emit(shard_sequence_op, (new, d, ctx.schedule, ctx.group_name),
-                                         placement=Shard(d))
-                ctx.place[node] = Shard(d)
+                ctx.seq_inputs[node] = input_dims[node.name]
             continue
         if node.op == "get_attr":
             ctx.env[node] = ctx.emit(node.target, (), op="get_attr")
             continue
         if node.op == "output":
+            gathered = []
+
             def exit_value(old):
                 pl = ctx.placement_of(old)
-                return ctx.env[old] if (ctx.output == "local" or not isinstance(pl, Shard)) else ctx.full(old)
+                if ctx.output == "local" or not isinstance(pl, Shard):
+                    return ctx.env[old]
+                gathered.append(old.name)
+                return ctx.full(old)
             ctx.emit("output", (_map(exit_value, node.args[0]),), op="output")
+            if len(gathered) > 1:
+                warnings.warn(f"seqpar: {len(gathered)} sharded outputs are gathered at this frame's exit "
+                              f"({', '.join(gathered[:6])}{', ...' if len(gathered) > 6 else ''}); a returned "
+                              f"KV cache is gathered layer by layer (use_cache=False avoids it). Correct, "
+                              f"but it costs an all-gather per output", stacklevel=2)
             continue
+        if rule_key(node) in SEEDING_RULES:
+            for a in node.all_input_nodes:
+                ctx.seed(a)
         inputs_sharded = any(_is_sharded(ctx.placement_of(a)) for a in node.all_input_nodes)
         if not inputs_sharded and not _creates_sequence(ctx, node):
             ctx.env[node] = ctx.emit(node.target, _map(lambda a: ctx.env[a], node.args),
@@ -197,9 +230,17 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
             ctx.place[node] = Replicate()
             continue
         rule = RULES.get(rule_key(node))
-        result = rule(ctx, node) if rule is not None else None
+        try:
+            result = rule(ctx, node) if rule is not None else None
+        except (ValueError, SeqparFallbackError):
+            raise                      # the user's error (e.g. attention dropout), said clearly
+        except Exception as err:       # noqa: BLE001 - a rule that cannot handle this use: fall back
+            result = f"its rule failed ({type(err).__name__}: {err})"
         if isinstance(result, str) or result is None:
-            ctx.fall_back(node, result or "no sharding rule for this op")
+            sharded = [a for a in node.all_input_nodes if _is_sharded(ctx.placement_of(a))]
+            if not all(a in ctx.seq_inputs for a in sharded):
+                ctx.fall_back(node, result or "no sharding rule for this op")
+            # else: every sharded input is a user input whose full value is at hand: no gather
             ctx.env[node] = ctx.emit(node.target, _map(ctx.full, node.args), _map(ctx.full, node.kwargs),
                                      Replicate(), op=node.op)
             ctx.place[node] = Replicate()

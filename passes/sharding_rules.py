@@ -19,7 +19,7 @@ from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
 
 from .placement import Replicate, Shard, local_view_shape, view_placement
 
-__all__ = ["RULES", "rule_key", "is_sequence_arange"]
+__all__ = ["RULES", "SEEDING_RULES", "rule_key", "is_sequence_arange"]
 
 
 def rule_key(node: fx.Node):
@@ -95,6 +95,25 @@ def _linear(ctx, node):
         return "only the input of a linear may be sharded, not along its feature dim"
     new = ctx.emit(F.linear, (ctx.env[a["input"]], ctx.weight(a["weight"]), ctx.weight(a["bias"])), placement=x)
     return new, x
+
+
+def _addmm(ctx, node):
+    """addmm(bias, x, w) as in GPT-2's Conv1D: rows of x are tokens (often batch×sequence merged)."""
+    bias, x, w = node.args[:3]
+    pl = _shard(ctx, x)
+    if pl is None or pl.dim != 0 or _shard(ctx, bias) or _shard(ctx, w):
+        return "addmm with sharded weights or bias"
+    new = ctx.emit(node.target, (ctx.weight(bias), ctx.env[x], ctx.weight(w)), node.kwargs, pl)
+    return new, pl
+
+
+def _matmul(ctx, node):
+    """x @ W with tokens in x's leading dims and a replicated W (a projection)."""
+    x, w = node.args[:2]
+    pl = _shard(ctx, x)
+    if pl is None or _shard(ctx, w) or ctx.example(w).dim() != 2 or pl.dim >= ctx.example(x).dim() - 1:
+        return "a matmul that mixes the sequence (e.g. hand-written attention)"
+    return ctx.emit(node.target, (ctx.env[x], ctx.weight(w)), node.kwargs, pl, op=node.op), pl
 
 
 def _embedding(ctx, node):
@@ -204,7 +223,43 @@ def _getitem(ctx, node):
     pl = ctx.placement_of(container)
     if isinstance(pl, tuple) and isinstance(index, int):
         return ctx.emit(operator.getitem, (ctx.env[container], index), placement=pl[index]), pl[index]
-    return "indexing a sharded tensor"
+    if not isinstance(pl, Shard):
+        return "indexing a sharded container"
+    out = _index_placement(ctx, ctx.example(container), index, pl)
+    if isinstance(out, str):
+        return out
+    new_index = fx.node.map_arg(index, lambda a: ctx.env[a])
+    return ctx.emit(operator.getitem, (ctx.env[container], new_index), placement=out), out
+
+
+def _index_placement(ctx, ex, index, pl: Shard):
+    """Where the sequence dim lands after basic indexing (ints, slices, None, ...) that takes
+    all of it; a string when the index touches the sequence or is advanced indexing."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
+        return "advanced indexing of a sharded tensor"
+    if items.count(Ellipsis) > 1:
+        return "indexing with two ellipses"
+    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (ex.dim() - n_real)
+    items += [slice(None)] * (ex.dim() - sum(1 for i in items if i is not None))
+    in_dim, out_dim = 0, 0
+    for item in items:
+        if item is None:
+            out_dim += 1
+            continue
+        if in_dim == pl.dim:
+            full = ex.shape[in_dim]
+            if not (isinstance(item, slice) and item.step in (None, 1) and (item.start or 0) in (0, -0)
+                    and (item.stop is None or item.stop >= full)):
+                return "indexing along the sequence dim"
+            return Shard(out_dim, pl.pre, pl.post)
+        if isinstance(item, slice):
+            out_dim += 1
+        in_dim += 1
+    return "index does not reach the sequence dim"
 
 
 def _cat(ctx, node):
@@ -212,8 +267,14 @@ def _cat(ctx, node):
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
     nd = ctx.example(node).dim()
     target = next(_shard(ctx, t) for t in tensors if _shard(ctx, t))
-    if _norm_dim(dim, nd) == target.dim or not target.plain:
+    if _norm_dim(dim, nd) == target.dim:
+        # an empty operand (a KV cache before its first update) adds nothing
+        rest = [t for t in tensors if ctx.example(t).numel() != 0]
+        if len(rest) == 1 and _shard(ctx, rest[0]):
+            return ctx.env[rest[0]], target
         return "concatenation along the sequence dim"
+    if not target.plain:
+        return "concatenation of merged sequence dims"
     parts = []
     for t in tensors:
         pl = _shard(ctx, t)
@@ -255,11 +316,13 @@ def _cross_entropy(ctx, node):
                      "label_smoothing"], {"weight": None, "ignore_index": -100, "reduction": "mean",
                                           "label_smoothing": 0.0, "size_average": None, "reduce": None})
     x, t = _shard(ctx, a["input"]), _shard(ctx, a["target"])
+    if x is not None and t is None and ctx.example(a["target"]).dim() == 1:
+        t = Shard(0, x.pre, x.post)      # replicated targets (shifted labels): sliced like the logits
     if (x is None or t is None or x.dim != 0 or t.dim != 0 or ctx.example(a["input"]).dim() != 2
             or (x.pre, x.post) != (t.pre, t.post) or a["weight"] is not None or a["label_smoothing"]
             or a["size_average"] is not None or a["reduce"] is not None):
         return "cross entropy in a form without a rule (2-D logits, sharded targets, no weight/smoothing)"
-    inp, tgt = ctx.env[a["input"]], ctx.env[a["target"]]
+    inp, tgt = ctx.env[a["input"]], ctx.local(a["target"], 0, t.pre, t.post)
     if a["reduction"] == "none":
         pl = Shard(0, x.pre, x.post)
         return ctx.emit(F.cross_entropy, (inp, tgt), {"ignore_index": a["ignore_index"], "reduction": "none"}, pl), pl
@@ -336,11 +399,17 @@ POINTWISE_METHODS = ["add", "sub", "mul", "div", "neg", "pow", "rsqrt", "exp", "
                      "sqrt", "float", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "relu",
                      "detach", "__add__", "__mul__", "__radd__", "__rmul__", "masked_fill"]
 
+# Ops where a replicated user input carrying the sequence (input_ids, inputs_embeds) is sharded.
+SEEDING_RULES = {F.embedding, F.linear, torch._C._nn.linear, F.layer_norm, torch.layer_norm, torch.addmm,
+                 F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
 RULES = {
     **{f: _pointwise for f in POINTWISE_FUNCTIONS},
     **{("method", m): _pointwise for m in POINTWISE_METHODS},
     F.linear: _linear, torch._C._nn.linear: _linear,
     F.embedding: _embedding,
+    torch.addmm: _addmm, torch.mm: _matmul, torch.matmul: _matmul, operator.matmul: _matmul,
+    ("method", "matmul"): _matmul, ("method", "mm"): _matmul,
     F.layer_norm: _layer_norm, torch.layer_norm: _layer_norm,
     torch.outer: _outer,
     ("method", "view"): _view, ("method", "reshape"): _view, torch.reshape: _view,
