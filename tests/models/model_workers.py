@@ -128,5 +128,73 @@ def indivisible_case(rank, P):
 
 def run_cases(rank, P, cases):
     fns = {"train": train_step_case, "local": local_output_case, "grad_none": grad_reduce_none_case,
-           "fallback": fallback_case, "indivisible": indivisible_case}
+           "fallback": fallback_case, "indivisible": indivisible_case, "hf": hf_case,
+           "structure": structure_case}
     return {name: fns[kind](rank, P, **kw) for name, kind, kw in cases}
+
+
+def hf_case(rank, P, *, arch, impl, schedule="zigzag", S=32):
+    """A Hugging Face model from a tiny config (random weights, no download), with labels so it
+    computes its own loss and use_cache at its default (the graph also returns the KV cache)."""
+    import transformers
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                       attn_implementation=impl)
+        cls = transformers.LlamaForCausalLM
+    else:
+        # GPT2Config defaults to dropout 0.1: exactness needs 0
+        cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=impl)
+        cls = transformers.GPT2LMHeadModel
+    m, ref = cls(cfg), cls(cfg)
+    ref.load_state_dict(m.state_dict())
+    idx = torch.randint(0, 128, (2, S), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(m, backend=sp.backend(inner="aot_eager", schedule=schedule))(idx, labels=idx)
+        out.loss.backward()
+    r = ref(idx, labels=idx)
+    r.loss.backward()
+    grads = {n: _rel(p.grad, q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())
+             if q.grad is not None}
+    return {"loss": _rel(out.loss, r.loss), "logits": _rel(out.logits, r.logits), "grads": grads,
+            "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
+
+
+def structure_case(rank, P, *, model="llama", S=32):
+    """Names of nodes of the sharded graph that hold a full-length sequence dim, other than
+    inputs and the gathers of outputs (B=1 so no merged dim can equal S by accident)."""
+    import torch.distributed as dist
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from seqpar_compiler.backend import _shard_graph
+    from seqpar_compiler.options import resolve_options
+    captured = {}
+
+    def capture(gm, ex):
+        captured.update(gm=gm, ex=ex)
+        return gm.forward
+    torch.manual_seed(0)
+    m = MODELS[model]()
+    idx, tgt = _batch(S, B=1)
+    torch._dynamo.reset()
+    torch.compile(m, backend=capture)(idx, tgt)
+    sharded = _shard_graph(captured["gm"], captured["ex"], dist.group.WORLD, resolve_options(inner="aot_eager"))
+    ShapeProp(sharded).propagate(*captured["ex"])
+    gather = torch.ops.seqpar.gather_sequence.default
+    allowed = set()
+    full = []
+    for n in sharded.graph.nodes:
+        metas = n.meta.get("tensor_meta")
+        metas = metas if isinstance(metas, (list, tuple)) else [metas]
+        shapes = [tuple(t.shape) for t in metas if hasattr(t, "shape")]
+        if n.op == "placeholder" or n.target is gather or any(a in allowed for a in n.all_input_nodes):
+            allowed.add(n)
+            continue
+        if any(S in shape for shape in shapes):
+            full.append(f"{n.name}: {shapes}")
+    ring_nodes = sum(1 for n in sharded.graph.nodes if n.target is torch.ops.seqpar.ring_attention.default)
+    return {"full": full, "ring_nodes": ring_nodes}

@@ -16,6 +16,7 @@ CASES = {
         ("cumsum-fallback", "fallback", dict()),
         ("cumsum-fallback-error", "fallback", dict(fallback="error")),
         ("indivisible", "indivisible", dict()),
+        ("llama-structure", "structure", dict()),
     ],
     4: [("gpt-zigzag", "train", dict(model="gpt", schedule="zigzag")),
         ("llama-striped", "train", dict(model="llama", schedule="striped")),
@@ -88,3 +89,10 @@ def test_fallback_error_mode_raises_naming_the_op(results):
 def test_sequence_length_that_cannot_be_split_is_a_clear_error(results):
     for res in results(2):
         assert "must be a multiple of 4" in res["indivisible"], res["indivisible"]
+
+
+def test_sharded_llama_graph_holds_no_full_length_sequence_tensor(results):
+    for res in results(2):
+        r = res["llama-structure"]
+        assert r["ring_nodes"] == 2, r
+        assert r["full"] == [], r["full"]

@@ -1,0 +1,33 @@
+"""Hugging Face `transformers` models from tiny configs through the seqpar backend on 2 ranks."""
+import pytest
+
+import model_workers as W
+from seqpar_compiler.launch import run_ranks
+
+pytest.importorskip("transformers")
+
+CASES = [(f"{arch}-{impl}", "hf", dict(arch=arch, impl=impl))
+         for arch in ("llama", "gpt2") for impl in ("sdpa", "eager")]
+CASES.append(("llama-sdpa-striped", "hf", dict(arch="llama", impl="sdpa", schedule="striped")))
+
+
+@pytest.fixture(scope="module")
+def res():
+    return run_ranks(W.run_cases, 2, CASES, timeout=900, pg_timeout=300)
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_hf_model_loss_logits_and_grads_match_eager(res, name):
+    for rank, r in enumerate(res):
+        rr = r[name]
+        worst = max(rr["grads"].items(), key=lambda kv: kv[1])
+        print(f"{name} rank {rank}: loss {rr['loss']:.1e} logits {rr['logits']:.1e} worst grad {worst}")
+        assert rr["loss"] <= 1e-5 and rr["logits"] <= 1e-5 and worst[1] <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama-sdpa", "gpt2-sdpa", "llama-sdpa-striped"])
+def test_hf_sdpa_models_shard_without_fallback_and_warn_about_the_returned_cache(res, name):
+    for r in res:
+        warnings = r[name]["warnings"]
+        assert not [w for w in warnings if "cannot shard" in w], warnings
+        assert any("KV cache" in w for w in warnings), warnings
