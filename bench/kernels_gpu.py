@@ -117,7 +117,8 @@ def main() -> int:
             continue
         rows.append(row)
         print(f"{S:>6} | {row['ours_fwd_tflops']:9.1f} {row['sdpa_fwd_tflops']:9.1f} | "
-              f"{row['ours_bwd_tflops']:9.1f} {row['sdpa_bwd_tflops']:9.1f} | {row['max_abs_diff_vs_sdpa']:.1e}")
+              f"{row['ours_bwd_tflops']:9.1f} {row['sdpa_bwd_tflops']:9.1f} | "
+              f"{row['max_abs_diff_vs_sdpa']:.1e}")
         torch.cuda.empty_cache()
 
     report = {

@@ -8,7 +8,7 @@ Kernels (``SEQPAR_KERNEL``):
   aten    ATen's CPU flash kernel (CPU tensors; fp32, fp64, bf16, fp16)
   triton  our Triton flash kernels (CUDA; CPU tensors only under TRITON_INTERPRET=1)
   math    plain tensor math, tiled over query rows (any device and dtype)
-  auto    aten on CPU, triton on CUDA, math otherwise
+  auto    aten on CPU, triton on CUDA (fp32/fp16/bf16), math otherwise
 
 Shape legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), M query rows,
 N key rows, D head dim. ``lse`` is [B, Hq, M] in fp32 (fp64 for fp64 inputs), natural log;
@@ -47,7 +47,7 @@ def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str
     if kernel == "auto":
         if device.type == "cpu" and dtype in ATEN_DTYPES:
             return "aten"
-        if device.type == "cuda":
+        if device.type == "cuda" and dtype in (torch.float32, torch.float16, torch.bfloat16):
             return "triton"
         return "math"
     if kernel == "aten" and (device.type != "cpu" or dtype not in ATEN_DTYPES):

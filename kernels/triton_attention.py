@@ -29,6 +29,7 @@ extra columns are masked loads of zeros), BLOCK_M / BLOCK_N query / key rows of 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import triton
@@ -40,8 +41,9 @@ __all__ = ["triton_block_forward", "triton_block_backward", "TRITON_DTYPES"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = math.log2(math.e)           # exp(x) = exp2(x * log2 e): scales fold into one multiply
+_LOG2E_TL = tl.constexpr(_LOG2E)
+_LN2_TL = tl.constexpr(math.log(2.0))
 
 
 # ----------------------------------------------------------------------------- mask helpers
@@ -172,7 +174,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, QDoc, KDoc,
     dead = l_i == 0.0                                # saw no key: out = 0, lse = -inf
     l_safe = tl.where(dead, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
+    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2_TL)
     tl.store(Out + b * so_b + h * so_h + rows64[:, None] * so_m + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(Lse + pid_bh.to(tl.int64) * M + rows, lse, mask=m_ok)
@@ -200,7 +202,7 @@ def _bwd_preprocess_kernel(Out, DOut, Lse, Delta, Lse2, so_b, so_h, so_m, sdo_b,
     row_base = pid_bh.to(tl.int64) * M
     lse = tl.load(Lse + row_base + rows, mask=m_ok, other=0.0)
     tl.store(Delta + row_base + rows, tl.sum(o * do, 1), mask=m_ok)
-    tl.store(Lse2 + row_base + rows, tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E),
+    tl.store(Lse2 + row_base + rows, tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_TL),
              mask=m_ok)
 
 
@@ -451,7 +453,7 @@ def triton_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     with _device_guard(q.device):
         _fwd_kernel[(triton.cdiv(M, bm), B * Hq)](
             q, k, v, out, lse, *a["docs"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], *a["doc_strides"], M, N, D, Hq, Hq // Hkv, scale * 1.4426950408889634,
+            *out.stride()[:3], *a["doc_strides"], M, N, D, Hq, Hq // Hkv, scale * _LOG2E,
             *a["scalars"], **a["flags"], BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, num_warps=warps)
     return out, lse
 
@@ -494,7 +496,7 @@ def triton_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *a["doc_strides"])
-    scale2 = scale * 1.4426950408889634
+    scale2 = scale * _LOG2E
     with _device_guard(q.device):
         _bwd_preprocess_kernel[(triton.cdiv(M, bm), B * Hq)](
             out, dout, lse, delta, lse2, *out.stride()[:3], *dout.stride()[:3], M, D, Hq,

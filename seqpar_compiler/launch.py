@@ -64,8 +64,19 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240.0, pg_timeout: fl
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, pg_timeout, env or {}, threads),
                          daemon=True) for r in range(world_size)]
-    for p in procs:
-        p.start()
+    # The environment must be in place before a child imports anything (TRITON_INTERPRET is
+    # read when triton is first imported, which importing seqpar_compiler already does).
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     got: dict[int, tuple] = {}
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
     try:

@@ -3,18 +3,21 @@
 Without a GPU the kernels run on CPU tensors under the Triton interpreter. ``TRITON_INTERPRET=1``
 must be set before triton is first imported (``triton.jit`` picks interpreted or compiled when
 it decorates, and triton's own ``tl.sum``/``tl.max`` are decorated on import) and while the
-kernels first launch (triton then lazily imports gluon, which asserts it). So it is set here for
-the import and for this module's tests only: the rest of the session, and the processes it
-spawns, do not inherit it. If something imported triton earlier without it, the module is
-skipped with a message saying how to run it.
+kernels first launch (triton then lazily imports gluon, which asserts it). This module sets it
+for its import and its tests only: the rest of the session, and the processes it spawns, do not
+inherit it. In a wider session something has usually imported triton already (``import
+seqpar_compiler`` imports torch._dynamo, which imports triton); then one test re-runs this
+module in a fresh process that has the variable from the start, and the others skip here.
 
 The interpreter is slow, so shapes are small and tiles are 16 rows: lengths such as 37 and 53
 still span several tiles and end in a partial one. With a GPU (and TRITON_INTERPRET unset) the
 same tests run compiled on CUDA, plus the bf16/fp16 tests, which are GPU-only because the
 interpreter's bf16 ``tl.dot`` is unreliable (garbage seen in triton 3.9).
 """
-import importlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,20 +30,28 @@ with pytest.MonkeyPatch.context() as _mp:
         _mp.setenv("TRITON_INTERPRET", "1")
     triton = pytest.importorskip("triton")
     from seqpar_compiler.kernels import triton_attention
-    if INTERPRET and type(triton.language.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run "
-                    "`TRITON_INTERPRET=1 pytest tests/kernels/test_triton_kernels.py`",
-                    allow_module_level=True)
-    if INTERPRET and type(triton_attention._fwd_kernel).__name__ != "InterpretedFunction":
-        triton_attention = importlib.reload(triton_attention)   # imported earlier, compiled
+
+# triton was imported earlier without the interpreter: its tl.sum/tl.max cannot be interpreted.
+RERUN_IN_FRESH_PROCESS = INTERPRET and type(triton.language.sum).__name__ != "InterpretedFunction"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        if INTERPRET:
-            mp.setenv("TRITON_INTERPRET", "1")
-        yield
+@pytest.mark.skipif(not RERUN_IN_FRESH_PROCESS, reason="triton runs interpreted in this process")
+def test_module_passes_in_a_fresh_interpreted_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True,
+                            text=True, timeout=280)
+    report = result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.returncode == 0 and " passed" in result.stdout, report
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(request, monkeypatch):
+    fresh_process_test = test_module_passes_in_a_fresh_interpreted_process
+    if RERUN_IN_FRESH_PROCESS and request.function is not fresh_process_test:
+        pytest.skip(f"triton was imported before TRITON_INTERPRET=1: see {fresh_process_test.__name__}")
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 from reference import reference_attention, rel_err  # noqa: E402
@@ -68,7 +79,8 @@ CASES = [
     ("striped_earlier_keys", 24, 24, dict(causal=True, q_start=2, q_stride=4, k_start=1, k_stride=4), None),
     ("window_skips_tiles", 53, 53, dict(causal=True, window=7), None),
     ("window_offset", 40, 40, dict(causal=True, window=13, q_start=40, k_start=20), None),
-    ("striped_window", 24, 24, dict(causal=True, window=30, q_start=3, q_stride=4, k_start=1, k_stride=4), None),
+    ("striped_window", 24, 24,
+     dict(causal=True, window=30, q_start=3, q_stride=4, k_start=1, k_stride=4), None),
     ("docs_only", 33, 33, dict(), (10,)),
     ("docs_causal", 40, 40, dict(causal=True), (10, 7)),
     ("docs_causal_window_offset", 30, 40, dict(causal=True, window=9, q_start=10), (12, 5)),
@@ -170,7 +182,8 @@ def test_block_gradients_with_merged_lse_add_up_to_full_attention():
     out, lse = reference_attention(q, k, v, scale=SCALE, causal=True, q_pos=qp)
     dout = torch.randn_like(out)
     out.backward(dout)
-    f = {name: t.detach().float().to(DEVICE) for name, t in dict(q=q, k=k, v=v, out=out, lse=lse, dout=dout).items()}
+    f = {name: t.detach().float().to(DEVICE)
+         for name, t in dict(q=q, k=k, v=v, out=out, lse=lse, dout=dout).items()}
     dq = torch.zeros(B, H, M, D)
     dks, dvs = [], []
     for k0, k1 in [(0, split), (split, N)]:
@@ -215,7 +228,8 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA (the interpreter's bf16/fp16 tl.dot is unreliable)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=True, q_start=2, q_stride=4, k_start=1, k_stride=4),
+@pytest.mark.parametrize("kw", [dict(causal=True),
+                                dict(causal=True, q_start=2, q_stride=4, k_start=1, k_stride=4),
                                 dict(causal=True, window=50)], ids=["causal", "striped", "window"])
 def test_low_precision_close_to_reference_on_gpu(dtype, kw):
     got, ref = _run_case(300, 300, kw, Hq=4, Hkv=2, D=128, dtype=dtype, tile=None)
