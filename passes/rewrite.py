@@ -214,11 +214,13 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
                 gathered.append(old.name)
                 return ctx.full(old)
             ctx.emit("output", (_map(exit_value, node.args[0]),), op="output")
-            if len(gathered) > 1:
-                warnings.warn(f"seqpar: {len(gathered)} sharded outputs are gathered at this frame's exit "
-                              f"({', '.join(gathered[:6])}{', ...' if len(gathered) > 6 else ''}); a returned "
-                              f"KV cache is gathered layer by layer (use_cache=False avoids it). Correct, "
-                              f"but it costs an all-gather per output", stacklevel=2)
+            if gathered:
+                cache = (" A returned KV cache is gathered layer by layer (use_cache=False avoids it)."
+                         if len(gathered) > 1 else "")
+                warnings.warn(f"seqpar: {len(gathered)} sharded output(s) gathered at this frame's exit "
+                              f"({', '.join(gathered[:6])}{', ...' if len(gathered) > 6 else ''}): an all-gather "
+                              f"each, correct but costly where a graph break splits the model.{cache} "
+                              f"SEQPAR_OUTPUT=local keeps outputs sharded", stacklevel=2)
             continue
         if rule_key(node) in SEEDING_RULES:
             for a in node.all_input_nodes:
