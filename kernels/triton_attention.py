@@ -104,6 +104,27 @@ def _query_rows_seeing(k_first, k_last, q_start, q_stride, M, window,
 
 
 @triton.jit
+def _load_key_tile(k_base, v_base, kdoc_base, n0, offs_n, offs_d, d_ok, sk_n, sv_n, N, k_start, k_stride,
+                   q_pos, q_doc, m_ok, window, BLOCK_N: tl.constexpr, POSITIONAL: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """K and V rows [n0, n0 + BLOCK_N) (masked past N and past the head dim) and the
+    visibility of this query tile against them: [BLOCK_N, D_PAD] ×2, [BLOCK_M, BLOCK_N]."""
+    cols = n0 + offs_n
+    cols64 = cols.to(tl.int64)
+    n_ok = cols < N
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + cols64[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols64[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if HAS_DOCS:
+        k_doc = tl.load(kdoc_base + cols, mask=n_ok, other=0)
+    vis = _visible(q_pos[:, None], (k_start + cols * k_stride)[None, :], q_doc[:, None],
+                   k_doc[None, :], m_ok[:, None], n_ok[None, :], window,
+                   POSITIONAL, HAS_WINDOW, HAS_DOCS)
+    return k, v, vis
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k, v, vis, scale2, PRECISION: tl.constexpr):
     """One online-softmax step (base 2). ``m_safe`` keeps rows with no visible key so far
     at m = -inf without computing exp2(-inf - -inf) = NaN."""
@@ -153,18 +174,9 @@ def _fwd_kernel(Q, K, V, Out, Lse, QDoc, KDoc,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + offs_n
-        cols64 = cols.to(tl.int64)
-        n_ok = cols < N
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols64[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols64[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
-        if HAS_DOCS:
-            k_doc = tl.load(KDoc + b * skd_b + cols, mask=n_ok, other=0)
-        vis = _visible(q_pos[:, None], (k_start + cols * k_stride)[None, :], q_doc[:, None],
-                       k_doc[None, :], m_ok[:, None], n_ok[None, :], window,
-                       POSITIONAL, HAS_WINDOW, HAS_DOCS)
+        k, v, vis = _load_key_tile(k_base, v_base, KDoc + b * skd_b, n0, offs_n, offs_d, d_ok, sk_n, sv_n,
+                                   N, k_start, k_stride, q_pos, q_doc, m_ok, window, BLOCK_N,
+                                   POSITIONAL, HAS_WINDOW, HAS_DOCS)
         if HAS_DOCS:    # positions already bound the loop; documents can still empty a tile
             if tl.max(vis.to(tl.int32)) > 0:
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, vis, scale2, PRECISION)
@@ -332,18 +344,9 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, DQ, QDoc, KDoc,
                             N, window, POSITIONAL, HAS_WINDOW, BLOCK_N)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + offs_n
-        cols64 = cols.to(tl.int64)
-        n_ok = cols < N
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols64[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols64[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
-        if HAS_DOCS:
-            k_doc = tl.load(KDoc + b * skd_b + cols, mask=n_ok, other=0)
-        vis = _visible(q_pos[:, None], (k_start + cols * k_stride)[None, :], q_doc[:, None],
-                       k_doc[None, :], m_ok[:, None], n_ok[None, :], window,
-                       POSITIONAL, HAS_WINDOW, HAS_DOCS)
+        k, v, vis = _load_key_tile(k_base, v_base, KDoc + b * skd_b, n0, offs_n, offs_d, d_ok, sk_n, sv_n,
+                                   N, k_start, k_stride, q_pos, q_doc, m_ok, window, BLOCK_N,
+                                   POSITIONAL, HAS_WINDOW, HAS_DOCS)
         if HAS_DOCS:
             if tl.max(vis.to(tl.int32)) > 0:
                 dq = _dq_tile(dq, q, do, k, v, lse2, delta, vis, scale2, PRECISION)

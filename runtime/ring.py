@@ -150,8 +150,18 @@ def _kv_transfers(send: bool, block, peer: int, step: int) -> list[Transfer]:
     return out
 
 
-def _empty_block(k, v, doc):
-    return (torch.empty_like(k), torch.empty_like(v), None if doc is None else torch.empty_like(doc))
+def _kv_prefetch(st, held, own, comm: RingComm, t: int):
+    """The transfers that move KV blocks one hop for step t+1, and the buffer of the incoming one.
+
+    ``held`` is (k, v, doc) of the block held now (None if none); ``own`` is this rank's block,
+    whose shapes every block shares."""
+    transfers, nxt = [], None
+    if st.forward_kv:
+        transfers += _kv_transfers(True, held, comm.next, t)
+    if st.receive_kv:
+        nxt = tuple(None if x is None else torch.empty_like(x) for x in own)
+        transfers += _kv_transfers(False, nxt, comm.prev, t)
+    return transfers, nxt
 
 
 class _Loop:
@@ -192,12 +202,8 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.T
             o_buf, l_buf, h = results[t - 1]
             late.append(comm.post([Transfer(False, o_buf, h, "res_out", t - 1),
                                    Transfer(False, l_buf, h, "res_lse", t - 1)], f"helper results of step {t - 1}"))
-        transfers, nxt, nxt_q = [], None, None
-        if st.forward_kv:
-            transfers += _kv_transfers(True, held, comm.next, t)
-        if st.receive_kv:
-            nxt = _empty_block(k, v, doc)
-            transfers += _kv_transfers(False, nxt, comm.prev, t)
+        transfers, nxt = _kv_prefetch(st, held, (k, v, doc), comm, t)
+        nxt_q = None
         if st.q_to is not None:
             transfers.append(Transfer(True, q, st.q_to, "q", t))
             if doc is not None:
@@ -275,12 +281,8 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             late.append(Transfer(False, dq_results[t - 1][0], dq_results[t - 1][1], "res_dq", t - 1))
         late_pending = comm.post(late, f"dK/dV accumulators and dQ results of step {t - 1}")
         # 2. Prefetch the next step's KV block and help bundle.
-        transfers, nxt, nxt_help = [], None, None
-        if st.forward_kv:
-            transfers += _kv_transfers(True, held, comm.next, t)
-        if st.receive_kv:
-            nxt = _empty_block(k, v, doc)
-            transfers += _kv_transfers(False, nxt, comm.prev, t)
+        transfers, nxt = _kv_prefetch(st, held, (k, v, doc), comm, t)
+        nxt_help = None
         if st.q_to is not None:
             transfers += [Transfer(True, x, st.q_to, kind, t) for kind, x in bundle]
         if st.q_from is not None:
