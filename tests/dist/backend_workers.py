@@ -47,11 +47,8 @@ def backend_cases(rank, world):
     torch._dynamo.reset()
     unchecked = torch.compile(_model(), backend=sp.backend(inner="aot_eager", check_inputs=False))
     res["unchecked_runs"] = bool(torch.isfinite(unchecked(x + rank)).all())
+    # nothing sequence-parallel in it is not an op that failed to shard: strict mode still runs it
     torch._dynamo.reset()
     strict = torch.compile(_model(), backend=sp.backend(inner="aot_eager", fallback="error"))
-    try:
-        strict(x)
-        res["strict_error"] = None
-    except Exception as e:  # noqa: BLE001 - dynamo wraps backend errors
-        res["strict_error"] = str(e)
+    res["strict_runs"] = bool(torch.allclose(strict(x), model(x), atol=1e-6))
     return res

@@ -79,9 +79,23 @@ def stats_case(rank, P, *, schedule, causal, Hq=4, Hkv=4, D=16, S_local=64, B=1,
 
 
 def run_cases(rank, P, cases):
-    """Run named cases: ``[(name, kind, kwargs)]`` with kind ``accuracy`` or ``stats``."""
+    """Run named cases: ``[(name, kind, kwargs)]`` with kind ``accuracy`` or ``stats``; also
+    counts which block kernels ran (``kernel_calls``)."""
+    import seqpar_compiler.runtime.ring as ring
+    calls = {"aten": 0, "triton": 0, "math": 0}
+    real_fwd = ring.block_attention_forward
+
+    def counting(q, k, v, mask, scale, kernel):
+        calls[kernel] += 1
+        return real_fwd(q, k, v, mask, scale, kernel)
+    ring.block_attention_forward = counting
     runners = {"accuracy": accuracy_case, "stats": stats_case}
-    return {name: runners[kind](rank, P, **kw) for name, kind, kw in cases}
+    try:
+        out = {name: runners[kind](rank, P, **kw) for name, kind, kw in cases}
+    finally:
+        ring.block_attention_forward = real_fwd
+    out["kernel_calls"] = calls
+    return out
 
 
 def disagreement_cases(rank, P):

@@ -12,10 +12,12 @@ from seqpar_compiler.launch import run_ranks
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-def test_zigzag_causal_ring_with_triton_kernels_matches_float64_reference():
+def test_zigzag_causal_ring_with_seqpar_kernel_triton_matches_float64_reference():
     case = ("zigzag-causal-triton", "accuracy",
-            dict(schedule="zigzag", causal=True, kernel="triton", S_local=16, D=16, Hq=2, Hkv=1, B=1))
-    res = run_ranks(W.run_cases, 2, [case], env={"TRITON_INTERPRET": "1"}, timeout=400)
+            dict(schedule="zigzag", causal=True, S_local=16, D=16, Hq=2, Hkv=1, B=1))
+    res = run_ranks(W.run_cases, 2, [case], env={"TRITON_INTERPRET": "1", "SEQPAR_KERNEL": "triton"},
+                    timeout=400)
+    assert all(r["kernel_calls"]["triton"] > 0 for r in res), "the triton kernels did not run"
     for key in ("out", "dq", "dk", "dv"):
         num = sum(r[case[0]][key][0] for r in res)
         den = sum(r[case[0]][key][1] for r in res)
