@@ -25,6 +25,9 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 64
     dropout: float = 0.0
+    attention: str = "sdpa"        # "sdpa", or "manual": softmax(q kᵀ / √d + mask) v written out
+    window: int | None = None      # manual attention only: a sliding window of this many keys
+    prefix: int = 0                # manual attention only: the first `prefix` tokens see each other
 
 
 class CausalSelfAttention(nn.Module):
@@ -34,6 +37,26 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
+        self.cfg = cfg
+        # nanoGPT's mask buffer for its non-flash path
+        self.register_buffer("bias", torch.tril(torch.ones(cfg.block_size, cfg.block_size))
+                             .view(1, 1, cfg.block_size, cfg.block_size), persistent=False)
+
+    def _manual(self, q, k, v):
+        T = q.size(-2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))      # (B, nh, T, T)
+        if self.cfg.window is None and not self.cfg.prefix:
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        else:
+            i = torch.arange(T, device=q.device)
+            visible = i[:, None] >= i[None, :]
+            if self.cfg.window is not None:
+                visible = visible & (i[:, None] - i[None, :] < self.cfg.window)
+            if self.cfg.prefix:
+                visible = visible | ((i[:, None] < self.cfg.prefix) & (i[None, :] < self.cfg.prefix))
+            att = att.masked_fill(~visible, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        return att @ v
 
     def forward(self, x):
         B, T, C = x.size()
@@ -41,8 +64,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)   # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if self.cfg.attention == "manual":
+            y = self._manual(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 

@@ -1,8 +1,8 @@
 """Find the attention of a graph and the sequence length it runs over.
 
 Reads Dynamo's ``node.meta["example_value"]``; writes ``node.meta["seqpar_attention"] = True`` on
-every ``F.scaled_dot_product_attention`` call. (Hand-written softmax(QKᵀ·s + mask)·V attention
-and masks traced back to mask functions are not recognised yet: such graphs fall back.)
+every ``F.scaled_dot_product_attention`` call and every ``canonical_attention`` node that
+``attention_patterns`` made of hand-written attention.
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 __all__ = ["find_attention", "sequence_length"]
 
-_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+from .attention_patterns import canonical_attention
+
+_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, canonical_attention)
 
 
 def find_attention(gm: fx.GraphModule) -> list[fx.Node]:

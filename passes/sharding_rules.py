@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import seqpar_compiler.runtime  # noqa: F401  (registers the seqpar ops)
 from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
 
+from .attention_patterns import canonical_attention
 from .placement import Replicate, Shard, local_view_shape, view_placement
 
 __all__ = ["RULES", "SEEDING_RULES", "rule_key", "is_sequence_arange"]
@@ -369,6 +370,20 @@ def _sdpa(ctx, node):
     return ctx.emit(operator.getitem, (out, 0), placement=Shard(2)), Shard(2)
 
 
+def _canonical(ctx, node):
+    """canonical_attention(q, k, v, causal, window, scale) from a proved hand-written attention."""
+    q, k, v, causal, window, scale = node.args
+    if any(_shard(ctx, t) != Shard(2) for t in (q, k, v)):
+        return "attention whose q/k/v are not all sharded along the sequence"
+    dtype = ctx.example(node).dtype
+    qkv = [ctx.env[t] if ctx.example(t).dtype == dtype else
+           ctx.emit("to", (ctx.env[t], dtype), op="call_method", placement=Shard(2)) for t in (q, k, v)]
+    out = ctx.emit(torch.ops.seqpar.ring_attention.default,
+                   (*qkv, None, float(scale), bool(causal), window, ctx.schedule, ctx.group_name,
+                    ctx.overlap, ctx.kernel))
+    return ctx.emit(operator.getitem, (out, 0), placement=Shard(2)), Shard(2)
+
+
 def _where(node) -> str:
     from .rewrite import _source_line
     return _source_line(node)
@@ -401,7 +416,7 @@ POINTWISE_METHODS = ["add", "sub", "mul", "div", "neg", "pow", "rsqrt", "exp", "
 
 # Ops where a replicated user input carrying the sequence (input_ids, inputs_embeds) is sharded.
 SEEDING_RULES = {F.embedding, F.linear, torch._C._nn.linear, F.layer_norm, torch.layer_norm, torch.addmm,
-                 F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+                 F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, canonical_attention}
 
 RULES = {
     **{f: _pointwise for f in POINTWISE_FUNCTIONS},
@@ -424,4 +439,5 @@ RULES = {
     F.cross_entropy: _cross_entropy,
     F.scaled_dot_product_attention: _sdpa, torch._C._nn.scaled_dot_product_attention: _sdpa,
     torch.arange: _arange,
+    canonical_attention: _canonical,
 }

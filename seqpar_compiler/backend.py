@@ -124,9 +124,13 @@ def _user_input_dims(gm: torch.fx.GraphModule, example_inputs, S: int) -> dict[s
 
 def _shard_graph(gm, example_inputs, pg, opts) -> torch.fx.GraphModule | None:
     """The sequence-parallel graph, or None when the graph has nothing to shard."""
+    from seqpar_compiler.passes.attention_patterns import canonicalize_handwritten_attention
     from seqpar_compiler.passes.canonicalize import find_attention, sequence_length
     from seqpar_compiler.passes.rewrite import ShardingContext, rewrite_graph
     from seqpar_compiler.runtime import check_sequence_length
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    static = {n for n in placeholders if "_parameters_" in str(n.target) or "_buffers_" in str(n.target)}
+    canonicalize_handwritten_attention(gm, example_inputs, static)
     attention = find_attention(gm)
     S = sequence_length(attention)
     P = dist.get_world_size(pg)

@@ -12,7 +12,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples
 import seqpar_compiler as sp  # noqa: E402
 from models import GPT, GPTConfig, Llama, LlamaConfig  # noqa: E402
 
-MODELS = {"gpt": lambda: GPT(GPTConfig()), "llama": lambda: Llama(LlamaConfig())}
+MODELS = {"gpt": lambda: GPT(GPTConfig()), "llama": lambda: Llama(LlamaConfig()),
+          "gpt-manual": lambda: GPT(GPTConfig(attention="manual")),
+          "gpt-window": lambda: GPT(GPTConfig(attention="manual", window=5)),
+          "gpt-prefix-lm": lambda: GPT(GPTConfig(attention="manual", prefix=8))}
 
 
 def _rel(a, b):
@@ -29,11 +32,12 @@ def _batch(S, B=2, vocab=256, ignore_tail=False):
     return idx, tgt
 
 
-def train_step_case(rank, P, *, model, S=32, inner="aot_eager", autocast=False, **options):
+def train_step_case(rank, P, *, model, S=32, inner="aot_eager", autocast=False, expect_fallback=False,
+                    **options):
     torch.manual_seed(0)
     m, ref = MODELS[model](), MODELS[model]()
     ref.load_state_dict(m.state_dict())
-    idx, tgt = _batch(S, ignore_tail=(model == "gpt"))
+    idx, tgt = _batch(S, ignore_tail=model.startswith("gpt"))
     counter = torch._dynamo.testing.CompileCounter()
     seqpar = sp.backend(inner=inner, **options)
 
@@ -41,7 +45,7 @@ def train_step_case(rank, P, *, model, S=32, inner="aot_eager", autocast=False, 
         counter(gm, ex)
         return seqpar(gm, ex)
     torch._dynamo.reset()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, sp.stats() as st:
         warnings.simplefilter("always")
         cm = torch.compile(m, backend=counting)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -53,6 +57,7 @@ def train_step_case(rank, P, *, model, S=32, inner="aot_eager", autocast=False, 
     grads = {n: _rel(p.grad, q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())}
     return {"loss": _rel(loss, r_loss), "logits": _rel(logits, r_logits), "grads": grads,
             "frames": counter.frame_count, "logits_shape": list(logits.shape),
+            "ring_calls": st.attention_forward_calls,
             "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
 
 

@@ -25,8 +25,10 @@ def test_hf_model_loss_logits_and_grads_match_eager(res, name):
         assert rr["loss"] <= 1e-5 and rr["logits"] <= 1e-5 and worst[1] <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama-sdpa", "gpt2-sdpa", "llama-sdpa-striped"])
-def test_hf_sdpa_models_shard_without_fallback_and_warn_about_the_returned_cache(res, name):
+@pytest.mark.parametrize("name", ["llama-sdpa", "gpt2-sdpa", "llama-sdpa-striped", "llama-eager", "gpt2-eager"])
+def test_hf_models_shard_without_fallback_and_warn_about_the_returned_cache(res, name):
+    """sdpa directly, eager through the hand-written attention pattern (its mask, built by
+    transformers from positions, is evaluated and proved causal)."""
     for r in res:
         warnings = r[name]["warnings"]
         assert not [w for w in warnings if "cannot shard" in w], warnings

@@ -10,6 +10,10 @@ SCHEDULES = ["ring", "zigzag", "striped", "distflash"]
 CASES = {
     2: [(f"{m}-{s}", "train", dict(model=m, schedule=s)) for m in ("gpt", "llama") for s in SCHEDULES] + [
         ("gpt-inductor", "train", dict(model="gpt", schedule="zigzag", inner="inductor")),
+        ("gpt-manual-zigzag", "train", dict(model="gpt-manual", schedule="zigzag")),
+        ("gpt-window-ring", "train", dict(model="gpt-window", schedule="ring")),
+        ("gpt-window-striped", "train", dict(model="gpt-window", schedule="striped")),
+        ("gpt-prefix-lm", "train", dict(model="gpt-prefix-lm", schedule="zigzag", expect_fallback=True)),
         ("llama-bf16-autocast", "train", dict(model="llama", schedule="zigzag", autocast=True)),
         ("gpt-local-output", "local", dict(model="gpt")),
         ("llama-grad-reduce-none", "grad_none", dict(model="llama")),
@@ -36,7 +40,7 @@ def results():
 
 
 TRAIN = [(P, name) for P, cases in CASES.items() for name, kind, kw in cases
-         if kind == "train" and not kw.get("autocast")]
+         if kind == "train" and not kw.get("autocast") and not kw.get("expect_fallback")]
 
 
 @pytest.mark.parametrize("P,name", TRAIN, ids=[f"P{P}-{n}" for P, n in TRAIN])
@@ -96,3 +100,17 @@ def test_sharded_llama_graph_holds_no_full_length_sequence_tensor(results):
         r = res["llama-structure"]
         assert r["ring_nodes"] == 2, r
         assert r["full"] == [], r["full"]
+
+
+def test_hand_written_attention_with_an_unprovable_mask_falls_back_and_stays_exact(results):
+    """A prefix-LM mask is neither causal nor a window: never treated as causal."""
+    for res in results(2):
+        r = res["gpt-prefix-lm"]
+        assert r["loss"] <= 1e-5 and r["logits"] <= 1e-5 and max(r["grads"].values()) <= 1e-4
+        assert any("replicated" in w for w in r["warnings"]), r["warnings"]
+        assert r["ring_calls"] == 0
+
+
+def test_hand_written_attention_becomes_ring_attention(results):
+    for res in results(2):
+        assert res["gpt-manual-zigzag"]["ring_calls"] > 0 and res["gpt-window-ring"]["ring_calls"] > 0
