@@ -207,3 +207,26 @@ class Llama(nn.Module):
 
 def reference_scale(hs: int) -> float:
     return 1.0 / math.sqrt(hs)
+
+
+class PackedDocAttention(nn.Module):
+    """One attention layer over packed documents, its mask written the way transformers builds
+    it: ``(kv <= q) & (doc[b, q] == doc[b, kv])`` over index aranges. x [B, T, C], doc [B, T]."""
+
+    def __init__(self, n_embd: int = 32, n_head: int = 4):
+        super().__init__()
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.n_head = n_head
+
+    def forward(self, x, doc):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.qkv(x).split(C, 2))
+        b = torch.arange(B, device=x.device)[:, None, None, None]
+        qi = torch.arange(T, device=x.device)[None, None, :, None]
+        ki = torch.arange(T, device=x.device)[None, None, None, :]
+        visible = (ki <= qi) & (doc[b, qi] == doc[b, ki])
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // self.n_head))
+        att = att.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        return self.proj(y).pow(2).mean()

@@ -6,8 +6,11 @@ Reads Dynamo's ``node.meta["example_value"]``; rewrites the graph in place: the 
     probs  = softmax(scores, -1) [.to(dtype)] [dropout(p=0)]
     out    = probs @ v
 
-becomes ``canonical_attention(q, k, v, causal, window, scale)`` (GQA's repeat_kv of k and v,
+becomes ``canonical_attention(q, k, v, causal, window, doc_ids, scale)`` (GQA's repeat_kv of k and v,
 ``x[:, :, None].expand(...).reshape(...)``, is folded away: the ring sends the small K/V).
+
+``F.scaled_dot_product_attention`` with an explicit ``attn_mask`` (what transformers passes
+for sliding windows) goes the same way.
 
 Masks are proved, not guessed: a mask whose inputs are all static (positions from ``arange``,
 buffers; no user data) is evaluated once here, at the global sequence length, and compared
@@ -26,9 +29,10 @@ import torch.nn.functional as F
 __all__ = ["canonical_attention", "canonicalize_handwritten_attention"]
 
 
-def canonical_attention(q, k, v, causal: bool, window: int | None, scale: float):
+def canonical_attention(q, k, v, causal: bool, window: int | None, doc_ids, scale: float):
     """Single-device meaning of the canonical node: softmax(q kᵀ · scale + mask) v, with
-    k/v broadcast over query-head groups. Shapes: q [B,Hq,S,D], k/v [B,Hkv,S,D]."""
+    k/v broadcast over query-head groups. Shapes: q [B,Hq,S,D], k/v [B,Hkv,S,D], doc_ids [B,S]
+    or None (keys visible only within the query's document)."""
     S = q.shape[-2]
     mask = None
     if causal or window is not None:
@@ -37,6 +41,9 @@ def canonical_attention(q, k, v, causal: bool, window: int | None, scale: float)
         mask = diff >= 0
         if window is not None:
             mask &= diff < window
+    if doc_ids is not None:
+        same = (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+        mask = same if mask is None else mask & same
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
@@ -89,11 +96,11 @@ def _unrepeat(node):
     return base
 
 
-def _user_dependent(node: fx.Node, static_inputs: set) -> bool:
+def _user_dependent(node: fx.Node, static_inputs: set, stop: frozenset = frozenset()) -> bool:
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
-        if n in seen:
+        if n in seen or n in stop:
             continue
         seen.add(n)
         if n.op == "placeholder" and n not in static_inputs:
@@ -102,24 +109,36 @@ def _user_dependent(node: fx.Node, static_inputs: set) -> bool:
     return False
 
 
-def _evaluate(gm: fx.GraphModule, node: fx.Node, values: dict):
-    """The value of ``node`` computed from its ancestors only (placeholders from ``values``)."""
-    g = fx.Graph()
-    env: dict = {}
-    seen, stack = set(), [node]
+def _evaluate(gm: fx.GraphModule, node: fx.Node, values: dict, substitute: dict | None = None):
+    """The value of ``node`` computed from its ancestors only (placeholders from ``values``,
+    nodes in ``substitute`` replaced by the given values)."""
+    substitute = substitute or {}
+    needed, stack = set(), [node]
     while stack:
         n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    for n in gm.graph.nodes:                   # topological order
-        if n in seen:
-            env[n] = g.node_copy(n, lambda a: env[a])
-    g.output(env[node])
-    sub = fx.GraphModule(gm, g)
-    placeholders = [n for n in gm.graph.nodes if n in seen and n.op == "placeholder"]
+        if n not in needed:
+            needed.add(n)
+            if n not in substitute:
+                stack.extend(n.all_input_nodes)
+    env: dict = {}
     with torch.no_grad():
-        return sub(*[values[p] for p in placeholders])
+        for n in gm.graph.nodes:                   # topological order
+            if n not in needed:
+                continue
+            if n in substitute:
+                env[n] = substitute[n]
+            elif n.op == "placeholder":
+                env[n] = values[n]
+            elif n.op == "get_attr":
+                env[n] = getattr(gm, n.target)
+            else:
+                args = fx.node.map_arg(n.args, env.__getitem__)
+                kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+                if n.op == "call_method":
+                    env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                else:
+                    env[n] = n.target(*args, **kwargs)
+    return env[node]
 
 
 def _mask_kind(visible: torch.Tensor, S: int):
@@ -140,32 +159,144 @@ def _mask_kind(visible: torch.Tensor, S: int):
 
 
 def _visible_from(scores_node, values, gm, static_inputs, S):
-    """Peel the mask off the scores: (logits node, (causal, window)) or None."""
+    """Peel the mask off the scores: (logits node, (causal, window, doc_ids)) or None."""
     n = scores_node
+    shape = _ex(n).shape
     if _is(n, fns={operator.add, torch.add}, methods={"add"}):
         a, b = n.args[:2]
         logits, mask = (a, b) if _is(a, fns={operator.mul, operator.truediv, torch.matmul, operator.matmul}) else (b, a)
-        if not isinstance(mask, fx.Node) or _user_dependent(mask, static_inputs):
+        if _ex(mask) is None or not _ex(mask).is_floating_point():
             return None
-        m = _evaluate(gm, mask, values)
-        finite_ok = bool(((m == 0) | (m <= torch.finfo(m.dtype).min / 2)).all()) if m.is_floating_point() else False
-        if not finite_ok:
-            return None
-        kind = _mask_kind(torch.broadcast_to(m == 0, _ex(n).shape), S)
-        return (logits, kind) if kind else None
-    if _is(n, fns={torch.masked_fill}, methods={"masked_fill"}):
+        kind = _static_mask_kind(mask, gm, values, static_inputs, shape, S)
+    elif _is(n, fns={torch.masked_fill}, methods={"masked_fill"}):
         logits, mask, value = n.args[:3]
-        if not (isinstance(value, float) and value == float("-inf")) or _user_dependent(mask, static_inputs):
+        if not (isinstance(value, float) and value == float("-inf")) or not isinstance(mask, fx.Node):
             return None
-        kind = _mask_kind(torch.broadcast_to(~_evaluate(gm, mask, values).bool(), _ex(n).shape), S)
-        return (logits, kind) if kind else None
-    if _is(n, fns={torch.where}):
+        if _is(mask, fns={operator.invert, torch.logical_not}, methods={"logical_not", "__invert__"}):
+            kind = _static_mask_kind(mask.args[0], gm, values, static_inputs, shape, S)   # ~visible
+            return (logits, kind) if kind else None
+        with gm.graph.inserting_after(mask):       # masked where True: visible = ~mask
+            visible = gm.graph.call_function(torch.logical_not, (mask,))
+        visible.meta["example_value"] = _ex(mask)
+        try:
+            kind = _static_mask_kind(visible, gm, values, static_inputs, shape, S)
+        finally:
+            gm.graph.erase_node(visible)
+    elif _is(n, fns={torch.where}):
         mask, logits, value = n.args[:3]
-        if not (isinstance(value, float) and value == float("-inf")) or _user_dependent(mask, static_inputs):
+        if not (isinstance(value, float) and value == float("-inf")):
             return None
-        kind = _mask_kind(torch.broadcast_to(_evaluate(gm, mask, values).bool(), _ex(n).shape), S)
-        return (logits, kind) if kind else None
-    return n, (False, None)
+        kind = _static_mask_kind(mask, gm, values, static_inputs, shape, S)
+    else:
+        return n, (False, None, None)
+    return (logits, kind) if kind else None
+
+
+def _doc_term(mask: fx.Node, gm, values, static_inputs):
+    """A same-document factor of ``mask``: ``X[b, q] == X[b, kv]`` over index aranges, reaching
+    the mask through conjunctions only (and, casts, expands). Returns (eq node, X) or None.
+
+    transformers builds packed-sequence masks this way from position ids that restart."""
+    seen, stack = set(), [mask]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+        if not (_is(n, fns={operator.eq, torch.eq}, methods={"eq", "__eq__"}) and len(n.args) == 2):
+            continue
+        a, b = n.args
+        if not (_is(a, fns={operator.getitem}) and _is(b, fns={operator.getitem}) and a.args[0] is b.args[0]):
+            continue
+        X = a.args[0]
+        ex = _ex(X)
+        if ex is None or ex.dim() != 2 or not _user_dependent(X, static_inputs):
+            continue
+        ia, ib = a.args[1], b.args[1]
+        if not (isinstance(ia, tuple) and isinstance(ib, tuple) and len(ia) == len(ib) == 2):
+            continue
+        if any(isinstance(i, fx.Node) and _user_dependent(i, static_inputs) for i in (*ia, *ib)):
+            continue
+        B, S = ex.shape
+        try:
+            bi, qi = (_evaluate(gm, i, values) if isinstance(i, fx.Node) else i for i in ia)
+            bj, kj = (_evaluate(gm, i, values) if isinstance(i, fx.Node) else i for i in ib)
+        except Exception:  # noqa: BLE001
+            continue
+        r = torch.arange
+        if not (torch.equal(bi, r(B).view(B, 1, 1, 1)) and torch.equal(bj, bi)
+                and torch.equal(qi, r(S).view(1, 1, S, 1)) and torch.equal(kj, r(S).view(1, 1, 1, S))):
+            continue
+        u = n                                          # eq must reach the mask by conjunctions only
+        while u is not mask:
+            if len(u.users) != 1:
+                break
+            u = next(iter(u.users))
+            name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+            if u is not mask and name not in _CONJUNCTION_PATH:
+                break
+        else:
+            return n, X
+    return None
+
+
+def _static_mask_kind(mask, gm, values, static_inputs, shape, S):
+    """(causal, window, doc_ids node or None) of a mask tensor (bool: True = visible; float: 0 /
+    very negative) whose value depends on no user input except through a same-document factor."""
+    if not isinstance(mask, fx.Node):
+        return None
+    doc = None
+    substitute = {}
+    if _user_dependent(mask, static_inputs):
+        found = _doc_term(mask, gm, values, static_inputs)
+        if found is None:
+            return None
+        eq, doc = found
+        if _user_dependent(mask, static_inputs, frozenset([eq])):
+            return None
+        substitute[eq] = torch.ones(_ex(eq).shape, dtype=torch.bool, device=_ex(eq).device)
+    m = _evaluate(gm, mask, values, substitute)
+    if m.dtype == torch.bool:
+        visible = m
+    elif m.is_floating_point() and bool(((m == 0) | (m <= torch.finfo(m.dtype).min / 2)).all()):
+        visible = m == 0
+    else:
+        return None
+    kind = _mask_kind(torch.broadcast_to(visible, shape), S)
+    return None if kind is None else (*kind, doc)
+
+
+_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+def _match_sdpa(node, gm, values, static_inputs):
+    """SDPA with an explicit ``attn_mask`` that is provably causal / a window / nothing, or
+    with K/V repeated for GQA (folded, so the ring sends Hkv heads)."""
+    if not _is(node, fns=_SDPA):
+        return None
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    a = dict(zip(names, node.args))
+    a.update(node.kwargs)
+    if a.get("dropout_p"):
+        return None
+    q = _ex(a["query"])
+    if q is None or q.dim() != 4 or _ex(a["key"]).shape[-2] != q.shape[-2]:
+        return None
+    S = q.shape[-2]
+    k, v = _unrepeat(a["key"]), _unrepeat(a["value"])
+    if a.get("attn_mask") is None:
+        if k is a["key"] and v is a["value"]:
+            return None                                    # plain SDPA: handled as it is
+        kind = (bool(a.get("is_causal")), None, None)
+    elif a.get("is_causal"):
+        return None
+    else:
+        kind = _static_mask_kind(a["attn_mask"], gm, values, static_inputs, (*q.shape[:-1], S), S)
+        if kind is None:
+            return None
+    scale = a.get("scale") if a.get("scale") is not None else q.shape[-1] ** -0.5
+    return a["query"], k, v, *kind, scale
 
 
 def _match(node, gm, values, static_inputs):
@@ -187,7 +318,7 @@ def _match(node, gm, values, static_inputs):
     peeled = _visible_from(scores, values, gm, static_inputs, S)
     if peeled is None:
         return None
-    logits, (causal, window) = peeled
+    logits, (causal, window, doc) = peeled
     scale = 1.0
     if _is(logits, fns={operator.mul, torch.mul}) and isinstance(logits.args[1], (int, float)):
         scale, logits = float(logits.args[1]), logits.args[0]
@@ -199,7 +330,7 @@ def _match(node, gm, values, static_inputs):
     if not _is(kt, fns={torch.transpose}, methods={"transpose"}) or \
             sorted(d % 4 for d in kt.args[1:3]) != [2, 3]:
         return None
-    return q, _unrepeat(kt.args[0]), _unrepeat(v), causal, window, scale
+    return q, _unrepeat(kt.args[0]), _unrepeat(v), causal, window, doc, scale
 
 
 def canonicalize_handwritten_attention(gm: fx.GraphModule, example_inputs, static_inputs: set) -> int:
@@ -209,16 +340,16 @@ def canonicalize_handwritten_attention(gm: fx.GraphModule, example_inputs, stati
     count = 0
     for node in list(gm.graph.nodes):
         try:
-            found = _match(node, gm, values, static_inputs)
+            found = _match(node, gm, values, static_inputs) or _match_sdpa(node, gm, values, static_inputs)
         except ValueError:
             raise
         except Exception:  # noqa: BLE001 - an unprovable pattern stays as it is (and falls back)
             found = None
         if found is None:
             continue
-        q, k, v, causal, window, scale = found
+        q, k, v, causal, window, doc, scale = found
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(canonical_attention, (q, k, v, causal, window, scale))
+            new = gm.graph.call_function(canonical_attention, (q, k, v, causal, window, doc, scale))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         _erase_dead(gm.graph, node)

@@ -371,15 +371,22 @@ def _sdpa(ctx, node):
 
 
 def _canonical(ctx, node):
-    """canonical_attention(q, k, v, causal, window, scale) from a proved hand-written attention."""
-    q, k, v, causal, window, scale = node.args
+    """canonical_attention(q, k, v, causal, window, doc_ids, scale) from a proved mask."""
+    q, k, v, causal, window, doc, scale = node.args
     if any(_shard(ctx, t) != Shard(2) for t in (q, k, v)):
         return "attention whose q/k/v are not all sharded along the sequence"
     dtype = ctx.example(node).dtype
     qkv = [ctx.env[t] if ctx.example(t).dtype == dtype else
            ctx.emit("to", (ctx.env[t], dtype), op="call_method", placement=Shard(2)) for t in (q, k, v)]
+    doc_local = None
+    if doc is not None:
+        if ctx.example(doc).shape[0] != ctx.example(q).shape[0]:
+            return "document ids with another batch size than the queries"
+        if _shard(ctx, doc) not in (None, Shard(1)):
+            return "document ids sharded unlike the queries"
+        doc_local = ctx.local(doc, 1)
     out = ctx.emit(torch.ops.seqpar.ring_attention.default,
-                   (*qkv, None, float(scale), bool(causal), window, ctx.schedule, ctx.group_name,
+                   (*qkv, doc_local, float(scale), bool(causal), window, ctx.schedule, ctx.group_name,
                     ctx.overlap, ctx.kernel))
     return ctx.emit(operator.getitem, (out, 0), placement=Shard(2)), Shard(2)
 

@@ -134,11 +134,11 @@ def indivisible_case(rank, P):
 def run_cases(rank, P, cases):
     fns = {"train": train_step_case, "local": local_output_case, "grad_none": grad_reduce_none_case,
            "fallback": fallback_case, "indivisible": indivisible_case, "hf": hf_case,
-           "structure": structure_case}
+           "structure": structure_case, "packed": packed_doc_case}
     return {name: fns[kind](rank, P, **kw) for name, kind, kw in cases}
 
 
-def hf_case(rank, P, *, arch, impl, schedule="zigzag", S=32):
+def hf_case(rank, P, *, arch, impl, schedule="zigzag", S=32, packed_positions=False):
     """A Hugging Face model from a tiny config (random weights, no download), with labels so it
     computes its own loss and use_cache at its default (the graph also returns the KV cache)."""
     import transformers
@@ -148,6 +148,12 @@ def hf_case(rank, P, *, arch, impl, schedule="zigzag", S=32):
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                        attn_implementation=impl)
         cls = transformers.LlamaForCausalLM
+    elif arch == "mistral":
+        # a sliding window shorter than one rank's share of the sequence
+        cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         sliding_window=7, attn_implementation=impl)
+        cls = transformers.MistralForCausalLM
     else:
         # GPT2Config defaults to dropout 0.1: exactness needs 0
         cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
@@ -156,16 +162,25 @@ def hf_case(rank, P, *, arch, impl, schedule="zigzag", S=32):
     m, ref = cls(cfg), cls(cfg)
     ref.load_state_dict(m.state_dict())
     idx = torch.randint(0, 128, (2, S), generator=torch.Generator().manual_seed(1))
+    kwargs = {"labels": idx}
+    if arch == "mistral":
+        # its sliding-window cache keeps the last W-1 keys: slicing the sequence, gathered (correct,
+        # warned); this case is about the mask, so no cache
+        kwargs["use_cache"] = False
+    if packed_positions:        # two packed documents per row: position ids restart
+        kwargs["position_ids"] = torch.stack([torch.cat([torch.arange(12), torch.arange(S - 12)]),
+                                              torch.cat([torch.arange(5), torch.arange(S - 5)])])
     torch._dynamo.reset()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, sp.stats() as st:
         warnings.simplefilter("always")
-        out = torch.compile(m, backend=sp.backend(inner="aot_eager", schedule=schedule))(idx, labels=idx)
+        out = torch.compile(m, backend=sp.backend(inner="aot_eager", schedule=schedule))(idx, **kwargs)
         out.loss.backward()
-    r = ref(idx, labels=idx)
+    r = ref(idx, **kwargs)
     r.loss.backward()
     grads = {n: _rel(p.grad, q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())
              if q.grad is not None}
     return {"loss": _rel(out.loss, r.loss), "logits": _rel(out.logits, r.logits), "grads": grads,
+            "ring_calls": st.attention_forward_calls, "bytes_sent": st.bytes_sent,
             "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
 
 
@@ -203,3 +218,24 @@ def structure_case(rank, P, *, model="llama", S=32):
             full.append(f"{n.name}: {shapes}")
     ring_nodes = sum(1 for n in sharded.graph.nodes if n.target is torch.ops.seqpar.ring_attention.default)
     return {"full": full, "ring_nodes": ring_nodes}
+
+
+def packed_doc_case(rank, P, *, schedule="zigzag", S=32):
+    """Hand-written attention over packed documents: the ring gets the document ids."""
+    from models import PackedDocAttention
+    torch.manual_seed(0)
+    m, ref = PackedDocAttention(), PackedDocAttention()
+    ref.load_state_dict(m.state_dict())
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, S, 32, generator=g)
+    doc = torch.sort(torch.randint(0, 4, (2, S), generator=g), dim=1).values
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught, sp.stats() as st:
+        warnings.simplefilter("always")
+        loss = torch.compile(m, backend=sp.backend(inner="aot_eager", schedule=schedule))(x, doc)
+        loss.backward()
+    r_loss = ref(x, doc)
+    r_loss.backward()
+    grads = {n: _rel(p.grad, q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())}
+    return {"loss": _rel(loss, r_loss), "grads": grads, "ring_calls": st.attention_forward_calls,
+            "warnings": [str(w.message) for w in caught if "cannot shard" in str(w.message)]}

@@ -9,6 +9,8 @@ pytest.importorskip("transformers")
 CASES = [(f"{arch}-{impl}", "hf", dict(arch=arch, impl=impl))
          for arch in ("llama", "gpt2") for impl in ("sdpa", "eager")]
 CASES.append(("llama-sdpa-striped", "hf", dict(arch="llama", impl="sdpa", schedule="striped")))
+CASES += [(f"mistral-window-{impl}", "hf", dict(arch="mistral", impl=impl, schedule="ring")) for impl in ("sdpa", "eager")]
+CASES.append(("llama-packed-positions", "hf", dict(arch="llama", impl="sdpa", packed_positions=True)))
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +35,19 @@ def test_hf_models_shard_without_fallback_and_warn_about_the_returned_cache(res,
         warnings = r[name]["warnings"]
         assert not [w for w in warnings if "cannot shard" in w], warnings
         assert any("KV cache" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("name", ["mistral-window-sdpa", "mistral-window-eager"])
+def test_hf_sliding_window_mask_is_proved_and_sent_only_one_hop(res, name):
+    """sliding_window=7 < S_local=16 on the contiguous layout: the mask transformers builds is
+    proved to be a window, so the last rank sends no KV block in the forward (only dK/dV)."""
+    for r in res:
+        assert r[name]["ring_calls"] == 2 and not [w for w in r[name]["warnings"] if "cannot shard" in w]
+    assert res[1][name]["bytes_sent"] < res[0][name]["bytes_sent"]
+
+
+def test_hf_packed_position_ids_stay_exact_on_the_fallback_path(res):
+    """transformers compares position ids for causality, which is not provable statically yet:
+    the model must still be exact (attention then runs replicated, warned)."""
+    r = res[0]["llama-packed-positions"]
+    assert r["warnings"], "the fallback must be warned about"

@@ -21,6 +21,8 @@ CASES = {
         ("cumsum-fallback-error", "fallback", dict(fallback="error")),
         ("indivisible", "indivisible", dict()),
         ("llama-structure", "structure", dict()),
+        ("packed-docs-zigzag", "packed", dict(schedule="zigzag")),
+        ("packed-docs-striped", "packed", dict(schedule="striped")),
     ],
     4: [("gpt-zigzag", "train", dict(model="gpt", schedule="zigzag")),
         ("llama-striped", "train", dict(model="llama", schedule="striped")),
@@ -114,3 +116,11 @@ def test_hand_written_attention_with_an_unprovable_mask_falls_back_and_stays_exa
 def test_hand_written_attention_becomes_ring_attention(results):
     for res in results(2):
         assert res["gpt-manual-zigzag"]["ring_calls"] > 0 and res["gpt-window-ring"]["ring_calls"] > 0
+
+
+@pytest.mark.parametrize("name", ["packed-docs-zigzag", "packed-docs-striped"])
+def test_packed_document_mask_runs_as_ring_attention_with_document_ids(results, name):
+    for res in results(2):
+        r = res[name]
+        assert r["ring_calls"] == 1 and not r["warnings"], r
+        assert r["loss"] <= 1e-5 and max(r["grads"].values()) <= 1e-4, r

@@ -64,4 +64,25 @@ def test_canonical_attention_means_masked_softmax_attention():
     s = (q @ k.transpose(-1, -2)) * 0.3
     vis = _tril() & ~_tril(-5)
     ref = torch.softmax(s.masked_fill(~vis, float("-inf")), -1) @ v
-    assert torch.allclose(canonical_attention(q, k, v, True, 5, 0.3), ref)
+    assert torch.allclose(canonical_attention(q, k, v, True, 5, None, 0.3), ref)
+
+
+def test_packed_document_mask_is_proved_causal_with_document_ids():
+    from models import PackedDocAttention
+    torch.manual_seed(0)
+    model = PackedDocAttention()
+    x = torch.randn(2, S, 32)
+    doc = torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [1] * 3])
+    found = []
+
+    def capture(gm, ex):
+        static = {n for n in gm.graph.nodes if n.op == "placeholder" and "_parameters_" in str(n.target)}
+        found.append(canonicalize_handwritten_attention(gm, ex, static))
+        found.append([n.args for n in gm.graph.nodes if n.target is canonical_attention])
+        return gm.forward
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=capture)(x, doc)
+    assert found[0] == 1
+    q, k, v, causal, window, doc_node, scale = found[1][0]
+    assert causal is True and window is None and doc_node is not None
+    assert torch.allclose(out, model(x, doc), atol=1e-6)
