@@ -39,7 +39,6 @@ def _reset_peak() -> None:
 
 def step_worker(rank, P, S, backend_name, steps):
     import torch
-    import torch.nn.functional as F  # noqa: F401
     import seqpar_compiler as sp
     from models import GPT, GPTConfig
     torch.manual_seed(0)

@@ -225,7 +225,7 @@ class PackedDocAttention(nn.Module):
         b = torch.arange(B, device=x.device)[:, None, None, None]
         qi = torch.arange(T, device=x.device)[None, None, :, None]
         ki = torch.arange(T, device=x.device)[None, None, None, :]
-        visible = (ki <= qi) & (doc[b, qi] == doc[b, ki])
+        visible = (ki <= qi) & (doc[b, qi] == doc[b, ki]).to(x.device)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // self.n_head))
         att = att.masked_fill(~visible, float("-inf")).softmax(dim=-1)
         y = (att @ v).transpose(1, 2).reshape(B, T, C)

@@ -42,7 +42,7 @@ def math_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B,Hq,M,D], k/v [B,Hkv,N,D] → out [B,Hq,M,D] (q's dtype), lse [B,Hq,M] (fp32/fp64)."""
     B, Hq, M, D = q.shape
-    N, Hkv = k.shape[-2], k.shape[1]
+    N = k.shape[-2]
     acc = _acc_dtype(q.dtype)
     out = torch.zeros(B, Hq, M, D, dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, M), float("-inf"), dtype=acc, device=q.device)

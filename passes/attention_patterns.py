@@ -192,6 +192,9 @@ def _visible_from(scores_node, values, gm, static_inputs, S):
     return (logits, kind) if kind else None
 
 
+_CONJUNCTION_PATH = {"to", "expand", "and_", "logical_and", "__and__", "bool"}
+
+
 def _doc_term(mask: fx.Node, gm, values, static_inputs):
     """A same-document factor of ``mask``: ``X[b, q] == X[b, kv]`` over index aranges, reaching
     the mask through conjunctions only (and, casts, expands). Returns (eq node, X) or None.

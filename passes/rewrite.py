@@ -34,7 +34,7 @@ from seqpar_compiler.runtime.grad_collectives import sum_grad_over_group
 
 from .placement import Replicate, Shard
 
-__all__ = ["ShardingContext", "SeqparFallbackError", "rewrite_graph"]
+__all__ = ["ShardingContext", "SeqparFallbackError", "call_arguments", "rewrite_graph"]
 
 
 class SeqparFallbackError(RuntimeError):
@@ -75,6 +75,10 @@ class ShardingContext:
 
     def placement_of(self, old: Any):
         return self.place.get(old, Replicate()) if isinstance(old, fx.Node) else Replicate()
+
+    def shard_of(self, old: Any) -> Shard | None:
+        pl = self.placement_of(old)
+        return pl if isinstance(pl, Shard) else None
 
     def emit(self, target, args, kwargs=None, placement=None, op="call_function") -> fx.Node:
         node = self.graph.create_node(op, target, tuple(args), dict(kwargs or {}))
@@ -165,6 +169,14 @@ class ShardingContext:
         if self.fallback == "error":
             raise SeqparFallbackError(message.replace("; gathering", ". SEQPAR_FALLBACK=error forbids gathering"))
         warnings.warn(message, stacklevel=2)
+
+
+def call_arguments(node: fx.Node, names: list[str], defaults: dict) -> dict:
+    """Positional and keyword arguments of ``node`` by name."""
+    out = dict(defaults)
+    out.update(zip(names, node.args))
+    out.update(node.kwargs)
+    return out
 
 
 def _op_name(node: fx.Node) -> str:

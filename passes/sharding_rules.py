@@ -14,31 +14,18 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-import seqpar_compiler.runtime  # noqa: F401  (registers the seqpar ops)
 from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
 
 from .attention_patterns import canonical_attention
+from .attention_rules import canonical_attention_rule, sdpa_rule
 from .placement import Replicate, Shard, local_view_shape, view_placement
+from .rewrite import call_arguments
 
 __all__ = ["RULES", "SEEDING_RULES", "rule_key", "is_sequence_arange"]
 
 
 def rule_key(node: fx.Node):
     return ("method", node.target) if node.op == "call_method" else node.target
-
-
-def _args(node: fx.Node, names: list[str], defaults: dict):
-    """Positional and keyword arguments of ``node`` by name."""
-    out = dict(defaults)
-    for name, value in zip(names, node.args):
-        out[name] = value
-    out.update(node.kwargs)
-    return out
-
-
-def _shard(ctx, old) -> Shard | None:
-    pl = ctx.placement_of(old)
-    return pl if isinstance(pl, Shard) else None
 
 
 def _tensor_nodes(value) -> list[fx.Node]:
@@ -54,7 +41,7 @@ def _pointwise(ctx, node):
         return "non-tensor result"
     target = None
     for a in _tensor_nodes((node.args, node.kwargs)):
-        pl = _shard(ctx, a)
+        pl = ctx.shard_of(a)
         if pl is None:
             continue
         d = pl.dim + out.dim() - ctx.example(a).dim()
@@ -65,7 +52,7 @@ def _pointwise(ctx, node):
     full = target.pre * ctx.S * target.post
 
     def operand(a):
-        if _shard(ctx, a) is not None:
+        if ctx.shard_of(a) is not None:
             return ctx.env[a]
         ex = ctx.example(a)
         if not isinstance(ex, torch.Tensor):
@@ -90,9 +77,9 @@ class _NoRule(Exception):
 
 # -- matmul-like ops that keep the token dims ---------------------------------------------------
 def _linear(ctx, node):
-    a = _args(node, ["input", "weight", "bias"], {"bias": None})
-    x = _shard(ctx, a["input"])
-    if x is None or _shard(ctx, a["weight"]) or x.dim == ctx.example(a["input"]).dim() - 1:
+    a = call_arguments(node, ["input", "weight", "bias"], {"bias": None})
+    x = ctx.shard_of(a["input"])
+    if x is None or ctx.shard_of(a["weight"]) or x.dim == ctx.example(a["input"]).dim() - 1:
         return "only the input of a linear may be sharded, not along its feature dim"
     new = ctx.emit(F.linear, (ctx.env[a["input"]], ctx.weight(a["weight"]), ctx.weight(a["bias"])), placement=x)
     return new, x
@@ -101,8 +88,8 @@ def _linear(ctx, node):
 def _addmm(ctx, node):
     """addmm(bias, x, w) as in GPT-2's Conv1D: rows of x are tokens (often batch×sequence merged)."""
     bias, x, w = node.args[:3]
-    pl = _shard(ctx, x)
-    if pl is None or pl.dim != 0 or _shard(ctx, bias) or _shard(ctx, w):
+    pl = ctx.shard_of(x)
+    if pl is None or pl.dim != 0 or ctx.shard_of(bias) or ctx.shard_of(w):
         return "addmm with sharded weights or bias"
     new = ctx.emit(node.target, (ctx.weight(bias), ctx.env[x], ctx.weight(w)), node.kwargs, pl)
     return new, pl
@@ -111,23 +98,23 @@ def _addmm(ctx, node):
 def _matmul(ctx, node):
     """x @ W with tokens in x's leading dims and a replicated W (a projection)."""
     x, w = node.args[:2]
-    pl = _shard(ctx, x)
-    if pl is None or _shard(ctx, w) or ctx.example(w).dim() != 2 or pl.dim >= ctx.example(x).dim() - 1:
+    pl = ctx.shard_of(x)
+    if pl is None or ctx.shard_of(w) or ctx.example(w).dim() != 2 or pl.dim >= ctx.example(x).dim() - 1:
         return "a matmul that mixes the sequence (e.g. hand-written attention)"
     return ctx.emit(node.target, (ctx.env[x], ctx.weight(w)), node.kwargs, pl, op=node.op), pl
 
 
 def _embedding(ctx, node):
-    idx = _shard(ctx, node.args[0])
-    if idx is None or _shard(ctx, node.args[1]):
+    idx = ctx.shard_of(node.args[0])
+    if idx is None or ctx.shard_of(node.args[1]):
         return "the embedding table itself is sharded"
     args = (ctx.env[node.args[0]], ctx.weight(node.args[1]), *node.args[2:])
     return ctx.emit(node.target, args, node.kwargs, idx), idx
 
 
 def _layer_norm(ctx, node):
-    a = _args(node, ["input", "normalized_shape", "weight", "bias", "eps"], {"weight": None, "bias": None, "eps": 1e-5})
-    x = _shard(ctx, a["input"])
+    a = call_arguments(node, ["input", "normalized_shape", "weight", "bias", "eps"], {"weight": None, "bias": None, "eps": 1e-5})
+    x = ctx.shard_of(a["input"])
     nd = ctx.example(a["input"]).dim()
     shape = a["normalized_shape"]
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
@@ -140,9 +127,9 @@ def _layer_norm(ctx, node):
 
 def _outer(ctx, node):
     a, b = node.args[:2]
-    if _shard(ctx, a) and not _shard(ctx, b):
+    if ctx.shard_of(a) and not ctx.shard_of(b):
         pl = Shard(0)
-    elif _shard(ctx, b) and not _shard(ctx, a):
+    elif ctx.shard_of(b) and not ctx.shard_of(a):
         pl = Shard(1)
     else:
         return "both factors sharded"
@@ -152,7 +139,7 @@ def _outer(ctx, node):
 
 # -- views ---------------------------------------------------------------------------------------
 def _view(ctx, node):
-    x = _shard(ctx, node.args[0])
+    x = ctx.shard_of(node.args[0])
     src = tuple(ctx.example(node.args[0]).shape)
     dst = tuple(ctx.example(node).shape)
     pl = view_placement(src, dst, x, ctx.S)
@@ -171,9 +158,9 @@ def _norm_dim(d: int, nd: int) -> int:
 
 
 def _transpose(ctx, node):
-    x = _shard(ctx, node.args[0])
+    x = ctx.shard_of(node.args[0])
     nd = ctx.example(node.args[0]).dim()
-    a = _args(node, ["input", "dim0", "dim1"], {})
+    a = call_arguments(node, ["input", "dim0", "dim1"], {})
     d0, d1 = _norm_dim(a["dim0"], nd), _norm_dim(a["dim1"], nd)
     d = {d0: d1, d1: d0}.get(x.dim, x.dim)
     pl = Shard(d, x.pre, x.post)
@@ -181,7 +168,7 @@ def _transpose(ctx, node):
 
 
 def _permute(ctx, node):
-    x = _shard(ctx, node.args[0])
+    x = ctx.shard_of(node.args[0])
     nd = ctx.example(node.args[0]).dim()
     dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
     dims = [_norm_dim(d, nd) for d in dims]
@@ -190,7 +177,7 @@ def _permute(ctx, node):
 
 
 def _unsqueeze(ctx, node):
-    x = _shard(ctx, node.args[0])
+    x = ctx.shard_of(node.args[0])
     nd = ctx.example(node).dim()
     d = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs["dim"], nd)
     pl = Shard(x.dim + (1 if d <= x.dim else 0), x.pre, x.post)
@@ -198,7 +185,7 @@ def _unsqueeze(ctx, node):
 
 
 def _expand(ctx, node):
-    x = _shard(ctx, node.args[0])
+    x = ctx.shard_of(node.args[0])
     out = ctx.example(node)
     d = x.dim + out.dim() - ctx.example(node.args[0]).dim()
     pl = Shard(d, x.pre, x.post)
@@ -209,7 +196,7 @@ def _expand(ctx, node):
 
 def _split(ctx, node):
     """chunk / split along a dim other than the sequence: every piece keeps the shard."""
-    x = _shard(ctx, node.args[0])
+    x = ctx.shard_of(node.args[0])
     nd = ctx.example(node.args[0]).dim()
     dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
     if _norm_dim(dim, nd) == x.dim:
@@ -267,18 +254,18 @@ def _cat(ctx, node):
     tensors = node.args[0]
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
     nd = ctx.example(node).dim()
-    target = next(_shard(ctx, t) for t in tensors if _shard(ctx, t))
+    target = next(ctx.shard_of(t) for t in tensors if ctx.shard_of(t))
     if _norm_dim(dim, nd) == target.dim:
         # an empty operand (a KV cache before its first update) adds nothing
         rest = [t for t in tensors if ctx.example(t).numel() != 0]
-        if len(rest) == 1 and _shard(ctx, rest[0]):
+        if len(rest) == 1 and ctx.shard_of(rest[0]):
             return ctx.env[rest[0]], target
         return "concatenation along the sequence dim"
     if not target.plain:
         return "concatenation of merged sequence dims"
     parts = []
     for t in tensors:
-        pl = _shard(ctx, t)
+        pl = ctx.shard_of(t)
         if pl is not None and pl != target:
             return "operands sharded differently"
         parts.append(ctx.env[t] if pl else ctx.local(t, target.dim))
@@ -288,9 +275,9 @@ def _cat(ctx, node):
 # -- reductions ------------------------------------------------------------------------------------
 def _reduction(ctx, node):
     """sum / mean: over other dims stays local; over the sequence becomes local + all-reduce."""
-    x = _shard(ctx, node.args[0])
+    x = ctx.shard_of(node.args[0])
     nd = ctx.example(node.args[0]).dim()
-    a = _args(node, ["input", "dim", "keepdim"], {"dim": None, "keepdim": False})
+    a = call_arguments(node, ["input", "dim", "keepdim"], {"dim": None, "keepdim": False})
     dims = a["dim"]
     dims = list(range(nd)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
     dims = sorted(_norm_dim(d, nd) for d in dims)
@@ -313,10 +300,10 @@ def _reduction(ctx, node):
 
 
 def _cross_entropy(ctx, node):
-    a = _args(node, ["input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
+    a = call_arguments(node, ["input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
                      "label_smoothing"], {"weight": None, "ignore_index": -100, "reduction": "mean",
                                           "label_smoothing": 0.0, "size_average": None, "reduce": None})
-    x, t = _shard(ctx, a["input"]), _shard(ctx, a["target"])
+    x, t = ctx.shard_of(a["input"]), ctx.shard_of(a["target"])
     if x is not None and t is None and ctx.example(a["target"]).dim() == 1:
         t = Shard(0, x.pre, x.post)      # replicated targets (shifted labels): sliced like the logits
     if (x is None or t is None or x.dim != 0 or t.dim != 0 or ctx.example(a["input"]).dim() != 2
@@ -340,60 +327,6 @@ def _cross_entropy(ctx, node):
     loss_sum = ctx.emit(operator.getitem, (both, 0))
     n = ctx.emit(operator.getitem, (both, 1))
     return ctx.emit(operator.truediv, (loss_sum, n), placement=Replicate()), Replicate()
-
-
-# -- attention -------------------------------------------------------------------------------------
-def _sdpa(ctx, node):
-    a = _args(node, ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"],
-              {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False})
-    if a["dropout_p"]:
-        raise ValueError(f"seqpar: attention dropout p={a['dropout_p']} is not supported yet (no per-block RNG); "
-                         f"use dropout_p=0 in attention ({_where(node)})")
-    q, k, v = (ctx.example(a[n]) for n in ("query", "key", "value"))
-    if any(t.dim() != 4 for t in (q, k, v)):
-        return "attention on tensors that are not [B, H, S, D]"
-    pls = [_shard(ctx, a[n]) for n in ("query", "key", "value")]
-    if any(p is None or p != Shard(2) for p in pls):
-        return "attention whose q/k/v are not all sharded along the sequence"
-    if a["attn_mask"] is not None:
-        return "an explicit attention mask (not yet traced to a mask function)"
-    scale = a["scale"] if a["scale"] is not None else q.shape[-1] ** -0.5
-    # Under autocast SDPA computes in the autocast dtype; the ring op is not autocast-aware, so
-    # cast its inputs to the dtype the traced SDPA produced.
-    dtype = ctx.example(node).dtype
-    qkv = [ctx.env[a[n]] if ctx.example(a[n]).dtype == dtype else
-           ctx.emit("to", (ctx.env[a[n]], dtype), op="call_method", placement=Shard(2))
-           for n in ("query", "key", "value")]
-    out = ctx.emit(torch.ops.seqpar.ring_attention.default,
-                   (*qkv, None, float(scale), bool(a["is_causal"]), None, ctx.schedule, ctx.group_name,
-                    ctx.overlap, ctx.kernel))
-    return ctx.emit(operator.getitem, (out, 0), placement=Shard(2)), Shard(2)
-
-
-def _canonical(ctx, node):
-    """canonical_attention(q, k, v, causal, window, doc_ids, scale) from a proved mask."""
-    q, k, v, causal, window, doc, scale = node.args
-    if any(_shard(ctx, t) != Shard(2) for t in (q, k, v)):
-        return "attention whose q/k/v are not all sharded along the sequence"
-    dtype = ctx.example(node).dtype
-    qkv = [ctx.env[t] if ctx.example(t).dtype == dtype else
-           ctx.emit("to", (ctx.env[t], dtype), op="call_method", placement=Shard(2)) for t in (q, k, v)]
-    doc_local = None
-    if doc is not None:
-        if ctx.example(doc).shape[0] != ctx.example(q).shape[0]:
-            return "document ids with another batch size than the queries"
-        if _shard(ctx, doc) not in (None, Shard(1)):
-            return "document ids sharded unlike the queries"
-        doc_local = ctx.local(doc, 1)
-    out = ctx.emit(torch.ops.seqpar.ring_attention.default,
-                   (*qkv, doc_local, float(scale), bool(causal), window, ctx.schedule, ctx.group_name,
-                    ctx.overlap, ctx.kernel))
-    return ctx.emit(operator.getitem, (out, 0), placement=Shard(2)), Shard(2)
-
-
-def _where(node) -> str:
-    from .rewrite import _source_line
-    return _source_line(node)
 
 
 def is_sequence_arange(ctx, node) -> bool:
@@ -444,7 +377,7 @@ RULES = {
     torch.cat: _cat,
     ("method", "mean"): _reduction, ("method", "sum"): _reduction, torch.mean: _reduction, torch.sum: _reduction,
     F.cross_entropy: _cross_entropy,
-    F.scaled_dot_product_attention: _sdpa, torch._C._nn.scaled_dot_product_attention: _sdpa,
+    F.scaled_dot_product_attention: sdpa_rule, torch._C._nn.scaled_dot_product_attention: sdpa_rule,
     torch.arange: _arange,
-    canonical_attention: _canonical,
+    canonical_attention: canonical_attention_rule,
 }
