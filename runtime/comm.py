@@ -103,7 +103,10 @@ class RingComm:
         try:
             works = dist.batch_isend_irecv(ops)
         except RuntimeError as err:
-            raise RingCommError(f"ring attention: rank {self.rank} could not start {what}: {err}") from err
+            raise RingCommError(
+                f"ring attention: rank {self.rank} of {self.size} could not start {what}: {err}. A peer rank has "
+                f"probably died, raised, or stopped calling ring_attention; look for the first error in the other "
+                f"ranks' logs") from err
         return Pending(self, works, what)
 
 

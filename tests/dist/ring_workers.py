@@ -166,3 +166,20 @@ def shard_gather_case(rank, P, schedule):
             "w": w.tolist(),
             "y_grad_ok": torch.equal(y.grad, torch.arange(full.numel(), dtype=torch.float64)
                                      .reshape(full.shape)[:, local_positions(schedule, rank, P, S)])}
+
+
+def subgroup_case(rank, P):
+    """Two sequence groups of 2 on 4 ranks (as SEQPAR_DEGREE=2 makes them): each group runs its
+    own ring on its own data, checked against the float64 reference of that data."""
+    import torch.distributed as dist
+    from seqpar_compiler.backend import sequence_group
+    group = sequence_group(2)
+    g_rank, seed = dist.get_rank(group), 1000 + rank // 2
+    S = 32
+    q64, k64, v64, dout64, _ = _full_inputs(1, 2, 2, S, 16, False, seed=seed)
+    ref, _ = reference_attention(q64, k64, v64, causal=True)
+    idx = local_positions("zigzag", g_rank, 2, S)
+    out = sp.ring_attention(q64[:, :, idx].float(), k64[:, :, idx].float(), v64[:, :, idx].float(),
+                            causal=True, schedule="zigzag", group=group)
+    full = sp.gather_sequence(out, 2, schedule="zigzag", group=group)
+    return float((full.double() - ref).norm() / ref.norm())

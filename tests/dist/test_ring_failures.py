@@ -32,3 +32,8 @@ def test_survivor_raises_when_a_peer_raises_mid_forward():
     res = run_ranks(W.fault_case, 3, "raise", timeout=120, pg_timeout=20, allow_failures=True)
     assert res[1][0] == "ok" and "injected failure" in res[1][1]["error"]
     _check_survivors(res, 20)
+
+
+def test_ring_runs_on_sequence_subgroups_of_a_larger_world():
+    errs = run_ranks(W.subgroup_case, 4, timeout=200)
+    assert max(errs) <= 1e-5, errs
