@@ -175,13 +175,7 @@ def _visible_from(scores_node, values, gm, static_inputs, S):
         if _is(mask, fns={operator.invert, torch.logical_not}, methods={"logical_not", "__invert__"}):
             kind = _static_mask_kind(mask.args[0], gm, values, static_inputs, shape, S)   # ~visible
             return (logits, kind) if kind else None
-        with gm.graph.inserting_after(mask):       # masked where True: visible = ~mask
-            visible = gm.graph.call_function(torch.logical_not, (mask,))
-        visible.meta["example_value"] = _ex(mask)
-        try:
-            kind = _static_mask_kind(visible, gm, values, static_inputs, shape, S)
-        finally:
-            gm.graph.erase_node(visible)
+        kind = _static_mask_kind(mask, gm, values, static_inputs, shape, S, negated=True)
     elif _is(n, fns={torch.where}):
         mask, logits, value = n.args[:3]
         if not (isinstance(value, float) and value == float("-inf")):
@@ -244,14 +238,17 @@ def _doc_term(mask: fx.Node, gm, values, static_inputs):
     return None
 
 
-def _static_mask_kind(mask, gm, values, static_inputs, shape, S):
-    """(causal, window, doc_ids node or None) of a mask tensor (bool: True = visible; float: 0 /
-    very negative) whose value depends on no user input except through a same-document factor."""
+def _static_mask_kind(mask, gm, values, static_inputs, shape, S, negated: bool = False):
+    """(causal, window, doc_ids node or None) of a mask tensor (bool: True = visible, or True =
+    hidden with ``negated``; float: 0 / very negative) whose value depends on no user input except
+    through a same-document factor (only where visibility is a conjunction, so not negated)."""
     if not isinstance(mask, fx.Node):
         return None
     doc = None
     substitute = {}
     if _user_dependent(mask, static_inputs):
+        if negated:
+            return None
         found = _doc_term(mask, gm, values, static_inputs)
         if found is None:
             return None
@@ -261,7 +258,7 @@ def _static_mask_kind(mask, gm, values, static_inputs, shape, S):
         substitute[eq] = torch.ones(_ex(eq).shape, dtype=torch.bool, device=_ex(eq).device)
     m = _evaluate(gm, mask, values, substitute)
     if m.dtype == torch.bool:
-        visible = m
+        visible = ~m if negated else m
     elif m.is_floating_point() and bool(((m == 0) | (m <= torch.finfo(m.dtype).min / 2)).all()):
         visible = m == 0
     else:

@@ -33,7 +33,7 @@ from seqpar_compiler.kernels import (BlockKind, block_attention_backward, block_
 from .comm import Pending, RingComm, Transfer
 from .layout import Segment, local_segments
 from .plan import RingPlan, build_plan, segment_mask
-from .stats import record
+from .stats import counting, record
 
 __all__ = ["RingConfig", "ring_forward", "ring_backward", "merge_partial_attention"]
 
@@ -124,7 +124,8 @@ def _attend(q, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig, out, lse) -
         o_b, lse_b = block_attention_forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], mask,
                                              cfg.scale, cfg.kernel)
         merge_partial_attention(out[:, :, rows], lse[:, :, rows], o_b, lse_b)
-        record(block_kernel_calls=1, attention_flops=4 * B * Hq * D * _pairs(mask, qs.count, ks.count, kind))
+        if counting():         # the visible-pair count of a partial block costs a pass over its rows
+            record(block_kernel_calls=1, attention_flops=4 * B * Hq * D * _pairs(mask, qs.count, ks.count, kind))
 
 
 def _attend_backward(dout, q, out, lse, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig,
@@ -139,7 +140,8 @@ def _attend_backward(dout, q, out, lse, q_segs, q_doc, k, v, k_doc, kv_segs, cfg
         dq[:, :, rows] += dq_b
         dk[:, :, keys] += dk_b
         dv[:, :, keys] += dv_b
-        record(block_kernel_calls=1, attention_flops=4 * B * Hq * D * _pairs(mask, qs.count, ks.count, kind))
+        if counting():         # the visible-pair count of a partial block costs a pass over its rows
+            record(block_kernel_calls=1, attention_flops=4 * B * Hq * D * _pairs(mask, qs.count, ks.count, kind))
 
 
 def _kv_transfers(send: bool, block, peer: int, step: int) -> list[Transfer]:

@@ -10,7 +10,7 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-__all__ = ["Stats", "stats", "record"]
+__all__ = ["Stats", "stats", "record", "counting"]
 
 
 @dataclass(eq=False)
@@ -53,6 +53,11 @@ def stats() -> Iterator[Stats]:
     finally:
         with _lock:
             _open.remove(s)
+
+
+def counting() -> bool:
+    """True while a ``stats()`` block is open: lets callers skip work done only to count."""
+    return bool(_open)
 
 
 def record(**increments) -> None:

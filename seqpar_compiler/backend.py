@@ -105,14 +105,18 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
     return compile_graph
 
 
+def _is_model_state(node: torch.fx.Node, value) -> bool:
+    """A parameter or buffer lifted into the graph by Dynamo (not the user's batch)."""
+    name = str(node.target)
+    return isinstance(value, torch.nn.Parameter) or "_parameters_" in name or "_buffers_" in name
+
+
 def _user_input_dims(gm: torch.fx.GraphModule, example_inputs, S: int) -> dict[str, int]:
     """Placeholders that are the user's inputs (not parameters or buffers) with a sequence dim."""
     dims = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
-        name = str(node.target)
-        if (not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter)
-                or "_parameters_" in name or "_buffers_" in name):
+        if not isinstance(value, torch.Tensor) or _is_model_state(node, value):
             continue
         shape = tuple(value.shape)
         if len(shape) >= 2 and shape[1] == S:
@@ -129,7 +133,7 @@ def _shard_graph(gm, example_inputs, pg, opts) -> torch.fx.GraphModule | None:
     from seqpar_compiler.passes.rewrite import ShardingContext, rewrite_graph
     from seqpar_compiler.runtime import check_sequence_length
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    static = {n for n in placeholders if "_parameters_" in str(n.target) or "_buffers_" in str(n.target)}
+    static = {n for n, value in zip(placeholders, example_inputs) if _is_model_state(n, value)}
     canonicalize_handwritten_attention(gm, example_inputs, static)
     attention = find_attention(gm)
     S = sequence_length(attention)

@@ -139,8 +139,7 @@ def options_table() -> str:
     """The README's options table, in Markdown."""
     rows = ["| env var | values | default | what |", "|---|---|---|---|"]
     for o in OPTIONS.values():
-        default = {None: "—", True: "on", False: "off"}.get(o.default, o.default) \
-            if not isinstance(o.default, int) or isinstance(o.default, bool) else o.default
+        default = "—" if o.default is None else ("on" if o.default else "off") if o.kind == "bool" else o.default
         rows.append(f"| `{o.env}` | {o.allowed()} | {default} | {o.help} |")
     return "\n".join(rows)
 
