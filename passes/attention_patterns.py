@@ -14,9 +14,13 @@ for sliding windows) goes the same way.
 
 Masks are proved, not guessed: a mask whose inputs are all static (positions from ``arange``,
 buffers; no user data) is evaluated once here, at the global sequence length, and compared
-with the exact causal and sliding-window patterns (and "no mask"). A mask that depends on the
-batch (an attention_mask or position_ids input) or matches no kind is left alone, so the graph
-falls back to the gather path — never treated as causal unless it is.
+with the exact causal and sliding-window patterns (and "no mask"). Two kinds of user data are
+understood: a same-document factor ``doc[b, q] == doc[b, kv]`` (becomes ``doc_ids``), and —
+when ``doc`` is numbered from position ids that restart, as transformers packs sequences —
+shift-invariant comparisons of those position ids (``pos[b, kv] <= pos[b, q]``), which equal
+index comparisons inside a document. A mask that depends on the batch in any other way (a
+padding attention_mask, a comparison with a constant) or matches no kind is left alone, so the
+graph falls back to the gather path — never treated as causal unless it is.
 """
 from __future__ import annotations
 
@@ -238,10 +242,121 @@ def _doc_term(mask: fx.Node, gm, values, static_inputs):
     return None
 
 
+_COMPARISONS = {operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne,
+                torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne}
+_COMPARISON_METHODS = {"lt", "le", "gt", "ge", "eq", "ne", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"}
+_SHIFTS = {operator.add, operator.sub, torch.add, torch.sub}
+_SHAPE_ONLY = {"new_ones", "new_zeros", "new_empty"}     # transformers' and_masks starts from new_ones
+
+
+def _strip_views(node):
+    """``x.expand(B, -1)`` / ``x.contiguous()`` of a [B, S] tensor to the same shape is ``x``."""
+    while (_is(node, methods={"expand", "contiguous"}) and _ex(node) is not None
+           and _ex(node.args[0]) is not None and _ex(node).shape == _ex(node.args[0]).shape):
+        node = node.args[0]
+    return node
+
+
+def _packed_positions(doc: fx.Node):
+    """``pos`` if ``doc`` is ``(diff(pos, dim=-1) != 1).cumsum(-1)`` (how transformers numbers
+    packed documents from position ids that restart), else None.
+
+    Why this matters: inside one such document every step of ``pos`` is exactly +1, so
+    ``pos[i] - pos[j] == i - j`` for any two tokens of the same document (whatever ``prepend``
+    is). A comparison of shifted positions is then the same comparison of token indices."""
+    if not (_is(doc, fns={torch.cumsum}, methods={"cumsum"}) and len(doc.args) >= 1):
+        return None
+    dim = doc.kwargs.get("dim", doc.args[1] if len(doc.args) > 1 else None)
+    ne = doc.args[0]
+    if dim not in (-1, 1) or not (_is(ne, fns={operator.ne, torch.ne}, methods={"ne", "__ne__"})
+                                  and len(ne.args) == 2 and ne.args[1] == 1):
+        return None
+    diff = ne.args[0]
+    if not (_is(diff, fns={torch.diff}, methods={"diff"})
+            and diff.kwargs.get("dim", diff.args[2] if len(diff.args) > 2 else -1) in (-1, 1)
+            and diff.kwargs.get("n", diff.args[1] if len(diff.args) > 1 else 1) == 1
+            and diff.kwargs.get("append") is None and isinstance(diff.args[0], fx.Node)):
+        return None
+    pos = _strip_views(diff.args[0])
+    ex = _ex(pos)
+    return pos if ex is not None and ex.dim() == 2 and not ex.is_floating_point() else None
+
+
+def _shift_base(node):
+    """(base, offset) for ``base [+|- int]...``; offset None when ``node`` is no such chain."""
+    offset = 0
+    while _is(node, fns=_SHIFTS, methods={"add", "sub", "__add__", "__sub__"}) and \
+            isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
+        offset += node.args[1] if node.target in (operator.add, torch.add, "add", "__add__") else -node.args[1]
+        node = node.args[0]
+    return node, offset
+
+
+def _packed_position_terms(mask, eq, doc, gm, values, static_inputs):
+    """Substitutes proving a mask that compares position ids of packed documents.
+
+    transformers builds causality (and windows) of packed sequences as ``pos[b, kv] <= pos[b, q]``
+    (``pos[b, kv] > pos[b, q] - W``) next to the document factor ``doc[b, q] == doc[b, kv]``,
+    with ``doc`` numbered from ``pos`` itself. Within a document the two gathers differ from the
+    token indices by one common constant, so every comparison between (shifted) ``pos[b, q]``
+    and ``pos[b, kv]`` equals the comparison of the indices: substituting the index aranges for
+    the gathers gives the exact mask wherever the document factor holds, and the factor itself
+    is a conjunct. Anything else that reads ``pos`` (a comparison with a constant, arithmetic
+    other than integer shifts) is not shift-invariant, and the mask stays unproved.
+    Returns {gather node: index values} or None.
+    """
+    pos = _packed_positions(doc)
+    if pos is None:
+        return None
+    B, S = _ex(pos).shape
+    r = torch.arange
+    want = {"q": r(S).view(1, 1, S, 1), "kv": r(S).view(1, 1, 1, S)}
+    gathers = {}
+    seen, stack = set(), [mask]
+    while stack:
+        n = stack.pop()
+        if n in seen or n is eq:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+        if not (_is(n, fns={operator.getitem}) and _strip_views(n.args[0]) is pos):
+            continue
+        idx = n.args[1]
+        if not (isinstance(idx, tuple) and len(idx) == 2 and all(isinstance(i, fx.Node) for i in idx)):
+            return None
+        if any(_user_dependent(i, static_inputs) for i in idx):
+            return None
+        bi, si = (_evaluate(gm, i, values) for i in idx)
+        if not torch.equal(bi, r(B).view(B, 1, 1, 1)):
+            return None
+        side = next((name for name, w in want.items() if torch.equal(si, w)), None)
+        if side is None:
+            return None
+        gathers[n] = side
+    if set(gathers.values()) != {"q", "kv"}:
+        return None
+    for g in gathers:                              # every use: a comparison of two gathers
+        frontier = list(g.users)
+        while frontier:
+            u = frontier.pop()
+            if _shift_base(u)[0] in gathers and _shift_base(u)[1] is not None and u not in gathers \
+                    and _is(u, fns=_SHIFTS, methods={"add", "sub", "__add__", "__sub__"}):
+                frontier.extend(u.users)
+                continue
+            if _is(u, methods=_SHAPE_ONLY):        # reads the gather's shape and dtype, not its values
+                continue
+            if not (_is(u, fns=_COMPARISONS, methods=_COMPARISON_METHODS) and len(u.args) == 2
+                    and all(isinstance(a, fx.Node) and _shift_base(a)[0] in gathers for a in u.args)):
+                return None
+    return {g: want[side].expand(_ex(g).shape).to(_ex(g).dtype) for g, side in gathers.items()}
+
+
 def _static_mask_kind(mask, gm, values, static_inputs, shape, S, negated: bool = False):
     """(causal, window, doc_ids node or None) of a mask tensor (bool: True = visible, or True =
     hidden with ``negated``; float: 0 / very negative) whose value depends on no user input except
-    through a same-document factor (only where visibility is a conjunction, so not negated)."""
+    through a same-document factor (only where visibility is a conjunction, so not negated) and,
+    when the documents are derived from position ids, through shift-invariant comparisons of
+    those position ids (see ``_packed_position_terms``)."""
     if not isinstance(mask, fx.Node):
         return None
     doc = None
@@ -253,9 +368,14 @@ def _static_mask_kind(mask, gm, values, static_inputs, shape, S, negated: bool =
         if found is None:
             return None
         eq, doc = found
-        if _user_dependent(mask, static_inputs, frozenset([eq])):
-            return None
         substitute[eq] = torch.ones(_ex(eq).shape, dtype=torch.bool, device=_ex(eq).device)
+        if _user_dependent(mask, static_inputs, frozenset(substitute)):
+            positions = _packed_position_terms(mask, eq, doc, gm, values, static_inputs)
+            if positions is None:
+                return None
+            substitute.update(positions)
+            if _user_dependent(mask, static_inputs, frozenset(substitute)):
+                return None
     m = _evaluate(gm, mask, values, substitute)
     if m.dtype == torch.bool:
         visible = ~m if negated else m

@@ -167,7 +167,10 @@ def hf_case(rank, P, *, arch, impl, schedule="zigzag", S=32, packed_positions=Fa
         # its sliding-window cache keeps the last W-1 keys: slicing the sequence, gathered (correct,
         # warned); this case is about the mask, so no cache
         kwargs["use_cache"] = False
-    if packed_positions:        # two packed documents per row: position ids restart
+    if packed_positions:
+        # two packed documents per row: position ids restart. transformers only packs without a
+        # cache (with one it attends across documents, eager and compiled alike), as in training
+        kwargs["use_cache"] = False
         kwargs["position_ids"] = torch.stack([torch.cat([torch.arange(12), torch.arange(S - 12)]),
                                               torch.cat([torch.arange(5), torch.arange(S - 5)])])
     torch._dynamo.reset()

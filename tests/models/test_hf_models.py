@@ -10,7 +10,9 @@ CASES = [(f"{arch}-{impl}", "hf", dict(arch=arch, impl=impl))
          for arch in ("llama", "gpt2") for impl in ("sdpa", "eager")]
 CASES.append(("llama-sdpa-striped", "hf", dict(arch="llama", impl="sdpa", schedule="striped")))
 CASES += [(f"mistral-window-{impl}", "hf", dict(arch="mistral", impl=impl, schedule="ring")) for impl in ("sdpa", "eager")]
-CASES.append(("llama-packed-positions", "hf", dict(arch="llama", impl="sdpa", packed_positions=True)))
+CASES += [("llama-packed-sdpa", "hf", dict(arch="llama", impl="sdpa", packed_positions=True)),
+          ("llama-packed-eager", "hf", dict(arch="llama", impl="eager", packed_positions=True, schedule="striped")),
+          ("mistral-packed-sdpa", "hf", dict(arch="mistral", impl="sdpa", packed_positions=True))]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +48,11 @@ def test_hf_sliding_window_mask_is_proved_and_sent_only_one_hop(res, name):
     assert res[1][name]["bytes_sent"] < res[0][name]["bytes_sent"]
 
 
-def test_hf_packed_position_ids_stay_exact_on_the_fallback_path(res):
-    """transformers compares position ids for causality, which is not provable statically yet:
-    the model must still be exact (attention then runs replicated, warned)."""
-    r = res[0]["llama-packed-positions"]
-    assert r["warnings"], "the fallback must be warned about"
+@pytest.mark.parametrize("name", ["llama-packed-sdpa", "llama-packed-eager", "mistral-packed-sdpa"])
+def test_hf_packed_documents_from_restarting_position_ids_run_as_ring_attention(res, name):
+    """transformers numbers packed documents from position ids that restart and compares the
+    position ids for causality (and the window): that mask is proved to be documents + causal
+    (+ window), so every layer is one ring call with document ids and nothing falls back."""
+    for r in res:
+        assert r[name]["ring_calls"] == 2, r[name]
+        assert not [w for w in r[name]["warnings"] if "cannot shard" in w], r[name]["warnings"]

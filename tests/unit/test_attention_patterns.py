@@ -86,3 +86,75 @@ def test_packed_document_mask_is_proved_causal_with_document_ids():
     q, k, v, causal, window, doc_node, scale = found[1][0]
     assert causal is True and window is None and doc_node is not None
     assert torch.allclose(out, model(x, doc), atol=1e-6)
+
+
+class _PositionPackedAttention(torch.nn.Module):
+    """Attention over documents packed by restarting position ids, masked the way transformers 5
+    builds it: documents numbered by ``(diff(pos) != 1).cumsum``, causality (and a window) by
+    comparing position ids; ``extra`` adds one more factor reading the positions."""
+
+    def __init__(self, window=None, extra=None, step=1):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.window, self.extra, self.step = window, extra, step
+
+    def forward(self, x, pos, other):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        doc = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != self.step).cumsum(-1)
+        b = torch.arange(B)[:, None, None, None]
+        qi = torch.arange(T)[None, None, :, None]
+        ki = torch.arange(T)[None, None, None, :]
+        mask = (doc[b, qi] == doc[b, ki]) & (pos[b, ki] <= pos[b, qi])
+        if self.window is not None:
+            mask = mask & (pos[b, ki] > pos[b, qi] - self.window)
+        if self.extra == "constant":
+            mask = mask & (pos[b, ki] >= 2)
+        elif self.extra == "other":
+            mask = mask & (other[b, ki] <= other[b, qi])
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(B, 1, T, T))
+
+
+def _packed_positions_canonicalized(**kw):
+    torch.manual_seed(0)
+    model = _PositionPackedAttention(**kw)
+    x = torch.randn(2, S, 16)
+    pos = torch.stack([torch.cat([torch.arange(5), torch.arange(7)]), torch.cat([torch.arange(3, 12), torch.arange(3)])])
+    other = torch.randint(0, 5, (2, S))
+    found = []
+
+    def capture(gm, ex):
+        static = {n for n in gm.graph.nodes if n.op == "placeholder" and "_parameters_" in str(n.target)}
+        canonicalize_handwritten_attention(gm, ex, static)
+        found.extend(n.args for n in gm.graph.nodes if n.target is canonical_attention)
+        return gm.forward
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=capture)(x, pos, other)
+    assert torch.allclose(out, model(x, pos, other), atol=1e-6)
+    return found
+
+
+def test_position_id_comparisons_of_packed_documents_are_proved_causal():
+    """Within a document numbered from the position ids they step by +1, so comparing them is
+    comparing token indices: causal with document ids."""
+    [(q, k, v, causal, window, doc, scale)] = _packed_positions_canonicalized()
+    assert causal is True and window is None and doc is not None
+
+
+def test_position_id_window_of_packed_documents_is_proved_a_window():
+    [(q, k, v, causal, window, doc, scale)] = _packed_positions_canonicalized(window=3)
+    assert causal is True and window == 3 and doc is not None
+
+
+def test_position_ids_compared_with_a_constant_are_not_proved():
+    """``pos[kv] >= 2`` depends on where the document starts, not on the index difference."""
+    assert _packed_positions_canonicalized(extra="constant") == []
+
+
+def test_comparisons_of_another_tensor_are_not_proved():
+    assert _packed_positions_canonicalized(extra="other") == []
+
+
+def test_documents_not_numbered_by_unit_steps_are_not_proved():
+    """``(diff != 2).cumsum`` does not make positions step by one inside a document."""
+    assert _packed_positions_canonicalized(step=2) == []
