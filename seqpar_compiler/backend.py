@@ -1,17 +1,18 @@
 """The ``seqpar`` torch.compile backend.
 
-Stage diagram (DESIGN §2). Stages marked (planned) are not built yet; until they are, a graph
-on a group of more than one rank runs *replicated* (every rank computes the whole sequence:
-correct, not sequence-parallel) with a warning, or raises with ``SEQPAR_FALLBACK=error``.
+Stage diagram (DESIGN §2). Each stage is one module; a graph with no self-attention, or a
+world of one rank, skips the sharding stages (warned / logged once).
 
 ```
 Dynamo FX graph (torch-level, one per frame)
   │ groups + inputs : resolve the sequence-parallel group (default group, SEQPAR_DEGREE, group=)
-  │                   and check every rank passes the same batch (SEQPAR_CHECK_INPUTS)
-  │ canonicalize    : SDPA / hand-written attention → one attention node           (planned)
-  │ seq-dims        : the sequence dim of every tensor                              (planned)
-  │ placements      : Shard(seq) / Replicate / Partial per node                     (planned)
-  │ rewrite         : entry shards, ring attention, reductions, exit gathers        (planned)
+  │                   and check every rank passes the same batch (input_check.py, SEQPAR_CHECK_INPUTS)
+  │ canonicalize    : hand-written attention and masked SDPA → one attention node, masks proved
+  │                   to be causal / window / documents (passes/attention_patterns.py, canonicalize.py)
+  │ seq-dims +      : Shard(dim, merged factors) / Replicate per node, found while walking the
+  │ placements        graph from the inputs (passes/placement.py, sharding_rules.py)
+  │ rewrite         : entry shards, ring attention, reductions → all-reduce, parameter-gradient
+  │                   sums, exit gathers, gather fallbacks (passes/rewrite.py, attention_rules.py)
   ▼
 aot_autograd (joint fw/bw) ── partitioner
   ▼
