@@ -204,7 +204,7 @@ def _map(fn, value):
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, input_dims: dict) -> fx.GraphModule:
     """Build the sharded graph. ``input_dims`` maps placeholder names to their sequence dim."""
-    from .sharding_rules import RULES, SEEDING_RULES, rule_key
+    from .sharding_rules import SEEDING_RULES, rule_for, rule_key
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             new = ctx.emit(node.target, (), op="placeholder")
@@ -243,7 +243,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
                                      _map(lambda a: ctx.env[a], node.kwargs), Replicate(), op=node.op)
             ctx.place[node] = Replicate()
             continue
-        rule = RULES.get(rule_key(node))
+        rule = rule_for(node)
         try:
             result = rule(ctx, node) if rule is not None else None
         except (ValueError, SeqparFallbackError):

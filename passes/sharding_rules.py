@@ -4,7 +4,9 @@ cannot shard this use (the caller then falls back to gathering).
 
 How to add a rule: write ``def _rule(ctx, node)`` using ``ctx.env`` / ``ctx.local`` /
 ``ctx.weight`` / ``ctx.full`` to build arguments, and register it under the op's key
-(``("method", name)`` for ``Tensor.name`` calls, else the function) in ``RULES``.
+(``("method", name)`` for ``Tensor.name`` calls, else the function) in ``RULES``. Pointwise ops
+need no entry: an op whose aten overloads carry ``torch.Tag.pointwise`` (DTensor's source for its
+pointwise rules) gets the pointwise rule (``rule_for``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .attention_rules import canonical_attention_rule, sdpa_rule
 from .placement import Replicate, Shard, local_view_shape, view_placement
 from .rewrite import call_arguments
 
-__all__ = ["RULES", "SEEDING_RULES", "rule_key", "is_sequence_arange"]
+__all__ = ["RULES", "SEEDING_RULES", "rule_key", "rule_for", "is_sequence_arange"]
 
 
 def rule_key(node: fx.Node):
@@ -353,6 +355,42 @@ POINTWISE_FUNCTIONS = [operator.add, operator.sub, operator.mul, operator.truedi
 POINTWISE_METHODS = ["add", "sub", "mul", "div", "neg", "pow", "rsqrt", "exp", "tanh", "sigmoid", "sin", "cos",
                      "sqrt", "float", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "relu",
                      "detach", "__add__", "__mul__", "__radd__", "__rmul__", "masked_fill"]
+
+_OPERATOR_ATEN_NAMES = {"and_": "bitwise_and", "or_": "bitwise_or", "xor": "bitwise_xor", "invert": "bitwise_not",
+                        "truediv": "div", "floordiv": "floor_divide", "mod": "remainder"}
+_TORCH_NAMESPACES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.special", "_operator", "operator")
+
+
+def _aten_pointwise(node: fx.Node) -> bool:
+    """True if the aten op of this torch-level call is tagged ``pointwise`` — the tag DTensor's
+    own pointwise sharding rules are built from (``_get_pointwise_ops_from_tag``), so any op
+    DTensor shards elementwise is sharded here the same way without being listed by hand.
+    In-place and random (``nondeterministic_seeded``) ops are left to explicit rules."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function" and getattr(node.target, "__module__", None) in _TORCH_NAMESPACES:
+        name = node.target.__name__
+    else:
+        return False
+    name = _OPERATOR_ATEN_NAMES.get(name, name)
+    if not isinstance(name, str) or (name.endswith("_") and not name.endswith("__")):
+        return False
+    packet = getattr(torch.ops.aten, name, None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return False
+    overloads = [getattr(packet, o) for o in packet.overloads()]
+    return (any(torch.Tag.pointwise in o.tags for o in overloads)
+            and not any(torch.Tag.nondeterministic_seeded in o.tags for o in overloads))
+
+
+def rule_for(node: fx.Node):
+    """The sharding rule of ``node``: its entry in ``RULES``, else the pointwise rule when aten
+    tags the op pointwise, else None (the caller falls back)."""
+    rule = RULES.get(rule_key(node))
+    if rule is None and _aten_pointwise(node):
+        return _pointwise
+    return rule
+
 
 # Ops where a replicated user input carrying the sequence (input_ids, inputs_embeds) is sharded.
 SEEDING_RULES = {F.embedding, F.linear, torch._C._nn.linear, F.layer_norm, torch.layer_norm, torch.addmm,

@@ -15,7 +15,21 @@ from models import GPT, GPTConfig, Llama, LlamaConfig  # noqa: E402
 MODELS = {"gpt": lambda: GPT(GPTConfig()), "llama": lambda: Llama(LlamaConfig()),
           "gpt-manual": lambda: GPT(GPTConfig(attention="manual")),
           "gpt-window": lambda: GPT(GPTConfig(attention="manual", window=5)),
-          "gpt-prefix-lm": lambda: GPT(GPTConfig(attention="manual", prefix=8))}
+          "gpt-prefix-lm": lambda: GPT(GPTConfig(attention="manual", prefix=8)),
+          "gpt-tagged-pointwise": lambda: _with_erf_activation(GPT(GPTConfig()))}
+
+
+class _ErfClampActivation(torch.nn.Module):
+    """Ops no rule lists by hand (erf, clamp, softplus): sharded because aten tags them pointwise."""
+
+    def forward(self, x):
+        return 0.5 * x * (1 + torch.erf(x * 0.7071)).clamp(max=1.9) + 0.1 * torch.nn.functional.softplus(x)
+
+
+def _with_erf_activation(model):
+    for block in model.blocks:
+        block.mlp[1] = _ErfClampActivation()
+    return model
 
 
 def _rel(a, b):

@@ -11,6 +11,7 @@ CASES = {
     2: [(f"{m}-{s}", "train", dict(model=m, schedule=s)) for m in ("gpt", "llama") for s in SCHEDULES] + [
         ("gpt-inductor", "train", dict(model="gpt", schedule="zigzag", inner="inductor")),
         ("gpt-manual-zigzag", "train", dict(model="gpt-manual", schedule="zigzag")),
+        ("gpt-tagged-pointwise", "train", dict(model="gpt-tagged-pointwise", schedule="zigzag")),
         ("gpt-window-ring", "train", dict(model="gpt-window", schedule="ring")),
         ("gpt-window-striped", "train", dict(model="gpt-window", schedule="striped")),
         ("gpt-prefix-lm", "train", dict(model="gpt-prefix-lm", schedule="zigzag", expect_fallback=True)),
