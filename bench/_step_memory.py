@@ -1,0 +1,101 @@
+"""One measured training step of the example GPT on a spawned rank: time, activation memory and
+ring counters. Shared by bench/checkpointing.py and bench/memory.py (issue 4).
+
+"Activation memory" is the peak RSS during the step minus the RSS before it (DESIGN §4), with the
+window covering forward + backward: parameter gradients already exist before it (zeroed, not
+freed, between steps) and the optimizer step runs after it (timed, not in the window), so the
+figure is the activations and their gradients, not model state; with gradients freed and AdamW's
+foreach temporaries inside the window, a fixed ~4× parameter size hides the activations of short
+local sequences. Two things keep RSS honest on Linux/glibc: the peak is reset before the step through
+/proc/self/clear_refs ("5" resets VmHWM), and MALLOC_MMAP_THRESHOLD_ (set before the rank starts)
+makes every large tensor its own mmap, returned to the system when freed, so memory freed by
+the compile step or the previous step is not left in the heap where RSS would count it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+# fixed (not dynamic) threshold: glibc otherwise raises it after the first large free
+RANK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def step_worker(rank, P, *, S, layers=4, width=256, heads=8, backend="seqpar", steps=2, **options):
+    """Compile, run one step, then ``steps`` measured steps (fwd + bwd + AdamW).
+
+    ``P == 1`` runs as a plain single process: the process group is torn down first, so the
+    seqpar backend takes its no-group path (inductor plus the memory passes).
+    """
+    import torch
+    import torch.distributed as dist
+    if P == 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    import seqpar_compiler as sp
+    from models import GPT, GPTConfig
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=layers, n_embd=width, n_head=heads, vocab_size=256, block_size=S)
+    model = GPT(cfg)
+    for block in model.blocks:
+        # nanoGPT's S×S tril mask buffer (unused with SDPA): 4 GiB per layer at S = 32768
+        block.attn.register_buffer("bias", torch.empty(0), persistent=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    compiled = torch.compile(model, backend=sp.backend(**options) if backend == "seqpar" else backend)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, cfg.vocab_size, (1, S), generator=g)
+    tgt = torch.randint(0, cfg.vocab_size, (1, S), generator=g)
+
+    def forward_backward():
+        _, loss = compiled(idx, tgt)
+        loss.backward()
+        return loss.item()
+
+    def optimizer_step():
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    start = time.perf_counter()
+    forward_backward()                       # compile
+    optimizer_step()
+    compile_s = time.perf_counter() - start
+    times, act, peaks, calls = [], [], [], []
+    for _ in range(steps):
+        _trim()
+        before = _status_kib("VmRSS")
+        reset = _reset_peak()
+        with sp.stats() as st:
+            start = time.perf_counter()
+            forward_backward()
+            peaks.append(_status_kib("VmHWM"))
+            optimizer_step()
+            times.append(time.perf_counter() - start)
+        act.append(peaks[-1] - before)
+        calls.append(st.attention_forward_calls)
+    return {"seconds": min(times), "activation_mib": min(act) / 1024, "peak_rss_mib": min(peaks) / 1024,
+            "compile_seconds": compile_s, "peak_reset": reset, "attention_forward_calls": calls[-1]}
