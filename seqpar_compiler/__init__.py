@@ -7,9 +7,10 @@ import torch._dynamo
 
 from .api import gather_sequence, ring_attention, shard_sequence
 from .backend import backend, seqpar_backend
+from .profile import calibrate
 from .runtime.stats import Stats, stats
 
-__all__ = ["Stats", "backend", "gather_sequence", "ring_attention", "shard_sequence", "stats"]
+__all__ = ["Stats", "backend", "calibrate", "gather_sequence", "ring_attention", "shard_sequence", "stats"]
 
 # torch 2.13 registers `torch_dynamo_backends` entry points itself (and imports this package to
 # do so); registering again would fail with "duplicate name".

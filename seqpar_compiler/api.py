@@ -14,6 +14,16 @@ from .options import get_option
 __all__ = ["ring_attention", "shard_sequence", "gather_sequence"]
 
 
+def _fixed_schedule(schedule: str | None) -> str:
+    """The layout of tensors the caller already sharded: ``auto`` cannot name one (the compiler
+    decides it per graph), so it is refused here."""
+    schedule = get_option("schedule", schedule)
+    if schedule == "auto":
+        raise ValueError("schedule 'auto' is chosen by the compiler per graph; the runtime functions work on "
+                         "tensors in a known layout: pass one of ring, zigzag, striped, distflash")
+    return schedule
+
+
 def _group_name(group: dist.ProcessGroup | None) -> str:
     """The name the ops take: '' for no group or a group of one."""
     if group is None:
@@ -52,7 +62,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         ``out``, or ``(out, lse)`` with ``return_lse``. Differentiable in q, k, v (and lse).
         A query that sees no key gets out = 0 and lse = -inf.
     """
-    schedule = get_option("schedule", schedule)
+    schedule = _fixed_schedule(schedule)
     overlap = get_option("overlap", overlap)
     kernel = get_option("kernel", kernel)
     if scale is None:
@@ -70,7 +80,7 @@ def shard_sequence(x: torch.Tensor, dim: int, *, schedule: str = "zigzag",
 
     Differentiable: the gradient of ``x`` is gathered, so every rank holds the same full gradient.
     """
-    return shard_sequence_op(x, dim, get_option("schedule", schedule), _group_name(group))
+    return shard_sequence_op(x, dim, _fixed_schedule(schedule), _group_name(group))
 
 
 def gather_sequence(x: torch.Tensor, dim: int, *, schedule: str = "zigzag",
@@ -79,4 +89,4 @@ def gather_sequence(x: torch.Tensor, dim: int, *, schedule: str = "zigzag",
 
     Differentiable: the gradient is this rank's slice of the full gradient (no communication).
     """
-    return gather_sequence_op(x, dim, get_option("schedule", schedule), _group_name(group))
+    return gather_sequence_op(x, dim, _fixed_schedule(schedule), _group_name(group))

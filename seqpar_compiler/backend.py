@@ -13,8 +13,12 @@ Dynamo FX graph (torch-level, one per frame)
   │ placements        graph from the inputs (passes/placement.py, sharding_rules.py)
   │ rewrite         : entry shards, ring attention, reductions → all-reduce, parameter-gradient
   │                   sums, exit gathers, gather fallbacks (passes/rewrite.py, attention_rules.py)
+  │ blockwise FFN   : per-token MLP blocks → seqpar::blockwise_ffn over token chunks
+  │                   (passes/blockwise_ffn.py, SEQPAR_FFN_CHUNKS; also at P = 1)
   ▼
-aot_autograd (joint fw/bw) ── partitioner
+aot_autograd (joint fw/bw) ── partitioner: SEQPAR_CHECKPOINT tags (passes/checkpointing.py;
+  │                           remat-aware: attention out+lse and layer inputs saved, the rest
+  │                           recomputed; also at P = 1, around ATen's SDPA)
   ▼
 compile_fx (inductor), or aot_eager with SEQPAR_INNER=aot_eager
 ```
@@ -22,6 +26,7 @@ compile_fx (inductor), or aot_eager with SEQPAR_INNER=aot_eager
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -29,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .input_check import check_same_inputs
-from .options import resolve_options
+from .options import OPTIONS, resolve_options
 
 __all__ = ["backend", "seqpar_backend", "sequence_group"]
 
@@ -71,12 +76,36 @@ def sequence_group(degree: int | None = None) -> dist.ProcessGroup | None:
     return _degree_groups[key]
 
 
-def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inner: str) -> Callable:
+def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inner: str, *,
+                   checkpoint: str = "none", ffn_chunks: int = 1) -> Callable:
+    """The memory passes (blockwise FFN on the torch-level graph, the checkpoint policy in the
+    partitioner), then ``inner``. Runs at P = 1 too: there the attention op the policy keeps is
+    ATen's SDPA instead of the ring."""
+    from seqpar_compiler.passes.blockwise_ffn import blockwise_ffn
+    from seqpar_compiler.passes.checkpointing import checkpoint_partition_fn, inductor_partitioner
+    if blockwise_ffn(gm, ffn_chunks):
+        log.info("seqpar: blockwise FFN over %d token chunks", ffn_chunks)
+    # aot_autograd's primals: the graph module's own parameters and buffers (seqpar's local
+    # position tables), then the graph inputs; the policy needs to know which are model state
+    lifted = (len(dict(gm.named_parameters(remove_duplicate=False)))
+              + len(dict(gm.named_buffers(remove_duplicate=False))))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    model_state = list(range(lifted)) + [lifted + i for i, (n, v) in enumerate(zip(placeholders, example_inputs))
+                                         if _is_model_state(n, v)]
     if inner == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
-        return aot_eager(gm, example_inputs)
+        if checkpoint == "none":
+            return aot_eager(gm, example_inputs)
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+        nop = (lambda g, _: make_boxed_func(g.forward))
+        return aot_autograd(fw_compiler=nop, bw_compiler=nop, keep_inference_input_mutations=True,
+                            partition_fn=checkpoint_partition_fn(checkpoint, model_state))(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
-    return compile_fx(gm, example_inputs)
+    if checkpoint == "none":
+        return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs,
+                      config_patches={"custom_partitioner_fn": inductor_partitioner(checkpoint, model_state)})
 
 
 def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callable:
@@ -85,16 +114,27 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
     ``torch.compile(model, backend=seqpar_compiler.backend(schedule="zigzag", group=pg))``.
     """
     opts = resolve_options(**options)
+    if opts["output"] == "local" and opts["schedule"] == "auto":
+        # local outputs are in the schedule's layout; the user must know it (DESIGN §6)
+        raise ValueError("SEQPAR_OUTPUT=local needs a fixed schedule, not 'auto': the local outputs are laid out "
+                         "by it. Set SEQPAR_SCHEDULE (or backend(schedule=)) to one of ring, zigzag, striped, "
+                         "distflash")
+    # auto also decides overlap, unless the user fixed it
+    opts["auto_overlap"] = "overlap" not in options and not os.environ.get(OPTIONS["overlap"].env)
 
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         pg = group if group is not None else sequence_group(opts["degree"])
         P = 1 if pg is None else dist.get_world_size(pg)
         if P == 1:
             _log_once("single", "seqpar: no process group or a group of one rank: compiling with "
-                                f"{opts['inner']} only (nothing to shard)")
-            return _inner_compile(gm, example_inputs, opts["inner"])
-        sharded = _shard_graph(gm, example_inputs, pg, opts)
-        compiled = _inner_compile(sharded if sharded is not None else gm, example_inputs, opts["inner"])
+                                f"{opts['inner']} and the memory passes only (nothing to shard)")
+            return _inner_compile(gm, example_inputs, opts["inner"], checkpoint=opts["checkpoint"],
+                                  ffn_chunks=opts["ffn_chunks"])
+        from .dump import DumpRecorder     # lazily: `python -m seqpar_compiler.dump` runs that module as __main__
+        dump = DumpRecorder.maybe(opts, dist.get_rank(pg), P)
+        sharded = _shard_graph(gm, example_inputs, pg, opts, dump)
+        compiled = _inner_compile(sharded if sharded is not None else gm, example_inputs, opts["inner"],
+                                  checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"])
         if not opts["check_inputs"]:
             return compiled
 
@@ -127,29 +167,48 @@ def _user_input_dims(gm: torch.fx.GraphModule, example_inputs, S: int) -> dict[s
     return dims
 
 
-def _shard_graph(gm, example_inputs, pg, opts) -> torch.fx.GraphModule | None:
-    """The sequence-parallel graph, or None when the graph has nothing to shard."""
+def _shard_graph(gm, example_inputs, pg, opts, dump=None) -> torch.fx.GraphModule | None:
+    """The sequence-parallel graph, or None when the graph has nothing to shard. ``dump`` records
+    the graph after each stage (``SEQPAR_DUMP``)."""
     from seqpar_compiler.passes.attention_patterns import canonicalize_handwritten_attention
     from seqpar_compiler.passes.canonicalize import find_attention, sequence_length
     from seqpar_compiler.passes.rewrite import ShardingContext, rewrite_graph
     from seqpar_compiler.runtime import check_sequence_length
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     static = {n for n, value in zip(placeholders, example_inputs) if _is_model_state(n, value)}
+    if dump:
+        dump.graph("dynamo", gm)
     canonicalize_handwritten_attention(gm, example_inputs, static)
     attention = find_attention(gm)
+    if dump:
+        dump.graph("canonicalize", gm)
     S = sequence_length(attention)
     P = dist.get_world_size(pg)
     if not attention or S is None:
         warnings.warn(f"seqpar: this graph has {'no' if not attention else 'no common-length'} self-attention; "
                       f"it runs replicated on each of the {P} ranks", stacklevel=3)
+        if dump:
+            dump.finish(f"seqpar dump: no self-attention of one length; the graph runs replicated on {P} ranks")
         return None
-    check_sequence_length(S, opts["schedule"], P, what="the model's sequence length")
-    ctx = ShardingContext(S=S, P=P, rank=dist.get_rank(pg), schedule=opts["schedule"],
+    schedule, overlap, decision = opts["schedule"], opts["overlap"], None
+    if schedule == "auto":
+        from .auto_schedule import decide_schedule   # lazily, like the dump (modules runnable with -m)
+        decision = decide_schedule(attention, S, pg, opts["profile"],
+                                   (True, False) if opts.get("auto_overlap") else (overlap,))
+        schedule, overlap = decision["schedule"], decision["overlap"]
+    check_sequence_length(S, schedule, P, what="the model's sequence length")
+    ctx = ShardingContext(S=S, P=P, rank=dist.get_rank(pg), schedule=schedule,
                           group_name=pg.group_name, fallback=opts["fallback"], output=opts["output"],
-                          kernel=opts["kernel"], overlap=opts["overlap"], grad_reduce=opts["grad_reduce"])
+                          kernel=opts["kernel"], overlap=overlap, grad_reduce=opts["grad_reduce"])
     out = rewrite_graph(gm, example_inputs, ctx, _user_input_dims(gm, example_inputs, S))
     log.info("seqpar: sharded a graph over %d ranks (S=%d, schedule %s): %d fallbacks, collectives: %s",
-             P, S, opts["schedule"], len(ctx.fallbacks), ", ".join(ctx.collectives))
+             P, S, schedule, len(ctx.fallbacks), ", ".join(ctx.collectives))
+    if dump:
+        from .dump import record_sharded
+        dump.graph("rewrite", out, example_inputs)
+        record_sharded(dump, S=S, P=P, schedule=schedule, overlap=overlap, attention=attention, ctx=ctx,
+                       decision=decision, profile_name=opts["profile"], options=opts)
+        dump.finish(f"seqpar dump: frame {dump.dir.parent.name}, rank {dump.rank} of {P}, S={S}")
     return out
 
 

@@ -22,11 +22,12 @@ class Option:
     """One option. ``choices`` lists the allowed strings; ``kind`` is the type name shown to users."""
 
     name: str
-    kind: str                       # "choice", "bool", "int", "path"
+    kind: str                       # "choice", "bool", "int", "path", "text"
     default: Any
     help: str
     choices: tuple[str, ...] = ()
     minimum: int | None = None
+    values: str = ""                # kind "text": what the value may be, as shown to users
 
     @property
     def env(self) -> str:
@@ -39,6 +40,8 @@ class Option:
             return "1/0/true/false/on/off"
         if self.kind == "int":
             return f"int >= {self.minimum}"
+        if self.kind == "text":
+            return self.values
         return "a folder path"
 
     def parse(self, value: Any, source: str) -> Any:
@@ -82,17 +85,23 @@ OPTIONS: dict[str, Option] = _opts(
     Option(name="degree", kind="int", default=None, minimum=1,
            help="Ranks per sequence-parallel group; must divide the world size. Consecutive ranks form a "
                 "group, so data parallelism can run across groups. Default: the whole world."),
-    Option(name="schedule", kind="choice", default="zigzag",
-           choices=("ring", "zigzag", "striped", "distflash"),
+    Option(name="schedule", kind="choice", default="auto",
+           choices=("ring", "zigzag", "striped", "distflash", "auto"),
            help="How the sequence is laid out and the ring is scheduled. zigzag and striped balance causal "
                 "work across ranks; distflash moves queries of late ranks to idle early ranks; ring is the "
-                "plain contiguous ring."),
+                "plain contiguous ring; auto picks by the cost model (SEQPAR_PROFILE) on rank 0 and "
+                "broadcasts the choice."),
     Option(name="checkpoint", kind="choice", default="remat-aware", choices=("remat-aware", "full", "none"),
-           help="What the backward recomputes: remat-aware saves attention out+lse and recomputes the rest; "
-                "full also recomputes attention; none keeps the default partitioner."),
-    Option(name="ffn_chunks", kind="int", default=1, minimum=1,
-           help="Chunks of the local sequence that per-token blocks (FFN) run over, recomputing each "
-                "chunk's hidden activation in the backward."),
+           help="What the backward recomputes (a partitioner policy; at P = 1 around SDPA): remat-aware saves "
+                "attention's out+lse and each layer's input and recomputes the rest (norms, projections, RoPE, "
+                "FFN), so attention's forward runs once per step; full saves only layer inputs and recomputes "
+                "attention too (least memory, one more attention forward); none leaves the partitioner's own "
+                "choice."),
+    Option(name="ffn_chunks", kind="int", default=8, minimum=1,
+           help="Chunks of the local sequence that per-token MLP blocks (GELU MLP, SwiGLU) run over, "
+                "recomputing each chunk's hidden activation in the backward; 1 turns it off. 8: in "
+                "bench/memory.py-style runs the FFN stops being the peak at 4-8 chunks and the op is as fast "
+                "as the unchunked FFN up to 16 (more cache-friendly slices pay for the recomputation)."),
     Option(name="kernel", kind="choice", default="auto", choices=("auto", "aten", "triton", "math"),
            help="Block attention kernel: aten (CPU flash), triton (CUDA; CPU only under TRITON_INTERPRET=1), "
                 "math (any device), auto (aten on CPU, triton on CUDA)."),
@@ -111,6 +120,12 @@ OPTIONS: dict[str, Option] = _opts(
            help="The compiler used after the seqpar passes."),
     Option(name="dump", kind="path", default=None,
            help="A folder to write what the compiler did (graphs, schedule, fallbacks)."),
+    Option(name="dump_all_ranks", kind="bool", default=False,
+           help="With SEQPAR_DUMP: write every rank's dump, not only rank 0's."),
+    Option(name="profile", kind="text", default=None,
+           values="a100-dgx, h100-dgx, a profile .json file",
+           help="The cost-model profile SCHEDULE=auto and the dump use: a shipped GPU-cluster profile, a "
+                "file, or unset: this machine, calibrated on first use and cached."),
 )
 
 
