@@ -3,7 +3,7 @@
 For users with a CUDA GPU (it cannot run on the CPU-only machine the project is developed on,
 so the repository ships no figures from it). Causal self-attention over one block, S = 4k…64k:
 
-    python bench/kernels_gpu.py [--dtype bf16] [--heads 16] [--kv-heads 16] [--head-dim 128]
+    python bench/kernels_gpu.py [--quick] [--dtype bf16] [--heads 16] [--kv-heads 16] [--head-dim 128]
 
 prints a table and writes bench/results/kernels_gpu.json.
 
@@ -89,8 +89,11 @@ def main() -> int:
     parser.add_argument("--kv-heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--seqlens", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--quick", action="store_true", help="only S = 4096, 8192")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
+    if args.quick:
+        args.seqlens = [S for S in args.seqlens if S <= 8192] or [4096]
 
     if not torch.cuda.is_available():
         print("bench/kernels_gpu.py needs a CUDA GPU: none is visible to torch "

@@ -2,7 +2,7 @@
 one-thread ATen flash attention on the full sequence (issue 2).
 
     python bench/ring_attention.py                 # full: S = 4096, 8192, 16384
-    python bench/ring_attention.py --small         # quick: S = 2048, 4096
+    python bench/ring_attention.py --quick         # quick (alias --small): S = 2048, 4096
 
 Prints a table (schedule, S, time, speedup, max/mean FLOPs, comm wait share) and writes
 bench/results/ring_attention.json. On a 2-core machine the ideal P=2 speedup is 2.0x; causal
@@ -73,7 +73,7 @@ def ring_worker(rank, P, S, schedules, overlaps, reps):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true", help="quick run at S = 2048, 4096")
+    ap.add_argument("--small", "--quick", dest="small", action="store_true", help="quick run at S = 2048, 4096")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ring_attention.json"))

@@ -3,7 +3,7 @@ on P one-thread gloo ranks, against the same model compiled with inductor in one
 process (issue 3).
 
     python bench/train_step.py            # GPT 4 layers, width 256, 8 heads, S = 4096, 8192
-    python bench/train_step.py --small    # S = 1024, 2048
+    python bench/train_step.py --quick    # S = 1024, 2048 (alias --small)
 
 Prints time, speedup and memory per rank, writes bench/results/train_step.json.
 "Activation memory" is the peak RSS during the step minus the RSS before it (DESIGN §4); the
@@ -74,7 +74,7 @@ def step_worker(rank, P, S, backend_name, steps):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--small", "--quick", dest="small", action="store_true", help="S = 1024, 2048")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_step.json"))
