@@ -174,14 +174,32 @@ class _Loop:
         self.P, self.rank = comm.size, comm.rank
         self.S = q.shape[2]
         self.plan: RingPlan = build_plan(cfg.schedule, self.P, self.S, cfg.causal, cfg.window)
-        self.sent: list[Pending] = []           # end-of-step sends, waited on at the very end
+        self.sent: list[tuple[int, Pending]] = []   # (step, end-of-step sends still in flight)
 
     def segs(self, owner: int) -> tuple[Segment, ...]:
         return local_segments(self.cfg.schedule, owner, self.P, self.S)
 
+    def send(self, step: int, pending: Pending) -> None:
+        self.sent.append((step, pending))
+
+    def release(self, before_step: int) -> None:
+        """Wait for the end-of-step sends posted before ``before_step`` and drop their buffers.
+
+        Called at the end of step t for the sends of step t-1: their receivers post the receive
+        at the start of step t, so by then they are (nearly) done, and holding every step's
+        dK/dV accumulators until the end would grow a rank's memory with P. Deadlock-free: the
+        rank furthest behind only waits for receives that every rank at its step or later has
+        already posted."""
+        keep = []
+        for step, p in self.sent:
+            if step < before_step:
+                p.wait()
+            else:
+                keep.append((step, p))
+        self.sent = keep
+
     def finish(self) -> None:
-        for p in self.sent:
-            p.wait()
+        self.release(self.plan.num_steps + 1)
 
 
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor | None,
@@ -226,9 +244,10 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.T
             h_out = torch.zeros_like(out)
             h_lse = torch.full_like(lse, float("-inf"))
             _attend(fq, L.segs(st.help_q), fdoc, k, v, doc, L.segs(r), cfg, h_out, h_lse)
-            L.sent.append(comm.post([Transfer(True, h_out, st.help_q, "res_out", t),
-                                     Transfer(True, h_lse, st.help_q, "res_lse", t)], "sending helper results"))
+            L.send(t, comm.post([Transfer(True, h_out, st.help_q, "res_out", t),
+                                 Transfer(True, h_lse, st.help_q, "res_lse", t)], "sending helper results"))
         pending.wait()
+        L.release(t)
         held, help_q = nxt, nxt_q
     last = plan.num_steps - 1
     if last in results:
@@ -306,11 +325,11 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                 dk_b += acc_in[0]
                 dv_b += acc_in[1]
             if st.forward_kv:
-                L.sent.append(comm.post([Transfer(True, dk_b, comm.next, "acc_dk", t),
-                                         Transfer(True, dv_b, comm.next, "acc_dv", t)], "forwarding dK/dV"))
+                L.send(t, comm.post([Transfer(True, dk_b, comm.next, "acc_dk", t),
+                                     Transfer(True, dv_b, comm.next, "acc_dv", t)], "forwarding dK/dV"))
             elif st.holds != r:
-                L.sent.append(comm.post([Transfer(True, dk_b, st.holds, "home_dk", t),
-                                         Transfer(True, dv_b, st.holds, "home_dv", t)], "sending dK/dV home"))
+                L.send(t, comm.post([Transfer(True, dk_b, st.holds, "home_dk", t),
+                                     Transfer(True, dv_b, st.holds, "home_dv", t)], "sending dK/dV home"))
             else:
                 home_dk += dk_b
                 home_dv += dv_b
@@ -322,8 +341,9 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             f_dq = torch.zeros_like(dq)
             _attend_backward(f["dout"], f["q"], f["out"], f["lse"], L.segs(st.help_q), f.get("q_doc"), k, v,
                              doc, L.segs(r), cfg, f_dq, home_dk, home_dv, f.get("dlse"))
-            L.sent.append(comm.post([Transfer(True, f_dq, st.help_q, "res_dq", t)], "sending dQ results"))
+            L.send(t, comm.post([Transfer(True, f_dq, st.help_q, "res_dq", t)], "sending dQ results"))
         pending.wait()
+        L.release(t)
         held, help_in = nxt, nxt_help
     last = plan.num_steps - 1
     final = []
