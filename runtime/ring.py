@@ -315,15 +315,16 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         # 3. Own block: dQ locally, dK/dV into the travelling accumulator.
         if st.holds is not None:
             hk, hv, hdoc = held
-            dk_b = torch.zeros_like(home_dk)
-            dv_b = torch.zeros_like(home_dv)
+            # accumulate straight into the incoming accumulator (one pair of KV-sized fp32
+            # buffers per step less); it was sent at the end of step t-1, so it is (nearly) here
+            late_pending.wait()
+            if acc_in is not None:
+                dk_b, dv_b = acc_in
+            else:
+                dk_b, dv_b = torch.zeros_like(home_dk), torch.zeros_like(home_dv)
             if st.compute_own:
                 _attend_backward(dout, q, out, lse, L.segs(r), doc, hk, hv, hdoc, L.segs(st.holds), cfg,
                                  dq, dk_b, dv_b, dlse)
-            late_pending.wait()
-            if acc_in is not None:
-                dk_b += acc_in[0]
-                dv_b += acc_in[1]
             if st.forward_kv:
                 L.send(t, comm.post([Transfer(True, dk_b, comm.next, "acc_dk", t),
                                      Transfer(True, dv_b, comm.next, "acc_dv", t)], "forwarding dK/dV"))
