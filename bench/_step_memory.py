@@ -13,39 +13,16 @@ the compile step or the previous step is not left in the heap where RSS would co
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
+from seqpar_compiler.process_memory import reset_peak_rss, status_kib, trim_malloc  # noqa: E402
+
 # fixed (not dynamic) threshold: glibc otherwise raises it after the first large free
 RANK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def step_worker(rank, P, *, S, layers=4, width=256, heads=8, backend="seqpar", steps=2, **options):
@@ -86,13 +63,13 @@ def step_worker(rank, P, *, S, layers=4, width=256, heads=8, backend="seqpar", s
     compile_s = time.perf_counter() - start
     times, act, peaks, calls = [], [], [], []
     for _ in range(steps):
-        _trim()
-        before = _status_kib("VmRSS")
-        reset = _reset_peak()
+        trim_malloc()
+        before = status_kib("VmRSS")
+        reset = reset_peak_rss()
         with sp.stats() as st:
             start = time.perf_counter()
             forward_backward()
-            peaks.append(_status_kib("VmHWM"))
+            peaks.append(status_kib("VmHWM"))
             optimizer_step()
             times.append(time.perf_counter() - start)
         act.append(peaks[-1] - before)

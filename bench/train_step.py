@@ -20,21 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+from seqpar_compiler.process_memory import reset_peak_rss, status_kib  # noqa: E402
 
 
 def step_worker(rank, P, S, backend_name, steps):
@@ -62,13 +48,13 @@ def step_worker(rank, P, S, backend_name, steps):
     compile_s = time.perf_counter() - start
     times, act = [], []
     for _ in range(steps):
-        before = _rss_kib("VmRSS")
-        _reset_peak()
+        before = status_kib("VmRSS")
+        reset_peak_rss()
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-        act.append(_rss_kib("VmHWM") - before)
-    return {"seconds": min(times), "activation_mib": min(act) / 1024, "peak_rss_mib": _rss_kib("VmHWM") / 1024,
+        act.append(status_kib("VmHWM") - before)
+    return {"seconds": min(times), "activation_mib": min(act) / 1024, "peak_rss_mib": status_kib("VmHWM") / 1024,
             "compile_seconds": compile_s}
 
 

@@ -44,6 +44,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from seqpar_compiler.process_memory import reset_peak_rss, status_kib
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 N_KEYS, VOCAB = 16, 256            # token ids 0..15 are keys, 16..255 filler
@@ -85,23 +87,6 @@ def lr_at(step: int, steps: int, peak: float = 1e-2, warmup: int = 10) -> float:
 
 
 # -- memory (DESIGN §4: activation memory = peak RSS during the step minus RSS before it) ----------
-def _rss_kib(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def measured(fn, device):
@@ -111,13 +96,13 @@ def measured(fn, device):
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device) / 1024 if cuda else _rss_kib("VmRSS")
-    _reset_peak()
+    before = torch.cuda.memory_allocated(device) / 1024 if cuda else status_kib("VmRSS")
+    reset_peak_rss()
     start = time.perf_counter()
     out = fn()
     if cuda:
         torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) / 1024 if cuda else _rss_kib("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) / 1024 if cuda else status_kib("VmHWM")
     return out, time.perf_counter() - start, max(0, peak - before) / 1024
 
 
