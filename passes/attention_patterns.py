@@ -100,30 +100,47 @@ def _unrepeat(node):
     return base
 
 
-def _user_dependent(node: fx.Node, static_inputs: set, stop: frozenset = frozenset()) -> bool:
+def _ancestors(node: fx.Node, stop=frozenset()):
+    """``node`` and every node it is computed from, not walking past the nodes in ``stop``."""
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n in seen or n in stop:
             continue
         seen.add(n)
-        if n.op == "placeholder" and n not in static_inputs:
-            return True
+        yield n
         stack.extend(n.all_input_nodes)
-    return False
+
+
+def _user_dependent(node: fx.Node, static_inputs: set, stop: frozenset = frozenset()) -> bool:
+    return any(n.op == "placeholder" and n not in static_inputs for n in _ancestors(node, stop))
+
+
+def _gather_side(gather: fx.Node, B: int, S: int, gm, values, static_inputs) -> str | None:
+    """"q" or "kv" if ``gather`` is ``X[b, i]`` with b = arange(B) over the batch dim and i an
+    arange(S) over the query (dim 2) or key (dim 3) dim of a [B, H, S, S] mask, else None."""
+    idx = gather.args[1]
+    if not (isinstance(idx, tuple) and len(idx) == 2 and all(isinstance(i, fx.Node) for i in idx)):
+        return None
+    if any(_user_dependent(i, static_inputs) for i in idx):
+        return None
+    try:
+        bi, si = (_evaluate(gm, i, values) for i in idx)
+    except Exception:  # noqa: BLE001 - an index we cannot evaluate proves nothing
+        return None
+    r = torch.arange
+    if not torch.equal(bi, r(B).view(B, 1, 1, 1)):
+        return None
+    if torch.equal(si, r(S).view(1, 1, S, 1)):
+        return "q"
+    return "kv" if torch.equal(si, r(S).view(1, 1, 1, S)) else None
 
 
 def _evaluate(gm: fx.GraphModule, node: fx.Node, values: dict, substitute: dict | None = None):
     """The value of ``node`` computed from its ancestors only (placeholders from ``values``,
     nodes in ``substitute`` replaced by the given values)."""
     substitute = substitute or {}
-    needed, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in needed:
-            needed.add(n)
-            if n not in substitute:
-                stack.extend(n.all_input_nodes)
+    needed = set(_ancestors(node, frozenset(substitute))) | set(substitute)
     env: dict = {}
     with torch.no_grad():
         for n in gm.graph.nodes:                   # topological order
@@ -198,13 +215,7 @@ def _doc_term(mask: fx.Node, gm, values, static_inputs):
     the mask through conjunctions only (and, casts, expands). Returns (eq node, X) or None.
 
     transformers builds packed-sequence masks this way from position ids that restart."""
-    seen, stack = set(), [mask]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
+    for n in _ancestors(mask):
         if not (_is(n, fns={operator.eq, torch.eq}, methods={"eq", "__eq__"}) and len(n.args) == 2):
             continue
         a, b = n.args
@@ -214,20 +225,8 @@ def _doc_term(mask: fx.Node, gm, values, static_inputs):
         ex = _ex(X)
         if ex is None or ex.dim() != 2 or not _user_dependent(X, static_inputs):
             continue
-        ia, ib = a.args[1], b.args[1]
-        if not (isinstance(ia, tuple) and isinstance(ib, tuple) and len(ia) == len(ib) == 2):
-            continue
-        if any(isinstance(i, fx.Node) and _user_dependent(i, static_inputs) for i in (*ia, *ib)):
-            continue
         B, S = ex.shape
-        try:
-            bi, qi = (_evaluate(gm, i, values) if isinstance(i, fx.Node) else i for i in ia)
-            bj, kj = (_evaluate(gm, i, values) if isinstance(i, fx.Node) else i for i in ib)
-        except Exception:  # noqa: BLE001
-            continue
-        r = torch.arange
-        if not (torch.equal(bi, r(B).view(B, 1, 1, 1)) and torch.equal(bj, bi)
-                and torch.equal(qi, r(S).view(1, 1, S, 1)) and torch.equal(kj, r(S).view(1, 1, 1, S))):
+        if {_gather_side(g, B, S, gm, values, static_inputs) for g in (a, b)} != {"q", "kv"}:
             continue
         u = n                                          # eq must reach the mask by conjunctions only
         while u is not mask:
@@ -283,7 +282,7 @@ def _packed_positions(doc: fx.Node):
 
 
 def _shift_base(node):
-    """(base, offset) for ``base [+|- int]...``; offset None when ``node`` is no such chain."""
+    """(base, offset) for ``base [+|- int]...`` (``node`` itself, offset 0, for anything else)."""
     offset = 0
     while _is(node, fns=_SHIFTS, methods={"add", "sub", "__add__", "__sub__"}) and \
             isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
@@ -309,46 +308,27 @@ def _packed_position_terms(mask, eq, doc, gm, values, static_inputs):
     if pos is None:
         return None
     B, S = _ex(pos).shape
-    r = torch.arange
-    want = {"q": r(S).view(1, 1, S, 1), "kv": r(S).view(1, 1, 1, S)}
     gathers = {}
-    seen, stack = set(), [mask]
-    while stack:
-        n = stack.pop()
-        if n in seen or n is eq:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-        if not (_is(n, fns={operator.getitem}) and _strip_views(n.args[0]) is pos):
-            continue
-        idx = n.args[1]
-        if not (isinstance(idx, tuple) and len(idx) == 2 and all(isinstance(i, fx.Node) for i in idx)):
-            return None
-        if any(_user_dependent(i, static_inputs) for i in idx):
-            return None
-        bi, si = (_evaluate(gm, i, values) for i in idx)
-        if not torch.equal(bi, r(B).view(B, 1, 1, 1)):
-            return None
-        side = next((name for name, w in want.items() if torch.equal(si, w)), None)
-        if side is None:
-            return None
-        gathers[n] = side
+    for n in _ancestors(mask, frozenset([eq])):
+        if _is(n, fns={operator.getitem}) and _strip_views(n.args[0]) is pos:
+            gathers[n] = _gather_side(n, B, S, gm, values, static_inputs)
+            if gathers[n] is None:
+                return None
     if set(gathers.values()) != {"q", "kv"}:
         return None
     for g in gathers:                              # every use: a comparison of two gathers
         frontier = list(g.users)
         while frontier:
             u = frontier.pop()
-            if _shift_base(u)[0] in gathers and _shift_base(u)[1] is not None and u not in gathers \
-                    and _is(u, fns=_SHIFTS, methods={"add", "sub", "__add__", "__sub__"}):
+            if u not in gathers and _shift_base(u)[0] in gathers:       # gather ± int: look further
                 frontier.extend(u.users)
+            elif _is(u, methods=_SHAPE_ONLY):      # reads the gather's shape and dtype, not its values
                 continue
-            if _is(u, methods=_SHAPE_ONLY):        # reads the gather's shape and dtype, not its values
-                continue
-            if not (_is(u, fns=_COMPARISONS, methods=_COMPARISON_METHODS) and len(u.args) == 2
-                    and all(isinstance(a, fx.Node) and _shift_base(a)[0] in gathers for a in u.args)):
+            elif not (_is(u, fns=_COMPARISONS, methods=_COMPARISON_METHODS) and len(u.args) == 2
+                      and all(isinstance(a, fx.Node) and _shift_base(a)[0] in gathers for a in u.args)):
                 return None
-    return {g: want[side].expand(_ex(g).shape).to(_ex(g).dtype) for g, side in gathers.items()}
+    index = {"q": torch.arange(S).view(1, 1, S, 1), "kv": torch.arange(S).view(1, 1, 1, S)}
+    return {g: index[side].expand(_ex(g).shape).to(_ex(g).dtype) for g, side in gathers.items()}
 
 
 def _static_mask_kind(mask, gm, values, static_inputs, shape, S, negated: bool = False):
