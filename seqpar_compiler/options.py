@@ -100,7 +100,7 @@ OPTIONS: dict[str, Option] = _opts(
     Option(name="ffn_chunks", kind="int", default=8, minimum=1,
            help="Chunks of the local sequence that per-token MLP blocks (GELU MLP, SwiGLU) run over, "
                 "recomputing each chunk's hidden activation in the backward; 1 turns it off. 8: python "
-                "bench/memory.py --P 1 --ffn-chunks 1|8 (GPT 4 layers, width 256) measured 21% less activation "
+                "bench/memory.py --P 1 --ffn-chunks 1 and 8 (GPT 4 layers, width 256) measured 21% less activation "
                 "memory with 8 chunks (S=8192: 165 vs 210 MiB) at a step 4% slower (12.9 vs 12.4 s)."),
     Option(name="kernel", kind="choice", default="auto", choices=("auto", "aten", "triton", "math"),
            help="Block attention kernel: aten (CPU flash), triton (CUDA; CPU only under TRITON_INTERPRET=1), "
