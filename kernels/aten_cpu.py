@@ -45,12 +45,20 @@ def _additive_mask(mask: BlockMask, tile: TilePlan, dtype: torch.dtype) -> tuple
 
 def aten_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one block. q [B,Hq,M,D], k/v [B,Hkv,N,D] → out [B,Hq,M,D], lse [B,Hq,M]."""
+    """Attention of one block. q [B,Hq,M,D], k/v [B,Hkv,N,D] → out [B,Hq,M,D], lse [B,Hq,M].
+
+    Inputs may have any strides (the kernel reads them strided). A block that is one unmasked
+    or causal call returns the kernel's own results (out laid out as [B, M, Hq, D] in memory):
+    no zero-filled copy of an activation-sized tensor.
+    """
     B, Hq, M, D = q.shape
     N = k.shape[-2]
-    out = q.new_zeros(B, Hq, M, D)
+    tiles = plan_tiles(mask, M, N, TILE_ROWS)
+    if len(tiles) == 1 and tiles[0].mode != "dense" and (tiles[0].q0, tiles[0].q1, tiles[0].k0, tiles[0].k1) == (0, M, 0, N):
+        return _flash(q, k, v, 0.0, tiles[0].mode == "causal", scale=scale)
+    out = q.new_zeros(B, M, Hq, D).transpose(1, 2)
     lse = torch.full((B, Hq, M), float("-inf"), dtype=_lse_dtype(q.dtype))
-    for tile in plan_tiles(mask, M, N, TILE_ROWS):
+    for tile in tiles:
         qt = q[:, :, tile.q0:tile.q1]
         kt, vt = k[:, :, tile.k0:tile.k1], v[:, :, tile.k0:tile.k1]
         if tile.mode == "dense":
@@ -76,24 +84,30 @@ def aten_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     acc = _lse_dtype(q.dtype)
     B, Hq, M, D = q.shape
     N = k.shape[-2]
+    # Rows dead everywhere have lse = -inf; exp(-inf - (-inf)) would be NaN. Their scores are
+    # -inf (or they are in no tile), so any finite lse gives them zero probability.
+    lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(acc)
+    out = out.to(q.dtype)
+    dout = dout.to(q.dtype)
+    tiles = plan_tiles(mask, M, N, TILE_ROWS)
+    if len(tiles) == 1 and tiles[0].mode != "dense" and (tiles[0].q0, tiles[0].q1, tiles[0].k0, tiles[0].k1) == (0, M, 0, N):
+        # one call covers the block: its results are the block's gradients (no zero-filled
+        # accumulators; a no-op cast for fp32/fp64)
+        grads = _flash_backward(dout, q, k, v, out, lse, 0.0, tiles[0].mode == "causal", scale=scale)
+        return tuple(g.to(acc) for g in grads)
     dq = torch.zeros(q.shape, dtype=acc)
     dk = torch.zeros(k.shape, dtype=acc)
     dv = torch.zeros(v.shape, dtype=acc)
-    # Rows dead everywhere have lse = -inf; exp(-inf - (-inf)) would be NaN. Their scores are
-    # -inf (or they are in no tile), so any finite lse gives them zero probability.
-    lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(_lse_dtype(q.dtype))
-    out = out.to(q.dtype)
-    dout = dout.to(q.dtype)
-    for tile in plan_tiles(mask, M, N, TILE_ROWS):
+    for tile in tiles:
         rows = slice(tile.q0, tile.q1)
         keys = slice(tile.k0, tile.k1)
         attn_mask = None
         if tile.mode == "dense":
             attn_mask, _ = _additive_mask(mask, tile, q.dtype)
+        # the kernel reads strided inputs: no contiguous copies of the row slices
         dq_t, dk_t, dv_t = _flash_backward(
-            dout[:, :, rows].contiguous(), q[:, :, rows], k[:, :, keys], v[:, :, keys],
-            out[:, :, rows].contiguous(), lse[:, :, rows].contiguous(), 0.0, tile.mode == "causal",
-            attn_mask=attn_mask, scale=scale)
+            dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows], lse[:, :, rows],
+            0.0, tile.mode == "causal", attn_mask=attn_mask, scale=scale)
         dq[:, :, rows] += dq_t
         dk[:, :, keys] += dk_t
         dv[:, :, keys] += dv_t

@@ -5,6 +5,12 @@ block is in flight while the current one is computed (DESIGN §3). Sends and rec
 tag that names what they are and at which step; each side posts its operations for a pair of
 ranks in the same order (what NCCL, which ignores tags, relies on).
 
+Wire layout: a 4-D [B, H, S, D] tensor travels as its [B, S, H, D] memory (the layout the
+projections produce and ATen's flash kernel returns), so the ring neither copies its inputs
+into [B, H, S, D] order nor its results back; every 4-D buffer posted here must be laid out so
+(``to_wire_layout`` / ``empty_wire``), and both ends of a message agree by construction.
+Other tensors travel contiguous.
+
 A failure on the wire (a peer that died or stopped calling the op, a timeout) is re-raised as
 ``RingCommError`` saying which rank waited for what, at which step.
 """
@@ -18,7 +24,8 @@ import torch.distributed as dist
 
 from .stats import record
 
-__all__ = ["RingComm", "RingCommError", "Transfer", "check_agreement"]
+__all__ = ["RingComm", "RingCommError", "Transfer", "check_agreement", "empty_wire", "empty_wire_like",
+           "in_wire_layout", "to_wire_layout"]
 
 
 class RingCommError(RuntimeError):
@@ -30,6 +37,44 @@ _TAG_STRIDE = 32
 TAGS = {name: i for i, name in enumerate(
     ["k", "v", "doc", "q", "q_doc", "dout", "out", "lse", "dlse", "res_out", "res_lse",
      "acc_dk", "acc_dv", "home_dk", "home_dv", "res_dq"])}
+
+
+def in_wire_layout(x: torch.Tensor) -> bool:
+    """True if ``x`` can be posted as is: a 4-D [B, H, S, D] tensor whose memory is a dense
+    [B, S, H, D]; any other tensor contiguous."""
+    return x.transpose(1, 2).is_contiguous() if x.dim() == 4 else x.is_contiguous()
+
+
+def to_wire_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself if it is in the wire layout, else a copy that is."""
+    if in_wire_layout(x):
+        return x
+    if x.dim() == 4:
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.contiguous()
+
+
+def empty_wire(shape, dtype: torch.dtype, device: torch.device, *, zero: bool = False) -> torch.Tensor:
+    """An uninitialised (or zero) 4-D [B, H, S, D] buffer in the wire layout."""
+    B, H, S, D = shape
+    make = torch.zeros if zero else torch.empty
+    return make(B, S, H, D, dtype=dtype, device=device).transpose(1, 2)
+
+
+def empty_wire_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised buffer of ``x``'s shape in the wire layout, to receive ``x``'s kind of message."""
+    dtype = x.dtype if dtype is None else dtype
+    if x.dim() == 4:
+        return empty_wire(x.shape, dtype, x.device)
+    return torch.empty(x.shape, dtype=dtype, device=x.device)
+
+
+def _on_wire(x: torch.Tensor) -> torch.Tensor:
+    """The contiguous view of a wire-layout tensor that P2P sends or receives into."""
+    if not in_wire_layout(x):
+        raise RuntimeError(f"internal error: a ring buffer of shape {tuple(x.shape)} and strides {x.stride()} "
+                           f"is not in the wire layout; the two ends of the message could disagree")
+    return x.transpose(1, 2) if x.dim() == 4 else x
 
 
 @dataclass
@@ -97,7 +142,7 @@ class RingComm:
         ops = []
         for tr in transfers:
             op = dist.isend if tr.send else dist.irecv
-            ops.append(dist.P2POp(op, tr.tensor, group=self.group, tag=tr.tag, group_peer=tr.peer))
+            ops.append(dist.P2POp(op, _on_wire(tr.tensor), group=self.group, tag=tr.tag, group_peer=tr.peer))
             nbytes = tr.tensor.numel() * tr.tensor.element_size()
             record(**{"bytes_sent" if tr.send else "bytes_received": nbytes})
         try:

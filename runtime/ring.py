@@ -30,7 +30,7 @@ import torch
 from seqpar_compiler.kernels import (BlockKind, block_attention_backward, block_attention_forward,
                                      classify_block, visible_key_range)
 
-from .comm import Pending, RingComm, Transfer
+from .comm import Pending, RingComm, Transfer, empty_wire, empty_wire_like, in_wire_layout, to_wire_layout
 from .layout import Segment, local_segments
 from .plan import RingPlan, build_plan, segment_mask
 from .stats import counting, record
@@ -57,6 +57,7 @@ def merge_partial_attention(out: torch.Tensor, lse: torch.Tensor, out_b: torch.T
     """Merge block result (out_b [.., M, D], lse_b [.., M]) into (out, lse) in place.
 
     NaN-free when either or both lse are -inf (rows that saw no key so far / in this block).
+    ``out += w · (out_b - out)`` runs as one fused ``lerp_``: no activation-sized temporaries.
     """
     lse_b = lse_b.to(lse.dtype)
     hi = torch.maximum(lse, lse_b)
@@ -65,8 +66,73 @@ def merge_partial_attention(out: torch.Tensor, lse: torch.Tensor, out_b: torch.T
     new_lse = torch.where(both_dead, hi, hi + torch.log1p(torch.exp(lo - torch.where(both_dead, 0.0, hi))))
     d = torch.where(torch.isneginf(lse_b), float("-inf"),
                     torch.where(torch.isneginf(lse), float("inf"), lse_b - lse))
-    out.sub_(torch.sigmoid(d)[..., None] * (out - out_b.to(out.dtype)))
+    out.lerp_(out_b.to(out.dtype), torch.sigmoid(d)[..., None])
     lse.copy_(new_lse)
+
+
+def _whole_buffer(x: torch.Tensor) -> bool:
+    """True if ``x`` is a fresh result that owns its storage (not a view into another buffer),
+    so a caller may keep it as its own accumulator."""
+    return x.untyped_storage().nbytes() == x.numel() * x.element_size()
+
+
+class _Accumulator:
+    """An fp32 (fp64) gradient buffer in the wire layout, allocated on first use.
+
+    A kernel result that covers the whole buffer, has its dtype and layout and owns its
+    storage *becomes* the buffer instead of being added into a zero-filled one: at long local
+    lengths each avoided buffer is one activation-sized tensor less at the backward's peak.
+    """
+
+    def __init__(self, shape, dtype: torch.dtype, device: torch.device, tensor: torch.Tensor | None = None):
+        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        self.value = tensor
+
+    def add_(self, index: slice, part: torch.Tensor) -> None:
+        """Add ``part`` into the rows ``index`` of the sequence dim (dim 2)."""
+        covers = index == slice(0, self.shape[2]) and tuple(part.shape) == self.shape
+        if (self.value is None and covers and part.dtype == self.dtype and in_wire_layout(part)
+                and _whole_buffer(part)):
+            self.value = part
+            return
+        if self.value is None:
+            self.value = empty_wire(self.shape, self.dtype, self.device, zero=True)
+        self.value[:, :, index] += part
+
+    def tensor(self) -> torch.Tensor:
+        if self.value is None:
+            self.value = empty_wire(self.shape, self.dtype, self.device, zero=True)
+        return self.value
+
+
+class _Partial:
+    """A partial attention result (out fp32/fp64 in the wire layout, lse contiguous) that
+    blocks merge into; the first block that covers every row becomes it (no merge into zeros)."""
+
+    def __init__(self, q: torch.Tensor):
+        self.shape, self.device = tuple(q.shape), q.device
+        self.dtype = _acc_dtype(q.dtype)
+        self.out: torch.Tensor | None = None
+        self.lse: torch.Tensor | None = None
+
+    def _allocate(self) -> None:
+        self.out = empty_wire(self.shape, self.dtype, self.device, zero=True)
+        self.lse = torch.full(self.shape[:3], float("-inf"), dtype=self.dtype, device=self.device)
+
+    def merge(self, rows: slice, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+        covers = rows == slice(0, self.shape[2]) and tuple(out_b.shape) == self.shape
+        if (self.out is None and covers and out_b.dtype == self.dtype and in_wire_layout(out_b)
+                and _whole_buffer(out_b)):
+            self.out, self.lse = out_b, lse_b.to(self.dtype).contiguous()
+            return
+        if self.out is None:
+            self._allocate()
+        merge_partial_attention(self.out[:, :, rows], self.lse[:, :, rows], out_b, lse_b)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.out is None:
+            self._allocate()
+        return self.out, self.lse
 
 
 def _pairs(mask, M: int, N: int, kind: BlockKind) -> int:
@@ -116,20 +182,20 @@ def _span(segs) -> Segment | None:
     return Segment(segs[0].offset, 0, sum(seg.count for seg in segs))
 
 
-def _attend(q, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig, out, lse) -> None:
-    """Merge attention of queries against one KV block into (out, lse)."""
+def _attend(q, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig, partial: _Partial) -> None:
+    """Merge attention of queries against one KV block into ``partial``."""
     B, Hq, _, D = q.shape
     for qs, ks, mask, kind in _blocks(q_segs, kv_segs, cfg, q_doc, k_doc):
         rows, keys = slice(qs.offset, qs.offset + qs.count), slice(ks.offset, ks.offset + ks.count)
         o_b, lse_b = block_attention_forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], mask,
                                              cfg.scale, cfg.kernel)
-        merge_partial_attention(out[:, :, rows], lse[:, :, rows], o_b, lse_b)
+        partial.merge(rows, o_b, lse_b)
         if counting():         # the visible-pair count of a partial block costs a pass over its rows
             record(block_kernel_calls=1, attention_flops=4 * B * Hq * D * _pairs(mask, qs.count, ks.count, kind))
 
 
 def _attend_backward(dout, q, out, lse, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig,
-                     dq, dk, dv, dlse) -> None:
+                     dq: _Accumulator, dk: _Accumulator, dv: _Accumulator, dlse) -> None:
     """Accumulate gradients of queries against one KV block into dq, dk, dv (fp32)."""
     B, Hq, _, D = q.shape
     for qs, ks, mask, kind in _blocks(q_segs, kv_segs, cfg, q_doc, k_doc):
@@ -137,9 +203,9 @@ def _attend_backward(dout, q, out, lse, q_segs, q_doc, k, v, k_doc, kv_segs, cfg
         dq_b, dk_b, dv_b = block_attention_backward(
             dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
             lse[:, :, rows], mask, cfg.scale, cfg.kernel, None if dlse is None else dlse[:, :, rows])
-        dq[:, :, rows] += dq_b
-        dk[:, :, keys] += dk_b
-        dv[:, :, keys] += dv_b
+        dq.add_(rows, dq_b)
+        dk.add_(keys, dk_b)
+        dv.add_(keys, dv_b)
         if counting():         # the visible-pair count of a partial block costs a pass over its rows
             record(block_kernel_calls=1, attention_flops=4 * B * Hq * D * _pairs(mask, qs.count, ks.count, kind))
 
@@ -161,7 +227,7 @@ def _kv_prefetch(st, held, own, comm: RingComm, t: int):
     if st.forward_kv:
         transfers += _kv_transfers(True, held, comm.next, t)
     if st.receive_kv:
-        nxt = tuple(None if x is None else torch.empty_like(x) for x in own)
+        nxt = tuple(None if x is None else empty_wire_like(x) for x in own)
         transfers += _kv_transfers(False, nxt, comm.prev, t)
     return transfers, nxt
 
@@ -202,34 +268,50 @@ class _Loop:
         self.release(self.plan.num_steps + 1)
 
 
+def _wire_q(q, doc):
+    """The queries (and their document ids) as a help task sends them: in the wire layout."""
+    return to_wire_layout(q), None if doc is None else doc.contiguous()
+
+
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor | None,
                  cfg: RingConfig, comm: RingComm) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention of the local queries over the whole group's keys → (out, lse)."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()       # P2P sends whole buffers
+    """Exact attention of the local queries over the whole group's keys → (out, lse).
+
+    q, k, v may have any strides; K/V travel in the wire layout (a copy only if they are not
+    in it already). ``out`` comes back laid out as [B, S_local, Hq, D] in memory (the wire
+    layout; ``ring_op``'s fake says the same), ``lse`` contiguous.
+    """
+    k, v = to_wire_layout(k), to_wire_layout(v)
     doc = None if doc is None else doc.contiguous()
     L = _Loop(q, doc, cfg, comm)
     r, plan = L.rank, L.plan
-    acc = _acc_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
-    results = {t: (torch.empty_like(out), torch.empty_like(lse), h) for t, h in plan.helpers[r]}
+    partial = _Partial(q)
+    helper_of = dict(plan.helpers[r])            # step -> the rank that computes some of our rows then
+    results: list[tuple[torch.Tensor, torch.Tensor]] = []
     late: list[Pending] = []
-    held, help_q = (k, v, doc), None
+    held, help_q, sent_q = (k, v, doc), None, None
+
+    def receive_results(step: int) -> None:
+        if step in helper_of:
+            o_buf = empty_wire(q.shape, partial.dtype, q.device)
+            l_buf = torch.empty(q.shape[:3], dtype=partial.dtype, device=q.device)
+            results.append((o_buf, l_buf))
+            late.append(comm.post([Transfer(False, o_buf, helper_of[step], "res_out", step),
+                                   Transfer(False, l_buf, helper_of[step], "res_lse", step)],
+                                  f"helper results of step {step}"))
+
     for t, steps in enumerate(plan.steps):
         st = steps[r]
-        # Results a helper sent at the end of step t-1 (posted first: see module docstring).
-        if t - 1 in results:
-            o_buf, l_buf, h = results[t - 1]
-            late.append(comm.post([Transfer(False, o_buf, h, "res_out", t - 1),
-                                   Transfer(False, l_buf, h, "res_lse", t - 1)], f"helper results of step {t - 1}"))
+        receive_results(t - 1)        # sent at the end of step t-1 (posted first: module docstring)
         transfers, nxt = _kv_prefetch(st, held, (k, v, doc), comm, t)
         nxt_q = None
         if st.q_to is not None:
-            transfers.append(Transfer(True, q, st.q_to, "q", t))
+            sent_q = sent_q or _wire_q(q, doc)
+            transfers.append(Transfer(True, sent_q[0], st.q_to, "q", t))
             if doc is not None:
-                transfers.append(Transfer(True, doc, st.q_to, "q_doc", t))
+                transfers.append(Transfer(True, sent_q[1], st.q_to, "q_doc", t))
         if st.q_from is not None:
-            nxt_q = (torch.empty_like(q), None if doc is None else torch.empty_like(doc))
+            nxt_q = (empty_wire_like(q), None if doc is None else empty_wire_like(doc))
             transfers.append(Transfer(False, nxt_q[0], st.q_from, "q", t))
             if doc is not None:
                 transfers.append(Transfer(False, nxt_q[1], st.q_from, "q_doc", t))
@@ -238,27 +320,25 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.T
             pending.wait()
         if st.compute_own:
             hk, hv, hdoc = held
-            _attend(q, L.segs(r), doc, hk, hv, hdoc, L.segs(st.holds), cfg, out, lse)
+            _attend(q, L.segs(r), doc, hk, hv, hdoc, L.segs(st.holds), cfg, partial)
         if st.help_q is not None:
             fq, fdoc = help_q
-            h_out = torch.zeros_like(out)
-            h_lse = torch.full_like(lse, float("-inf"))
-            _attend(fq, L.segs(st.help_q), fdoc, k, v, doc, L.segs(r), cfg, h_out, h_lse)
-            L.send(t, comm.post([Transfer(True, h_out, st.help_q, "res_out", t),
-                                 Transfer(True, h_lse, st.help_q, "res_lse", t)], "sending helper results"))
+            helped = _Partial(fq)
+            _attend(fq, L.segs(st.help_q), fdoc, k, v, doc, L.segs(r), cfg, helped)
+            h_out, h_lse = helped.result()
+            L.send(t, comm.post([Transfer(True, to_wire_layout(h_out), st.help_q, "res_out", t),
+                                 Transfer(True, h_lse.contiguous(), st.help_q, "res_lse", t)],
+                                "sending helper results"))
         pending.wait()
         L.release(t)
         held, help_q = nxt, nxt_q
-    last = plan.num_steps - 1
-    if last in results:
-        o_buf, l_buf, h = results[last]
-        late.append(comm.post([Transfer(False, o_buf, h, "res_out", last),
-                               Transfer(False, l_buf, h, "res_lse", last)], f"helper results of step {last}"))
+    receive_results(plan.num_steps - 1)
     for p in late:
         p.wait()
-    for o_buf, l_buf, _ in results.values():
-        merge_partial_attention(out, lse, o_buf, l_buf)
+    for o_buf, l_buf in results:
+        partial.merge(slice(0, q.shape[2]), o_buf, l_buf)
     L.finish()
+    out, lse = partial.result()
     return out.to(q.dtype), lse
 
 
@@ -266,48 +346,69 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   out: torch.Tensor, lse: torch.Tensor, doc: torch.Tensor | None, cfg: RingConfig,
                   comm: RingComm, dlse: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the ring attention → (dq, dk, dv) in the inputs' dtypes."""
-    dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
+    """Gradients of the ring attention → (dq, dk, dv) in the inputs' dtypes, laid out as
+    [B, S_local, H, D] in memory (the wire layout; ``ring_op``'s fake says the same).
+
+    Inputs may have any strides: K/V are put in the wire layout to travel (a copy only if they
+    are not in it), the rest is read strided where it is, and copied only for a help task.
+    Gradient buffers are allocated when first needed (``_Accumulator``), so at the backward's
+    peak a rank holds its inputs, dQ, the KV block in hand and the next, and two dK/dV
+    accumulator pairs (the one it fills and the one it sent a step ago).
+    """
+    k, v = to_wire_layout(k), to_wire_layout(v)
+    lse = lse.contiguous()
     doc = None if doc is None else doc.contiguous()
     L = _Loop(q, doc, cfg, comm)
     r, plan = L.rank, L.plan
     acc = _acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    home_dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-    home_dv = torch.zeros_like(home_dk)
-    dq_results = {t: (torch.empty_like(dq), h) for t, h in plan.helpers[r]}
+    dq = _Accumulator(q.shape, acc, q.device)
+    home_dk = _Accumulator(k.shape, acc, q.device)
+    home_dv = _Accumulator(v.shape, acc, q.device)
+    helper_of = dict(plan.helpers[r])
+    dq_results: list[torch.Tensor] = []
     # the step at which our own KV block's journey ends (its accumulator then comes home)
     own_last = max(t for t in range(plan.num_steps) if plan.steps[t][(r + t) % L.P].holds == r)
     home_buf = None
-    if plan.path_end[r] != r:
-        home_buf = (torch.empty_like(home_dk), torch.empty_like(home_dv))
     late_done: list[Pending] = []
-    held, help_in = (k, v, doc), None
+    held, help_in, bundle = (k, v, doc), None, None
     # what a helper needs of the queries it computes for us (at step t+1, sent at step t)
-    bundle = [("q", q), ("dout", dout), ("out", out), ("lse", lse), ("dlse", dlse), ("q_doc", doc)]
-    bundle = [(kind, x) for kind, x in bundle if x is not None]
+    help_kinds = [(kind, x) for kind, x in (("q", q), ("dout", dout), ("out", out), ("lse", lse),
+                                            ("dlse", dlse), ("q_doc", doc)) if x is not None]
+
+    def receive_home_and_dq(step: int) -> list[Transfer]:
+        """Receives of what was sent at the end of ``step``: our block's dK/dV coming home
+        and dQ from a helper. Buffers are allocated here, when the message is due."""
+        nonlocal home_buf
+        transfers = []
+        if plan.path_end[r] != r and step == own_last:
+            home_buf = (empty_wire(k.shape, acc, q.device), empty_wire(v.shape, acc, q.device))
+            transfers += [Transfer(False, home_buf[0], plan.path_end[r], "home_dk", step),
+                          Transfer(False, home_buf[1], plan.path_end[r], "home_dv", step)]
+        if step in helper_of:
+            dq_results.append(empty_wire(q.shape, acc, q.device))
+            transfers.append(Transfer(False, dq_results[-1], helper_of[step], "res_dq", step))
+        return transfers
+
     for t, steps in enumerate(plan.steps):
         st = steps[r]
         # 1. Receive what was sent at the end of step t-1: accumulator of the block held now,
         #    the own block's accumulator coming home, dQ from a helper.
         late, acc_in = [], None
         if t > 0 and steps[r].holds is not None and steps[r].holds != r:
-            acc_in = (torch.empty_like(home_dk), torch.empty_like(home_dv))
+            acc_in = (empty_wire(k.shape, acc, q.device), empty_wire(v.shape, acc, q.device))
             late += [Transfer(False, acc_in[0], comm.prev, "acc_dk", t - 1),
                      Transfer(False, acc_in[1], comm.prev, "acc_dv", t - 1)]
-        if home_buf is not None and t - 1 == own_last:
-            late += [Transfer(False, home_buf[0], plan.path_end[r], "home_dk", t - 1),
-                     Transfer(False, home_buf[1], plan.path_end[r], "home_dv", t - 1)]
-        if t - 1 in dq_results:
-            late.append(Transfer(False, dq_results[t - 1][0], dq_results[t - 1][1], "res_dq", t - 1))
+        if t > 0:
+            late += receive_home_and_dq(t - 1)
         late_pending = comm.post(late, f"dK/dV accumulators and dQ results of step {t - 1}")
         # 2. Prefetch the next step's KV block and help bundle.
         transfers, nxt = _kv_prefetch(st, held, (k, v, doc), comm, t)
         nxt_help = None
         if st.q_to is not None:
+            bundle = bundle or [(kind, to_wire_layout(x)) for kind, x in help_kinds]
             transfers += [Transfer(True, x, st.q_to, kind, t) for kind, x in bundle]
         if st.q_from is not None:
-            nxt_help = {kind: torch.empty_like(x) for kind, x in bundle}
+            nxt_help = {kind: empty_wire_like(x) for kind, x in help_kinds}
             transfers += [Transfer(False, x, st.q_from, kind, t) for kind, x in nxt_help.items()]
         pending = comm.post(transfers, f"the KV block for step {t + 1} (backward)")
         if not cfg.overlap:
@@ -318,48 +419,41 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             # accumulate straight into the incoming accumulator (one pair of KV-sized fp32
             # buffers per step less); it was sent at the end of step t-1, so it is (nearly) here
             late_pending.wait()
-            if acc_in is not None:
-                dk_b, dv_b = acc_in
-            else:
-                dk_b, dv_b = torch.zeros_like(home_dk), torch.zeros_like(home_dv)
+            dk_b = _Accumulator(k.shape, acc, q.device, None if acc_in is None else acc_in[0])
+            dv_b = _Accumulator(v.shape, acc, q.device, None if acc_in is None else acc_in[1])
             if st.compute_own:
                 _attend_backward(dout, q, out, lse, L.segs(r), doc, hk, hv, hdoc, L.segs(st.holds), cfg,
                                  dq, dk_b, dv_b, dlse)
             if st.forward_kv:
-                L.send(t, comm.post([Transfer(True, dk_b, comm.next, "acc_dk", t),
-                                     Transfer(True, dv_b, comm.next, "acc_dv", t)], "forwarding dK/dV"))
+                L.send(t, comm.post([Transfer(True, dk_b.tensor(), comm.next, "acc_dk", t),
+                                     Transfer(True, dv_b.tensor(), comm.next, "acc_dv", t)], "forwarding dK/dV"))
             elif st.holds != r:
-                L.send(t, comm.post([Transfer(True, dk_b, st.holds, "home_dk", t),
-                                     Transfer(True, dv_b, st.holds, "home_dv", t)], "sending dK/dV home"))
-            else:
-                home_dk += dk_b
-                home_dv += dv_b
+                L.send(t, comm.post([Transfer(True, dk_b.tensor(), st.holds, "home_dk", t),
+                                     Transfer(True, dv_b.tensor(), st.holds, "home_dv", t)], "sending dK/dV home"))
+            elif dk_b.value is not None:
+                home_dk.add_(slice(0, k.shape[2]), dk_b.value)
+                home_dv.add_(slice(0, v.shape[2]), dv_b.value)
+            del dk_b, dv_b, acc_in
         else:
             late_done.append(late_pending)
         # 4. Help task: gradients of another rank's queries against our own KV.
         if st.help_q is not None:
             f = help_in
-            f_dq = torch.zeros_like(dq)
+            f_dq = _Accumulator(f["q"].shape, acc, q.device)
             _attend_backward(f["dout"], f["q"], f["out"], f["lse"], L.segs(st.help_q), f.get("q_doc"), k, v,
                              doc, L.segs(r), cfg, f_dq, home_dk, home_dv, f.get("dlse"))
-            L.send(t, comm.post([Transfer(True, f_dq, st.help_q, "res_dq", t)], "sending dQ results"))
+            L.send(t, comm.post([Transfer(True, f_dq.tensor(), st.help_q, "res_dq", t)], "sending dQ results"))
         pending.wait()
         L.release(t)
         held, help_in = nxt, nxt_help
-    last = plan.num_steps - 1
-    final = []
-    if home_buf is not None and last == own_last:
-        final += [Transfer(False, home_buf[0], plan.path_end[r], "home_dk", last),
-                  Transfer(False, home_buf[1], plan.path_end[r], "home_dv", last)]
-    if last in dq_results:
-        final.append(Transfer(False, dq_results[last][0], dq_results[last][1], "res_dq", last))
-    late_done.append(comm.post(final, "the last dK/dV and dQ results"))
+    late_done.append(comm.post(receive_home_and_dq(plan.num_steps - 1), "the last dK/dV and dQ results"))
     for p in late_done:
         p.wait()
     if home_buf is not None:
-        home_dk += home_buf[0]
-        home_dv += home_buf[1]
-    for buf, _ in dq_results.values():
-        dq += buf
+        home_dk.add_(slice(0, k.shape[2]), home_buf[0])
+        home_dv.add_(slice(0, v.shape[2]), home_buf[1])
+        home_buf = None
+    for buf in dq_results:
+        dq.add_(slice(0, q.shape[2]), buf)
     L.finish()
-    return dq.to(q.dtype), home_dk.to(k.dtype), home_dv.to(v.dtype)
+    return dq.tensor().to(q.dtype), home_dk.tensor().to(k.dtype), home_dv.tensor().to(v.dtype)

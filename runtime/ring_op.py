@@ -9,7 +9,9 @@ op argument; a ProcessGroup is not); ``""`` means a group of one.
 
 Shape legend: q [B,Hq,S_local,D], k/v [B,Hkv,S_local,D], doc_ids [B,S_local] or None,
 out [B,Hq,S_local,D], lse [B,Hq,S_local] fp32 (fp64 for fp64 inputs). S_local is sharded in
-the schedule's layout.
+the schedule's layout. out, dq, dk, dv are laid out as [B, S_local, H, D] in memory (the ring's
+wire layout, ``comm.py``), and both the real ops and the fakes say so: inductor plans the
+consumers' strides from the fakes.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from seqpar_compiler.kernels import KERNELS, resolve_kernel
 
-from .comm import RingComm, check_agreement
+from .comm import RingComm, check_agreement, empty_wire
 from .layout import SCHEDULES, check_sequence_length
 from .ring import RingConfig, ring_backward, ring_forward
 from .stats import record
@@ -126,7 +128,9 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, s
 def _(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel):
     check_ring_inputs(q, k, v, doc_ids, window, schedule, kernel, _group_size(group_name))
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
+    # the real op returns out laid out as [B, S_local, Hq, D] in memory (the ring's wire layout,
+    # also ATen flash's): the model's following transpose + reshape is then free
+    return empty_wire(q.shape, q.dtype, q.device), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
 @torch.library.custom_op("seqpar::ring_attention_backward", mutates_args=())
@@ -145,8 +149,8 @@ def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
 
 @ring_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, doc_ids, dlse, scale, causal, window, schedule, group_name, overlap, kernel):
-    # the real op returns contiguous gradients whatever the inputs' strides; say the same here
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    # the real op returns gradients in the wire layout whatever the inputs' strides; say the same here
+    return tuple(empty_wire(t.shape, t.dtype, t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
@@ -160,7 +164,7 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, doc_ids = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = ring_attention_backward_op(dout.contiguous(), q, k, v, out, lse, doc_ids, dlse, *ctx.options)
+    dq, dk, dv = ring_attention_backward_op(dout, q, k, v, out, lse, doc_ids, dlse, *ctx.options)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
