@@ -25,11 +25,18 @@ from seqpar_compiler.process_memory import reset_peak_rss, status_kib, trim_mall
 RANK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def step_worker(rank, P, *, S, layers=4, width=256, heads=8, backend="seqpar", steps=2, **options):
+def step_worker(rank, P, *, S, layers=4, width=256, heads=8, backend="seqpar", steps=2, logits=False,
+                **options):
     """Compile, run one step, then ``steps`` measured steps (fwd + bwd + AdamW).
 
     ``P == 1`` runs as a plain single process: the process group is torn down first, so the
     seqpar backend takes its no-group path (inductor plus the memory passes).
+
+    The compiled step returns the loss only, as a trainer that does not look at the logits
+    would write it: the full [S, vocab] logits a model returns are a per-*global*-token output
+    (with the default ``SEQPAR_OUTPUT=gather`` every rank holds all of them, and autograd a
+    zero gradient of that size) and would hide the per-rank activations. ``logits=True``
+    returns them too, to measure that cost.
     """
     import torch
     import torch.distributed as dist
@@ -44,13 +51,17 @@ def step_worker(rank, P, *, S, layers=4, width=256, heads=8, backend="seqpar", s
         # nanoGPT's S×S tril mask buffer (unused with SDPA): 4 GiB per layer at S = 32768
         block.attn.register_buffer("bias", torch.empty(0), persistent=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    compiled = torch.compile(model, backend=sp.backend(**options) if backend == "seqpar" else backend)
+    def loss_only(idx, tgt):
+        return model(idx, tgt)[1]
+    compiled = torch.compile(model if logits else loss_only,
+                             backend=sp.backend(**options) if backend == "seqpar" else backend)
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, cfg.vocab_size, (1, S), generator=g)
     tgt = torch.randint(0, cfg.vocab_size, (1, S), generator=g)
 
     def forward_backward():
-        _, loss = compiled(idx, tgt)
+        result = compiled(idx, tgt)            # logits (held until the step ends, as a trainer would) + loss
+        loss = result[1] if logits else result
         loss.backward()
         return loss.item()
 

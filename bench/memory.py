@@ -8,6 +8,8 @@ ranks against plain single-process inductor, over sequence lengths S.
     python bench/memory.py --S 4096 8192 --P 2 4 --budget-gib 4 --ffn-chunks 4
 
 Activation memory = peak RSS during the step minus RSS before it (DESIGN §4; bench/_step_memory.py).
+The compiled step returns the loss only (``--logits``: the logits too, which with the default
+SEQPAR_OUTPUT=gather puts the full [S, vocab] logits on every rank).
 A least-squares line a + b·S through each P's seqpar points gives the longest S whose activations
 fit the budget (default 4 GiB per rank); one run at that S (rounded down, capped by --check-cap)
 checks the fit for the largest P. Prints a Markdown table, writes bench/results/memory.json and
@@ -33,7 +35,7 @@ def _worker(rank, P, kwargs):
 def _measure(P, S, args, backend="seqpar"):
     from seqpar_compiler.launch import run_ranks
     from _step_memory import RANK_ENV
-    kwargs = dict(S=S, layers=args.layers, width=args.width, steps=args.steps, backend=backend)
+    kwargs = dict(S=S, layers=args.layers, width=args.width, steps=args.steps, backend=backend, logits=args.logits)
     if backend == "seqpar":
         kwargs.update(checkpoint="remat-aware", ffn_chunks=args.ffn_chunks, inner=args.inner, schedule="zigzag")
     ranks = run_ranks(_worker, P, kwargs, timeout=4 * 3600, pg_timeout=3 * 3600, env=RANK_ENV)
@@ -96,6 +98,9 @@ def main() -> None:
     ap.add_argument("--check-cap", type=int, default=131072,
                     help="largest S for the check run (attention time grows as S²: ~1 h at the default on 2 cores)")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--logits", action="store_true",
+                    help="the compiled step returns the logits too (default: the loss only; with SEQPAR_OUTPUT=gather "
+                         "every rank then holds the full [S, vocab] logits)")
     ap.add_argument("--no-baseline", action="store_true", help="skip plain single-process inductor")
     ap.add_argument("--out", default=None,
                     help="default: bench/results/memory.json (memory.quick.json with --quick)")
