@@ -2,7 +2,7 @@
 the example GPT (width 256, 4 layers), seqpar (remat-aware checkpointing + blockwise FFN) on P
 ranks against plain single-process inductor, over sequence lengths S.
 
-    python bench/memory.py                 # S = 4096..32768, P = 1, 2, 4, check run near the P=4 limit
+    python bench/memory.py                 # S = 4096..32768, P = 1, 2, 4, check run toward the P=4 limit
     python bench/memory.py --quick         # 2 layers, S = 512, 1024; P = 1, 2; aot_eager (also the
                                            # baseline); no check run (~1-2 min)
     python bench/memory.py --S 4096 8192 --P 2 4 --budget-gib 4 --ffn-chunks 4
@@ -32,10 +32,11 @@ def _worker(rank, P, kwargs):
     return step_worker(rank, P, **kwargs)
 
 
-def _measure(P, S, args, backend="seqpar"):
+def _measure(P, S, args, backend="seqpar", steps=None):
     from seqpar_compiler.launch import run_ranks
     from _step_memory import RANK_ENV
-    kwargs = dict(S=S, layers=args.layers, width=args.width, steps=args.steps, backend=backend, logits=args.logits)
+    kwargs = dict(S=S, layers=args.layers, width=args.width, steps=steps or args.steps, backend=backend,
+                  logits=args.logits)
     if backend == "seqpar":
         kwargs.update(checkpoint="remat-aware", ffn_chunks=args.ffn_chunks, inner=args.inner, schedule="zigzag")
     ranks = run_ranks(_worker, P, kwargs, timeout=4 * 3600, pg_timeout=3 * 3600, env=RANK_ENV)
@@ -95,9 +96,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--inner", default=None, choices=("inductor", "aot_eager"), help="default: inductor")
     ap.add_argument("--budget-gib", type=float, default=4.0)
-    ap.add_argument("--check-cap", type=int, default=131072,
-                    help="largest S for the check run (attention time grows as S²: ~1 h at the default on 2 cores)")
+    ap.add_argument("--check-cap", type=int, default=65536,
+                    help="largest S for the check run (attention time grows as S²: on 2 cores a P=4 step takes "
+                         "~25 s at S=16384, so ~7 min at 65536 and ~25 min at 131072)")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--check-steps", type=int, default=1, help="measured steps of the (long) check run")
     ap.add_argument("--logits", action="store_true",
                     help="the compiled step returns the logits too (default: the loss only; with SEQPAR_OUTPUT=gather "
                          "every rank then holds the full [S, vocab] logits)")
@@ -133,7 +136,7 @@ def main() -> None:
     Pmax = max(args.P)
     if not args.no_check and limits.get(Pmax):
         S_check = min(limits[Pmax], args.check_cap) // (2 * Pmax * 64) * (2 * Pmax * 64)
-        measured = _measure(Pmax, S_check, args)
+        measured = _measure(Pmax, S_check, args, steps=args.check_steps)
         a, b = fits[Pmax]
         check = {**measured, "predicted_mib": a + b * S_check, "predicted_limit": limits[Pmax],
                  "capped": S_check < limits[Pmax] // (2 * Pmax * 64) * (2 * Pmax * 64)}
