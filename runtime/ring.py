@@ -70,18 +70,21 @@ def merge_partial_attention(out: torch.Tensor, lse: torch.Tensor, out_b: torch.T
     lse.copy_(new_lse)
 
 
-def _whole_buffer(x: torch.Tensor) -> bool:
-    """True if ``x`` is a fresh result that owns its storage (not a view into another buffer),
-    so a caller may keep it as its own accumulator."""
-    return x.untyped_storage().nbytes() == x.numel() * x.element_size()
+def _owned(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a buffer of ``dtype`` in the wire layout that the caller may keep and write:
+    ``x`` itself if it is a fresh result that owns its storage (not a view into another
+    buffer) with that dtype and layout, else one copy."""
+    if x.dtype == dtype and in_wire_layout(x) and x.untyped_storage().nbytes() == x.numel() * x.element_size():
+        return x
+    return empty_wire(x.shape, dtype, x.device).copy_(x)
 
 
 class _Accumulator:
     """An fp32 (fp64) gradient buffer in the wire layout, allocated on first use.
 
-    A kernel result that covers the whole buffer, has its dtype and layout and owns its
-    storage *becomes* the buffer instead of being added into a zero-filled one: at long local
-    lengths each avoided buffer is one activation-sized tensor less at the backward's peak.
+    The first kernel result that covers the whole buffer *becomes* the buffer (``_owned``)
+    instead of being added into a zero-filled one: at long local lengths each avoided buffer
+    is one activation-sized tensor less at the backward's peak.
     """
 
     def __init__(self, shape, dtype: torch.dtype, device: torch.device, tensor: torch.Tensor | None = None):
@@ -90,14 +93,10 @@ class _Accumulator:
 
     def add_(self, index: slice, part: torch.Tensor) -> None:
         """Add ``part`` into the rows ``index`` of the sequence dim (dim 2)."""
-        covers = index == slice(0, self.shape[2]) and tuple(part.shape) == self.shape
-        if (self.value is None and covers and part.dtype == self.dtype and in_wire_layout(part)
-                and _whole_buffer(part)):
-            self.value = part
+        if self.value is None and index == slice(0, self.shape[2]) and tuple(part.shape) == self.shape:
+            self.value = _owned(part, self.dtype)
             return
-        if self.value is None:
-            self.value = empty_wire(self.shape, self.dtype, self.device, zero=True)
-        self.value[:, :, index] += part
+        self.tensor()[:, :, index] += part
 
     def tensor(self) -> torch.Tensor:
         if self.value is None:
@@ -115,23 +114,17 @@ class _Partial:
         self.out: torch.Tensor | None = None
         self.lse: torch.Tensor | None = None
 
-    def _allocate(self) -> None:
-        self.out = empty_wire(self.shape, self.dtype, self.device, zero=True)
-        self.lse = torch.full(self.shape[:3], float("-inf"), dtype=self.dtype, device=self.device)
-
     def merge(self, rows: slice, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
-        covers = rows == slice(0, self.shape[2]) and tuple(out_b.shape) == self.shape
-        if (self.out is None and covers and out_b.dtype == self.dtype and in_wire_layout(out_b)
-                and _whole_buffer(out_b)):
-            self.out, self.lse = out_b, lse_b.to(self.dtype).contiguous()
+        if self.out is None and rows == slice(0, self.shape[2]) and tuple(out_b.shape) == self.shape:
+            self.out, self.lse = _owned(out_b, self.dtype), lse_b.to(self.dtype).contiguous()
             return
-        if self.out is None:
-            self._allocate()
-        merge_partial_attention(self.out[:, :, rows], self.lse[:, :, rows], out_b, lse_b)
+        out, lse = self.result()
+        merge_partial_attention(out[:, :, rows], lse[:, :, rows], out_b, lse_b)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.out is None:
-            self._allocate()
+            self.out = empty_wire(self.shape, self.dtype, self.device, zero=True)
+            self.lse = torch.full(self.shape[:3], float("-inf"), dtype=self.dtype, device=self.device)
         return self.out, self.lse
 
 
@@ -281,7 +274,8 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.T
     in it already). ``out`` comes back laid out as [B, S_local, Hq, D] in memory (the wire
     layout; ``ring_op``'s fake says the same), ``lse`` contiguous.
     """
-    k, v = to_wire_layout(k), to_wire_layout(v)
+    if comm.size > 1:                          # a group of one sends nothing
+        k, v = to_wire_layout(k), to_wire_layout(v)
     doc = None if doc is None else doc.contiguous()
     L = _Loop(q, doc, cfg, comm)
     r, plan = L.rank, L.plan
@@ -355,7 +349,8 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     peak a rank holds its inputs, dQ, the KV block in hand and the next, and two dK/dV
     accumulator pairs (the one it fills and the one it sent a step ago).
     """
-    k, v = to_wire_layout(k), to_wire_layout(v)
+    if comm.size > 1:                          # a group of one sends nothing
+        k, v = to_wire_layout(k), to_wire_layout(v)
     lse = lse.contiguous()
     doc = None if doc is None else doc.contiguous()
     L = _Loop(q, doc, cfg, comm)

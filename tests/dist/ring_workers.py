@@ -79,7 +79,8 @@ def stats_case(rank, P, *, schedule, causal, Hq=4, Hkv=4, D=16, S_local=64, B=1,
 
 
 def run_cases(rank, P, cases):
-    """Run named cases: ``[(name, kind, kwargs)]`` with kind ``accuracy`` or ``stats``; also
+    """Run named cases: ``[(name, kind, kwargs)]`` with kind ``accuracy``, ``stats`` or
+    ``allocations``; also
     counts which block kernels ran (``kernel_calls``)."""
     import seqpar_compiler.runtime.ring as ring
     calls = {"aten": 0, "triton": 0, "math": 0}
@@ -89,7 +90,7 @@ def run_cases(rank, P, cases):
         calls[kernel] += 1
         return real_fwd(q, k, v, mask, scale, kernel)
     ring.block_attention_forward = counting
-    runners = {"accuracy": accuracy_case, "stats": stats_case}
+    runners = {"accuracy": accuracy_case, "stats": stats_case, "allocations": allocation_case}
     try:
         out = {name: runners[kind](rank, P, **kw) for name, kind, kw in cases}
     finally:
@@ -183,3 +184,23 @@ def subgroup_case(rank, P):
                             causal=True, schedule="zigzag", group=group)
     full = sp.gather_sequence(out, 2, schedule="zigzag", group=group)
     return float((full.double() - ref).norm() / ref.norm())
+
+
+def allocation_case(rank, P, *, schedule, causal=True, Hq=4, Hkv=4, D=16, S_local=64, B=1):
+    """Activation-sized buffers one forward and one backward of the ring loops allocate on this
+    rank, for inputs laid out as a model's projections make them ([B, S, H, D] in memory)."""
+    from allocation_probe import count_new_buffers
+    from seqpar_compiler.runtime.comm import RingComm, in_wire_layout
+    from seqpar_compiler.runtime.ring import RingConfig, ring_backward, ring_forward
+    import torch.distributed as dist
+    S = S_local * P
+    q64, k64, v64, dout64, _ = _full_inputs(B, Hq, Hkv, S, D, False)
+    idx = local_positions(schedule, rank, P, S)
+    q, k, v, dout = (t[:, :, idx].float().transpose(1, 2).contiguous().transpose(1, 2)
+                     for t in (q64, k64, v64, dout64))
+    cfg = RingConfig(schedule=schedule, causal=causal, window=None, scale=D ** -0.5, kernel="aten", overlap=True)
+    comm = RingComm(dist.group.WORLD)
+    (out, lse), fwd = count_new_buffers(lambda: ring_forward(q, k, v, None, cfg, comm), k.numel())
+    grads, bwd = count_new_buffers(lambda: ring_backward(dout, q, k, v, out, lse, None, cfg, comm), k.numel())
+    return {"forward": fwd, "backward": bwd,
+            "wire_layout": [in_wire_layout(t) for t in (out, *grads)]}

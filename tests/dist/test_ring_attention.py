@@ -42,6 +42,9 @@ def _extra(P):
     cases.append(("stats-zigzag-full-mqa", "stats", dict(schedule="zigzag", causal=False, Hq=4, Hkv=1)))
     cases.append(("stats-ring-window8", "stats", dict(schedule="ring", causal=True, window=8)))
     cases.append(("stats-ring-full-docs", "stats", dict(schedule="ring", causal=False, docs=True)))
+    for s in SCHEDULES:
+        cases.append((f"alloc-{s}-causal", "allocations", dict(schedule=s, causal=True)))
+    cases.append(("alloc-zigzag-full-mqa", "allocations", dict(schedule="zigzag", causal=False, Hq=4, Hkv=1)))
     return cases
 
 
@@ -168,3 +171,23 @@ def test_short_window_sends_only_to_the_next_rank(results):
 def test_single_rank_does_no_communication(results):
     s = results(1)[0]["stats-zigzag-causal"]
     assert s["bytes_sent"] == 0 and s["bytes_received"] == 0 and s["block_kernel_calls"] == 1
+
+
+ALLOC = [(P, name) for P in (2, 3, 4) for name, kind, _ in CASES[P] if kind == "allocations"]
+
+
+@pytest.mark.parametrize("P,name", ALLOC, ids=[f"P{P}-{n}" for P, n in ALLOC])
+def test_ring_allocates_one_kernel_result_and_the_blocks_in_flight_per_step(results, P, name):
+    """Activation-sized buffers (>= one K block) a rank allocates, inputs laid out as a model's
+    projections make them. Forward: the first block's kernel result becomes the output, then
+    per step at most the next K/V block's two receive buffers and one kernel result, merged in
+    place. Backward: the first block's three gradients become the accumulators, then per step
+    at most the next K/V block, the incoming dK/dV accumulator pair and three kernel results,
+    plus once the own block's dK/dV coming home. No contiguous copies of q/k/v/out/dout, no
+    zero-filled accumulators, no merge temporaries; every result in the wire layout."""
+    for rank, r in enumerate(results(P)):
+        got = r[name]
+        print(f"P={P} {name} rank {rank}: forward {len(got['forward'])}, backward {len(got['backward'])}")
+        assert len(got["forward"]) <= 1 + 3 * (P - 1), got["forward"]
+        assert len(got["backward"]) <= 3 + 7 * (P - 1) + 2, got["backward"]
+        assert all(got["wire_layout"]), got["wire_layout"]
