@@ -231,8 +231,9 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
                          if len(gathered) > 1 else "")
                 warnings.warn(f"seqpar: {len(gathered)} sharded output(s) gathered at this frame's exit "
                               f"({', '.join(gathered[:6])}{', ...' if len(gathered) > 6 else ''}): an all-gather "
-                              f"each, correct but costly where a graph break splits the model.{cache} "
-                              f"SEQPAR_OUTPUT=local keeps outputs sharded", stacklevel=2)
+                              f"each, and every rank holds the whole sequence of each (full logits grow with the "
+                              f"context, not with S/P).{cache} Return only what you need (the loss), or set "
+                              f"SEQPAR_OUTPUT=local to keep outputs sharded", stacklevel=2)
             continue
         if rule_key(node) in SEEDING_RULES:
             for a in node.all_input_nodes:
