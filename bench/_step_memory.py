@@ -46,10 +46,7 @@ def step_worker(rank, P, *, S, layers=4, width=256, heads=8, backend="seqpar", s
     from models import GPT, GPTConfig
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=layers, n_embd=width, n_head=heads, vocab_size=256, block_size=S)
-    model = GPT(cfg)
-    for block in model.blocks:
-        # nanoGPT's S×S tril mask buffer (unused with SDPA): 4 GiB per layer at S = 32768
-        block.attn.register_buffer("bias", torch.empty(0), persistent=False)
+    model = GPT(cfg)          # SDPA attention: no S×S mask buffer
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     def loss_only(idx, tgt):
         return model(idx, tgt)[1]

@@ -38,9 +38,11 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
         self.cfg = cfg
-        # nanoGPT's mask buffer for its non-flash path
-        self.register_buffer("bias", torch.tril(torch.ones(cfg.block_size, cfg.block_size))
-                             .view(1, 1, cfg.block_size, cfg.block_size), persistent=False)
+        # nanoGPT's mask buffer for its non-flash path, only where that path runs: it is
+        # block_size² floats (4 GiB per layer at 32k tokens)
+        if cfg.attention == "manual":
+            self.register_buffer("bias", torch.tril(torch.ones(cfg.block_size, cfg.block_size))
+                                 .view(1, 1, cfg.block_size, cfg.block_size), persistent=False)
 
     def _manual(self, q, k, v):
         T = q.size(-2)
