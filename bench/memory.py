@@ -45,6 +45,29 @@ def _measure(P, S, args, backend="seqpar", steps=None):
             "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks), "seconds": max(r["seconds"] for r in ranks)}
 
 
+_SETTINGS = ("layers", "width", "ffn_chunks", "steps", "inner", "logits")
+
+
+def _save_partial(args, rows) -> None:
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".partial", "w") as f:
+        json.dump({"settings": {k: getattr(args, k) for k in _SETTINGS}, "rows": rows}, f, indent=2)
+
+
+def _resumed_rows(args) -> list:
+    """Rows of an interrupted run with the same settings (``<out>.partial``), to measure only the rest."""
+    try:
+        with open(args.out + ".partial") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return []
+    mine = {k: getattr(args, k) for k in _SETTINGS}
+    if saved["settings"] != mine:
+        raise SystemExit(f"--resume: {args.out}.partial was measured with {saved['settings']}, not {mine}")
+    print(f"resuming: {len(saved['rows'])} rows from {args.out}.partial")
+    return saved["rows"]
+
+
 def _fit(points):
     """Least-squares a + b·S through (S, MiB) points: (a, b)."""
     n = len(points)
@@ -105,6 +128,8 @@ def main() -> None:
                     help="the compiled step returns the logits too (default: the loss only; with SEQPAR_OUTPUT=gather "
                          "every rank then holds the full [S, vocab] logits)")
     ap.add_argument("--no-baseline", action="store_true", help="skip plain single-process inductor")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the rows an interrupted run with the same settings saved in <out>.partial")
     ap.add_argument("--out", default=None,
                     help="default: bench/results/memory.json (memory.quick.json with --quick)")
     args = ap.parse_args()
@@ -118,12 +143,16 @@ def main() -> None:
     from seqpar_compiler.options import OPTIONS
     if args.ffn_chunks is None:
         args.ffn_chunks = OPTIONS["ffn_chunks"].default
-    rows = []
+    rows = _resumed_rows(args) if args.resume else []
+    done = {(r["S"], r["P"], r["backend"]) for r in rows}
+    baseline = "aot_eager" if args.quick else "inductor"
     for S in args.S:
-        if not args.no_baseline:
-            rows.append(_measure(1, S, args, backend="aot_eager" if args.quick else "inductor"))
-        for P in args.P:
-            rows.append(_measure(P, S, args))
+        todo = ([] if args.no_baseline else [(1, baseline)]) + [(P, "seqpar") for P in args.P]
+        for P, backend in todo:
+            label = "seqpar" if backend == "seqpar" else f"{backend} (1 process)"
+            if (S, P, label) not in done:
+                rows.append(_measure(P, S, args, backend=backend))
+                _save_partial(args, rows)           # a long run that dies later keeps its rows
     budget = args.budget_gib * 1024
     fits, limits = {}, {}
     for P in args.P:
@@ -167,6 +196,8 @@ def main() -> None:
                                                                 "longest_S": limits[P]}
                                                         for P, (a, b) in fits.items()},
                    "check": check, "plot": plot}, f, indent=2)
+    if os.path.exists(args.out + ".partial"):
+        os.remove(args.out + ".partial")
     print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
 
 
