@@ -43,6 +43,12 @@ def _additive_mask(mask: BlockMask, tile: TilePlan, dtype: torch.dtype) -> tuple
     return additive[:, None], alive                    # [B, 1, T, K], [B, T]
 
 
+def _one_call(tiles: list[TilePlan], M: int, N: int) -> bool:
+    """True if one unmasked or causal kernel call covers the whole [M, N] block."""
+    return (len(tiles) == 1 and tiles[0].mode != "dense"
+            and (tiles[0].q0, tiles[0].q1, tiles[0].k0, tiles[0].k1) == (0, M, 0, N))
+
+
 def aten_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one block. q [B,Hq,M,D], k/v [B,Hkv,N,D] → out [B,Hq,M,D], lse [B,Hq,M].
@@ -54,7 +60,7 @@ def aten_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     B, Hq, M, D = q.shape
     N = k.shape[-2]
     tiles = plan_tiles(mask, M, N, TILE_ROWS)
-    if len(tiles) == 1 and tiles[0].mode != "dense" and (tiles[0].q0, tiles[0].q1, tiles[0].k0, tiles[0].k1) == (0, M, 0, N):
+    if _one_call(tiles, M, N):
         return _flash(q, k, v, 0.0, tiles[0].mode == "causal", scale=scale)
     out = q.new_zeros(B, M, Hq, D).transpose(1, 2)
     lse = torch.full((B, Hq, M), float("-inf"), dtype=_lse_dtype(q.dtype))
@@ -90,7 +96,7 @@ def aten_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     out = out.to(q.dtype)
     dout = dout.to(q.dtype)
     tiles = plan_tiles(mask, M, N, TILE_ROWS)
-    if len(tiles) == 1 and tiles[0].mode != "dense" and (tiles[0].q0, tiles[0].q1, tiles[0].k0, tiles[0].k1) == (0, M, 0, N):
+    if _one_call(tiles, M, N):
         # one call covers the block: its results are the block's gradients (no zero-filled
         # accumulators; a no-op cast for fp32/fp64)
         grads = _flash_backward(dout, q, k, v, out, lse, 0.0, tiles[0].mode == "causal", scale=scale)

@@ -61,12 +61,11 @@ def empty_wire(shape, dtype: torch.dtype, device: torch.device, *, zero: bool = 
     return make(B, S, H, D, dtype=dtype, device=device).transpose(1, 2)
 
 
-def empty_wire_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def empty_wire_like(x: torch.Tensor) -> torch.Tensor:
     """An uninitialised buffer of ``x``'s shape in the wire layout, to receive ``x``'s kind of message."""
-    dtype = x.dtype if dtype is None else dtype
     if x.dim() == 4:
-        return empty_wire(x.shape, dtype, x.device)
-    return torch.empty(x.shape, dtype=dtype, device=x.device)
+        return empty_wire(x.shape, x.dtype, x.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _on_wire(x: torch.Tensor) -> torch.Tensor:
