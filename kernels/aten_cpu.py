@@ -8,14 +8,27 @@ Two quirks are fixed here (DESIGN §3):
     additive 0 / -inf mask, built per tile, never for the whole block;
   * a row that sees no key comes back with lse = 0; the contract is out = 0, lse = -inf.
 
+Score semantics beyond ``scale · q kᵀ`` (issue 12):
+  * ALiBi: the kernel's only bias input is its additive mask, so the bias is materialised per
+    query tile (``TILE_ROWS`` × N, never M × N) in fp32 (a bf16 mask would round a bias of a few
+    hundred by whole units; the kernel takes an fp32 mask with bf16/fp16 inputs, checked), with
+    -inf on invisible pairs;
+  * soft-capping: no ATen kernel has a cap, so those blocks run the math kernel (tiled too);
+  * Dv ≠ D: the kernel wants one head size, so the narrower side is zero-padded per block, which
+    is exact (zero value columns give zero output columns; zero query/key columns add nothing to
+    q·k) and sliced off the results.
+
 Shape legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), M query rows,
-N key rows, D head dim. LSE is fp32 (fp64 for fp64 inputs).
+N key rows, D query/key head dim, Dv value head dim, T rows of one tile, K keys of one tile.
+LSE is fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .block_mask import BlockMask, TilePlan, dense_visibility, plan_tiles
+from .block_mask import BlockMask, TilePlan, alibi_bias, dense_visibility, plan_tiles, split_tiles
+from .math_attention import math_block_backward, math_block_forward
 
 __all__ = ["aten_block_forward", "aten_block_backward", "ATEN_DTYPES"]
 
@@ -34,13 +47,37 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _additive_mask(mask: BlockMask, tile: TilePlan, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(additive mask broadcastable to [B, H, T, K], rows-alive [B or 1, T])."""
-    visible = dense_visibility(mask, tile, torch.device("cpu"))
-    additive = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+    """(additive mask broadcastable to [B, Hq, T, K], rows-alive [B or 1, T]).
+
+    Without ALiBi: 0 / -inf in the query's dtype. With ALiBi: the bias [1 or B, Hq, T, K] in
+    fp32 (fp64 for fp64) with -inf on invisible pairs (all pairs of a ``full`` tile are visible).
+    """
+    T, K = tile.q1 - tile.q0, tile.k1 - tile.k0
+    if tile.mode == "full":
+        visible = torch.ones(T, K, dtype=torch.bool)
+    else:
+        visible = dense_visibility(mask, tile, torch.device("cpu"))
     alive = visible.any(dim=-1)
-    if visible.dim() == 2:
-        return additive, alive[None]
-    return additive[:, None], alive                    # [B, 1, T, K], [B, T]
+    alive = alive[None] if visible.dim() == 2 else alive
+    vis4 = visible[None, None] if visible.dim() == 2 else visible[:, None]     # [1 or B, 1, T, K]
+    if mask.alibi_slopes is None:
+        return torch.zeros(vis4.shape, dtype=dtype).masked_fill_(~vis4, float("-inf")), alive
+    bias = alibi_bias(mask, tile, torch.device("cpu"), _lse_dtype(dtype))[None]    # [1, Hq, T, K]
+    return bias.masked_fill(~vis4, float("-inf")), alive
+
+
+def _tiles(mask: BlockMask, M: int, N: int) -> list[TilePlan]:
+    """Kernel calls of a block: with ALiBi, every call takes its bias as a mask, so calls are
+    cut to ``TILE_ROWS`` query rows and all of them are ``dense``."""
+    tiles = plan_tiles(mask, M, N, TILE_ROWS)
+    if mask.alibi_slopes is None:
+        return tiles
+    return [TilePlan(t.q0, t.q1, t.k0, t.k1, "dense") for t in split_tiles(tiles, TILE_ROWS)]
+
+
+def _pad_head_dims(*xs_and_widths) -> list[torch.Tensor]:
+    """Each tensor zero-padded on its last dim to the given width (itself when already that wide)."""
+    return [x if x.shape[-1] == w else F.pad(x, (0, w - x.shape[-1])) for x, w in xs_and_widths]
 
 
 def _one_call(tiles: list[TilePlan], M: int, N: int) -> bool:
@@ -55,11 +92,20 @@ def aten_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
     Inputs may have any strides (the kernel reads them strided). A block that is one unmasked
     or causal call returns the kernel's own results (out laid out as [B, M, Hq, D] in memory):
-    no zero-filled copy of an activation-sized tensor.
+    no zero-filled copy of an activation-sized tensor. v may be [B,Hkv,N,Dv]: out is then
+    [B,Hq,M,Dv].
     """
+    if mask.softcap is not None:
+        return math_block_forward(q, k, v, mask, scale)
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D != Dv:
+        W = max(D, Dv)
+        qp, kp, vp = _pad_head_dims((q, W), (k, W), (v, W))
+        out, lse = aten_block_forward(qp, kp, vp, mask, scale)
+        return out[..., :Dv], lse
     B, Hq, M, D = q.shape
     N = k.shape[-2]
-    tiles = plan_tiles(mask, M, N, TILE_ROWS)
+    tiles = _tiles(mask, M, N)
     if _one_call(tiles, M, N):
         return _flash(q, k, v, 0.0, tiles[0].mode == "causal", scale=scale)
     out = q.new_zeros(B, M, Hq, D).transpose(1, 2)
@@ -85,8 +131,17 @@ def aten_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
     With the global out and lse, ``exp(s - lse)`` is this block's share of the global softmax,
     so the per-block gradients sum to the gradient of the whole attention.
-    Returns fp32 (fp64 for fp64 inputs) dq [B,Hq,M,D], dk [B,Hkv,N,D], dv [B,Hkv,N,D].
+    Returns fp32 (fp64 for fp64 inputs) dq [B,Hq,M,D], dk [B,Hkv,N,D], dv [B,Hkv,N,Dv]
+    (dout/out [B,Hq,M,Dv]).
     """
+    if mask.softcap is not None:
+        return math_block_backward(dout, q, k, v, out, lse, mask, scale)
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D != Dv:
+        W = max(D, Dv)
+        padded = _pad_head_dims((dout, W), (q, W), (k, W), (v, W), (out, W))
+        dq, dk, dv = aten_block_backward(*padded[:4], padded[4], lse, mask, scale)
+        return dq[..., :D], dk[..., :D], dv[..., :Dv]
     acc = _lse_dtype(q.dtype)
     B, Hq, M, D = q.shape
     N = k.shape[-2]
@@ -95,7 +150,7 @@ def aten_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(acc)
     out = out.to(q.dtype)
     dout = dout.to(q.dtype)
-    tiles = plan_tiles(mask, M, N, TILE_ROWS)
+    tiles = _tiles(mask, M, N)
     if _one_call(tiles, M, N):
         # one call covers the block: its results are the block's gradients (no zero-filled
         # accumulators; a no-op cast for fp32/fp64)

@@ -11,6 +11,12 @@ Mask kinds (DESIGN §3), combined by conjunction:
   window   key visible iff q_pos - W < k_pos <= q_pos   (a window is always causal)
   doc ids  key visible iff q_doc == k_doc
 
+Score semantics carried the same way, as data evaluated per block from global positions
+(issue 12), never as an S×S tensor:
+  softcap  s ← cap · tanh(s / cap)                        (Gemma 2), applied before the bias
+  alibi    s ← s + slopes[h] · (k_pos − q_pos)            (ALiBi, signed form)
+They change scores, not visibility: block kinds and tiles depend on the mask kinds only.
+
 Shape legend: B batch, M query rows of the block, N key rows of the block.
 """
 from __future__ import annotations
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["BlockMask", "BlockKind", "classify_block", "visible_key_range", "TilePlan", "plan_tiles",
-           "dense_visibility"]
+           "dense_visibility", "alibi_bias", "split_tiles"]
 
 
 class BlockKind(enum.Enum):
@@ -36,7 +42,9 @@ class BlockMask:
 
     Query row i sits at global position ``q_start + i * q_stride``, key row j at
     ``k_start + j * k_stride`` (strides > 0). ``q_doc [B, M]`` and ``k_doc [B, N]`` are integer
-    document ids or both None.
+    document ids or both None. ``alibi_slopes [Hq]`` (float, no grad) adds
+    ``slopes[h] · (k_pos − q_pos)`` to the scores of head h; ``softcap`` (> 0) caps the scores
+    as ``cap · tanh(s / cap)`` before the bias.
     """
 
     q_start: int = 0
@@ -47,6 +55,8 @@ class BlockMask:
     window: int | None = None
     q_doc: torch.Tensor | None = None
     k_doc: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
+    softcap: float | None = None
 
     @property
     def positional(self) -> bool:
@@ -56,6 +66,12 @@ class BlockMask:
     @property
     def has_docs(self) -> bool:
         return self.q_doc is not None
+
+    @property
+    def plain_scores(self) -> bool:
+        """True when scores are ``scale · q kᵀ`` as they are (no ALiBi bias, no soft-capping):
+        what kernels without a bias or cap input (ATen flash) compute exactly."""
+        return self.alibi_slopes is None and self.softcap is None
 
 
 def _positional_kind(mask: BlockMask, M: int, N: int) -> BlockKind:
@@ -193,3 +209,29 @@ def dense_visibility(mask: BlockMask, tile: TilePlan, device: torch.device) -> t
         k_doc = mask.k_doc[:, tile.k0:tile.k1].to(device)
         visible = visible[None] & (q_doc[:, :, None] == k_doc[:, None, :])
     return visible
+
+
+def split_tiles(tiles: list[TilePlan], tile_rows: int) -> list[TilePlan]:
+    """The same calls with at most ``tile_rows`` query rows each, for kernels that materialise
+    a bias or scores per tile. A causal tile cut into rows is no longer top-left aligned, so its
+    pieces are ``dense`` (visibility is evaluated from positions)."""
+    out = []
+    for t in tiles:
+        if t.q1 - t.q0 <= tile_rows:
+            out.append(t)
+            continue
+        mode = "full" if t.mode == "full" else "dense"
+        out += [TilePlan(q0, min(t.q1, q0 + tile_rows), t.k0, t.k1, mode) for q0 in range(t.q0, t.q1, tile_rows)]
+    return out
+
+
+def alibi_bias(mask: BlockMask, tile: TilePlan, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The ALiBi bias ``slopes[h] · (k_pos − q_pos)`` of one tile as [Hq, T, K] in ``dtype``.
+
+    Position differences are exact integers before the multiply, so a key near the query gets
+    a bias with full relative precision however long the global sequence is.
+    """
+    q_pos = mask.q_start + torch.arange(tile.q0, tile.q1, dtype=torch.int64, device=device) * mask.q_stride
+    k_pos = mask.k_start + torch.arange(tile.k0, tile.k1, dtype=torch.int64, device=device) * mask.k_stride
+    diff = (k_pos[None, :] - q_pos[:, None]).to(dtype)                 # [T, K]
+    return mask.alibi_slopes.to(device=device, dtype=dtype)[:, None, None] * diff[None]

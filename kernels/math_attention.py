@@ -1,16 +1,21 @@
-"""Block attention in plain tensor math: the fallback for any device and dtype, and the only
-kernel that takes a gradient of the log-sum-exp (``dlse``).
+"""Block attention in plain tensor math: the fallback for any device and dtype, the only kernel
+that takes a gradient of the log-sum-exp (``dlse``), and the CPU kernel for soft-capped scores
+(ATen's kernels have no cap).
 
-Scores are formed one query tile at a time (never the whole S×S), in fp32 (fp64 for fp64).
+Scores are formed one query tile at a time (never the whole S×S, never more than a tile × N
+bias), in fp32 (fp64 for fp64). Score semantics (``BlockMask``): ``s = scale · q kᵀ``, then
+``s ← cap · tanh(s / cap)`` with a softcap, then ``+ slopes[h] · (k_pos − q_pos)`` with ALiBi,
+then invisible pairs ``-inf``.
 
 Shape legend: B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv, M query rows,
-N key rows, D head dim, T rows of one tile, K keys of one tile.
+N key rows, D query/key head dim, Dv value head dim (may differ from D, as in MLA), T rows of
+one tile, K keys of one tile.
 """
 from __future__ import annotations
 
 import torch
 
-from .block_mask import BlockMask, TilePlan, dense_visibility, plan_tiles
+from .block_mask import BlockMask, TilePlan, alibi_bias, dense_visibility, plan_tiles, split_tiles
 
 __all__ = ["math_block_forward", "math_block_backward"]
 
@@ -21,37 +26,51 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _tiles(mask: BlockMask, M: int, N: int) -> list[TilePlan]:
+    return split_tiles(plan_tiles(mask, M, N, TILE_ROWS), TILE_ROWS)
+
+
 def _tile_scores(q: torch.Tensor, k: torch.Tensor, mask: BlockMask, tile: TilePlan,
-                 scale: float) -> torch.Tensor:
-    """Masked scores of one tile as [B, Hkv, G, T, K] in the accumulation dtype."""
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores of one tile as [B, Hkv, G, T, K] in the accumulation dtype, and, with a softcap,
+    ``tanh(raw / cap)`` (the backward's factor ``1 - tanh²``), else None."""
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
+    G = Hq // Hkv
     acc = _acc_dtype(q.dtype)
-    qt = q[:, :, tile.q0:tile.q1].to(acc).reshape(B, Hkv, Hq // Hkv, -1, D)
+    qt = q[:, :, tile.q0:tile.q1].to(acc).reshape(B, Hkv, G, -1, D)
     kt = k[:, :, tile.k0:tile.k1].to(acc)[:, :, None]
     scores = (qt @ kt.transpose(-1, -2)) * scale
+    capped = None
+    if mask.softcap is not None:
+        capped = torch.tanh(scores / mask.softcap)
+        scores = capped * mask.softcap
+    if mask.alibi_slopes is not None:
+        bias = alibi_bias(mask, tile, q.device, acc)                   # [Hq, T, K]
+        scores = scores + bias.reshape(Hkv, G, *bias.shape[1:])
     if tile.mode != "full":
         visible = dense_visibility(mask, tile, q.device)      # [T, K] or [B, T, K]
         if visible.dim() == 3:
             visible = visible[:, None, None]
         scores = scores.masked_fill(~visible, float("-inf"))
-    return scores
+    return scores, capped
 
 
 def math_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B,Hq,M,D], k/v [B,Hkv,N,D] → out [B,Hq,M,D] (q's dtype), lse [B,Hq,M] (fp32/fp64)."""
-    B, Hq, M, D = q.shape
-    N = k.shape[-2]
+    """q [B,Hq,M,D], k [B,Hkv,N,D], v [B,Hkv,N,Dv] → out [B,Hq,M,Dv] (q's dtype), lse [B,Hq,M]
+    (fp32/fp64)."""
+    B, Hq, M, _ = q.shape
+    N, Dv = k.shape[-2], v.shape[-1]
     acc = _acc_dtype(q.dtype)
-    out = torch.zeros(B, Hq, M, D, dtype=q.dtype, device=q.device)
+    out = torch.zeros(B, Hq, M, Dv, dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, M), float("-inf"), dtype=acc, device=q.device)
-    for tile in plan_tiles(mask, M, N, TILE_ROWS):
-        scores = _tile_scores(q, k, mask, tile, scale)
+    for tile in _tiles(mask, M, N):
+        scores, _ = _tile_scores(q, k, mask, tile, scale)
         lse_t = torch.logsumexp(scores, dim=-1)                       # [B,Hkv,G,T]
         probs = torch.exp(scores - torch.where(torch.isneginf(lse_t), 0.0, lse_t)[..., None])
         vt = v[:, :, tile.k0:tile.k1].to(acc)[:, :, None]
-        out[:, :, tile.q0:tile.q1] = (probs @ vt).reshape(B, Hq, -1, D).to(q.dtype)
+        out[:, :, tile.q0:tile.q1] = (probs @ vt).reshape(B, Hq, -1, Dv).to(q.dtype)
         lse[:, :, tile.q0:tile.q1] = lse_t.reshape(B, Hq, -1)
     return out, lse
 
@@ -62,10 +81,12 @@ def math_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     """Gradients of one block given the merged (out, lse) and optionally d(lse).
 
     ``d lse_i / d s_ij = p_ij``, so a gradient on the lse just shifts the softmax's row term:
-    ``ds = p * (dp - (rowsum(dout * out) - dlse))``.
+    ``ds = p * (dp - (rowsum(dout * out) - dlse))``. The ALiBi bias has no input to flow into;
+    a softcap multiplies ``ds`` by ``d(cap · tanh(r / cap)) / dr = 1 - tanh²(r / cap)``.
+    dout/out [B,Hq,M,Dv] → dq [B,Hq,M,D], dk [B,Hkv,N,D], dv [B,Hkv,N,Dv] (fp32/fp64).
     """
     B, Hq, M, D = q.shape
-    N, Hkv = k.shape[-2], k.shape[1]
+    N, Hkv, Dv = k.shape[-2], k.shape[1], v.shape[-1]
     G = Hq // Hkv
     acc = _acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -75,17 +96,19 @@ def math_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     delta = (dout.to(acc) * out.to(acc)).sum(-1)                       # [B,Hq,M]
     if dlse is not None:
         delta = delta - dlse.to(acc)
-    for tile in plan_tiles(mask, M, N, TILE_ROWS):
+    for tile in _tiles(mask, M, N):
         rows, keys = slice(tile.q0, tile.q1), slice(tile.k0, tile.k1)
-        scores = _tile_scores(q, k, mask, tile, scale)                # [B,Hkv,G,T,K]
+        scores, capped = _tile_scores(q, k, mask, tile, scale)        # [B,Hkv,G,T,K]
         probs = torch.exp(scores - lse[:, :, rows].reshape(B, Hkv, G, -1)[..., None])
-        do_t = dout[:, :, rows].to(acc).reshape(B, Hkv, G, -1, D)
+        do_t = dout[:, :, rows].to(acc).reshape(B, Hkv, G, -1, Dv)
         vt = v[:, :, keys].to(acc)[:, :, None]
         kt = k[:, :, keys].to(acc)[:, :, None]
         qt = q[:, :, rows].to(acc).reshape(B, Hkv, G, -1, D)
         dv[:, :, keys] += (probs.transpose(-1, -2) @ do_t).sum(2)
         dp = do_t @ vt.transpose(-1, -2)
         ds = probs * (dp - delta[:, :, rows].reshape(B, Hkv, G, -1)[..., None])
+        if capped is not None:
+            ds = ds * (1 - capped * capped)
         dq[:, :, rows] += (ds @ kt).reshape(B, Hq, -1, D) * scale
         dk[:, :, keys] += (ds.transpose(-1, -2) @ qt).sum(2) * scale
     return dq, dk, dv

@@ -22,8 +22,10 @@ def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool = False
 
 
 def reference_attention(q, k, v, *, scale=None, causal=False, window=None, doc_ids=None,
-                        q_pos=None, k_pos=None, k_doc=None):
-    """Plain softmax attention in float64 over full tensors [B,H,S,D] (GQA by repeat_interleave).
+                        q_pos=None, k_pos=None, k_doc=None, alibi_slopes=None, softcap=None):
+    """Plain softmax attention in float64 over full tensors q/k [B,H,S,D], v [B,H,S,Dv] (GQA by
+    repeat_interleave), written from the definitions: ``s = scale · q kᵀ``, ``cap · tanh(s / cap)``
+    with a softcap, ``+ slopes[h] · (k_pos − q_pos)`` with ALiBi slopes [Hq], then the mask.
 
     Returns (out, lse); rows that see no key give out = 0, lse = -inf.
     """
@@ -38,6 +40,11 @@ def reference_attention(q, k, v, *, scale=None, causal=False, window=None, doc_i
     k_doc = doc_ids if k_doc is None else k_doc
     vis = visibility(q_pos, k_pos, causal=causal, window=window, q_doc=doc_ids, k_doc=k_doc)[:, None]
     s = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        rel = (k_pos[None, :] - q_pos[:, None]).double()
+        s = s + alibi_slopes.double()[:, None, None] * rel
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])

@@ -25,16 +25,23 @@ def _positions(start, stride, n):
     return start + torch.arange(n) * stride
 
 
-def _run_case(kernel, M, N, kw, *, Hq=4, Hkv=2, D=80, dtype=torch.float32, docs=None):
+def alibi_slopes(H):
+    """The ALiBi paper's geometric slopes 2^(-8h/H), h = 1..H."""
+    return torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float32)
+
+
+def _run_case(kernel, M, N, kw, *, Hq=4, Hkv=2, D=80, Dv=None, dtype=torch.float32, docs=None, alibi=False,
+              softcap=None):
     torch.manual_seed(0)
     B = 2
     q = torch.randn(B, Hq, M, D, dtype=dtype)
     k = torch.randn(B, Hkv, N, D, dtype=dtype)
-    v = torch.randn(B, Hkv, N, D, dtype=dtype)
+    v = torch.randn(B, Hkv, N, D if Dv is None else Dv, dtype=dtype)
     q_doc = k_doc = None
     if docs is not None:
         q_doc, k_doc = docs
-    mask = BlockMask(q_doc=q_doc, k_doc=k_doc, **kw)
+    slopes = alibi_slopes(Hq) if alibi else None
+    mask = BlockMask(q_doc=q_doc, k_doc=k_doc, alibi_slopes=slopes, softcap=softcap, **kw)
     scale = 0.3
     out, lse = block_attention_forward(q, k, v, mask, scale, kernel)
     qp = _positions(kw.get("q_start", 0), kw.get("q_stride", 1), M)
@@ -42,25 +49,85 @@ def _run_case(kernel, M, N, kw, *, Hq=4, Hkv=2, D=80, dtype=torch.float32, docs=
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = reference_attention(q64, k64, v64, scale=scale, causal=kw.get("causal", False),
                                            window=kw.get("window"), doc_ids=q_doc, k_doc=k_doc,
-                                           q_pos=qp, k_pos=kp)
+                                           q_pos=qp, k_pos=kp, alibi_slopes=slopes, softcap=softcap)
     dout = torch.randn_like(ref_out)
     ref_out.backward(dout)
     dq, dk, dv = block_attention_backward(dout.to(dtype), q, k, v, out, lse, mask, scale, kernel)
     return (out, lse, dq, dk, dv), (ref_out.detach(), ref_lse, q64.grad, k64.grad, v64.grad)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("name,M,N,kw", CASES, ids=[c[0] for c in CASES])
-def test_block_kernel_matches_float64_reference(kernel, name, M, N, kw):
-    got, ref = _run_case(kernel, M, N, kw)
+def _assert_matches(got, ref, tol=1e-5):
     out, lse, dq, dk, dv = got
     r_out, r_lse, r_dq, r_dk, r_dv = ref
     assert torch.equal(torch.isneginf(lse), torch.isneginf(r_lse)), "dead rows must have lse = -inf"
     finite = ~torch.isneginf(r_lse)
     assert torch.allclose(lse[finite].double(), r_lse[finite], atol=1e-5)
     for name_, x, r in [("out", out, r_out), ("dq", dq, r_dq), ("dk", dk, r_dk), ("dv", dv, r_dv)]:
+        assert x.shape == r.shape, (name_, x.shape, r.shape)
         assert not torch.isnan(x).any(), f"{name_} has NaN"
-        assert rel_err(x, r) < 1e-5, f"{name_} rel err {rel_err(x, r):.2e}"
+        assert rel_err(x, r) < tol, f"{name_} rel err {rel_err(x, r):.2e}"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("name,M,N,kw", CASES, ids=[c[0] for c in CASES])
+def test_block_kernel_matches_float64_reference(kernel, name, M, N, kw):
+    _assert_matches(*_run_case(kernel, M, N, kw))
+
+
+# Score semantics of issue 12 on ring-like blocks: ALiBi over global positions (the bias of a
+# past block is far from zero), soft-capping, a value head dim other than the query's, alone
+# and with every mask kind.
+SEMANTICS = {
+    "alibi": dict(alibi=True),
+    "softcap": dict(softcap=2.5),
+    "dv48": dict(Dv=48),
+    "dv112": dict(Dv=112),
+    "alibi+softcap+dv48": dict(alibi=True, softcap=2.5, Dv=48),
+}
+SEM_CASES = ["full", "causal_diag", "causal_past_block", "striped_later_keys", "window_offset", "window"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("sem", sorted(SEMANTICS))
+@pytest.mark.parametrize("case", SEM_CASES)
+def test_alibi_softcap_and_value_head_dim_match_float64_reference(kernel, sem, case):
+    _, M, N, kw = next(c for c in CASES if c[0] == case)
+    _assert_matches(*_run_case(kernel, M, N, kw, **SEMANTICS[sem]))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_alibi_with_documents_and_dead_rows(kernel):
+    """ALiBi + causal + documents, rows 0..3 of batch 0 see no key: out = 0, lse = -inf, no NaN."""
+    q_doc = torch.tensor([[7] * 4 + [1] * 6 + [2] * 6, [1] * 16])
+    k_doc = torch.tensor([[1] * 8 + [2] * 8, [1] * 4 + [3] * 12])
+    got, ref = _run_case(kernel, 16, 16, dict(causal=True, q_start=40, k_start=30), docs=(q_doc, k_doc),
+                         alibi=True, softcap=3.0, Dv=24)
+    assert torch.isneginf(got[1][0, :, :4]).all() and (got[0][0, :, :4] == 0).all()
+    _assert_matches(got, ref)
+
+
+def test_aten_alibi_bias_is_built_per_query_tile(monkeypatch):
+    """A 600-row ALiBi block never materialises more than TILE_ROWS × N of bias."""
+    import seqpar_compiler.kernels.aten_cpu as aten_cpu
+    seen = []
+    real = aten_cpu._additive_mask
+
+    def spy(mask, tile, dtype):
+        add, alive = real(mask, tile, dtype)
+        seen.append(tuple(add.shape))
+        return add, alive
+    monkeypatch.setattr(aten_cpu, "_additive_mask", spy)
+    got, ref = _run_case("aten", 600, 40, dict(), Hq=2, Hkv=1, D=16, alibi=True)
+    _assert_matches(got, ref)
+    assert seen and max(s[-2] for s in seen) <= aten_cpu.TILE_ROWS, seen
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_alibi_in_bf16_stays_close_to_reference(kernel):
+    got, ref = _run_case(kernel, 64, 64, dict(causal=True, q_start=512, k_start=448), Hq=2, Hkv=2, D=64,
+                         dtype=torch.bfloat16, alibi=True)
+    for x, r in zip(got, ref):
+        assert rel_err(x.float(), r) < 2e-2
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
