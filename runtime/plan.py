@@ -70,10 +70,14 @@ class RingPlan:
         return len(self.steps)
 
 
-def segment_mask(q_seg, k_seg, causal: bool, window: int | None, q_doc=None, k_doc=None) -> BlockMask:
-    """The block mask of one (query segment, key segment) pair."""
+def segment_mask(q_seg, k_seg, causal: bool, window: int | None, q_doc=None, k_doc=None,
+                 alibi_slopes=None, softcap: float | None = None) -> BlockMask:
+    """The block mask of one (query segment, key segment) pair, with the score semantics
+    (ALiBi slopes, softcap) that kernels evaluate from the segments' global positions. The plan
+    itself needs visibility only: ALiBi and soft-capping never make a block empty."""
     return BlockMask(q_start=q_seg.start, q_stride=q_seg.stride, k_start=k_seg.start,
-                     k_stride=k_seg.stride, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc)
+                     k_stride=k_seg.stride, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc,
+                     alibi_slopes=alibi_slopes, softcap=softcap)
 
 
 def _needed(schedule: str, P: int, S_local: int, causal: bool, window: int | None) -> list[list[bool]]:

@@ -1,9 +1,15 @@
 """The ring loops: exact blockwise attention over a process group, forward and backward.
 
 Shape legend (local shards; the sequence dim is sharded in the schedule's layout):
-  q, out, dout  [B, Hq, S_local, D]      k, v  [B, Hkv, S_local, D]   (Hq % Hkv == 0)
+  q  [B, Hq, S_local, D]      k  [B, Hkv, S_local, D]      v  [B, Hkv, S_local, Dv]
+  out, dout     [B, Hq, S_local, Dv]  (Hq % Hkv == 0; Dv may differ from D, as in MLA)
   lse           [B, Hq, S_local] fp32 (fp64 for fp64 inputs)
   doc           [B, S_local] integer document ids, or None
+  alibi_slopes  [Hq] float (``RingConfig``), or None
+
+Score semantics (ALiBi bias over global positions, soft-capping) travel as data in every
+block's ``BlockMask``, like the mask kinds: each block's kernel evaluates them from the global
+positions of its rows, so no S×S bias exists anywhere and the slopes never travel.
 
 Forward, at every step of the plan (``plan.py``): post the transfers for the next step (the
 next KV block from the previous rank, queries for a help task), compute this step's blocks,
@@ -46,6 +52,8 @@ class RingConfig:
     scale: float
     kernel: str          # resolved kernel name
     overlap: bool
+    alibi_slopes: torch.Tensor | None = None   # [Hq]: scores += slopes[h] · (k_pos − q_pos)
+    softcap: float | None = None               # scores ← cap · tanh(scores / cap)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,8 +116,8 @@ class _Partial:
     """A partial attention result (out fp32/fp64 in the wire layout, lse contiguous) that
     blocks merge into; the first block that covers every row becomes it (no merge into zeros)."""
 
-    def __init__(self, q: torch.Tensor):
-        self.shape, self.device = tuple(q.shape), q.device
+    def __init__(self, q: torch.Tensor, Dv: int):
+        self.shape, self.device = (*q.shape[:3], Dv), q.device
         self.dtype = _acc_dtype(q.dtype)
         self.out: torch.Tensor | None = None
         self.lse: torch.Tensor | None = None
@@ -128,6 +136,12 @@ class _Partial:
         return self.out, self.lse
 
 
+def _flops(q: torch.Tensor, v: torch.Tensor, mask, M: int, N: int, kind: BlockKind) -> int:
+    """2·B·Hq·(D + Dv) per visible (query, key) pair: q·k and p·v, one multiply-add each."""
+    B, Hq, _, D = q.shape
+    return 2 * B * Hq * (D + v.shape[-1]) * _pairs(mask, M, N, kind)
+
+
 def _pairs(mask, M: int, N: int, kind: BlockKind) -> int:
     if kind is BlockKind.FULL or not mask.positional:
         return M * N
@@ -139,7 +153,8 @@ def _blocks(q_segs, kv_segs, cfg: RingConfig, q_doc, k_doc):
     """The kernel calls of one (queries, KV block) pair: (q segment, kv segment, mask, kind).
 
     Segment pairs that are empty are skipped. Pairs that one kernel call can do together are
-    coalesced, since a few large calls run faster than many small ones:
+    coalesced, since a few large calls run faster than many small ones (not with ALiBi: its
+    bias needs every row's true global position, which a coalesced call does not keep):
       * all non-empty pairs full and forming one rectangle of local rows → one unmasked call
         (zigzag: a past or future block is two full chunk pairs);
       * a rank's own block under a plain causal mask → one causal call in local coordinates
@@ -150,19 +165,20 @@ def _blocks(q_segs, kv_segs, cfg: RingConfig, q_doc, k_doc):
         for ks in kv_segs:
             qd = None if q_doc is None else q_doc[:, qs.offset:qs.offset + qs.count]
             kd = None if k_doc is None else k_doc[:, ks.offset:ks.offset + ks.count]
-            mask = segment_mask(qs, ks, cfg.causal, cfg.window, qd, kd)
+            mask = segment_mask(qs, ks, cfg.causal, cfg.window, qd, kd, cfg.alibi_slopes, cfg.softcap)
             kind = classify_block(mask, qs.count, ks.count)
             if kind is not BlockKind.EMPTY:
                 pairs.append((qs, ks, mask, kind))
-    if len(pairs) <= 1:
+    if len(pairs) <= 1 or cfg.alibi_slopes is not None:
         return pairs
     if all(kind is BlockKind.FULL for *_, kind in pairs):
         rows, keys = _span({qs for qs, *_ in pairs}), _span({ks for _, ks, *_ in pairs})
         if rows and keys and len(pairs) == len({qs for qs, *_ in pairs}) * len({ks for _, ks, *_ in pairs}):
-            return [(rows, keys, segment_mask(rows, keys, False, None), BlockKind.FULL)]
+            return [(rows, keys, segment_mask(rows, keys, False, None, softcap=cfg.softcap), BlockKind.FULL)]
     if q_segs == kv_segs and cfg.causal and cfg.window is None:
         local = Segment(0, 0, sum(seg.count for seg in q_segs))
-        return [(local, local, segment_mask(local, local, True, None, q_doc, k_doc), BlockKind.PARTIAL)]
+        return [(local, local, segment_mask(local, local, True, None, q_doc, k_doc, softcap=cfg.softcap),
+                 BlockKind.PARTIAL)]
     return pairs
 
 
@@ -177,20 +193,18 @@ def _span(segs) -> Segment | None:
 
 def _attend(q, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig, partial: _Partial) -> None:
     """Merge attention of queries against one KV block into ``partial``."""
-    B, Hq, _, D = q.shape
     for qs, ks, mask, kind in _blocks(q_segs, kv_segs, cfg, q_doc, k_doc):
         rows, keys = slice(qs.offset, qs.offset + qs.count), slice(ks.offset, ks.offset + ks.count)
         o_b, lse_b = block_attention_forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], mask,
                                              cfg.scale, cfg.kernel)
         partial.merge(rows, o_b, lse_b)
         if counting():         # the visible-pair count of a partial block costs a pass over its rows
-            record(block_kernel_calls=1, attention_flops=4 * B * Hq * D * _pairs(mask, qs.count, ks.count, kind))
+            record(block_kernel_calls=1, attention_flops=_flops(q, v, mask, qs.count, ks.count, kind))
 
 
 def _attend_backward(dout, q, out, lse, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig,
                      dq: _Accumulator, dk: _Accumulator, dv: _Accumulator, dlse) -> None:
     """Accumulate gradients of queries against one KV block into dq, dk, dv (fp32)."""
-    B, Hq, _, D = q.shape
     for qs, ks, mask, kind in _blocks(q_segs, kv_segs, cfg, q_doc, k_doc):
         rows, keys = slice(qs.offset, qs.offset + qs.count), slice(ks.offset, ks.offset + ks.count)
         dq_b, dk_b, dv_b = block_attention_backward(
@@ -200,7 +214,7 @@ def _attend_backward(dout, q, out, lse, q_segs, q_doc, k, v, k_doc, kv_segs, cfg
         dk.add_(keys, dk_b)
         dv.add_(keys, dv_b)
         if counting():         # the visible-pair count of a partial block costs a pass over its rows
-            record(block_kernel_calls=1, attention_flops=4 * B * Hq * D * _pairs(mask, qs.count, ks.count, kind))
+            record(block_kernel_calls=1, attention_flops=_flops(q, v, mask, qs.count, ks.count, kind))
 
 
 def _kv_transfers(send: bool, block, peer: int, step: int) -> list[Transfer]:
@@ -271,7 +285,7 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.T
     """Exact attention of the local queries over the whole group's keys → (out, lse).
 
     q, k, v may have any strides; K/V travel in the wire layout (a copy only if they are not
-    in it already). ``out`` comes back laid out as [B, S_local, Hq, D] in memory (the wire
+    in it already). ``out`` [B, Hq, S_local, Dv] comes back laid out as [B, S_local, Hq, Dv] in memory (the wire
     layout; ``ring_op``'s fake says the same), ``lse`` contiguous.
     """
     if comm.size > 1:                          # a group of one sends nothing
@@ -279,7 +293,8 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.T
     doc = None if doc is None else doc.contiguous()
     L = _Loop(q, doc, cfg, comm)
     r, plan = L.rank, L.plan
-    partial = _Partial(q)
+    Dv = v.shape[-1]
+    partial = _Partial(q, Dv)
     helper_of = dict(plan.helpers[r])            # step -> the rank that computes some of our rows then
     results: list[tuple[torch.Tensor, torch.Tensor]] = []
     late: list[Pending] = []
@@ -287,7 +302,7 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.T
 
     def receive_results(step: int) -> None:
         if step in helper_of:
-            o_buf = empty_wire(q.shape, partial.dtype, q.device)
+            o_buf = empty_wire(partial.shape, partial.dtype, q.device)
             l_buf = torch.empty(q.shape[:3], dtype=partial.dtype, device=q.device)
             results.append((o_buf, l_buf))
             late.append(comm.post([Transfer(False, o_buf, helper_of[step], "res_out", step),
@@ -317,7 +332,7 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.T
             _attend(q, L.segs(r), doc, hk, hv, hdoc, L.segs(st.holds), cfg, partial)
         if st.help_q is not None:
             fq, fdoc = help_q
-            helped = _Partial(fq)
+            helped = _Partial(fq, Dv)
             _attend(fq, L.segs(st.help_q), fdoc, k, v, doc, L.segs(r), cfg, helped)
             h_out, h_lse = helped.result()
             L.send(t, comm.post([Transfer(True, to_wire_layout(h_out), st.help_q, "res_out", t),

@@ -7,14 +7,21 @@ partitioner sees (out, lse) as the values to save. The bodies run below autograd
 gradients with the kernels' backward. The process group travels by name (a string is a legal
 op argument; a ProcessGroup is not); ``""`` means a group of one.
 
-Shape legend: q [B,Hq,S_local,D], k/v [B,Hkv,S_local,D], doc_ids [B,S_local] or None,
-out [B,Hq,S_local,D], lse [B,Hq,S_local] fp32 (fp64 for fp64 inputs). S_local is sharded in
-the schedule's layout. out, dq, dk, dv are laid out as [B, S_local, H, D] in memory (the ring's
-wire layout, ``comm.py``), and both the real ops and the fakes say so: inductor plans the
-consumers' strides from the fakes.
+Shape legend: q [B,Hq,S_local,D], k [B,Hkv,S_local,D], v [B,Hkv,S_local,Dv] (Dv may differ
+from D), doc_ids [B,S_local] or None, alibi_slopes [Hq] float or None, out [B,Hq,S_local,Dv],
+lse [B,Hq,S_local] fp32 (fp64 for fp64 inputs). S_local is sharded in the schedule's layout.
+out, dq, dk, dv are laid out as [B, S_local, H, D] in memory (the ring's wire layout,
+``comm.py``), and both the real ops and the fakes say so: inductor plans the consumers'
+strides from the fakes.
+
+Score semantics (issue 12): ``alibi_slopes`` adds ``slopes[h] · (k_pos − q_pos)`` over global
+positions, ``softcap`` caps scores as ``cap · tanh(s / cap)`` (before the bias). Both are the
+last two arguments, defaulting to None, so graphs made before them still run; the slopes get
+no gradient (ALiBi's are fixed; ``ring_attention`` refuses slopes that require one).
 """
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 
@@ -49,7 +56,8 @@ def _group_size(group_name: str) -> int:
 
 
 def check_ring_inputs(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, window: int | None,
-                      schedule: str, kernel: str, P: int) -> None:
+                      schedule: str, kernel: str, P: int, alibi_slopes: Tensor | None = None,
+                      softcap: float | None = None) -> None:
     """Clear errors for inputs the ring cannot take, naming what is allowed."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
@@ -59,8 +67,9 @@ def check_ring_inputs(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, w
         if t.dim() != 4:
             raise ValueError(f"ring_attention expects 4-D [B, H, S_local, D] tensors; {name} has shape "
                              f"{tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must agree on batch, heads and local sequence length (v's head dim may "
+                         f"differ); got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, local sequence "
                          f"length and head dim ([B, H, S_local, D])")
@@ -81,21 +90,41 @@ def check_ring_inputs(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, w
                              f"{[q.shape[0], q.shape[2]]}; got {doc_ids.dtype} {tuple(doc_ids.shape)}")
         if doc_ids.device != q.device:
             raise ValueError(f"doc_ids must be on q's device {q.device}; got {doc_ids.device}")
+    if alibi_slopes is not None and (alibi_slopes.shape != (q.shape[1],) or not alibi_slopes.dtype.is_floating_point
+                                     or alibi_slopes.device != q.device):
+        raise ValueError(f"alibi_slopes must be a float tensor of shape [Hq] = [{q.shape[1]}] on q's device "
+                         f"{q.device}; got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)} on {alibi_slopes.device}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite float > 0 (scores become softcap * tanh(s / softcap)); "
+                         f"got {softcap}")
     check_sequence_length(q.shape[2] * P, schedule, P, what="global sequence length")
 
 
-def _agree(q, k, doc_ids, scale, causal, window, schedule, kernel, group) -> None:
+def _float_bits(x: float | None) -> int:
+    return -1 if x is None else struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _slopes_crc(alibi_slopes: Tensor | None) -> int:
+    """A checksum of the slope values (Hq numbers: one tiny device-to-host copy)."""
+    if alibi_slopes is None:
+        return -1
+    return zlib.crc32(alibi_slopes.detach().to("cpu", torch.float64).numpy().tobytes())
+
+
+def _agree(q, k, v, doc_ids, scale, causal, window, schedule, kernel, group, alibi_slopes, softcap) -> None:
     """Once per new configuration, check every rank of the group passed the same one."""
     fields = {
         "q_shape": zlib.crc32(str(tuple(q.shape)).encode()),
-        "kv_shape": zlib.crc32(str(tuple(k.shape)).encode()),
+        "kv_shape": zlib.crc32(str((tuple(k.shape), tuple(v.shape))).encode()),
         "dtype": zlib.crc32(str(q.dtype).encode()),
         "schedule": SCHEDULES.index(schedule),
         "causal": int(causal),
         "window": -1 if window is None else window,
         "doc_ids": int(doc_ids is not None),
-        "scale": struct.unpack("<q", struct.pack("<d", scale))[0],
+        "scale": _float_bits(scale),
         "kernel": KERNELS.index(kernel),
+        "alibi_slopes": _slopes_crc(alibi_slopes),
+        "softcap": _float_bits(softcap),
     }
     key = (id(group), tuple(fields.values()))
     if key in _checked_configs:
@@ -104,41 +133,48 @@ def _agree(q, k, doc_ids, scale, causal, window, schedule, kernel, group) -> Non
     _checked_configs.add(key)
 
 
-def _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel):
+def _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel, alibi_slopes, softcap):
     group = resolve_group(group_name)
     P = 1 if group is None else dist.get_world_size(group)
-    check_ring_inputs(q, k, v, doc_ids, window, schedule, kernel, P)
+    check_ring_inputs(q, k, v, doc_ids, window, schedule, kernel, P, alibi_slopes, softcap)
     if group is not None:
-        _agree(q, k, doc_ids, scale, causal, window, schedule, kernel, group)
+        _agree(q, k, v, doc_ids, scale, causal, window, schedule, kernel, group, alibi_slopes, softcap)
     cfg = RingConfig(schedule=schedule, causal=causal, window=window, scale=scale,
-                     kernel=resolve_kernel(kernel, q.device, q.dtype), overlap=overlap)
+                     kernel=resolve_kernel(kernel, q.device, q.dtype), overlap=overlap,
+                     alibi_slopes=alibi_slopes, softcap=softcap)
     return cfg, RingComm(group)
 
 
 @torch.library.custom_op("seqpar::ring_attention", mutates_args=())
 def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, scale: float, causal: bool,
                       window: int | None, schedule: str, group_name: str, overlap: bool,
-                      kernel: str) -> tuple[Tensor, Tensor]:
-    cfg, comm = _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel)
+                      kernel: str, alibi_slopes: Tensor | None = None,
+                      softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    cfg, comm = _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel,
+                       alibi_slopes, softcap)
     record(attention_forward_calls=1)
     return ring_forward(q, k, v, doc_ids, cfg, comm)
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel):
-    check_ring_inputs(q, k, v, doc_ids, window, schedule, kernel, _group_size(group_name))
+def _(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel, alibi_slopes=None,
+      softcap=None):
+    check_ring_inputs(q, k, v, doc_ids, window, schedule, kernel, _group_size(group_name), alibi_slopes, softcap)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    # the real op returns out laid out as [B, S_local, Hq, D] in memory (the ring's wire layout,
-    # also ATen flash's): the model's following transpose + reshape is then free
-    return empty_wire(q.shape, q.dtype, q.device), q.new_empty(q.shape[:3], dtype=lse_dtype)
+    # the real op returns out [B, Hq, S_local, Dv] laid out as [B, S_local, Hq, Dv] in memory (the
+    # ring's wire layout, also ATen flash's): the model's following transpose + reshape is then free
+    return (empty_wire((*q.shape[:3], v.shape[-1]), q.dtype, q.device),
+            q.new_empty(q.shape[:3], dtype=lse_dtype))
 
 
 @torch.library.custom_op("seqpar::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                doc_ids: Tensor | None, dlse: Tensor | None, scale: float, causal: bool,
                                window: int | None, schedule: str, group_name: str, overlap: bool,
-                               kernel: str) -> tuple[Tensor, Tensor, Tensor]:
-    cfg, comm = _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel)
+                               kernel: str, alibi_slopes: Tensor | None = None,
+                               softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    cfg, comm = _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel,
+                       alibi_slopes, softcap)
     record(attention_backward_calls=1)
     # A gradient on the lse is rare (the compiler never makes one) and only the math kernel
     # takes it; drop an all-zero one. Decided here, on real data, not in the traced formula.
@@ -148,24 +184,29 @@ def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
 
 
 @ring_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, doc_ids, dlse, scale, causal, window, schedule, group_name, overlap, kernel):
+def _(dout, q, k, v, out, lse, doc_ids, dlse, scale, causal, window, schedule, group_name, overlap, kernel,
+      alibi_slopes=None, softcap=None):
     # the real op returns gradients in the wire layout whatever the inputs' strides; say the same here
     return tuple(empty_wire(t.shape, t.dtype, t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel = inputs
+    q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel, *rest = inputs
+    alibi_slopes, softcap = (rest + [None, None])[:2]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+    ctx.save_for_backward(q, k, v, out, lse, doc_ids, alibi_slopes)
     ctx.options = (scale, causal, window, schedule, group_name, overlap, kernel)
+    ctx.softcap = softcap
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, doc_ids = ctx.saved_tensors
+    q, k, v, out, lse, doc_ids, alibi_slopes = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = ring_attention_backward_op(dout, q, k, v, out, lse, doc_ids, dlse, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    extra = () if alibi_slopes is None and ctx.softcap is None else (alibi_slopes, ctx.softcap)
+    dq, dk, dv = ring_attention_backward_op(dout, q, k, v, out, lse, doc_ids, dlse, *ctx.options, *extra)
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)

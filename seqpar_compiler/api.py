@@ -38,13 +38,18 @@ def _group_name(group: dist.ProcessGroup | None) -> str:
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                    scale: float | None = None, window: int | None = None, doc_ids: torch.Tensor | None = None,
                    schedule: str = "zigzag", group: dist.ProcessGroup | None = None, return_lse: bool = False,
-                   overlap: bool | None = None, kernel: str | None = None):
+                   overlap: bool | None = None, kernel: str | None = None,
+                   alibi_slopes: torch.Tensor | None = None, softcap: float | None = None):
     """Exact softmax attention of this rank's queries over the whole group's keys, as a ring.
 
     Shape legend (this rank's shard; the sequence dim is split in ``schedule``'s layout, as
     ``shard_sequence`` makes it):
-      q [B, Hq, S_local, D]; k, v [B, Hkv, S_local, D] with Hq % Hkv == 0 (GQA/MQA: K/V travel
-      at Hkv heads); doc_ids [B, S_local] integer; out [B, Hq, S_local, D]; lse [B, Hq, S_local] fp32.
+      q [B, Hq, S_local, D]; k [B, Hkv, S_local, D], v [B, Hkv, S_local, Dv] with Hq % Hkv == 0
+      (GQA/MQA: K/V travel at Hkv heads; Dv may differ from D, as in MLA); doc_ids [B, S_local]
+      integer; alibi_slopes [Hq] float; out [B, Hq, S_local, Dv]; lse [B, Hq, S_local] fp32.
+
+    Scores are ``s = scale · q kᵀ``; with ``softcap``, ``s ← softcap · tanh(s / softcap)``; with
+    ``alibi_slopes``, ``s += slopes[h] · (k_pos − q_pos)`` over global positions; then the mask.
 
     Args:
         causal: key visible iff its global position <= the query's.
@@ -57,6 +62,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         return_lse: also return the log-sum-exp (natural log).
         overlap: post the next KV block's transfer before computing (``SEQPAR_OVERLAP``).
         kernel: ``auto``, ``aten``, ``triton`` or ``math`` (``SEQPAR_KERNEL``).
+        alibi_slopes: ALiBi's per-head slopes [Hq] (fixed: they get no gradient); the bias is
+            evaluated per block from global positions, never materialised as S×S. MPT's key-only
+            form ``slopes[h] · k_pos`` differs by a per-query constant, which softmax ignores.
+        softcap: attention-logit soft-capping (Gemma 2), a float > 0.
 
     Returns:
         ``out``, or ``(out, lse)`` with ``return_lse``. Differentiable in q, k, v (and lse).
@@ -69,8 +78,16 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         scale = q.shape[-1] ** -0.5
     if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
         raise ValueError(f"window must be an int >= 1; got {window!r}")
+    extra = ()
+    if alibi_slopes is not None or softcap is not None:
+        if alibi_slopes is not None and alibi_slopes.requires_grad:
+            raise ValueError("alibi_slopes must not require grad (the ring computes no slope gradient); "
+                             "pass alibi_slopes.detach()")
+        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
+            raise ValueError(f"softcap must be a float > 0; got {softcap!r}")
+        extra = (alibi_slopes, None if softcap is None else float(softcap))
     out, lse = ring_attention_op(q, k, v, doc_ids, float(scale), bool(causal), window, schedule,
-                                 _group_name(group), overlap, kernel)
+                                 _group_name(group), overlap, kernel, *extra)
     return (out, lse) if return_lse else out
 
 

@@ -32,7 +32,7 @@ def _qkv(B=1, Hq=4, Hkv=2, S=8, D=8, dtype=torch.float32):
     (lambda: (_qkv()[0], _qkv()[1], _qkv()[2].double()), "one dtype"),
     (lambda: (_qkv()[0], _qkv(S=4)[1], _qkv(S=4)[2]), "must agree on batch"),
     (lambda: (_qkv()[0][0], *_qkv()[1:]), "4-D"),
-    (lambda: (_qkv()[0], _qkv()[1], _qkv(Hkv=1)[2]), "same shape"),
+    (lambda: (_qkv()[0], _qkv()[1], _qkv(Hkv=1)[2]), "k and v must agree on batch, heads"),
 ])
 def test_bad_inputs_get_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
@@ -54,6 +54,57 @@ def test_bad_options_get_clear_errors():
         if os.environ.get("TRITON_INTERPRET") == "1":
             pytest.skip("interpreter is on in this process")
         sp.ring_attention(q, k, v, kernel="triton")
+
+
+def test_bad_score_semantics_get_clear_errors():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"alibi_slopes must be a float tensor of shape \[Hq\] = \[4\]"):
+        sp.ring_attention(q, k, v, alibi_slopes=torch.ones(2))
+    with pytest.raises(ValueError, match="alibi_slopes must be a float tensor"):
+        sp.ring_attention(q, k, v, alibi_slopes=torch.ones(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="alibi_slopes must not require grad"):
+        sp.ring_attention(q, k, v, alibi_slopes=torch.ones(4, requires_grad=True))
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="softcap must be a finite float > 0"):
+            sp.ring_attention(q, k, v, softcap=bad)
+    with pytest.raises(ValueError, match="softcap must be a float > 0"):
+        sp.ring_attention(q, k, v, softcap="2")
+
+
+@pytest.mark.parametrize("kernel", ["aten", "math"])
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 5)])
+def test_single_rank_alibi_softcap_and_value_head_dim_match_float64(kernel, causal, window):
+    """One rank: ALiBi + softcap + Dv = 24 ≠ D = 16 + GQA, forward and backward, against float64."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 32, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 32, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 32, 24, generator=g, requires_grad=True)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    out = sp.ring_attention(q, k, v, causal=causal, window=window, alibi_slopes=slopes, softcap=3.0, kernel=kernel)
+    assert out.shape == (2, 4, 32, 24)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference_attention(q64, k64, v64, causal=causal, window=window, alibi_slopes=slopes, softcap=3.0)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), dout.float())
+    exp = torch.autograd.grad(ref, (q64, k64, v64), dout)
+    assert rel_err(out, ref) < 1e-5
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(got, exp)), [rel_err(a, b) for a, b in zip(got, exp)]
+
+
+def test_op_with_alibi_and_dv_compiles_with_its_backward():
+    """The fake kernel says out is [B, Hq, S, Dv]; slopes are an op input without a gradient."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 16, 8, requires_grad=True), torch.randn(1, 2, 16, 8, requires_grad=True)
+    v = torch.randn(1, 2, 16, 12, requires_grad=True)
+    slopes = torch.tensor([0.5, 0.125])
+
+    def f(q, k, v, slopes):
+        return sp.ring_attention(q * 2, k, v, causal=True, alibi_slopes=slopes, softcap=4.0).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v, slopes), (q, k, v))
+    exp = torch.autograd.grad(f(q, k, v, slopes), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, exp))
 
 
 def test_merge_is_nan_free_when_rows_are_dead_on_either_side():
@@ -125,3 +176,23 @@ def test_stats_count_calls_and_nest():
     assert inner.attention_flops == 2 * 36 * 4 * 1 * 4 * 8
     assert set(outer.as_dict()) >= {"block_kernel_calls", "bytes_sent", "bytes_received", "control_bytes",
                                     "comm_wait_seconds"}
+
+
+def test_fake_kernels_say_the_real_shapes_and_strides_with_dv_and_alibi():
+    """Inductor plans consumers from the fakes: with Dv ≠ D they must still match the real ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 16, 8, generator=g), torch.randn(2, 2, 16, 8, generator=g)
+    v, dout = torch.randn(2, 2, 16, 20, generator=g), torch.randn(2, 4, 16, 20, generator=g)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    opts = (8 ** -0.5, True, None, "zigzag", "", True, "auto", slopes, 2.0)
+    real = torch.ops.seqpar.ring_attention(q, k, v, None, *opts)
+    real_g = torch.ops.seqpar.ring_attention_backward(dout, q, k, v, *real, None, None, *opts)
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fdout, fs = (mode.from_tensor(t) for t in (q, k, v, dout, slopes))
+        fopts = (*opts[:-2], fs, opts[-1])
+        fake = torch.ops.seqpar.ring_attention(fq, fk, fv, None, *fopts)
+        fake_g = torch.ops.seqpar.ring_attention_backward(fdout, fq, fk, fv, *fake, None, None, *fopts)
+    for r, f in zip((*real, *real_g), (*fake, *fake_g)):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
+    assert real[0].shape == (2, 4, 16, 20) and real_g[2].shape == v.shape
