@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import replace
 
 import torch
 import triton
 import triton.language as tl
 
 from .block_mask import BlockMask
+from .triton_configs import TritonConfigs, triton_configs
 
 __all__ = ["triton_block_forward", "triton_block_backward", "TRITON_DTYPES"]
 
@@ -359,27 +361,15 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, DQ, QDoc, KDoc,
 # ----------------------------------------------------------------------------- host side
 
 
-def _tile_sizes(d_pad: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps).
-
-    On a GPU the tiles shrink as D grows so that the fp32 accumulators ([BLOCK_M, D_PAD] in
-    forward and dq, two [BLOCK_N, D_PAD] in dk/dv) stay in registers; fp32 inputs go through
-    the FMA path of ``tl.dot`` (ieee), which needs far more registers than tensor cores, hence
-    smaller tiles. Chosen from ptxas resource usage for sm_80 (no or < 100 B of spills per
-    thread), not tuned for speed. The interpreter runs each tile op as one numpy call, so
-    larger tiles are simply faster there.
-    """
-    if device.type != "cuda":
-        return 64, 64, 4
-    if dtype == torch.float32:
-        if d_pad <= 64:
-            return 32, 32, 8
-        return (32, 16, 8) if d_pad <= 128 else (16, 16, 8)
-    if d_pad <= 64:
-        return 64, 32, 4
-    if d_pad <= 128:
-        return 64, 32, 8
-    return 32, 32, 8
+def _launch_configs(d_pad: int, dtype: torch.dtype, device: torch.device, block_m: int | None,
+                    block_n: int | None) -> TritonConfigs:
+    """The per-pass configs (``triton_configs.py``: a deterministic table per GPU, D and dtype);
+    explicit ``block_m`` / ``block_n`` (tests) override the tiles of every pass."""
+    cfg = triton_configs(d_pad, dtype, device)
+    if block_m is None and block_n is None:
+        return cfg
+    fix = lambda c: replace(c, block_m=block_m or c.block_m, block_n=block_n or c.block_n)  # noqa: E731
+    return TritonConfigs(fix(cfg.forward), fix(cfg.dkdv), fix(cfg.dq))
 
 
 def _device_guard(device: torch.device):
@@ -434,7 +424,8 @@ def triton_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         k, v: [B, Hkv, N, D] keys and values, q's dtype.
         mask: the block's global positions and mask kinds, evaluated inside the kernel.
         scale: softmax scale applied to q·k.
-        block_m, block_n: tile sizes (powers of two ≥ 16); defaults depend on D and device.
+        block_m, block_n: tile sizes (powers of two ≥ 16); by default per GPU, D and dtype
+            (``triton_configs.py``).
 
     Returns:
         out [B, Hq, M, D] in q's dtype, and lse [B, Hq, M] fp32 in natural log. A row that
@@ -450,14 +441,14 @@ def triton_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     out = torch.empty(B, Hq, M, D, dtype=q.dtype, device=q.device)     # every row is written
     lse = torch.empty(B, Hq, M, dtype=torch.float32, device=q.device)
     d_pad = max(16, triton.next_power_of_2(D))
-    bm, bn, warps = _tile_sizes(d_pad, q.dtype, q.device)
-    bm, bn = block_m or bm, block_n or bn
+    fwd = _launch_configs(d_pad, q.dtype, q.device, block_m, block_n).forward
     a = _mask_args(mask, q, B, M, N)
     with _device_guard(q.device):
-        _fwd_kernel[(triton.cdiv(M, bm), B * Hq)](
+        _fwd_kernel[(triton.cdiv(M, fwd.block_m), B * Hq)](
             q, k, v, out, lse, *a["docs"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3], *a["doc_strides"], M, N, D, Hq, Hq // Hkv, scale * _LOG2E,
-            *a["scalars"], **a["flags"], BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, num_warps=warps)
+            *a["scalars"], **a["flags"], BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, D_PAD=d_pad,
+            num_warps=fwd.num_warps, num_stages=fwd.num_stages)
     return out, lse
 
 
@@ -492,8 +483,7 @@ def triton_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     if B * Hq * M == 0 or N == 0:
         return dq, dk, dv
     d_pad = max(16, triton.next_power_of_2(D))
-    bm, bn, warps = _tile_sizes(d_pad, q.dtype, q.device)
-    bm, bn = block_m or bm, block_n or bn
+    cfg = _launch_configs(d_pad, q.dtype, q.device, block_m, block_n)
     a = _mask_args(mask, q, B, M, N)
     lse = lse.to(torch.float32).contiguous()
     delta = torch.empty_like(lse)
@@ -501,15 +491,15 @@ def triton_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *a["doc_strides"])
     scale2 = scale * _LOG2E
     with _device_guard(q.device):
-        _bwd_preprocess_kernel[(triton.cdiv(M, bm), B * Hq)](
+        _bwd_preprocess_kernel[(triton.cdiv(M, cfg.dq.block_m), B * Hq)](
             out, dout, lse, delta, lse2, *out.stride()[:3], *dout.stride()[:3], M, D, Hq,
-            BLOCK_M=bm, D_PAD=d_pad, num_warps=warps)
-        _bwd_dkdv_kernel[(triton.cdiv(N, bn), B * Hkv)](
+            BLOCK_M=cfg.dq.block_m, D_PAD=d_pad, num_warps=cfg.dq.num_warps)
+        _bwd_dkdv_kernel[(triton.cdiv(N, cfg.dkdv.block_n), B * Hkv)](
             q, k, v, dout, lse2, delta, dk, dv, *a["docs"], *strides, M, N, D, Hq, Hkv, Hq // Hkv,
-            scale, scale2, *a["scalars"], **a["flags"], BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad,
-            num_warps=warps)
-        _bwd_dq_kernel[(triton.cdiv(M, bm), B * Hq)](
+            scale, scale2, *a["scalars"], **a["flags"], BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n,
+            D_PAD=d_pad, num_warps=cfg.dkdv.num_warps, num_stages=cfg.dkdv.num_stages)
+        _bwd_dq_kernel[(triton.cdiv(M, cfg.dq.block_m), B * Hq)](
             q, k, v, dout, lse2, delta, dq, *a["docs"], *strides, M, N, D, Hq, Hq // Hkv,
-            scale, scale2, *a["scalars"], **a["flags"], BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad,
-            num_warps=warps)
+            scale, scale2, *a["scalars"], **a["flags"], BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n,
+            D_PAD=d_pad, num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages)
     return dq, dk, dv
