@@ -20,6 +20,7 @@ from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
 
 from .attention_patterns import canonical_attention
 from .attention_rules import canonical_attention_rule, sdpa_rule
+from .aten_rules import decomposed_rule
 from .placement import Replicate, Shard, local_view_shape, view_placement
 from .rewrite import call_arguments
 
@@ -385,16 +386,34 @@ def _aten_pointwise(node: fx.Node) -> bool:
 
 def rule_for(node: fx.Node):
     """The sharding rule of ``node``: its entry in ``RULES``, else the pointwise rule when aten
-    tags the op pointwise, else None (the caller falls back)."""
+    tags the op pointwise, else the generic rule (``aten_rules``: the op decomposed to ATen,
+    each piece sharded by DTensor's strategy). A hand-written rule that refuses a use gets the
+    generic rule as a second chance (``inv_freq @ position_ids`` is a matmul the projection
+    rule refuses and DTensor's matmul strategy shards)."""
     rule = RULES.get(rule_key(node))
     if rule is None and _aten_pointwise(node):
         return _pointwise
-    return rule
+    if rule is None:
+        return decomposed_rule
+    if rule in _FINAL_RULES:
+        return rule
+    return lambda ctx, n: _second_chance(rule, ctx, n)
+
+
+def _second_chance(rule, ctx, node):
+    result = rule(ctx, node)
+    if not isinstance(result, str):
+        return result
+    generic = decomposed_rule(ctx, node)
+    return result if isinstance(generic, str) or generic is None else generic
 
 
 # Ops where a replicated user input carrying the sequence (input_ids, inputs_embeds) is sharded.
 SEEDING_RULES = {F.embedding, F.linear, torch._C._nn.linear, F.layer_norm, torch.layer_norm, torch.addmm,
                  F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, canonical_attention}
+
+# rules whose refusal is about the layout (the sequence dim itself): DTensor must not overrule them
+_FINAL_RULES = {_cat, _split, _arange, canonical_attention_rule, sdpa_rule}
 
 RULES = {
     **{f: _pointwise for f in POINTWISE_FUNCTIONS},

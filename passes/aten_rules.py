@@ -1,0 +1,292 @@
+"""The generic sharding rule: an op with no hand-written rule, decomposed to ATen on its example
+values, each piece sharded by DTensor's strategy for it (issue 12, design (b)).
+
+Reads ``node.meta["example_value"]`` of the node and its inputs, and the placements the rewrite
+has given its inputs (``ShardingContext.place``). Writes, into the new graph, the ATen pieces of
+the op computed on local shards (``node.meta["seqpar_placement"]`` on each), and returns the
+placement of the op's result like any rule (``sharding_rules.py``).
+
+Why a per-node decomposition (not a whole ATen-level graph): the torch-level graph is what the
+rest of seqpar reads (attention patterns, the FFN and checkpointing passes, the dump), and almost
+every op of a real model already has a rule there; only an op without one pays for a ``make_fx``
+of one call on meta tensors (milliseconds). See docs/how_it_works.md "Where rules come from".
+
+What stays seqpar's (never taken from DTensor): DTensor's ``Shard`` means contiguous chunks, and
+zigzag / striped are not contiguous. An ATen piece is taken from DTensor only when it keeps the
+sequence on a dim of the same size and is equivariant under any permutation of the sequence
+positions (``_LAYOUT_OPS`` lists the ATen ops whose result depends on where a position sits:
+scans, rolls, flips, triangles, slices, index ops along the sequence). Views go through seqpar's
+own view rule (``placement.view_placement``: merged batch×sequence dims, and a view that splits
+the sequence is refused). A reduction over the sequence comes back ``Partial``: sum, mean (equal
+shares) and max/min are permutation invariant and become one all-reduce; ``nll_loss`` (whose mean
+counts ignored targets) keeps seqpar's cross-entropy rule.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
+
+from .dtensor_compat import TENSOR, ArgSpec, NoStrategy, propagate
+from .placement import Replicate, Shard, local_view_shape, view_placement
+
+__all__ = ["decomposed_rule", "DECOMPOSITIONS"]
+
+aten = torch.ops.aten
+shard_sequence_op = torch.ops.seqpar.shard_sequence.default
+
+# ATen ops DTensor has no strategy for, decomposed into ones it has (SDPA never reaches here:
+# attention has its own rule).
+DECOMPOSITIONS = {}
+for _op in (aten.polar.default, aten.narrow.default, aten.repeat_interleave.self_int,
+            aten.tensor_split.indices, aten.tensor_split.sections, aten.movedim.int, aten.logsumexp.default,
+            aten.unflatten.int, aten.flatten.using_ints):
+    try:
+        from torch._decomp import decomposition_table as _table
+        if _op in _table:
+            DECOMPOSITIONS[_op] = _table[_op]
+    except Exception:  # noqa: BLE001 - an op this torch does not have
+        pass
+
+
+def _polar(abs_, angle):
+    return torch.complex(abs_ * torch.cos(angle), abs_ * torch.sin(angle))
+
+
+DECOMPOSITIONS[aten.polar.default] = _polar
+
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+# position-aware ATen ops: their result depends on where a position sits in the dim
+_LAYOUT_OPS = {aten.roll.default, aten.flip.default, aten.cumsum.default, aten.cumprod.default,
+               aten.logcumsumexp.default, aten.cummax.default, aten.cummin.default, aten.sort.default,
+               aten.sort.stable, aten.topk.default, aten.tril.default, aten.triu.default, aten.diff.default,
+               aten.slice.Tensor, aten.narrow.default, aten.unfold.default, aten.constant_pad_nd.default,
+               aten.nll_loss_forward.default, aten.nll_loss2d_forward.default, aten.index_select.default,
+               aten.gather.default, aten.scatter.src, aten.scatter_add.default, aten.index.Tensor,
+               aten.select.int, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
+               aten.as_strided.default, aten.diagonal.default}
+# of those, the ones that are permutation-equivariant when the sequence dim is not the dim they act on
+_DIM_ARG = {aten.roll.default: 2, aten.flip.default: 1, aten.cumsum.default: 1, aten.cumprod.default: 1,
+            aten.logcumsumexp.default: 1, aten.cummax.default: 1, aten.cummin.default: 1, aten.sort.default: 1,
+            aten.topk.default: 3, aten.diff.default: 2, aten.slice.Tensor: 1, aten.narrow.default: 1,
+            aten.unfold.default: 1, aten.index_select.default: 1, aten.gather.default: 1, aten.select.int: 1,
+            aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.unbind.int: 1,
+            aten.scatter.src: 1, aten.scatter_add.default: 1}
+_DIM_DEFAULT = {aten.sort.default: -1, aten.topk.default: -1, aten.diff.default: -1, aten.slice.Tensor: 0,
+                aten.split.Tensor: 0, aten.split_with_sizes.default: 0, aten.unbind.int: 0}
+
+
+class _Refuse(Exception):
+    pass
+
+
+def _meta(ex):
+    if isinstance(ex, torch.Tensor):
+        return torch.empty_strided(ex.shape, ex.stride(), dtype=ex.dtype, device="meta")
+    return ex
+
+
+def _decompose(ctx, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """One call of ``node``'s op, traced to ATen on meta tensors shaped like its example values."""
+    inputs = node.all_input_nodes
+    metas = [_meta(ctx.example(a)) for a in inputs]
+    if any(not isinstance(m, torch.Tensor) for m in metas):
+        raise _Refuse("an input that is not a tensor")
+
+    def call(*tensors):
+        env = dict(zip(inputs, tensors))
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+    return make_fx(call, decomposition_table=DECOMPOSITIONS)(*metas), inputs
+
+
+def _shape(p) -> tuple[int, ...]:
+    return tuple(p.meta["val"].shape)
+
+
+def decomposed_rule(ctx, node: fx.Node):
+    """Shard ``node`` piece by piece (module docstring); a string when some piece cannot be."""
+    try:
+        gm, inputs = _decompose(ctx, node)
+    except _Refuse as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - an op make_fx cannot trace on meta tensors
+        return f"it does not decompose on meta tensors ({type(err).__name__})"
+    try:
+        return _shard_pieces(ctx, node, gm, inputs)
+    except (_Refuse, NoStrategy) as err:
+        return str(err)
+
+
+def _shard_pieces(ctx, node, gm, inputs):
+    vals: dict[fx.Node, object] = {}
+    place: dict[fx.Node, object] = {}
+    olds: dict[fx.Node, fx.Node] = {}
+    placeholders = [p for p in gm.graph.nodes if p.op == "placeholder"]
+    for p, old in zip(placeholders, inputs):
+        vals[p], place[p], olds[p] = ctx.env[old], ctx.placement_of(old), old
+    result = None
+    for p in gm.graph.nodes:
+        if p.op == "placeholder":
+            continue
+        if p.op == "output":
+            result = p.args[0]
+            break
+        if p.target is operator.getitem:
+            src, i = p.args
+            vals[p] = ctx.emit(operator.getitem, (vals[src], i), placement=place[src][i])
+            place[p] = place[src][i]
+            continue
+        vals[p], place[p] = _piece(ctx, p, vals, place, olds)
+        vals[p].meta["seqpar_placement"] = place[p]
+    if isinstance(result, (list, tuple)):
+        if not isinstance(ctx.example(node), (list, tuple)):
+            raise _Refuse("a decomposition with several outputs for one tensor")
+        pls = tuple(place[r] for r in result)
+        return ctx.emit(tuple, ([vals[r] for r in result],), placement=pls), pls
+    return vals[result], place[result]
+
+
+def _piece(ctx, p: fx.Node, vals, place, olds):
+    tensor_args = p.all_input_nodes
+    shards = {a: place[a] for a in tensor_args if isinstance(place.get(a), Shard)}
+
+    def plain(a):
+        return vals[a]
+    if not shards:
+        return ctx.emit(p.target, fx.node.map_arg(p.args, plain), fx.node.map_arg(p.kwargs, plain),
+                        Replicate()), Replicate()
+    kinds = {(s.pre, s.post) for s in shards.values()}
+    if len(kinds) > 1:
+        raise _Refuse(f"{p.target}: operands merged with the sequence differently")
+    pre, post = kinds.pop()
+    full = pre * ctx.S * post
+    if p.target in _VIEWS:
+        return _view_piece(ctx, p, vals, place)
+    if p.target in _LAYOUT_OPS:
+        _check_layout_op(ctx, p, shards)
+    arg_specs = fx.node.map_arg((p.args, p.kwargs), lambda a: ArgSpec(
+        _shape(a), a.meta["val"].dtype, place[a].dim if isinstance(place.get(a), Shard) else None))
+    prop = propagate(p.target, arg_specs[0], arg_specs[1], ctx.P, ctx.group_name)
+    filled = iter(tensor_args_in_order(p))
+    wanted = iter(prop.inputs)
+
+    def fill(v):
+        if v is TENSOR:
+            a = next(filled)
+            want = next(wanted)
+            return _operand(ctx, a, want, vals, place, olds, pre, post, full, p)
+        if isinstance(v, (list, tuple)):
+            return type(v)(fill(x) for x in v)
+        return v
+    args = tuple(fill(v) for v in prop.args)
+    kwargs = {k: fill(v) for k, v in prop.kwargs.items()}
+    outs = _output_placements(ctx, p, prop.outputs, pre, post, full)
+    single = not isinstance(p.meta["val"], (list, tuple))
+    new = ctx.emit(p.target, args, kwargs, outs[0] if single else outs)
+    if single and isinstance(prop.outputs[0], tuple) and prop.outputs[0][0] == "partial":
+        return _reduce_partial(ctx, new, prop.outputs[0][1], p), Replicate()
+    return new, (outs[0] if single else outs)
+
+
+def tensor_args_in_order(p: fx.Node) -> list[fx.Node]:
+    found = []
+    fx.node.map_arg((p.args, p.kwargs), found.append)
+    return found
+
+
+def _operand(ctx, a, want, vals, place, olds, pre, post, full, p):
+    pl = place.get(a)
+    if isinstance(pl, Shard):
+        if want != ("shard", pl.dim):
+            raise _Refuse(f"DTensor's rule for {p.target} needs the sequence gathered")
+        return vals[a]
+    if want[0] == "replicate":
+        old = olds.get(a)
+        return ctx.weight(old) if old is not None else vals[a]
+    if want[0] == "shard" and _shape(a)[want[1]] == full:
+        return _slice(ctx, vals[a], _shape(a), want[1], pre, post)
+    raise _Refuse(f"{p.target}: a replicated operand would have to be sharded as {want}")
+
+
+def _slice(ctx, new, shape, d, pre, post):
+    """A replicated value's part in the layout along dim ``d`` (its gradient is gathered)."""
+    if pre == 1 and post == 1:
+        return ctx.emit(shard_sequence_op, (new, d, ctx.schedule, ctx.group_name), placement=Shard(d))
+    shape = list(shape)
+    split = shape[:d] + [pre, ctx.S, post] + shape[d + 1:]
+    local = shape[:d] + [pre * (ctx.S // ctx.P) * post] + shape[d + 1:]
+    unmerged = ctx.emit(aten.reshape.default, (new, split))
+    sliced = ctx.emit(shard_sequence_op, (unmerged, d + 1, ctx.schedule, ctx.group_name))
+    return ctx.emit(aten.reshape.default, (sliced, local), placement=Shard(d, pre, post))
+
+
+def _output_placements(ctx, p, outputs, pre, post, full):
+    vals = p.meta["val"] if isinstance(p.meta["val"], (list, tuple)) else [p.meta["val"]]
+    pls = []
+    for o, v in zip(outputs, vals):
+        if o is None or o[0] == "replicate":
+            pls.append(Replicate())
+        elif o[0] == "shard" and v.shape[o[1]] == full:
+            pls.append(Shard(o[1], pre, post))
+        elif o[0] == "partial" and o[1] in ("sum", "avg", "max", "min") and len(vals) == 1:
+            pls.append(Replicate())
+        else:
+            raise _Refuse(f"{p.target}: DTensor places its result as {o}, which the layout cannot carry")
+    return tuple(pls)
+
+
+def _check_layout_op(ctx, p, shards):
+    """A position-aware op is kept only when it acts on a dim that is not the sequence of the
+    tensor it acts on (its index arguments may be sharded: they carry global positions)."""
+    src = p.args[0]
+    if p.target is aten.constant_pad_nd.default:
+        pad, nd = list(p.args[1]), len(_shape(src))
+        touched = [nd - 1 - i // 2 for i, w in enumerate(pad) if w]
+        if src in shards and shards[src].dim in touched:
+            raise _Refuse("padding along the sequence dim")
+        return
+    if p.target is aten.slice.Tensor and src in shards:
+        dim = p.args[1] if len(p.args) > 1 else 0
+        start, end = (p.args[2] if len(p.args) > 2 else None), (p.args[3] if len(p.args) > 3 else None)
+        step = p.args[4] if len(p.args) > 4 else 1
+        size = _shape(src)[dim]
+        if dim % len(_shape(src)) == shards[src].dim and not (
+                (start or 0) == 0 and (end is None or end >= size) and step == 1):
+            raise _Refuse("slicing along the sequence dim")
+        return
+    if p.target not in _DIM_ARG:
+        raise _Refuse(f"{p.target} depends on where a position sits in the layout")
+    if src not in shards:
+        return                       # a replicated table indexed by sharded positions
+    i = _DIM_ARG[p.target]
+    dim = p.args[i] if len(p.args) > i else p.kwargs.get("dim", _DIM_DEFAULT.get(p.target))
+    if dim is None:
+        raise _Refuse(f"{p.target} over every dim, the sequence included")
+    dims = dim if isinstance(dim, (list, tuple)) else [dim]
+    nd = len(_shape(src))
+    if shards[src].dim in [d % nd for d in dims]:
+        raise _Refuse(f"{p.target} along the sequence dim")
+
+
+def _view_piece(ctx, p, vals, place):
+    src = p.args[0]
+    pl = view_placement(_shape(src), _shape(p), place[src], ctx.S)
+    if pl is None:
+        raise _Refuse(f"view {_shape(src)} -> {_shape(p)} splits the sequence")
+    return ctx.emit(p.target, (vals[src], local_view_shape(_shape(p), pl, ctx.P)), placement=pl), pl
+
+
+def _reduce_partial(ctx, new, op: str, p):
+    ctx.collectives.append(f"all-reduce {p.name}")
+    if op in ("sum", "avg"):
+        total = ctx.emit(all_reduce_to_replicated, (new, ctx.group_name), placement=Replicate())
+        return total if op == "sum" else ctx.emit(operator.truediv, (total, ctx.P), placement=Replicate())
+    raise _Refuse(f"{p.target}: a {op} across ranks has no differentiable all-reduce here")

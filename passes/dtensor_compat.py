@@ -1,0 +1,164 @@
+"""Every private DTensor name seqpar uses, in one place (torch 2.11 on the GPU machines, 2.13 here).
+
+seqpar takes the sharding rule of every op whose rule does not depend on the sequence layout from
+DTensor's strategy registry (``DTensor._op_dispatcher.sharding_propagator``). That registry is
+private: its import paths and the fields of ``OutputSharding`` have moved between releases. The
+rest of ``passes/`` talks to it only through ``propagate`` below, in seqpar's own terms: an ATen
+op, its arguments with tensors replaced by ``ArgSpec`` (shape, dtype, sharded dim or None), and
+an answer saying where each output is sharded, which inputs DTensor wants resharded, and the
+arguments with shape arguments made local.
+
+Shapes: every shape is a *global* shape; ``Shard(d)`` on a 1-D mesh of the group size P.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["ArgSpec", "Propagation", "NoStrategy", "TENSOR", "propagate", "has_strategy"]
+
+TENSOR = object()   # marks where a tensor argument goes in ``Propagation.args``
+
+
+class NoStrategy(Exception):
+    """DTensor has no sharding strategy for this op (or could not apply it)."""
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """A tensor argument as DTensor sees it: global ``shape``, ``dtype``, and the dim sharded
+    over the group (``None``: replicated)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    shard: int | None
+
+
+@dataclass(frozen=True)
+class Propagation:
+    """DTensor's answer for one op.
+
+    Attributes:
+        outputs: per output tensor (a flat tuple, one entry for a single tensor):
+            ``("shard", d)``, ``("replicate",)``, ``("partial", reduce_op)`` or ``None`` for a
+            non-tensor output.
+        inputs: per tensor argument (in ``args`` order, flattened), the placement DTensor wants
+            it in: ``("shard", d)`` / ``("replicate",)`` / ``("partial", op)``.
+        args: the positional arguments with shape arguments made local, each tensor argument
+            replaced by ``TENSOR`` (fill them in, in order).
+        kwargs: likewise.
+    """
+
+    outputs: tuple
+    inputs: tuple
+    args: tuple
+    kwargs: dict
+
+
+def _imports():
+    # torch 2.11 and 2.13 both keep these names here; a move shows up as one ImportError here.
+    from torch.distributed.tensor import DeviceMesh, DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+    from torch.distributed.tensor._op_schema import OpSchema
+    return DeviceMesh, DTensor, Partial, Replicate, Shard, DTensorSpec, TensorMeta, OpSchema
+
+
+@lru_cache(maxsize=None)
+def _mesh(P: int, ranks: tuple[int, ...]):
+    DeviceMesh = _imports()[0]
+    return DeviceMesh("cpu", list(ranks), _init_backend=False)
+
+
+def _mesh_for(P: int, group_name: str | None):
+    if not dist.is_initialized():
+        raise NoStrategy("DTensor's sharding strategies need an initialised process group")
+    ranks = tuple(range(P))
+    if group_name is not None:
+        try:
+            from torch.distributed.distributed_c10d import _resolve_process_group
+            ranks = tuple(dist.get_process_group_ranks(_resolve_process_group(group_name)))
+        except Exception:  # noqa: BLE001 - a group name torch cannot resolve: the first P ranks
+            pass
+    return _mesh(P, ranks)
+
+
+def _contiguous_stride(shape):
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= max(int(s), 1)
+    return tuple(reversed(stride))
+
+
+def _placement_tuple(p) -> tuple:
+    _, _, Partial, Replicate, Shard, *_ = _imports()
+    if type(p) is Shard:               # _StridedShard subclasses Shard: not a contiguous shard
+        return ("shard", p.dim)
+    if isinstance(p, Replicate):
+        return ("replicate",)
+    if isinstance(p, Partial):
+        return ("partial", p.reduce_op)
+    return ("other", str(p))
+
+
+def _spec_placement(spec) -> tuple:
+    return _placement_tuple(spec.placements[0])
+
+
+def has_strategy(op) -> bool:
+    """Whether DTensor registers any sharding strategy for the ATen op ``op``."""
+    DTensor = _imports()[1]
+    prop = DTensor._op_dispatcher.sharding_propagator
+    tables = [getattr(prop, name, {}) for name in ("op_strategy_funcs", "op_single_dim_strategy_funcs",
+                                                    "op_to_rules")]
+    return any(op in t for t in tables)
+
+
+def propagate(op, args: tuple, kwargs: dict, P: int, group_name: str | None = None) -> Propagation:
+    """Ask DTensor how ``op`` shards when its tensor arguments are placed as their ``ArgSpec``s say.
+
+    Raises ``NoStrategy`` when DTensor has no rule or its rule raised (a shape it refuses).
+    """
+    _, DTensor, _, Replicate, Shard, DTensorSpec, TensorMeta, OpSchema = _imports()
+    mesh = _mesh_for(P, group_name)
+
+    def to_spec(a):
+        if isinstance(a, ArgSpec):
+            pl = Replicate() if a.shard is None else Shard(a.shard)
+            return DTensorSpec(mesh, (pl,), TensorMeta(torch.Size(a.shape), _contiguous_stride(a.shape), a.dtype))
+        if isinstance(a, (list, tuple)) and any(isinstance(x, ArgSpec) for x in a):
+            return type(a)(to_spec(x) for x in a)
+        return a
+    schema = OpSchema(op, tuple(to_spec(a) for a in args), {k: to_spec(v) for k, v in kwargs.items()})
+    prop = DTensor._op_dispatcher.sharding_propagator
+    try:
+        out = prop.propagate_op_sharding(schema)
+    except Exception as err:  # noqa: BLE001 - NotImplementedError, or a rule refusing the shapes
+        raise NoStrategy(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    spec = out.output_spec
+    specs = spec if isinstance(spec, (list, tuple)) else (spec,)
+    outputs = tuple(None if s is None else _spec_placement(s) for s in specs)
+    suggested = out.redistribute_schema or schema
+    flat_in = [s for s in _flat(suggested.args_schema) if isinstance(s, DTensorSpec)]
+    inputs = tuple(_spec_placement(s) for s in flat_in)
+    use_suggested = out.redistribute_schema is not None and getattr(out, "use_val_from_redistribute_schema", True)
+    src = suggested if use_suggested else schema
+    def slot(a):
+        if isinstance(a, DTensorSpec):
+            return TENSOR
+        if isinstance(a, (list, tuple)):
+            return type(a)(slot(x) for x in a)
+        return a
+    return Propagation(outputs, inputs, tuple(slot(a) for a in src.args_schema),
+                       {k: slot(v) for k, v in src.kwargs_schema.items()})
+
+
+def _flat(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from _flat(a)
+        else:
+            yield a
