@@ -19,12 +19,13 @@ from seqpar_compiler.runtime import local_positions
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _full_inputs(B, Hq, Hkv, S, D, docs, seed=1234):
+def _full_inputs(B, Hq, Hkv, S, D, docs, seed=1234, Dv=None):
     g = torch.Generator().manual_seed(seed)
+    Dv = D if Dv is None else Dv
     q = torch.randn(B, Hq, S, D, generator=g, dtype=torch.float64)
     k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
-    dout = torch.randn(B, Hq, S, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, Dv, generator=g, dtype=torch.float64)
+    dout = torch.randn(B, Hq, S, Dv, generator=g, dtype=torch.float64)
     doc = None
     if docs:
         # non-decreasing ids with a few boundaries per row, as packing makes them
@@ -37,18 +38,27 @@ def _sq(x, ref):
     return [float((x - ref).pow(2).sum()), float(ref.pow(2).sum()), bool(torch.isnan(x).any())]
 
 
+def alibi_slopes(H):
+    """The ALiBi paper's geometric slopes 2^(-8h/H), h = 1..H, made steeper so the bias of a
+    key a few chunks away is large."""
+    return torch.tensor([2 ** (-4 * (h + 1) / H) for h in range(H)], dtype=torch.float32)
+
+
 def accuracy_case(rank, P, *, schedule, causal=False, Hq=4, Hkv=4, D=32, S_local=16, B=2, window=None,
-                  docs=False, dtype="float32", overlap=True, kernel=None):
+                  docs=False, dtype="float32", overlap=True, kernel=None, alibi=False, softcap=None, Dv=None):
     S = S_local * P
-    q64, k64, v64, dout64, doc = _full_inputs(B, Hq, Hkv, S, D, docs)
+    q64, k64, v64, dout64, doc = _full_inputs(B, Hq, Hkv, S, D, docs, Dv=Dv)
+    slopes = alibi_slopes(Hq) if alibi else None
     qr, kr, vr = (t.clone().requires_grad_() for t in (q64, k64, v64))
-    ref_out, _ = reference_attention(qr, kr, vr, causal=causal, window=window, doc_ids=doc)
+    ref_out, _ = reference_attention(qr, kr, vr, causal=causal, window=window, doc_ids=doc,
+                                     alibi_slopes=slopes, softcap=softcap)
     ref_out.backward(dout64)
     idx = local_positions(schedule, rank, P, S)
     dt = DTYPES[dtype]
     q, k, v = (t[:, :, idx].to(dt).requires_grad_() for t in (q64, k64, v64))
     out = sp.ring_attention(q, k, v, causal=causal, window=window, schedule=schedule, overlap=overlap,
-                            kernel=kernel, doc_ids=None if doc is None else doc[:, idx])
+                            kernel=kernel, doc_ids=None if doc is None else doc[:, idx],
+                            alibi_slopes=slopes, softcap=softcap)
     out.backward(dout64[:, :, idx].to(dt))
     res = {"out": _sq(out, ref_out[:, :, idx]), "dq": _sq(q.grad, qr.grad[:, :, idx]),
            "dk": _sq(k.grad, kr.grad[:, :, idx]), "dv": _sq(v.grad, vr.grad[:, :, idx])}

@@ -22,7 +22,23 @@ def _matrix(P):
         cases.append((f"{s}-window", "accuracy", dict(schedule=s, causal=True, window=5)))
         cases.append((f"{s}-docs-causal", "accuracy", dict(schedule=s, causal=True, docs=True)))
         cases.append((f"{s}-docs", "accuracy", dict(schedule=s, causal=False, docs=True)))
+        cases += _semantics(s)
     return cases
+
+
+def _semantics(s):
+    """Issue 12's score semantics per schedule: ALiBi over global positions (signed, with and
+    without causal), soft-capping, Dv ≠ D, and their mixes with windows, documents and GQA."""
+    return [
+        (f"{s}-alibi-causal", "accuracy", dict(schedule=s, causal=True, alibi=True)),
+        (f"{s}-alibi-full-4x2", "accuracy", dict(schedule=s, causal=False, alibi=True, Hkv=2)),
+        (f"{s}-softcap-causal", "accuracy", dict(schedule=s, causal=True, softcap=2.0)),
+        (f"{s}-dv48-causal-4x2", "accuracy", dict(schedule=s, causal=True, Dv=48, Hkv=2)),
+        (f"{s}-alibi-softcap-window", "accuracy", dict(schedule=s, causal=True, window=5, alibi=True,
+                                                       softcap=2.0)),
+        (f"{s}-alibi-dv24-docs-causal", "accuracy", dict(schedule=s, causal=True, docs=True, alibi=True, Dv=24)),
+        (f"{s}-softcap-dv24-docs", "accuracy", dict(schedule=s, causal=False, docs=True, softcap=2.0, Dv=24)),
+    ]
 
 
 def _extra(P):
@@ -32,6 +48,8 @@ def _extra(P):
         ("striped-causal-d96", "accuracy", dict(schedule="striped", causal=True, D=96, Hq=2, Hkv=2)),
         ("zigzag-causal-no-overlap", "accuracy", dict(schedule="zigzag", causal=True, overlap=False)),
         ("distflash-causal-math", "accuracy", dict(schedule="distflash", causal=True, kernel="math")),
+        ("zigzag-alibi-softcap-dv48-math", "accuracy", dict(schedule="zigzag", causal=True, kernel="math",
+                                                            alibi=True, softcap=2.0, Dv=48, Hkv=2)),
         ("zigzag-causal-bf16", "accuracy", dict(schedule="zigzag", causal=True, dtype="bfloat16",
                                                 S_local=32, D=64)),
         ("ring-full-fp16", "accuracy", dict(schedule="ring", causal=False, dtype="float16", S_local=32, D=64)),
@@ -50,7 +68,8 @@ def _extra(P):
 
 def _p8_subset():
     keep = {"zigzag-causal-4x2", "striped-causal-4x4", "distflash-causal-4x4", "ring-full-4x2",
-            "ring-window", "zigzag-docs-causal"}
+            "ring-window", "zigzag-docs-causal", "zigzag-alibi-causal", "distflash-alibi-softcap-window",
+            "striped-dv48-causal-4x2"}
     return [c for c in _matrix(8) if c[0] in keep] + [
         c for c in _extra(8) if c[0] in ("stats-zigzag-causal", "stats-striped-causal", "stats-distflash-causal",
                                          "stats-ring-causal", "zigzag-causal-bf16")]
