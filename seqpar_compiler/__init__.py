@@ -5,6 +5,14 @@ entry. Everything below (passes, runtime, kernels) is reached through here.
 """
 import torch._dynamo
 
+from .options import check_environment
+
+# Every SEQPAR_* value is checked here, when the package is imported (by the user or by torch's
+# entry point at `torch.compile(..., backend="seqpar")`), so a bad value fails in the first
+# second with the registry's message rather than 20 s into tracing inside Dynamo's
+# BackendCompilerFailed; unknown SEQPAR_* names warn with the closest option (issue 16).
+check_environment()
+
 from .api import gather_sequence, ring_attention, shard_sequence
 from .backend import backend, seqpar_backend
 from .profile import calibrate

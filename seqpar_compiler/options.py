@@ -4,14 +4,23 @@ Options are read here, at the face, from ``SEQPAR_<NAME>`` environment variables
 keyword arguments (lower-case names), and passed down as plain values; nothing below the face
 reads the environment. A bad value is an error that lists what is allowed. The README's options
 table is generated from this registry (``python -m seqpar_compiler.options``).
+
+``check_environment()`` validates every ``SEQPAR_*`` variable at once: ``import seqpar_compiler``
+and ``seqpar_compiler.backend(...)`` call it, so a bad value fails before Dynamo traces anything
+(issue 16: a typo found 20 s into tracing, wrapped in ``BackendCompilerFailed``, is a typo found
+too late), and a ``SEQPAR_*`` name that is no option (a misspelt one) is a warning naming
+the closest option instead of being silently ignored.
 """
 from __future__ import annotations
 
+import difflib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Option", "OPTIONS", "get_option", "resolve_options", "options_table"]
+__all__ = ["Option", "OPTIONS", "SeqparOptionWarning", "check_environment", "get_option", "resolve_options",
+           "options_table", "unknown_environment_names"]
 
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")
@@ -127,6 +136,59 @@ OPTIONS: dict[str, Option] = _opts(
            help="The cost-model profile SCHEDULE=auto and the dump use: a shipped GPU-cluster profile, a "
                 "file, or unset: this machine, calibrated on first use and cached."),
 )
+
+
+class SeqparOptionWarning(UserWarning):
+    """A ``SEQPAR_*`` environment variable that is no option (a typo, most likely)."""
+
+
+# SEQPAR_* variables that are not options but are legitimately set: none today (the dump tool
+# and the launcher set options only: SEQPAR_DUMP, SEQPAR_DUMP_ALL_RANKS). Add a name here, with
+# who sets it, rather than registering a fake option.
+_NOT_OPTIONS: frozenset[str] = frozenset()
+_warned_unknown: set[str] = set()
+
+
+def unknown_environment_names(environ=None) -> list[tuple[str, str | None]]:
+    """``(name, closest option's env var or None)`` for every ``SEQPAR_*`` variable that is no option."""
+    environ = os.environ if environ is None else environ
+    known = [o.env for o in OPTIONS.values()]
+    out = []
+    for name in sorted(environ):
+        if name.startswith("SEQPAR_") and name not in known and name not in _NOT_OPTIONS:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            out.append((name, close[0] if close else None))
+    return out
+
+
+def check_environment(environ=None, *, warn: bool = True) -> dict[str, Any]:
+    """Every option's value from ``environ`` (default ``os.environ``), all checked at once.
+
+    Raises ``ValueError`` when any ``SEQPAR_*`` value is bad; its first line is the registry's
+    message for the first bad one (``bad value 'zigzig' for SEQPAR_SCHEDULE; allowed: ...``), the
+    next lines the others. Warns (``SeqparOptionWarning``, once per name and process) for each
+    ``SEQPAR_*`` name that is no option, with the closest option's name.
+    """
+    environ = os.environ if environ is None else environ
+    if warn:
+        for name, close in unknown_environment_names(environ):
+            if name in _warned_unknown:
+                continue
+            _warned_unknown.add(name)
+            hint = f"did you mean {close}? " if close else ""
+            warnings.warn(f"seqpar: {name}={environ[name]!r} is not a seqpar option and is ignored; {hint}"
+                          f"options: {', '.join(o.env for o in OPTIONS.values())}", SeqparOptionWarning,
+                          stacklevel=2)
+    values, errors = {}, []
+    for name, opt in OPTIONS.items():
+        raw = environ.get(opt.env)
+        try:
+            values[name] = opt.default if raw is None or raw == "" else opt.parse(raw, opt.env)
+        except ValueError as err:
+            errors.append(str(err))
+    if errors:
+        raise ValueError("\n".join(errors))
+    return values
 
 
 def get_option(name: str, value: Any = None) -> Any:

@@ -50,3 +50,38 @@ def test_readme_options_table_is_generated_from_the_registry():
     start = readme.index("<!-- options-table")
     block = readme[readme.index("\n", start) + 1:readme.index("<!-- /options-table -->")]
     assert block.strip() == options_table().strip(), "run `python -m seqpar_compiler.options` and paste"
+
+
+def test_unknown_seqpar_variable_warns_with_the_closest_option(monkeypatch):
+    from seqpar_compiler import options
+    monkeypatch.setattr(options, "_warned_unknown", set())
+    env = {"SEQPAR_SCHEDUEL": "ring", "SEQPAR_SCHEDULE": "zigzag"}
+    with pytest.warns(options.SeqparOptionWarning, match=r"SEQPAR_SCHEDUEL='ring' is not a seqpar option.*"
+                                                         r"did you mean SEQPAR_SCHEDULE\?"):
+        values = options.check_environment(env)
+    assert values["schedule"] == "zigzag"           # the typo is ignored, said so, and the rest is read
+
+
+def test_every_bad_value_is_reported_at_once_first_line_first():
+    env = {"SEQPAR_SCHEDULE": "zigzig", "SEQPAR_FFN_CHUNKS": "0", "SEQPAR_KERNEL": "aten"}
+    with pytest.raises(ValueError) as info:
+        from seqpar_compiler.options import check_environment
+        check_environment(env, warn=False)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "bad value 'zigzig' for SEQPAR_SCHEDULE; allowed: ring, zigzag, striped, distflash, auto"
+    assert lines[1] == "bad value '0' for SEQPAR_FFN_CHUNKS; allowed: int >= 1" and len(lines) == 2
+
+
+def test_every_seqpar_name_in_the_code_is_a_registered_option():
+    """Names the code reads or sets (the dump tool, launchers, docs) must not trip the unknown-name
+    warning: each is an option or listed in options._NOT_OPTIONS."""
+    import pathlib
+    import re
+    from seqpar_compiler import options
+    root = pathlib.Path(__file__).parents[2]
+    names = set()
+    for folder in ("seqpar_compiler", "passes", "runtime", "kernels", "examples", "bench"):
+        for path in (root / folder).rglob("*.py"):
+            names |= set(re.findall(r"\bSEQPAR_[A-Z][A-Z_]*[A-Z]\b", path.read_text()))
+    known = {o.env for o in options.OPTIONS.values()} | options._NOT_OPTIONS
+    assert names and names <= known, sorted(names - known)
