@@ -8,7 +8,13 @@ Kernels (``SEQPAR_KERNEL``):
   aten    ATen's CPU flash kernel (CPU tensors; fp32, fp64, bf16, fp16)
   triton  our Triton flash kernels (CUDA; CPU tensors only under TRITON_INTERPRET=1)
   math    plain tensor math, tiled over query rows (any device and dtype)
-  auto    aten on CPU, triton on CUDA (fp32/fp16/bf16), math otherwise
+  auto    aten on CPU; on CUDA (fp32/fp16/bf16) per block: cuDNN, FA2 or Triton, whichever is
+          fastest and computes the block's mask exactly (``cuda_dispatch.py``, its decision
+          table); math otherwise
+
+Every block-kernel call is reported to a hook (``set_kernel_call_hook``) with the concrete
+kernel and direction: ``runtime/stats.py`` counts them (``stats().kernel_calls``). A hook,
+because this layer sits below the runtime and may not import it (DESIGN §1b).
 
 Shape legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), M query rows,
 N key rows, D head dim. ``lse`` is [B, Hq, M] in fp32 (fp64 for fp64 inputs), natural log;
@@ -21,10 +27,13 @@ import os
 import torch
 
 from .aten_cpu import ATEN_DTYPES, aten_block_backward, aten_block_forward
+from .cuda_aten import aten_cuda_backward, aten_cuda_forward
+from .cuda_dispatch import choose_cuda_block_kernel
 from .block_mask import BlockKind, BlockMask, classify_block, plan_tiles, visible_key_range
 from .math_attention import math_block_backward, math_block_forward
 
 __all__ = [
+    "AUTO_CUDA",
     "BlockKind",
     "BlockMask",
     "KERNELS",
@@ -32,11 +41,27 @@ __all__ = [
     "block_attention_forward",
     "classify_block",
     "resolve_kernel",
+    "set_kernel_call_hook",
     "visible_key_range",
     "plan_tiles",
 ]
 
 KERNELS = ("auto", "aten", "triton", "math")
+# The resolved name of ``auto`` on CUDA: the kernel is chosen per block.
+AUTO_CUDA = "auto-cuda"
+
+_kernel_call_hook = None
+
+
+def set_kernel_call_hook(hook) -> None:
+    """``hook(kernel, direction)`` is called once per block-kernel call (None: no hook)."""
+    global _kernel_call_hook
+    _kernel_call_hook = hook
+
+
+def _called(kernel: str, direction: str) -> None:
+    if _kernel_call_hook is not None:
+        _kernel_call_hook(kernel, direction)
 
 
 def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -48,7 +73,7 @@ def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str
         if device.type == "cpu" and dtype in ATEN_DTYPES:
             return "aten"
         if device.type == "cuda" and dtype in (torch.float32, torch.float16, torch.bfloat16):
-            return "triton"
+            return AUTO_CUDA
         return "math"
     if kernel == "aten" and (device.type != "cpu" or dtype not in ATEN_DTYPES):
         raise ValueError(f"kernel 'aten' runs on CPU tensors of dtype {', '.join(map(str, ATEN_DTYPES))}; "
@@ -65,6 +90,12 @@ def block_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
     ``kernel`` is a resolved name (see ``resolve_kernel``).
     """
+    plan = None
+    if kernel == AUTO_CUDA:
+        kernel, plan = choose_cuda_block_kernel(q, k, v, mask)
+    _called(kernel, "forward")
+    if kernel in ("cudnn", "flash"):
+        return aten_cuda_forward(kernel, q, k, v, plan, scale)
     if kernel == "aten":
         return aten_block_forward(q, k, v, mask, scale)
     if kernel == "triton":
@@ -83,7 +114,14 @@ def block_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     the lse (``dlse`` [B,Hq,M]) is taken by the math kernel only.
     """
     if dlse is not None:
+        _called("math", "backward")
         return math_block_backward(dout, q, k, v, out, lse, mask, scale, dlse)
+    plan = None
+    if kernel == AUTO_CUDA:           # the same choice as the block's forward: same mask and shapes
+        kernel, plan = choose_cuda_block_kernel(q, k, v, mask)
+    _called(kernel, "backward")
+    if kernel in ("cudnn", "flash"):
+        return aten_cuda_backward(kernel, dout, q, k, v, out, lse, plan, scale)
     if kernel == "aten":
         return aten_block_backward(dout, q, k, v, out, lse, mask, scale)
     if kernel == "triton":

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-__all__ = ["Stats", "stats", "record", "counting"]
+__all__ = ["Stats", "stats", "record", "record_kernel", "counting"]
 
 
 @dataclass(eq=False)
@@ -21,7 +21,10 @@ class Stats:
     forward and in the backward alike (so a ratio between ranks is a ratio of kernel work).
     bytes_sent / bytes_received count ring traffic (K/V blocks and their key metadata, queries
     and partial results moved for load balancing, dK/dV accumulators); control_bytes counts the
-    agreement checks.
+    agreement checks. host_staged_bytes counts ring traffic that went through host buffers
+    (CUDA tensors over gloo, ``comm.py``). kernel_calls counts block-kernel calls by concrete
+    kernel and direction, e.g. ``{"cudnn.forward": 4, "cudnn.backward": 4, "flash.forward": 2}``
+    (on CUDA, ``auto`` picks a kernel per block).
     """
 
     attention_forward_calls: int = 0
@@ -31,7 +34,9 @@ class Stats:
     bytes_sent: int = 0
     bytes_received: int = 0
     control_bytes: int = 0
+    host_staged_bytes: int = 0
     comm_wait_seconds: float = 0.0
+    kernel_calls: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -68,3 +73,20 @@ def record(**increments) -> None:
         for s in _open:
             for name, value in increments.items():
                 setattr(s, name, getattr(s, name) + value)
+
+
+def record_kernel(kernel: str, direction: str) -> None:
+    """Count one block-kernel call of ``kernel`` (``aten``, ``triton``, ``math``, ``cudnn``,
+    ``flash``) in ``direction`` (``forward`` or ``backward``) in every open ``Stats``."""
+    if not _open:
+        return
+    key = f"{kernel}.{direction}"
+    with _lock:
+        for s in _open:
+            s.kernel_calls[key] = s.kernel_calls.get(key, 0) + 1
+
+
+# The kernels layer sits below this one (DESIGN §1b) and cannot import it: it calls a hook.
+from seqpar_compiler.kernels import set_kernel_call_hook  # noqa: E402
+
+set_kernel_call_hook(record_kernel)
