@@ -4,8 +4,8 @@ from pathlib import Path
 
 import torch
 
-from seqpar_compiler.passes.attention_patterns import (_mask_kind, canonical_attention,
-                                                       canonicalize_handwritten_attention)
+from seqpar_compiler.passes.attention_patterns import canonical_attention, canonicalize_handwritten_attention
+from seqpar_compiler.passes.mask_proof import mask_kind as _mask_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from models import GPT, GPTConfig  # noqa: E402

@@ -1,0 +1,86 @@
+"""Masks and position biases added to attention scores, proved from their evaluated values.
+
+Reads nothing from the graph: works on the values ``mask_proof.evaluate_mask_term`` computed
+for every mask or additive term peeled off the scores. Writes nothing.
+
+Why by value: the ring cannot take an S×S tensor, only data it evaluates per block from global
+positions (causal, window W, ALiBi slopes). So a term is accepted only if, at the global
+sequence length, it *equals* such data:
+  * visibility (bool masks, and the -inf / ``finfo.min`` entries of float terms) must be
+    exactly no mask, causal or a sliding window (``mask_proof.mask_kind``);
+  * the finite part of the float terms, on the visible pairs, must be ``slope_h · (j − i) +
+    c(b, h, i)`` for one slope per head, the same for every batch row (``fit_alibi``). The
+    per-row constant ``c`` is free because softmax over keys is invariant to it: that is what
+    makes MPT's key-only ``slope_h · j`` (and ``slope_h · (j − S + 1)``) the same attention as
+    the signed ``slope_h · (j − i)`` form of the ALiBi paper. A fit that leaves a residual
+    beyond float rounding is refused (the attention then falls back), never approximated.
+"""
+from __future__ import annotations
+
+import torch
+
+from .mask_proof import is_hidden_value, mask_kind
+
+__all__ = ["fit_alibi", "prove_score_terms"]
+
+
+def fit_alibi(bias: torch.Tensor, visible: torch.Tensor) -> torch.Tensor | None:
+    """Per-head slopes [H] (fp32) with ``bias[b, h, i, j] = slopes[h]·(j − i) + c[b, h, i]`` on
+    every visible pair, or None when no such slopes exist.
+
+    Shapes: bias [B, H, S, S] (float, finite where visible), visible [B, H, S, S] bool.
+    """
+    t = bias.double().masked_fill(~visible, 0.0)
+    B, H, S, _ = t.shape
+    j = torch.arange(S, dtype=torch.float64).expand(B, H, S, S)
+    w = visible.double()
+    count = w.sum(-1, keepdim=True).clamp_min(1)
+    jc = (j - (j * w).sum(-1, keepdim=True) / count) * w          # key index, centred per row
+    tc = (t - (t * w).sum(-1, keepdim=True) / count) * w          # the term, centred per row
+    den = (jc * jc).sum((-2, -1))                                  # [B, H]
+    slopes = torch.where(den > 0, (tc * jc).sum((-2, -1)) / den.clamp_min(1e-300), torch.zeros_like(den))
+    tol = 16 * torch.finfo(bias.dtype).eps * max(1.0, float(t.abs().max()))
+    if not torch.allclose(slopes, slopes[:1].expand_as(slopes), rtol=0, atol=tol / max(S, 1)):
+        return None                                                # slopes differ across the batch
+    if float((tc - slopes[..., None, None] * jc).abs().max()) > tol:
+        return None
+    return slopes[0].float()
+
+
+def prove_score_terms(terms: list[tuple[str, torch.Tensor]], shape: tuple, S: int):
+    """(causal, window, slopes [H] or None) of the masks and additive terms of one attention.
+
+    Args:
+        terms: ``("visible", bool)`` for masks (True = the key is visible) and
+            ``("additive", float)`` for terms added to the scores (hidden where -inf or at most
+            half the dtype's lowest value); each broadcastable to ``shape``.
+        shape: the scores' shape [B, H, S, S].
+    Returns None if the visibility is no mask kind or the finite part is no ALiBi.
+    """
+    visible = torch.ones(shape, dtype=torch.bool)
+    bias = None
+    for kind, value in terms:
+        value = torch.broadcast_to(value.cpu(), shape)
+        if kind == "visible":
+            if value.dtype != torch.bool:
+                return None
+            visible = visible & value
+            continue
+        if not value.is_floating_point():
+            return None
+        hidden = is_hidden_value(value)
+        visible = visible & ~hidden
+        finite = value.masked_fill(hidden, 0.0)
+        bias = finite if bias is None else bias + finite
+    found = mask_kind(visible, S)
+    if found is None:
+        return None
+    causal, window = found
+    slopes = None
+    if bias is not None and bool((bias.masked_fill(~visible, 0.0) != 0).any()):
+        slopes = fit_alibi(bias, visible)
+        if slopes is None:
+            return None
+        if not bool(slopes.ne(0).any()):
+            slopes = None                  # a per-row constant: softmax does not see it
+    return causal, window, slopes
