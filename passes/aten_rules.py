@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
+from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated, sum_grad_over_group
 
 from .dtensor_compat import TENSOR, ArgSpec, NoStrategy, propagate
 from .placement import Replicate, Shard, local_view_shape, view_placement
@@ -128,10 +128,15 @@ def decomposed_rule(ctx, node: fx.Node):
 def _shard_pieces(ctx, node, gm, inputs):
     vals: dict[fx.Node, object] = {}
     place: dict[fx.Node, object] = {}
-    olds: dict[fx.Node, fx.Node] = {}
+    # replicated pieces computed from a replicated input that requires grad: where one meets a
+    # sharded piece, its gradient is partial and must be summed over the group (DESIGN §1)
+    olds: dict[fx.Node, object] = {}
     placeholders = [p for p in gm.graph.nodes if p.op == "placeholder"]
     for p, old in zip(placeholders, inputs):
-        vals[p], place[p], olds[p] = ctx.env[old], ctx.placement_of(old), old
+        vals[p], place[p] = ctx.env[old], ctx.placement_of(old)
+        ex = ctx.example(old)
+        if not isinstance(place[p], Shard) and isinstance(ex, torch.Tensor) and ex.requires_grad:
+            olds[p] = old
     result = None
     for p in gm.graph.nodes:
         if p.op == "placeholder":
@@ -141,8 +146,10 @@ def _shard_pieces(ctx, node, gm, inputs):
             break
         if p.target is operator.getitem:
             src, i = p.args
-            vals[p] = ctx.emit(operator.getitem, (vals[src], i), placement=place[src][i])
-            place[p] = place[src][i]
+            place[p] = place[src][i] if isinstance(place[src], tuple) else Replicate()
+            vals[p] = ctx.emit(operator.getitem, (vals[src], i), placement=place[p])
+            if src in olds:
+                olds[p] = None
             continue
         vals[p], place[p] = _piece(ctx, p, vals, place, olds)
         vals[p].meta["seqpar_placement"] = place[p]
@@ -161,6 +168,8 @@ def _piece(ctx, p: fx.Node, vals, place, olds):
     def plain(a):
         return vals[a]
     if not shards:
+        if any(a in olds for a in tensor_args):
+            olds[p] = None                     # needs a gradient sum where it meets shards
         return ctx.emit(p.target, fx.node.map_arg(p.args, plain), fx.node.map_arg(p.kwargs, plain),
                         Replicate()), Replicate()
     kinds = {(s.pre, s.post) for s in shards.values()}
@@ -209,8 +218,15 @@ def _operand(ctx, a, want, vals, place, olds, pre, post, full, p):
             raise _Refuse(f"DTensor's rule for {p.target} needs the sequence gathered")
         return vals[a]
     if want[0] == "replicate":
-        old = olds.get(a)
-        return ctx.weight(old) if old is not None else vals[a]
+        if a not in olds or ctx.grad_reduce == "none":
+            return vals[a]
+        if olds[a] is not None:
+            return ctx.weight(olds[a])
+        key = ("grad-summed", a)
+        if key not in vals:
+            vals[key] = ctx.emit(sum_grad_over_group, (vals[a], ctx.group_name), placement=Replicate())
+            ctx.collectives.append(f"grad all-reduce {a.name}")
+        return vals[key]
     if want[0] == "shard" and _shape(a)[want[1]] == full:
         return _slice(ctx, vals[a], _shape(a), want[1], pre, post)
     raise _Refuse(f"{p.target}: a replicated operand would have to be sharded as {want}")

@@ -146,14 +146,17 @@ def propagate(op, args: tuple, kwargs: dict, P: int, group_name: str | None = No
     inputs = tuple(_spec_placement(s) for s in flat_in)
     use_suggested = out.redistribute_schema is not None and getattr(out, "use_val_from_redistribute_schema", True)
     src = suggested if use_suggested else schema
-    def slot(a):
+    def slot(a, orig):
         if isinstance(a, DTensorSpec):
             return TENSOR
+        if isinstance(orig, (int, float, bool)) and not isinstance(a, type(orig)):
+            return orig    # DTensor canonicalises some scalars (squeeze's dim becomes a tuple): keep ours
         if isinstance(a, (list, tuple)):
-            return type(a)(slot(x) for x in a)
+            return type(a)(slot(x, None) for x in a)
         return a
-    return Propagation(outputs, inputs, tuple(slot(a) for a in src.args_schema),
-                       {k: slot(v) for k, v in src.kwargs_schema.items()})
+    orig_args = list(args) + [None] * (len(src.args_schema) - len(args))
+    return Propagation(outputs, inputs, tuple(slot(a, o) for a, o in zip(src.args_schema, orig_args)),
+                       {k: slot(v, kwargs.get(k)) for k, v in src.kwargs_schema.items()})
 
 
 def _flat(args):

@@ -303,21 +303,28 @@ def _reduction(ctx, node):
 
 
 def _cross_entropy(ctx, node):
+    """Cross entropy over tokens sharded along any dim but the class dim (``[N, V]`` logits,
+    or ``[B, V, S]`` with the classes in dim 1); ``reduction="mean"`` divides the global sum by
+    the global count of targets that are not ignored (label smoothing keeps that divisor)."""
     a = call_arguments(node, ["input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
                      "label_smoothing"], {"weight": None, "ignore_index": -100, "reduction": "mean",
                                           "label_smoothing": 0.0, "size_average": None, "reduce": None})
     x, t = ctx.shard_of(a["input"]), ctx.shard_of(a["target"])
-    if x is not None and t is None and ctx.example(a["target"]).dim() == 1:
-        t = Shard(0, x.pre, x.post)      # replicated targets (shifted labels): sliced like the logits
-    if (x is None or t is None or x.dim != 0 or t.dim != 0 or ctx.example(a["input"]).dim() != 2
-            or (x.pre, x.post) != (t.pre, t.post) or a["weight"] is not None or a["label_smoothing"]
-            or a["size_average"] is not None or a["reduce"] is not None):
-        return "cross entropy in a form without a rule (2-D logits, sharded targets, no weight/smoothing)"
-    inp, tgt = ctx.env[a["input"]], ctx.local(a["target"], 0, t.pre, t.post)
+    if x is None or x.dim == 1 or ctx.example(a["input"]).dim() < 2:
+        return "cross entropy sharded along its class dim"
+    td = 0 if x.dim == 0 else x.dim - 1
+    tgt_ex = ctx.example(a["target"])
+    if t is None and tgt_ex.dim() == ctx.example(a["input"]).dim() - 1 and tgt_ex.shape[td] == x.pre * ctx.S * x.post:
+        t = Shard(td, x.pre, x.post)     # replicated targets (shifted labels): sliced like the logits
+    if (t is None or t.dim != td or (x.pre, x.post) != (t.pre, t.post) or a["weight"] is not None
+            or a["size_average"] is not None or a["reduce"] is not None or tgt_ex.is_floating_point()):
+        return "cross entropy in a form without a rule (class-index targets sharded like the logits, no weight)"
+    inp, tgt = ctx.env[a["input"]], ctx.local(a["target"], td, t.pre, t.post)
+    opts = {"ignore_index": a["ignore_index"], "label_smoothing": a["label_smoothing"]}
     if a["reduction"] == "none":
-        pl = Shard(0, x.pre, x.post)
-        return ctx.emit(F.cross_entropy, (inp, tgt), {"ignore_index": a["ignore_index"], "reduction": "none"}, pl), pl
-    local = ctx.emit(F.cross_entropy, (inp, tgt), {"ignore_index": a["ignore_index"], "reduction": "sum"})
+        pl = Shard(td, x.pre, x.post)
+        return ctx.emit(F.cross_entropy, (inp, tgt), {**opts, "reduction": "none"}, pl), pl
+    local = ctx.emit(F.cross_entropy, (inp, tgt), {**opts, "reduction": "sum"})
     ctx.collectives.append(f"all-reduce {node.name}")
     if a["reduction"] == "sum":
         return ctx.emit(all_reduce_to_replicated, (local, ctx.group_name), placement=Replicate()), Replicate()
@@ -413,7 +420,7 @@ SEEDING_RULES = {F.embedding, F.linear, torch._C._nn.linear, F.layer_norm, torch
                  F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, canonical_attention}
 
 # rules whose refusal is about the layout (the sequence dim itself): DTensor must not overrule them
-_FINAL_RULES = {_cat, _split, _arange, canonical_attention_rule, sdpa_rule}
+_FINAL_RULES = {_cat, _split, _arange, _cross_entropy, canonical_attention_rule, sdpa_rule}
 
 RULES = {
     **{f: _pointwise for f in POINTWISE_FUNCTIONS},

@@ -112,3 +112,236 @@ class _Baseline(_LM):
 
 
 idiom("baseline-view-loss")(_lm(_Baseline))
+
+
+# -- one-line idioms: each a ``body`` or ``loss`` around the plain attention ------------------------
+def _body_idiom(name, fallback=None):
+    """Register ``fn(self, x) -> x`` as the body of an _LM (after the attention block)."""
+    def register(fn):
+        cls = type(f"_{name.replace('-', '_')}", (_LM,), {"body": lambda self, x: fn(self, _LM.body(self, x))})
+        idiom(name, fallback=fallback)(_lm(cls))
+        return fn
+    return register
+
+
+def _loss_idiom(name, fallback=None):
+    def register(fn):
+        cls = type(f"_{name.replace('-', '_')}", (_LM,), {"loss": fn})
+        idiom(name, fallback=fallback)(_lm(cls))
+        return fn
+    return register
+
+
+@_body_idiom("stack-then-mean")
+def _stack(self, x):
+    return torch.stack([x, 2 * x.tanh()], dim=2).mean(2)
+
+
+@_body_idiom("unflatten-heads")
+def _unflatten(self, x):
+    return x.unflatten(-1, (H, D)).softmax(-1).flatten(-2)
+
+
+@_body_idiom("movedim-heads")
+def _movedim(self, x):
+    b, t, _ = x.shape
+    return x.view(b, t, H, D).movedim(2, 1).sigmoid().movedim(1, 2).reshape(b, t, C)
+
+
+@_body_idiom("tensor-split-features")
+def _tensor_split(self, x):
+    a, b = torch.tensor_split(x, 2, dim=-1)
+    return torch.cat([b * a.sigmoid(), a], dim=-1)
+
+
+@_body_idiom("narrow-features")
+def _narrow(self, x):
+    return torch.cat([x.narrow(-1, 0, C // 2).relu(), x.narrow(-1, C // 2, C // 2)], dim=-1)
+
+
+@_body_idiom("split-sizes-swiglu")
+def _split_sizes(self, x):
+    a, b = torch.cat([x, x.flip(-1)], dim=-1).split([C, C], dim=-1)
+    return F.silu(a) * b
+
+
+@_body_idiom("roll-features")
+def _roll(self, x):
+    return x + 0.5 * x.roll(1, dims=-1)
+
+
+@_body_idiom("pad-features")
+def _pad(self, x):
+    return F.pad(x, (0, 8))[..., 4:4 + C]
+
+
+@_body_idiom("rms-norm-functional")
+def _rms_norm(self, x):
+    return F.rms_norm(x, (C,), eps=1e-6)
+
+
+@_body_idiom("rms-norm-by-hand")
+def _rms_by_hand(self, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+@_body_idiom("normalize-features")
+def _normalize(self, x):
+    return F.normalize(x, dim=-1)
+
+
+@_body_idiom("zeros-like-accumulate")
+def _zeros_like(self, x):
+    acc = torch.zeros_like(x)
+    return acc + x.new_ones(x.shape) * x
+
+
+@_body_idiom("einsum-projection")
+def _einsum(self, x):
+    return torch.einsum("bsc,dc->bsd", x, self.head.weight[:C])
+
+
+@_body_idiom("squeeze-unsqueeze-none")
+def _squeeze(self, x):
+    return (x[..., None] * 2).squeeze(-1) + x.unsqueeze(0).squeeze(0)
+
+
+@_body_idiom("cumsum-over-sequence", fallback="cumsum")
+def _cumsum(self, x):
+    """Causal running mean over the sequence: no exact local rule (it needs a prefix across
+    ranks), a warned fallback for now."""
+    return x.cumsum(1) / torch.arange(1, x.shape[1] + 1, device=x.device)[:, None]
+
+
+@_body_idiom("roll-over-sequence", fallback="roll")
+def _roll_sequence(self, x):
+    """Token shift (RWKV): a roll along the sequence is position-aware: a warned fallback."""
+    return x + x.roll(1, dims=1)
+
+
+@_loss_idiom("cross-entropy-sum")
+def _ce_sum(self, logits, y):
+    return F.cross_entropy(logits.view(-1, V), y.view(-1), reduction="sum") / y.numel()
+
+
+@_loss_idiom("cross-entropy-label-smoothing")
+def _ce_smooth(self, logits, y):
+    return F.cross_entropy(logits.view(-1, V), y.view(-1), label_smoothing=0.1)
+
+
+@_loss_idiom("cross-entropy-ignore-index")
+def _ce_ignore(self, logits, y):
+    y = torch.where(y % 5 == 0, torch.full_like(y, -100), y)
+    return F.cross_entropy(logits.view(-1, V), y.view(-1))
+
+
+@_loss_idiom("cross-entropy-class-dim-1")
+def _ce_3d(self, logits, y):
+    return F.cross_entropy(logits.transpose(1, 2), y)
+
+
+@_loss_idiom("log-softmax-gather-targets")
+def _gather_loss(self, logits, y):
+    return -logits.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1).mean()
+
+
+@_loss_idiom("masked-token-mean")
+def _masked_mean(self, logits, y):
+    mask = (y % 3 != 0).float()
+    per_token = F.cross_entropy(logits.view(-1, V), y.view(-1), reduction="none").view_as(mask)
+    return (per_token * mask).sum() / mask.sum()
+
+
+@_loss_idiom("z-loss-logsumexp")
+def _z_loss(self, logits, y):
+    return F.cross_entropy(logits.view(-1, V), y.view(-1)) + 1e-2 * logits.logsumexp(-1).pow(2).mean()
+
+
+@_loss_idiom("mean-pool-classifier")
+def _mean_pool(self, logits, y):
+    return logits.mean(1).softmax(-1)[:, 0].sum()
+
+
+class _PaddingIdx(_LM):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, C, padding_idx=0)
+
+
+idiom("embedding-padding-idx")(_lm(_PaddingIdx))
+
+
+class _IndexSelectPositions(_LM):
+    """A learned position table read with ``index_select(0, arange(T))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(2 * S, C) * 0.1)
+
+    def body(self, x):
+        t = x.shape[1]
+        return _LM.body(self, x + self.pos.index_select(0, torch.arange(t, device=x.device)))
+
+
+idiom("index-select-arange-positions")(_lm(_IndexSelectPositions))
+
+
+class _InvFreqPositionIds(_LM):
+    """HF rotary: ``inv_freq[None, :, None] @ position_ids[:, None, :]`` then cos/sin."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D)), persistent=False)
+
+    def body(self, x):
+        b, t, _ = x.shape
+        pos = torch.arange(t, device=x.device)[None].expand(b, t)
+        freqs = (self.inv_freq[None, :, None].expand(b, -1, 1) @ pos[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)                  # [B, T, D]
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]        # [B, 1, T, D]
+        q, k, v = self.attn.qkv(x).split(C, dim=-1)
+        q, k, v = (u.view(b, t, H, D).transpose(1, 2) for u in (q, k, v))
+
+        def rot(u):
+            u1, u2 = u[..., :D // 2], u[..., D // 2:]
+            return u * cos + torch.cat((-u2, u1), dim=-1) * sin
+        y = F.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
+        return x + self.attn.proj(y.transpose(1, 2).reshape(b, t, C))
+
+
+idiom("inv-freq-matmul-position-ids")(_lm(_InvFreqPositionIds))
+
+
+class _RepeatInterleaveGQA(_LM):
+    """GQA by ``repeat_interleave`` of 2 KV heads up to 4 query heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(C, C)
+        self.kv = nn.Linear(C, C)
+
+    def body(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, H, D).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, H // 2, D).permute(2, 0, 3, 1, 4)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + y.transpose(1, 2).reshape(b, t, C)
+
+
+idiom("repeat-interleave-gqa")(_lm(_RepeatInterleaveGQA))
+
+
+class _ChunkedCrossEntropy(_LM):
+    """Chunked cross-entropy (Liger / torchtune style): hidden states split along the sequence,
+    head + loss per chunk, summed."""
+
+    def forward(self, ids, y):
+        h = self.body(self.emb(ids))
+        total = 0
+        for hc, yc in zip(h.split(8, dim=1), y.split(8, dim=1)):
+            total = total + F.cross_entropy(self.head(hc).flatten(0, 1), yc.flatten(), reduction="sum")
+        return total / y.numel()
+
+
+idiom("chunked-cross-entropy-over-sequence", fallback="split")(_lm(_ChunkedCrossEntropy))
