@@ -1,30 +1,40 @@
 """Sharding rules of attention: SDPA and the canonical attention node become the ring op.
 
-q, k, v must all be Shard(2) ([B, H, S, D] with the sequence sharded); under autocast the inputs
-are cast to the dtype the traced attention produced (the ring op is not autocast-aware).
+q, k, v must all be Shard(2) ([B, H, S, D] / v [B, H, S, Dv] with the sequence sharded); under
+autocast the inputs are cast to the dtype the traced attention produced (the ring op is not
+autocast-aware). The canonical node's score semantics (ALiBi slopes [Hq], softcap) are passed to
+the ring op as they are: the ring evaluates them per block from global positions, so the slopes
+must be replicated (every rank holds all heads) and must not need a gradient (the ring op has
+none for them).
 """
 from __future__ import annotations
 
 import operator
 
 import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import seqpar_compiler.runtime  # noqa: F401  (registers the seqpar ops)
 
-from .placement import Shard
+from .placement import Replicate, Shard
 from .rewrite import _source_line, call_arguments
 
 __all__ = ["sdpa_rule", "canonical_attention_rule"]
 
 
-def _ring(ctx, node, q, k, v, doc_local, scale: float, causal: bool, window):
-    """Emit the ring op for attention ``node`` of (old) q, k, v → (new node, Shard(2))."""
+def _ring(ctx, node, q, k, v, doc_local, scale: float, causal: bool, window, alibi=None, softcap=None):
+    """Emit the ring op for attention ``node`` of (old) q, k, v → (new node, Shard(2)).
+
+    ``alibi`` is the new graph's slopes node (or None). The two score arguments are emitted only
+    when used, so graphs without them read as before."""
     dtype = ctx.example(node).dtype
     qkv = [ctx.env[t] if ctx.example(t).dtype == dtype else
            ctx.emit("to", (ctx.env[t], dtype), op="call_method", placement=Shard(2)) for t in (q, k, v)]
+    extra = () if alibi is None and softcap is None else (alibi, None if softcap is None else float(softcap))
     out = ctx.emit(torch.ops.seqpar.ring_attention.default,
                    (*qkv, doc_local, float(scale), bool(causal), window, ctx.schedule, ctx.group_name,
-                    ctx.overlap, ctx.kernel))
+                    ctx.overlap, ctx.kernel, *extra))
     return ctx.emit(operator.getitem, (out, 0), placement=Shard(2)), Shard(2)
 
 
@@ -32,13 +42,37 @@ def _all_sharded(ctx, q, k, v) -> bool:
     return all(ctx.shard_of(t) == Shard(2) and ctx.example(t).dim() == 4 for t in (q, k, v))
 
 
+def _dropout_is_zero(ctx, p) -> bool:
+    """Whether an attention dropout probability is provably 0.
+
+    Under ``dynamic=True`` Dynamo passes a float argument as a traced scalar (a node whose
+    example value is a SymFloat, e.g. from ``.item()``); it counts as 0 only when the shape
+    environment proves it (a specialised 0.0, or ``p * 0``), never on its current hint.
+    """
+    if isinstance(p, fx.Node):
+        p = ctx.example(p)
+    if p is None:
+        return True
+    if isinstance(p, (bool, int, float)):
+        return p == 0
+    try:
+        return bool(statically_known_true(p == 0))
+    except Exception:  # noqa: BLE001 - a value we cannot reason about is not provably 0
+        return False
+
+
+def _check_dropout(ctx, node, p) -> None:
+    if not _dropout_is_zero(ctx, p):
+        shown = ctx.example(p) if isinstance(p, fx.Node) else p
+        raise ValueError(f"seqpar: attention dropout p={shown} is not supported yet (no per-block RNG); "
+                         f"use dropout_p=0 in attention ({_source_line(node)})")
+
+
 def sdpa_rule(ctx, node):
     """F.scaled_dot_product_attention without a mask (masked ones were canonicalised if provable)."""
     a = call_arguments(node, ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"],
                        {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False})
-    if a["dropout_p"]:
-        raise ValueError(f"seqpar: attention dropout p={a['dropout_p']} is not supported yet (no per-block RNG); "
-                         f"use dropout_p=0 in attention ({_source_line(node)})")
+    _check_dropout(ctx, node, a["dropout_p"])
     if not _all_sharded(ctx, a["query"], a["key"], a["value"]):
         return "attention whose q/k/v are not all [B, H, S, D] sharded along the sequence"
     if a["attn_mask"] is not None:
@@ -47,16 +81,39 @@ def sdpa_rule(ctx, node):
     return _ring(ctx, node, a["query"], a["key"], a["value"], None, scale, a["is_causal"], None)
 
 
+def _slopes(ctx, slopes, q):
+    """The new graph's ALiBi slopes as fp32 [Hq], or a reason string why they cannot go to the ring."""
+    ex = ctx.example(slopes)
+    if not isinstance(ex, torch.Tensor) or tuple(ex.shape) != (ctx.example(q).shape[1],):
+        return "ALiBi slopes that are not a tensor of shape [Hq]"
+    if ex.requires_grad:
+        return "ALiBi slopes that require grad (the ring computes no gradient for them)"
+    if not isinstance(ctx.placement_of(slopes), Replicate):
+        return f"ALiBi slopes that are not replicated ({ctx.placement_of(slopes)})"
+    new = ctx.env[slopes]
+    if ex.dtype != torch.float32:
+        new = ctx.emit("to", (new, torch.float32), op="call_method", placement=ctx.placement_of(slopes))
+    return new
+
+
 def canonical_attention_rule(ctx, node):
-    """canonical_attention(q, k, v, causal, window, doc_ids, scale) from a proved mask."""
-    q, k, v, causal, window, doc, scale = node.args
+    """canonical_attention(q, k, v, causal, window, doc_ids, scale[, alibi_slopes, softcap]) from a
+    proved mask (passes/attention_patterns.py)."""
+    q, k, v, causal, window, doc, scale, *rest = node.args
+    alibi, softcap = (list(rest) + [None, None])[:2]
     if not _all_sharded(ctx, q, k, v):
         return "attention whose q/k/v are not all [B, H, S, D] sharded along the sequence"
-    doc_local = None
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        return f"a softcap that is not a constant > 0 ({softcap!r})"
     if doc is not None:
         if ctx.example(doc).shape[0] != ctx.example(q).shape[0]:
             return "document ids with another batch size than the queries"
         if ctx.shard_of(doc) not in (None, Shard(1)):
             return "document ids sharded unlike the queries"
-        doc_local = ctx.local(doc, 1)
-    return _ring(ctx, node, q, k, v, doc_local, scale, causal, window)
+    alibi_new = None
+    if alibi is not None:
+        alibi_new = _slopes(ctx, alibi, q)
+        if isinstance(alibi_new, str):
+            return alibi_new
+    doc_local = None if doc is None else ctx.local(doc, 1)
+    return _ring(ctx, node, q, k, v, doc_local, scale, causal, window, alibi_new, softcap)
