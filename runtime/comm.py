@@ -11,6 +11,11 @@ into [B, H, S, D] order nor its results back; every 4-D buffer posted here must 
 (``to_wire_layout`` / ``empty_wire``), and both ends of a message agree by construction.
 Other tensors travel contiguous.
 
+Host staging: gloo cannot move CUDA tensors between processes that share one GPU, so without
+NCCL the ring's CUDA tensors travel through pinned host buffers (copied out before a send is
+posted, copied in when a receive is waited on). NCCL stays the fast path; this one lets 2–4
+processes check the multi-rank GPU path on a single GPU (issue 14).
+
 A failure on the wire (a peer that died or stopped calling the op, a timeout) is re-raised as
 ``RingCommError`` saying which rank waited for what, at which step.
 """
@@ -22,10 +27,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .control import control_all_gather
 from .stats import record
 
 __all__ = ["RingComm", "RingCommError", "Transfer", "check_agreement", "empty_wire", "empty_wire_like",
-           "in_wire_layout", "to_wire_layout"]
+           "in_wire_layout", "set_host_staging", "to_wire_layout"]
 
 
 class RingCommError(RuntimeError):
@@ -98,6 +104,10 @@ class Pending:
     comm: "RingComm"
     works: list = field(default_factory=list)
     what: str = ""
+    # host staging: (device tensor, host buffer) pairs to copy in after the receives land, and
+    # the host copies of sends, kept alive until their sends complete
+    copy_back: list = field(default_factory=list)
+    keep: list = field(default_factory=list)
 
     def wait(self) -> None:
         if not self.works:
@@ -113,7 +123,34 @@ class Pending:
                 f"look for the first error in the other ranks' logs") from err
         finally:
             record(comm_wait_seconds=time.perf_counter() - start)
-        self.works = []
+        for dst, host in self.copy_back:
+            dst.copy_(host)
+        self.works, self.copy_back, self.keep = [], [], []
+
+
+# Host staging of ring transfers (``None``: automatic; tests force it on CPU tensors).
+_host_staging: bool | None = None
+
+
+def set_host_staging(mode: bool | None) -> None:
+    """Force staging ring transfers through host buffers on (``True``), off, or back to
+    automatic (``None``: CUDA tensors over a group without NCCL). For tests and benchmarks."""
+    global _host_staging
+    _host_staging = mode
+
+
+def _needs_host_staging(group: dist.ProcessGroup, device: torch.device) -> bool:
+    """gloo cannot send CUDA tensors between processes that share a GPU (``writev … Bad
+    address``, issue 14): without NCCL, CUDA tensors travel through pinned host memory."""
+    if _host_staging is not None:
+        return _host_staging
+    return device.type == "cuda" and "nccl" not in str(dist.get_backend(group))
+
+
+def _host_buffer(x: torch.Tensor) -> torch.Tensor:
+    """A host buffer of ``x``'s shape and dtype: pinned when ``x`` is on a GPU (the copy is then a
+    DMA, and torch's caching host allocator reuses the buffers across steps)."""
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
 
 
 class RingComm:
@@ -139,10 +176,22 @@ class RingComm:
         if not transfers:
             return Pending(self, [], what)
         ops = []
+        pending = Pending(self, [], what)
+        staged = _needs_host_staging(self.group, transfers[0].tensor.device)
         for tr in transfers:
             op = dist.isend if tr.send else dist.irecv
-            ops.append(dist.P2POp(op, _on_wire(tr.tensor), group=self.group, tag=tr.tag, group_peer=tr.peer))
+            buf = _on_wire(tr.tensor)
             nbytes = tr.tensor.numel() * tr.tensor.element_size()
+            if staged:
+                host = _host_buffer(buf)
+                if tr.send:
+                    host.copy_(buf)                  # blocking: the send reads finished data
+                    pending.keep.append(host)
+                else:
+                    pending.copy_back.append((buf, host))
+                buf = host
+                record(host_staged_bytes=nbytes)
+            ops.append(dist.P2POp(op, buf, group=self.group, tag=tr.tag, group_peer=tr.peer))
             record(**{"bytes_sent" if tr.send else "bytes_received": nbytes})
         try:
             works = dist.batch_isend_irecv(ops)
@@ -151,7 +200,8 @@ class RingComm:
                 f"ring attention: rank {self.rank} of {self.size} could not start {what}: {err}. A peer rank has "
                 f"probably died, raised, or stopped calling ring_attention; look for the first error in the other "
                 f"ranks' logs") from err
-        return Pending(self, works, what)
+        pending.works = works
+        return pending
 
 
 def check_agreement(group: dist.ProcessGroup, fields: dict[str, int], what: str) -> None:
@@ -160,12 +210,9 @@ def check_agreement(group: dist.ProcessGroup, fields: dict[str, int], what: str)
     One all-gather of a few integers; called once per new configuration, since ranks that
     disagree on shapes, schedule or mask flags would otherwise hang or compute garbage.
     """
-    values = torch.tensor(list(fields.values()), dtype=torch.int64)
+    # on the group's device: NCCL serves no CPU tensors
     size = dist.get_world_size(group)
-    gathered = [torch.empty_like(values) for _ in range(size)]
-    dist.all_gather(gathered, values, group=group)
-    record(control_bytes=values.numel() * 8 * (size - 1) * 2)
-    table = torch.stack(gathered)
+    table = control_all_gather(torch.tensor(list(fields.values()), dtype=torch.int64), group)
     differ = (table != table[0]).any(dim=0)
     if bool(differ.any()):
         names = [name for name, d in zip(fields, differ.tolist()) if d]

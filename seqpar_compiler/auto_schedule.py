@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from .runtime.control import control_broadcast_object, control_device
 from .cost_model import AttentionSpec, allowed_schedules, choose_schedule
 from .profile import Profile, calibrate, load_profile
 
@@ -62,16 +63,18 @@ def _profile(name: str | None, pg) -> Profile:
     profile = load_profile(name) if name else None
     if name:
         return profile
-    if dist.get_backend(pg) != "gloo":
-        # calibrate() times the CPU kernels over gloo; a GPU (NCCL) group gets a GPU profile
-        log.warning("seqpar: SCHEDULE=auto on a %s group without SEQPAR_PROFILE: using the shipped h100-dgx "
-                    "profile (SEQPAR_PROFILE=a100-dgx or a .json file names another)", dist.get_backend(pg))
+    device = control_device(pg)
+    if device.type != "cpu":
+        # calibrate() times the CPU kernels; a GPU group gets a GPU profile
+        if dist.get_rank(pg) == 0:
+            log.warning("seqpar: SCHEDULE=auto on a %s group without SEQPAR_PROFILE: using the shipped h100-dgx "
+                        "profile (SEQPAR_PROFILE=a100-dgx or a .json file names another)", device.type)
         return load_profile("h100-dgx")
-    box = [load_profile(None) is not None if dist.get_rank(pg) == 0 else None]
-    dist.broadcast_object_list(box, group_src=0, group=pg)
-    if not box[0]:
-        log.warning("seqpar: SCHEDULE=auto with no cost-model profile of this machine yet: calibrating "
-                    "(once; cached at the user's cache folder; SEQPAR_PROFILE names another)")
+    cached = control_broadcast_object(load_profile(None) is not None if dist.get_rank(pg) == 0 else None, pg)
+    if not cached:
+        if dist.get_rank(pg) == 0:       # one line per group, not one per rank
+            log.warning("seqpar: SCHEDULE=auto with no cost-model profile of this machine yet: calibrating "
+                        "(once; cached at the user's cache folder; SEQPAR_PROFILE names another)")
         return calibrate(pg)
     return load_profile(None) if dist.get_rank(pg) == 0 else None
 
@@ -96,13 +99,12 @@ def decide_schedule(attention: list[fx.Node], S: int, pg, profile_name: str | No
                                 candidates={f"{s}/{'overlap' if o else 'no-overlap'}": t
                                             for (s, o), t in totals.items()})]
         except Exception as err:  # noqa: BLE001 - tell the other ranks before raising
-            box = [f"{type(err).__name__}: {err}"]
-            dist.broadcast_object_list(box, group_src=0, group=pg)
+            control_broadcast_object(f"{type(err).__name__}: {err}", pg)
             raise
-    dist.broadcast_object_list(box, group_src=0, group=pg)
-    if isinstance(box[0], str):
-        raise RuntimeError(f"seqpar: group rank 0 could not choose a schedule ({box[0]})")
-    decision = box[0]
-    log.info("seqpar: SCHEDULE=auto chose %s (overlap %s) with profile %s", decision["schedule"],
-             "on" if decision["overlap"] else "off", decision["profile"])
+    decision = control_broadcast_object(box[0], pg)
+    if isinstance(decision, str):
+        raise RuntimeError(f"seqpar: group rank 0 could not choose a schedule ({decision})")
+    if rank == 0:
+        log.info("seqpar: SCHEDULE=auto chose %s (overlap %s) with profile %s", decision["schedule"],
+                 "on" if decision["overlap"] else "off", decision["profile"])
     return decision

@@ -29,13 +29,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, results, pg_timeout, env, threads):
+def _worker(rank, world_size, port, fn, args, results, pg_timeout, env, threads, backend="gloo"):
     os.environ.update(env)
     import torch
     import torch.distributed as dist
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout))
         out = fn(rank, world_size, *args)
         # Plain pickle (tensors by value): torch's queue reducers pass tensors through shared
@@ -52,17 +52,19 @@ def _worker(rank, world_size, port, fn, args, results, pg_timeout, env, threads)
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 240.0, pg_timeout: float = 60.0,
-              env: dict | None = None, allow_failures: bool = False, threads: int = 1):
+              env: dict | None = None, allow_failures: bool = False, threads: int = 1, backend: str = "gloo"):
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
 
     ``fn`` must be importable (module level); each rank uses ``threads`` intra-op threads. With
     ``allow_failures`` a rank's exception (or death) is returned as ``("error", traceback)`` or
-    ``("died", message)`` instead of raising ``RankFailure``.
+    ``("died", message)`` instead of raising ``RankFailure``. ``backend`` is passed to
+    ``init_process_group`` (``"cuda:gloo"`` makes a group that, like NCCL, serves no CPU tensors).
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, pg_timeout, env or {}, threads),
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, pg_timeout, env or {}, threads,
+                                                          backend),
                          daemon=True) for r in range(world_size)]
     # The environment must be in place before a child imports anything (TRITON_INTERPRET is
     # read when triton is first imported, which importing seqpar_compiler already does).

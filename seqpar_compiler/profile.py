@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .runtime.control import control_all_reduce_max, control_barrier, control_broadcast_object, control_device
+
 __all__ = ["Profile", "shipped_profiles", "load_profile", "calibrate", "cache_path", "PROFILE_CHOICES"]
 
 _SHIPPED_FILE = Path(__file__).parent / "profiles" / "gpu_clusters.toml"
@@ -168,13 +170,13 @@ def _measure_concurrency(group, reps: int, cores: int) -> float:
     fwd = _block(1024, False, torch.Generator().manual_seed(0))[0]
     ratios = []
     for _ in range(max(3, reps)):
-        dist.barrier(group=group)
+        control_barrier(group)
         alone = _best_seconds(fwd, 2) if rank == 0 else None
-        dist.barrier(group=group)
+        control_barrier(group)
         together = _best_seconds(fwd, 2) if rank < busy else None
         if rank == 0:
             ratios.append(together / alone)
-    dist.barrier(group=group)
+    control_barrier(group)
     return max(1.0, sorted(ratios)[len(ratios) // 2]) if rank == 0 else 1.0
 
 
@@ -203,8 +205,8 @@ def _measure_step_overhead(group, reps: int, latency: float) -> float:
 
     def call():
         ring_attention(q, q, q, schedule="ring", group=group).sum().backward()
-    seconds = torch.tensor([_best_seconds(call, 2 * reps)])
-    dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)     # the call ends with the slowest rank
+    # the call ends with the slowest rank
+    seconds = control_all_reduce_max(torch.tensor([_best_seconds(call, 2 * reps)]), group)
     return max(0.0, seconds.item() / (2 * P) - 2 * latency)        # P steps forward, P backward
 
 
@@ -220,17 +222,20 @@ def calibrate(group: dist.ProcessGroup | None = None, *, save: bool = True, reps
         profile = Profile.from_dict(figures)
     else:
         group = group or dist.group.WORLD
+        if control_device(group).type != "cpu":
+            raise ValueError(f"seqpar: calibration times the CPU kernels over a CPU (gloo) group; this group serves "
+                             f"{control_device(group).type} tensors. Name a GPU profile instead: SEQPAR_PROFILE="
+                             f"{' or '.join(n for n in shipped_profiles() if 'dgx' in n) or 'a .json file'}")
         rank, P = dist.get_rank(group), dist.get_world_size(group)
         figures = {}
         if rank == 0:
             figures.update(_measure_compute(reps))
         if P > 1:
-            dist.barrier(group=group)                # compute timed alone, then the link
+            control_barrier(group)                # compute timed alone, then the link
             if rank < 2:
                 figures.update(_measure_link(group, reps))
-            box = [figures.get("latency", 0.0)]
-            dist.broadcast_object_list(box, group_src=0, group=group)
-            figures["step_overhead"] = _measure_step_overhead(group, reps, box[0])
+            latency = control_broadcast_object(figures.get("latency", 0.0), group)
+            figures["step_overhead"] = _measure_step_overhead(group, reps, latency)
             slowdown = _measure_concurrency(group, reps, len(os.sched_getaffinity(0)))
             if rank == 0:
                 figures["concurrency_slowdown"] = slowdown
@@ -244,10 +249,7 @@ def calibrate(group: dist.ProcessGroup | None = None, *, save: bool = True, reps
                            overlap_efficiency=0.5)
             if P == 1:
                 figures.update(bandwidth=float("inf"), latency=0.0)
-        box = [figures]
-        if P > 1:
-            dist.broadcast_object_list(box, group_src=0, group=group)
-        profile = Profile.from_dict(box[0])
+        profile = Profile.from_dict(control_broadcast_object(figures, group) if P > 1 else figures)
     if save and (not dist.is_initialized() or dist.get_rank() == 0):
         _save(profile, cache_path())
     return profile
