@@ -21,6 +21,12 @@ Backward, atomic-free (the FlashAttention-2 split, as in Triton's tutorial 06):
      G query heads of its group and the query tiles that can see its keys;
   3. dq: one program per (query tile, batch·query head) owns its dq rows and loops over keys.
 
+Score semantics (issue 12), evaluated per tile from positions like the mask: soft-capping
+``s ← cap · tanh(s / cap)`` (tanh as ``2·sigmoid(2x) − 1``; the backward multiplies dS by
+``1 − tanh²``), then ALiBi ``s += slopes[h] · (k_pos − q_pos)`` (one slope per program's head).
+Dv ≠ D is zero-padded on the host to one head width (exact: zero value columns give zero output
+columns, zero q/k columns add nothing to q·k).
+
 Shape legend: B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv (query head h reads
 kv head h // G: K/V are never repeated), M query rows, N key rows, D head dim (≤ 256),
 D_PAD = max(16, next power of two ≥ D) (tl.arange and tl.dot need powers of two ≥ 16; the
@@ -39,9 +45,11 @@ import triton.language as tl
 from .block_mask import BlockMask
 from .triton_configs import TritonConfigs, triton_configs
 
-__all__ = ["triton_block_forward", "triton_block_backward", "TRITON_DTYPES"]
+__all__ = ["triton_block_forward", "triton_block_backward", "TRITON_DTYPES", "SCORE_MODS"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The score semantics these kernels compute (``cuda_dispatch`` reads it).
+SCORE_MODS = ("alibi", "softcap", "dv")
 
 _LOG2E = math.log2(math.e)           # exp(x) = exp2(x * log2 e): scales fold into one multiply
 _LOG2E_TL = tl.constexpr(_LOG2E)
@@ -64,6 +72,22 @@ def _visible(q_pos, k_pos, q_doc, k_doc, q_ok, k_ok, window,
     if HAS_DOCS:
         vis = vis & (q_doc == k_doc)
     return vis
+
+
+@triton.jit
+def _scores2(raw, kq_diff, slope2, scale, scale2, cap, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Scores in base 2 from the raw q·k of a tile (either orientation) and, with a softcap,
+    ``tanh(scale · raw / cap)`` for the backward (else ``raw``, unused). ``kq_diff`` is
+    k_pos − q_pos broadcast to the tile; ``slope2`` = slope · log2 e."""
+    t = raw
+    if HAS_SOFTCAP:
+        t = 2.0 * tl.sigmoid(raw * (2.0 * scale / cap)) - 1.0
+        s = t * (cap * _LOG2E_TL)
+    else:
+        s = raw * scale2
+    if HAS_ALIBI:
+        s = s + kq_diff.to(tl.float32) * slope2
+    return s, t
 
 
 @triton.jit
@@ -127,10 +151,12 @@ def _load_key_tile(k_base, v_base, kdoc_base, n0, offs_n, offs_d, d_ok, sk_n, sv
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k, v, vis, scale2, PRECISION: tl.constexpr):
+def _fwd_tile(acc, m_i, l_i, q, k, v, vis, kq_diff, slope2, scale, scale2, cap, PRECISION: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """One online-softmax step (base 2). ``m_safe`` keeps rows with no visible key so far
     at m = -inf without computing exp2(-inf - -inf) = NaN."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2          # [BLOCK_M, BLOCK_N]
+    raw = tl.dot(q, tl.trans(k), input_precision=PRECISION)                 # [BLOCK_M, BLOCK_N]
+    s, _ = _scores2(raw, kq_diff, slope2, scale, scale2, cap, HAS_ALIBI, HAS_SOFTCAP)
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -142,12 +168,12 @@ def _fwd_tile(acc, m_i, l_i, q, k, v, vis, scale2, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, QDoc, KDoc,
+def _fwd_kernel(Q, K, V, Out, Lse, QDoc, KDoc, Slopes,
                 sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sqd_b, skd_b,
-                M, N, D, Hq, G, scale2, q_start, q_stride, k_start, k_stride, window,
+                M, N, D, Hq, G, scale, scale2, cap, q_start, q_stride, k_start, k_stride, window,
                 POSITIONAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                D_PAD: tl.constexpr):
+                D_PAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -175,15 +201,21 @@ def _fwd_kernel(Q, K, V, Out, Lse, QDoc, KDoc,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Slopes + h).to(tl.float32) * _LOG2E_TL
     for n0 in range(lo, hi, BLOCK_N):
         k, v, vis = _load_key_tile(k_base, v_base, KDoc + b * skd_b, n0, offs_n, offs_d, d_ok, sk_n, sv_n,
                                    N, k_start, k_stride, q_pos, q_doc, m_ok, window, BLOCK_N,
                                    POSITIONAL, HAS_WINDOW, HAS_DOCS)
+        kq_diff = (k_start + (n0 + offs_n) * k_stride)[None, :] - q_pos[:, None]
         if HAS_DOCS:    # positions already bound the loop; documents can still empty a tile
             if tl.max(vis.to(tl.int32)) > 0:
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, vis, scale2, PRECISION)
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, vis, kq_diff, slope2, scale, scale2, cap,
+                                          PRECISION, HAS_ALIBI, HAS_SOFTCAP)
         else:
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, vis, scale2, PRECISION)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, vis, kq_diff, slope2, scale, scale2, cap,
+                                      PRECISION, HAS_ALIBI, HAS_SOFTCAP)
 
     dead = l_i == 0.0                                # saw no key: out = 0, lse = -inf
     l_safe = tl.where(dead, 1.0, l_i)
@@ -221,26 +253,30 @@ def _bwd_preprocess_kernel(Out, DOut, Lse, Delta, Lse2, so_b, so_h, so_m, sdo_b,
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, vis_t, scale2, PRECISION: tl.constexpr):
+def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, vis_t, kq_diff_t, slope2, scale, scale2, cap,
+               PRECISION: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """Transposed ([BLOCK_N, BLOCK_M]) probabilities of one query tile → dk, dv updates
     (dk still lacks the softmax scale, applied once at the end)."""
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale2
+    raw_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    s_t, t_t = _scores2(raw_t, kq_diff_t, slope2, scale, scale2, cap, HAS_ALIBI, HAS_SOFTCAP)
     p_t = tl.where(vis_t, tl.exp2(s_t - lse2[None, :]), 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
+    if HAS_SOFTCAP:
+        ds_t = ds_t * (1.0 - t_t * t_t)
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, DK, DV, QDoc, KDoc,
+def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, DK, DV, QDoc, KDoc, Slopes,
                      sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m,
-                     sqd_b, skd_b, M, N, D, Hq, Hkv, G, scale, scale2,
+                     sqd_b, skd_b, M, N, D, Hq, Hkv, G, scale, scale2, cap,
                      q_start, q_stride, k_start, k_stride, window,
                      POSITIONAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     D_PAD: tl.constexpr):
+                     D_PAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
@@ -267,6 +303,9 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, DK, DV, QDoc, KDoc,
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     for g in range(G):                               # the query heads that read this kv head
         h = hk * G + g
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(Slopes + h).to(tl.float32) * _LOG2E_TL
         q_base = Q + b * sq_b + h * sq_h
         do_base = DOut + b * sdo_b + h * sdo_h
         row_base = (b * Hq + h) * M
@@ -285,11 +324,14 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, DK, DV, QDoc, KDoc,
             vis_t = _visible((q_start + rows * q_stride)[None, :], k_pos[:, None], q_doc[None, :],
                              k_doc[:, None], m_ok[None, :], n_ok[:, None], window,
                              POSITIONAL, HAS_WINDOW, HAS_DOCS)
+            kq_diff_t = k_pos[:, None] - (q_start + rows * q_stride)[None, :]
             if HAS_DOCS:
                 if tl.max(vis_t.to(tl.int32)) > 0:
-                    dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, vis_t, scale2, PRECISION)
+                    dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, vis_t, kq_diff_t, slope2, scale, scale2,
+                                        cap, PRECISION, HAS_ALIBI, HAS_SOFTCAP)
             else:
-                dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, vis_t, scale2, PRECISION)
+                dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, vis_t, kq_diff_t, slope2, scale, scale2,
+                                    cap, PRECISION, HAS_ALIBI, HAS_SOFTCAP)
 
     out_offs = pid_bh.to(tl.int64) * N * D + cols[:, None] * D + offs_d[None, :]   # contiguous
     tl.store(DK + out_offs, dk * scale, mask=kv_mask)
@@ -297,24 +339,28 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, DK, DV, QDoc, KDoc,
 
 
 @triton.jit
-def _dq_tile(dq, q, do, k, v, lse2, delta, vis, scale2, PRECISION: tl.constexpr):
+def _dq_tile(dq, q, do, k, v, lse2, delta, vis, kq_diff, slope2, scale, scale2, cap, PRECISION: tl.constexpr,
+             HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """One key tile's contribution to dq (without the softmax scale)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+    raw = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s, t = _scores2(raw, kq_diff, slope2, scale, scale2, cap, HAS_ALIBI, HAS_SOFTCAP)
     p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, DQ, QDoc, KDoc,
+def _bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, DQ, QDoc, KDoc, Slopes,
                    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m,
-                   sqd_b, skd_b, M, N, D, Hq, G, scale, scale2,
+                   sqd_b, skd_b, M, N, D, Hq, G, scale, scale2, cap,
                    q_start, q_stride, k_start, k_stride, window,
                    POSITIONAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   D_PAD: tl.constexpr):
+                   D_PAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -345,15 +391,21 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, DQ, QDoc, KDoc,
     lo, hi = _key_rows_seen(q_start + m0 * q_stride, q_start + m_last * q_stride, k_start, k_stride,
                             N, window, POSITIONAL, HAS_WINDOW, BLOCK_N)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Slopes + h).to(tl.float32) * _LOG2E_TL
     for n0 in range(lo, hi, BLOCK_N):
         k, v, vis = _load_key_tile(k_base, v_base, KDoc + b * skd_b, n0, offs_n, offs_d, d_ok, sk_n, sv_n,
                                    N, k_start, k_stride, q_pos, q_doc, m_ok, window, BLOCK_N,
                                    POSITIONAL, HAS_WINDOW, HAS_DOCS)
+        kq_diff = (k_start + (n0 + offs_n) * k_stride)[None, :] - q_pos[:, None]
         if HAS_DOCS:
             if tl.max(vis.to(tl.int32)) > 0:
-                dq = _dq_tile(dq, q, do, k, v, lse2, delta, vis, scale2, PRECISION)
+                dq = _dq_tile(dq, q, do, k, v, lse2, delta, vis, kq_diff, slope2, scale, scale2, cap, PRECISION,
+                              HAS_ALIBI, HAS_SOFTCAP)
         else:
-            dq = _dq_tile(dq, q, do, k, v, lse2, delta, vis, scale2, PRECISION)
+            dq = _dq_tile(dq, q, do, k, v, lse2, delta, vis, kq_diff, slope2, scale, scale2, cap, PRECISION,
+                          HAS_ALIBI, HAS_SOFTCAP)
 
     tl.store(DQ + row_base * D + rows[:, None] * D + offs_d[None, :], dq * scale, mask=q_mask)
 
@@ -404,14 +456,24 @@ def _mask_args(mask: BlockMask, q: torch.Tensor, B: int, M: int, N: int) -> dict
         k_doc = mask.k_doc.to(q.device, torch.int64).contiguous().expand(B, N)
     else:
         q_doc = k_doc = torch.zeros(1, dtype=torch.int64, device=q.device)   # never read
+    has_alibi, has_softcap = mask.alibi_slopes is not None, mask.softcap is not None
+    slopes = (mask.alibi_slopes.to(q.device, torch.float32).contiguous() if has_alibi
+              else torch.zeros(1, dtype=torch.float32, device=q.device))    # never read without ALiBi
     return dict(
-        docs=(q_doc, k_doc),
+        docs=(q_doc, k_doc, slopes),
+        cap=float(mask.softcap) if has_softcap else 1.0,
         doc_strides=(q_doc.stride(0) if has_docs else 0, k_doc.stride(0) if has_docs else 0),
         scalars=(mask.q_start, mask.q_stride, mask.k_start, mask.k_stride, mask.window or 0),
         flags=dict(POSITIONAL=mask.positional, HAS_WINDOW=mask.window is not None, HAS_DOCS=has_docs,
                    # fp32 stays fp32 on a GPU too (no TF32); fp16/bf16 take the backend default
-                   PRECISION="ieee" if q.dtype == torch.float32 else None),
+                   PRECISION="ieee" if q.dtype == torch.float32 else None,
+                   HAS_ALIBI=has_alibi, HAS_SOFTCAP=has_softcap),
     )
+
+
+def _pad_head_dims(*xs_and_widths) -> list[torch.Tensor]:
+    """Each tensor zero-padded on its last dim to the given width (itself when already that wide)."""
+    return [x if x.shape[-1] == w else torch.nn.functional.pad(x, (0, w - x.shape[-1])) for x, w in xs_and_widths]
 
 
 def triton_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
@@ -429,8 +491,14 @@ def triton_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
 
     Returns:
         out [B, Hq, M, D] in q's dtype, and lse [B, Hq, M] fp32 in natural log. A row that
-        sees no key has out = 0, lse = -inf.
+        sees no key has out = 0, lse = -inf. With v [B, Hkv, N, Dv], out is [B, Hq, M, Dv].
     """
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D != Dv:
+        W = max(D, Dv)
+        qp, kp, vp = _pad_head_dims((q, W), (k, W), (v, W))
+        out, lse = triton_block_forward(qp, kp, vp, mask, scale, block_m=block_m, block_n=block_n)
+        return out[..., :Dv], lse
     _check_inputs(q, k, v)
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     B, Hq, M, D = q.shape
@@ -446,7 +514,7 @@ def triton_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     with _device_guard(q.device):
         _fwd_kernel[(triton.cdiv(M, fwd.block_m), B * Hq)](
             q, k, v, out, lse, *a["docs"], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], *a["doc_strides"], M, N, D, Hq, Hq // Hkv, scale * _LOG2E,
+            *out.stride()[:3], *a["doc_strides"], M, N, D, Hq, Hq // Hkv, scale, scale * _LOG2E, a["cap"],
             *a["scalars"], **a["flags"], BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, D_PAD=d_pad,
             num_warps=fwd.num_warps, num_stages=fwd.num_stages)
     return out, lse
@@ -469,8 +537,16 @@ def triton_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         block_m, block_n: tile sizes, as in the forward.
 
     Returns:
-        dq [B, Hq, M, D], dk [B, Hkv, N, D], dv [B, Hkv, N, D], all fp32.
+        dq [B, Hq, M, D], dk [B, Hkv, N, D], dv [B, Hkv, N, D], all fp32 (dv [B, Hkv, N, Dv]
+        with a v of head dim Dv, dout/out then [B, Hq, M, Dv]).
     """
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D != Dv:
+        W = max(D, Dv)
+        padded = _pad_head_dims((dout, W), (q, W), (k, W), (v, W), (out, W))
+        dq, dk, dv = triton_block_backward(*padded[:4], padded[4], lse, mask, scale, block_m=block_m,
+                                           block_n=block_n)
+        return dq[..., :D], dk[..., :D], dv[..., :Dv]
     _check_inputs(q, k, v)
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     dout, out = _rows_contiguous(dout.to(q.dtype)), _rows_contiguous(out)
@@ -496,10 +572,10 @@ def triton_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
             BLOCK_M=cfg.dq.block_m, D_PAD=d_pad, num_warps=cfg.dq.num_warps)
         _bwd_dkdv_kernel[(triton.cdiv(N, cfg.dkdv.block_n), B * Hkv)](
             q, k, v, dout, lse2, delta, dk, dv, *a["docs"], *strides, M, N, D, Hq, Hkv, Hq // Hkv,
-            scale, scale2, *a["scalars"], **a["flags"], BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n,
+            scale, scale2, a["cap"], *a["scalars"], **a["flags"], BLOCK_M=cfg.dkdv.block_m, BLOCK_N=cfg.dkdv.block_n,
             D_PAD=d_pad, num_warps=cfg.dkdv.num_warps, num_stages=cfg.dkdv.num_stages)
         _bwd_dq_kernel[(triton.cdiv(M, cfg.dq.block_m), B * Hq)](
             q, k, v, dout, lse2, delta, dq, *a["docs"], *strides, M, N, D, Hq, Hq // Hkv,
-            scale, scale2, *a["scalars"], **a["flags"], BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n,
+            scale, scale2, a["cap"], *a["scalars"], **a["flags"], BLOCK_M=cfg.dq.block_m, BLOCK_N=cfg.dq.block_n,
             D_PAD=d_pad, num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages)
     return dq, dk, dv
