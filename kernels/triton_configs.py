@@ -5,8 +5,9 @@ each shape and keeps the fastest, so the choice depends on timing noise — two 
 may pick different tiles (bitwise different block results) and the first step of every new
 shard length pays the search. The ring calls these kernels with many block shapes, so the choice
 here is a pure function of (GPU generation, padded head dim, dtype, which pass), cached, and the
-same on every rank and every run. ``bench/kernels_gpu.py --tune`` times the candidate space of
-``candidate_configs`` on a GPU, so the table can be checked against measurement there.
+same on every rank and every run. ``candidate_configs`` is the search space to time on a GPU
+when one is at hand, so the table can be checked against measurement there (not done yet: no
+GPU session so far; issue 14).
 
 Where the entries come from (published practice, not our own tuning — no GPU session is long
 enough to search; issue 14):
@@ -124,7 +125,7 @@ def triton_configs(d_pad: int, dtype: torch.dtype, device: torch.device) -> Trit
 
 
 def candidate_configs(d_pad: int, dtype: torch.dtype) -> list[TileConfig]:
-    """The forward search space ``bench/kernels_gpu.py --tune`` times: FlexAttention's
+    """The forward search space to time on a GPU: FlexAttention's
     max-autotune forward list plus Triton's tutorial space (BLOCK_M 64/128, BLOCK_N 32/64/128,
     2–4 stages, 4 or 8 warps), trimmed to tiles whose fp32 accumulator fits at this head dim."""
     if dtype == torch.float32:
