@@ -164,6 +164,7 @@ class ShardingContext:
     def fall_back(self, node: fx.Node, reason: str) -> None:
         line = _source_line(node)
         self.fallbacks.append((_op_name(node), line, reason))
+        node.meta["seqpar_fallback"] = reason     # read by the replicated-attention report (issue 16)
         message = (f"seqpar: cannot shard {_op_name(node)} ({reason}) at {line}; gathering the sequence "
                    f"and computing it replicated (correct, slower)")
         if self.fallback == "error":
@@ -231,7 +232,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
                          if len(gathered) > 1 else "")
                 warnings.warn(f"seqpar: {len(gathered)} sharded output(s) gathered at this frame's exit "
                               f"({', '.join(gathered[:6])}{', ...' if len(gathered) > 6 else ''}): an all-gather "
-                              f"each, and every rank holds the whole sequence of each (full logits grow with the "
+                              f"each, and every rank holds the whole sequence of each (its size grows with the whole "
                               f"context, not with S/P).{cache} Return only what you need (the loss), or set "
                               f"SEQPAR_OUTPUT=local to keep outputs sharded", stacklevel=2)
             continue

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .input_check import check_same_inputs
-from .options import OPTIONS, resolve_options
+from .options import OPTIONS, check_environment, resolve_options
 
 __all__ = ["backend", "seqpar_backend", "sequence_group"]
 
@@ -48,6 +48,55 @@ def _log_once(key: str, message: str) -> None:
     if key not in _logged_once:
         _logged_once.add(key)
         log.warning(message)
+
+
+def _frame_code():
+    """The code object Dynamo is compiling now (the user's: a compiled module's frame is torch's
+    ``external_utils.inner`` wrapper, whose first traced callee is the module's ``forward``)."""
+    import os.path
+    from torch._guards import TracingContext
+    tc = TracingContext.try_get()
+    codes = list(tc.traced_code) if tc is not None and tc.traced_code else []
+    dynamo = os.path.dirname(torch._dynamo.__file__)
+    return next((c for c in codes if not c.co_filename.startswith(dynamo)), codes[0] if codes else None)
+
+
+def _frame_name() -> str:
+    """``'forward' (models.py:120)``: the frame Dynamo is compiling, for messages."""
+    import os.path
+    code = _frame_code()
+    if code is None:
+        return "?"
+    return f"'{code.co_name}' ({os.path.basename(code.co_filename)}:{code.co_firstlineno})"
+
+
+def _warn_at_recompile_limit(example_inputs: Sequence[Any]) -> None:
+    """Warn when this compile is the last one Dynamo's recompile limit allows for the frame
+    (issue 13): every later new input shape then runs eagerly, on the whole sequence on every
+    rank, and Dynamo's own log line does not say that. Counted from Dynamo's cache entries of
+    the frame's code object, which is what its limit counts."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._guards import TracingContext
+    tc = TracingContext.try_get()
+    if tc is None or not tc.traced_code:
+        return
+    code = tc.traced_code[0]                                       # the frame Dynamo caches
+    compiled = len(_debug_get_cache_entry_list(code)) + 1            # this compile adds one
+    limit = torch._dynamo.config.recompile_limit
+    if compiled != limit:
+        return
+    shapes = ", ".join(str(list(x.shape)) for x in example_inputs
+                       if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter))
+    warnings.warn(f"seqpar: frame {_frame_name()} has now been compiled {compiled} times (this time for inputs "
+                  f"{shapes[:120]}), Dynamo's recompile limit (torch._dynamo.config.recompile_limit = {limit}): "
+                  f"from the next new sequence length on it runs EAGER and UNSHARDED, the whole sequence on every "
+                  f"rank, with no further word. Pad or bucket sequence lengths to a few sizes, or raise "
+                  f"torch._dynamo.config.recompile_limit (dynamic=True is not supported yet)", stacklevel=3)
+
+
+def _lead(pg) -> bool:
+    """Messages about a whole group are said by its rank 0 only."""
+    return pg is None or dist.get_rank(pg) == 0
 
 
 def sequence_group(degree: int | None = None) -> dist.ProcessGroup | None:
@@ -113,6 +162,7 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
 
     ``torch.compile(model, backend=seqpar_compiler.backend(schedule="zigzag", group=pg))``.
     """
+    check_environment()          # every SEQPAR_* value at once, and unknown names, before any tracing
     opts = resolve_options(**options)
     if opts["output"] == "local" and opts["schedule"] == "auto":
         # local outputs are in the schedule's layout; the user must know it (DESIGN §6)
@@ -125,6 +175,8 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         pg = group if group is not None else sequence_group(opts["degree"])
         P = 1 if pg is None else dist.get_world_size(pg)
+        if _lead(pg):
+            _warn_at_recompile_limit(example_inputs)
         if P == 1:
             _log_once("single", "seqpar: no process group or a group of one rank: compiling with "
                                 f"{opts['inner']} and the memory passes only (nothing to shard)")
@@ -184,9 +236,17 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None) -> torch.fx.GraphModul
         dump.graph("canonicalize", gm)
     S = sequence_length(attention)
     P = dist.get_world_size(pg)
+    from .replicated import hidden_attention_causes, replicated_attention_causes
+    hidden = hidden_attention_causes(gm) + _new_graph_breaks()
     if not attention or S is None:
-        warnings.warn(f"seqpar: this graph has {'no' if not attention else 'no common-length'} self-attention; "
-                      f"it runs replicated on each of the {P} ranks", stacklevel=3)
+        what = "no" if not attention else "no common-length"
+        _report_replicated(hidden, pg, opts, dump)
+        if not hidden:
+            if dist.get_rank(pg) == 0:
+                warnings.warn(f"seqpar: frame {_frame_name()} has {what} self-attention; it runs replicated on each "
+                              f"of the {P} ranks", stacklevel=3)
+            if dump:
+                dump.section("attention run replicated", [f"this frame has {what} self-attention"])
         if dump:
             dump.finish(f"seqpar dump: no self-attention of one length; the graph runs replicated on {P} ranks")
         return None
@@ -201,6 +261,8 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None) -> torch.fx.GraphModul
                           group_name=pg.group_name, fallback=opts["fallback"], output=opts["output"],
                           kernel=opts["kernel"], overlap=overlap, grad_reduce=opts["grad_reduce"])
     out = rewrite_graph(gm, example_inputs, ctx, _user_input_dims(gm, example_inputs, S))
+    replicated = replicated_attention_causes(attention, ctx.place) + hidden
+    _report_replicated(replicated, pg, opts, dump)
     log.info("seqpar: sharded a graph over %d ranks (S=%d, schedule %s): %d fallbacks, collectives: %s",
              P, S, schedule, len(ctx.fallbacks), ", ".join(ctx.collectives))
     if dump:
@@ -212,6 +274,41 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None) -> torch.fx.GraphModul
     return out
 
 
+def _report_replicated(causes: list[str], pg, opts: dict, dump) -> None:
+    """One line per frame (rank 0) when attention runs replicated, the same lines in the dump;
+    an error on every rank with ``fallback="error"``."""
+    if not causes:
+        return
+    from seqpar_compiler.passes.rewrite import SeqparFallbackError
+
+    from .replicated import replicated_message
+    message = replicated_message(_frame_name(), causes, dist.get_world_size(pg))
+    if dump:
+        dump.section("attention run replicated", causes)
+    if opts["fallback"] == "error":
+        raise SeqparFallbackError(message.replace("SEQPAR_FALLBACK=error makes this an error",
+                                                  "SEQPAR_FALLBACK=error forbids it"))
+    if dist.get_rank(pg) == 0:       # warnings' own filter says it once per frame and cause
+        warnings.warn(message, stacklevel=4)
+
+
+_break_tracker = []          # one GraphBreakTracker, made at the first sharded compile
+
+
+def _new_graph_breaks() -> list[str]:
+    """Causes for Dynamo's graph breaks since the last sharded compile (lazily: the tracker's
+    module imports the dump module, which ``python -m seqpar_compiler.dump`` runs as __main__)."""
+    if not _break_tracker:
+        from .replicated import GraphBreakTracker
+        _break_tracker.append(GraphBreakTracker())
+    return _break_tracker[0].new_breaks()
+
+
 def seqpar_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    """``backend="seqpar"``: options from the ``SEQPAR_*`` environment at compile time."""
+    """``backend="seqpar"``: options from the ``SEQPAR_*`` environment at compile time.
+
+    Its first step checks them (they were also checked when ``seqpar_compiler`` was imported):
+    Dynamo wraps what a backend raises in ``BackendCompilerFailed``, and the message inside it
+    is the registry's, its first line naming the variable and the allowed values.
+    """
     return backend()(gm, example_inputs)
