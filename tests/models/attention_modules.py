@@ -29,7 +29,9 @@ class _QKV(nn.Module):
         self.d = width // heads
         self.dv = v_dim or self.d
         self.q = nn.Linear(width, heads * self.d)
-        self.k = nn.Linear(width, self.hkv * self.d)
+        # no key bias: q·b_k is the same for every key of a row, so softmax ignores it and its
+        # gradient is zero up to rounding (a relative comparison of it would compare noise)
+        self.k = nn.Linear(width, self.hkv * self.d, bias=False)
         self.v = nn.Linear(width, self.hkv * self.dv)
         self.o = nn.Linear(heads * self.dv, width)
 
@@ -128,20 +130,22 @@ class AlibiAttention(_QKV):
 
 
 class AdditiveBiasAttention(_QKV):
-    """A relative bias that is *not* ALiBi (``table[h, |i − j|]``, T5-like): it must not be
-    proved (the attention stays as written and falls back)."""
+    """A relative bias that is *not* ALiBi (``table[h, |i − j|]``, T5-like, index and causal
+    mask in buffers): it must not be proved (the attention stays as written and falls back)."""
 
     def __init__(self, width=32, heads=4, max_len=64):
         super().__init__(width, heads)
+        pos = torch.arange(max_len)
         self.register_buffer("table", torch.randn(heads, max_len), persistent=False)
+        self.register_buffer("distance", (pos[:, None] - pos[None, :]).abs(), persistent=False)
+        self.register_buffer("future", pos[None, :] > pos[:, None], persistent=False)
 
     def forward(self, x):
         q, k, v = self.heads(x)
         s = q.shape[-2]
-        pos = torch.arange(s, device=x.device)
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-        scores = scores + self.table[:, (pos[:, None] - pos[None, :]).abs()]
-        scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+        scores = scores + self.table[:, self.distance[:s, :s]]
+        scores = scores.masked_fill(self.future[:s, :s], float("-inf"))
         return self.out(torch.softmax(scores, -1) @ v)
 
 
@@ -218,6 +222,9 @@ class SDPAWindowGQA(_QKV):
         return self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
+_LOWER_RIGHT: dict[int, object] = {}      # CausalBias by length, outside the modules (it cannot be deep-copied)
+
+
 class SDPALowerRight(_QKV):
     """SDPA with a ``torch.nn.attention.bias.causal_lower_right`` bias (equal lengths: causal).
 
@@ -227,11 +234,12 @@ class SDPALowerRight(_QKV):
     def __init__(self, width=32, heads=4, seq=32):
         from torch.nn.attention.bias import causal_lower_right
         super().__init__(width, heads)
-        self.causal = causal_lower_right(seq, seq)
+        self.seq = seq
+        _LOWER_RIGHT.setdefault(seq, causal_lower_right(seq, seq))
 
     def forward(self, x):
         q, k, v = self.heads(x)
-        return self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=self.causal))
+        return self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=_LOWER_RIGHT[self.seq]))
 
 
 class ValueDimAttention(_QKV):
