@@ -23,13 +23,50 @@ def rule_code() -> str:
     return found[0]
 
 
+@torch.library.custom_op("mylib::rms_norm", mutates_args=())
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The page's "own fused kernel": RMSNorm over the last dim as one opaque op."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@fused_rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.eps = inputs[2]
+
+
+def _backward(ctx, g):
+    x, w = ctx.saved_tensors
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ctx.eps)
+    gw = g * w
+    dx = r * gw - x * r.pow(3) * (gw * x).mean(-1, keepdim=True)
+    dw = (g * x * r).reshape(-1, x.shape[-1]).sum(0)
+    return dx, dw, None
+
+
+fused_rms_norm.register_autograd(_backward, setup_context=_setup)
+
+
+class _FusedRMSNorm(nn.Module):
+    def __init__(self, width, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(width) + 0.1 * torch.randn(width)), eps
+
+    def forward(self, x):
+        return fused_rms_norm(x, self.weight, self.eps)
+
+
 class RMSNormAttention(nn.Module):
-    """Embedding → nn.RMSNorm (torch.rms_norm) → causal SDPA → loss: the norm meets shards."""
+    """Embedding → a fused RMSNorm custom op → causal SDPA → loss: the norm meets shards."""
 
     def __init__(self):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, WIDTH)
-        self.norm = nn.RMSNorm(WIDTH, eps=1e-6)
+        self.norm = _FusedRMSNorm(WIDTH, eps=1e-6)
         self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
         self.out = nn.Linear(WIDTH, VOCAB)
 
