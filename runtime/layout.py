@@ -7,21 +7,36 @@ Layouts (S global length, P ranks, chunks of S/(2P) tokens; DESIGN §1):
   ring, distflash  rank r holds [r·S/P, (r+1)·S/P)
   zigzag           rank r holds chunk r followed by chunk 2P−1−r
   striped          rank r holds r, r+P, r+2P, …
+  ulysses          as ring (all-to-all attention, ``ulysses.py``)
+  hybrid:u         G = P/u groups of u consecutive ranks; group g holds zigzag(G) chunks g and
+                   2G−1−g (chunks of S/(2G)), split contiguously over its u ranks, so the
+                   all-to-all inside a group hands each rank exactly ring rank g's zigzag shard
 
 A rank's tokens are a short list of affine ``Segment``s (start, count, stride), which is what
 block masks need: global position of local row i of a segment = start + i·stride.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-__all__ = ["SCHEDULES", "Segment", "local_segments", "local_positions", "check_sequence_length",
-           "required_multiple"]
+__all__ = ["SCHEDULES", "A2A_SCHEDULES", "Segment", "local_segments", "local_positions", "check_sequence_length",
+           "required_multiple", "split_schedule"]
 
 SCHEDULES = ("ring", "zigzag", "striped", "distflash")
+# layouts of the all-to-all attention (issue 15); the hybrid's name carries its Ulysses degree u
+A2A_SCHEDULES = ("ulysses", "hybrid")
+
+
+def split_schedule(schedule: str) -> tuple[str, int | None]:
+    """``"hybrid:2"`` → ``("hybrid", 2)``; any other layout name → ``(name, None)``."""
+    name, _, degree = schedule.partition(":")
+    if name == "hybrid" and degree.isdigit() and int(degree) >= 1:
+        return name, int(degree)
+    return schedule, None
 
 
 @dataclass(frozen=True)
@@ -37,12 +52,18 @@ class Segment:
 def required_multiple(schedule: str, P: int) -> int:
     """The global sequence length must be a multiple of this."""
     _check_schedule(schedule)
+    name, u = split_schedule(schedule)
+    if name == "hybrid":
+        G = max(P // u, 1)
+        return P if G == 1 else math.lcm(P, 2 * G)
     return 2 * P if schedule == "zigzag" and P > 1 else P
 
 
 def _check_schedule(schedule: str) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    name, u = split_schedule(schedule)
+    if name not in SCHEDULES and name != "ulysses" and u is None:
+        raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES + A2A_SCHEDULES[:1])}, "
+                         f"hybrid:u (u = the Ulysses degree)")
 
 
 def check_sequence_length(S: int, schedule: str, P: int, *, what: str = "sequence length") -> None:
@@ -60,8 +81,10 @@ def local_segments(schedule: str, rank: int, P: int, S_local: int) -> tuple[Segm
     _check_schedule(schedule)
     if P == 1:
         return (Segment(0, 0, S_local),)
-    if schedule in ("ring", "distflash"):
+    if schedule in ("ring", "distflash", "ulysses"):
         return (Segment(0, rank * S_local, S_local),)
+    if schedule.startswith("hybrid:"):
+        return _hybrid_segments(split_schedule(schedule)[1], rank, P, S_local)
     if schedule == "striped":
         return (Segment(0, rank, S_local, P),)
     if S_local % 2:
@@ -69,6 +92,21 @@ def local_segments(schedule: str, rank: int, P: int, S_local: int) -> tuple[Segm
                          f"got S_local={S_local}")
     c = S_local // 2
     return (Segment(0, rank * c, c), Segment(c, (2 * P - 1 - rank) * c, c))
+
+
+def _hybrid_segments(u: int, rank: int, P: int, S_local: int) -> tuple[Segment, ...]:
+    """Rank ``rank`` = g·u + j holds rows [j·S_local, (j+1)·S_local) of ring rank g's zigzag(G)
+    shard (``S_local·u`` rows): the pieces of its two chunks that fall in that range."""
+    if P % u:
+        raise ValueError(f"hybrid: the Ulysses degree {u} must divide the group size {P}")
+    g, j = divmod(rank, u)
+    ring_segs = local_segments("zigzag", g, P // u, S_local * u)
+    lo, hi, out = j * S_local, (j + 1) * S_local, []
+    for seg in ring_segs:
+        a, b = max(lo, seg.offset), min(hi, seg.offset + seg.count)
+        if a < b:
+            out.append(Segment(a - lo, seg.start + (a - seg.offset) * seg.stride, b - a, seg.stride))
+    return tuple(out)
 
 
 def local_positions(schedule: str, rank: int, P: int, S: int, device=None) -> torch.Tensor:
