@@ -7,6 +7,7 @@ from .plan import RingPlan, build_plan
 from .ring_op import ring_attention_backward_op, ring_attention_op
 from .sequence_ops import gather_sequence_op, shard_sequence_op
 from .stats import Stats, stats
+from .ulysses_op import ulysses_attention_backward_op, ulysses_attention_op
 
 __all__ = [
     "SCHEDULES",
@@ -22,4 +23,6 @@ __all__ = [
     "ring_attention_op",
     "shard_sequence_op",
     "stats",
+    "ulysses_attention_backward_op",
+    "ulysses_attention_op",
 ]

@@ -21,7 +21,9 @@ class Stats:
     forward and in the backward alike (so a ratio between ranks is a ratio of kernel work).
     bytes_sent / bytes_received count ring traffic (K/V blocks and their key metadata, queries
     and partial results moved for load balancing, dK/dV accumulators); control_bytes counts the
-    agreement checks. host_staged_bytes counts ring traffic that went through host buffers
+    agreement checks. a2a_bytes_sent / a2a_bytes_received count the all-to-all attention's traffic
+    (``ulysses.py``: heads ↔ sequence of q, k, v, out, lse and gradients, and its document ids),
+    kept apart from the ring's so a hybrid's two kinds of link can be told apart. host_staged_bytes counts ring traffic that went through host buffers
     (CUDA tensors over gloo, ``comm.py``). kernel_calls counts block-kernel calls by concrete
     kernel and direction, e.g. ``{"cudnn.forward": 4, "cudnn.backward": 4, "flash.forward": 2}``
     (on CUDA, ``auto`` picks a kernel per block).
@@ -33,6 +35,8 @@ class Stats:
     attention_flops: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    a2a_bytes_sent: int = 0
+    a2a_bytes_received: int = 0
     control_bytes: int = 0
     host_staged_bytes: int = 0
     comm_wait_seconds: float = 0.0

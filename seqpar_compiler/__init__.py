@@ -13,12 +13,12 @@ from .options import check_environment
 # BackendCompilerFailed; unknown SEQPAR_* names warn with the closest option (issue 16).
 check_environment()
 
-from .api import gather_sequence, ring_attention, shard_sequence
+from .api import gather_sequence, ring_attention, shard_sequence, ulysses_attention
 from .backend import backend, seqpar_backend
 from .profile import calibrate
 from .runtime.stats import Stats, stats
 
-__all__ = ["Stats", "backend", "calibrate", "gather_sequence", "ring_attention", "shard_sequence", "stats"]
+__all__ = ["Stats", "backend", "calibrate", "gather_sequence", "ring_attention", "shard_sequence", "stats", "ulysses_attention"]
 
 # torch 2.13 registers `torch_dynamo_backends` entry points itself (and imports this package to
 # do so); registering again would fail with "duplicate name".

@@ -10,18 +10,21 @@ import torch.distributed as dist
 from seqpar_compiler.runtime import gather_sequence_op, ring_attention_op, shard_sequence_op
 
 from .options import get_option
+from .ulysses_api import hybrid_layout, ulysses_attention
 
-__all__ = ["ring_attention", "shard_sequence", "gather_sequence"]
+__all__ = ["ring_attention", "ulysses_attention", "shard_sequence", "gather_sequence"]
 
 
-def _fixed_schedule(schedule: str | None) -> str:
+def _fixed_schedule(schedule: str | None, ulysses_degree: int | None = None,
+                    group: dist.ProcessGroup | None = None) -> str:
     """The layout of tensors the caller already sharded: ``auto`` cannot name one (the compiler
-    decides it per graph), so it is refused here."""
-    schedule = get_option("schedule", schedule)
+    decides it per graph), so it is refused here. ``hybrid`` becomes ``hybrid:u``."""
+    if not (isinstance(schedule, str) and schedule.startswith("hybrid:")):
+        schedule = get_option("schedule", schedule)
     if schedule == "auto":
         raise ValueError("schedule 'auto' is chosen by the compiler per graph; the runtime functions work on "
-                         "tensors in a known layout: pass one of ring, zigzag, striped, distflash")
-    return schedule
+                         "tensors in a known layout: pass one of ring, zigzag, striped, distflash, ulysses, hybrid")
+    return hybrid_layout(schedule, ulysses_degree, group)
 
 
 def _group_name(group: dist.ProcessGroup | None) -> str:
@@ -92,18 +95,19 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 
 
 def shard_sequence(x: torch.Tensor, dim: int, *, schedule: str = "zigzag",
-                   group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """This rank's part of the full tensor ``x`` along ``dim``, in ``schedule``'s layout.
+                   group: dist.ProcessGroup | None = None, ulysses_degree: int | None = None) -> torch.Tensor:
+    """This rank's part of the full tensor ``x`` along ``dim``, in ``schedule``'s layout
+    (``hybrid`` takes ``ulysses_degree``, or ``SEQPAR_ULYSSES_DEGREE``).
 
     Differentiable: the gradient of ``x`` is gathered, so every rank holds the same full gradient.
     """
-    return shard_sequence_op(x, dim, _fixed_schedule(schedule), _group_name(group))
+    return shard_sequence_op(x, dim, _fixed_schedule(schedule, ulysses_degree, group), _group_name(group))
 
 
 def gather_sequence(x: torch.Tensor, dim: int, *, schedule: str = "zigzag",
-                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                    group: dist.ProcessGroup | None = None, ulysses_degree: int | None = None) -> torch.Tensor:
     """The full tensor, in natural order on every rank, from each rank's shard ``x`` along ``dim``.
 
     Differentiable: the gradient is this rank's slice of the full gradient (no communication).
     """
-    return gather_sequence_op(x, dim, _fixed_schedule(schedule), _group_name(group))
+    return gather_sequence_op(x, dim, _fixed_schedule(schedule, ulysses_degree, group), _group_name(group))

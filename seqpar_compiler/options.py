@@ -95,11 +95,17 @@ OPTIONS: dict[str, Option] = _opts(
            help="Ranks per sequence-parallel group; must divide the world size. Consecutive ranks form a "
                 "group, so data parallelism can run across groups. Default: the whole world."),
     Option(name="schedule", kind="choice", default="auto",
-           choices=("ring", "zigzag", "striped", "distflash", "auto"),
+           choices=("ring", "zigzag", "striped", "distflash", "ulysses", "hybrid", "auto"),
            help="How the sequence is laid out and the ring is scheduled. zigzag and striped balance causal "
                 "work across ranks; distflash moves queries of late ranks to idle early ranks; ring is the "
-                "plain contiguous ring; auto picks by the cost model (SEQPAR_PROFILE) on rank 0 and "
-                "broadcasts the choice."),
+                "plain contiguous ring; ulysses is all-to-all attention (heads split over the group; needs "
+                "query heads divisible by P); hybrid is all-to-all inside groups of SEQPAR_ULYSSES_DEGREE "
+                "ranks and a zigzag ring across groups; auto picks by the cost model (SEQPAR_PROFILE) on rank "
+                "0 and broadcasts the choice."),
+    Option(name="ulysses_degree", kind="int", default=None, minimum=1,
+           help="SCHEDULE=hybrid: ranks per all-to-all group (consecutive ranks, one node); must divide the "
+                "sequence group's size and the query head count. Default: the largest such divisor below P "
+                "that fits in a node (torchrun's LOCAL_WORLD_SIZE)."),
     Option(name="checkpoint", kind="choice", default="remat-aware", choices=("remat-aware", "full", "none"),
            help="What the backward recomputes (a partitioner policy; at P = 1 around SDPA): remat-aware saves "
                 "attention's out+lse and each layer's input and recomputes the rest (norms, projections, RoPE, "
