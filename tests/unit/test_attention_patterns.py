@@ -158,3 +158,31 @@ def test_comparisons_of_another_tensor_are_not_proved():
 def test_documents_not_numbered_by_unit_steps_are_not_proved():
     """``(diff != 2).cumsum`` does not make positions step by one inside a document."""
     assert _packed_positions_canonicalized(step=2) == []
+
+
+def test_qwen2_eager_attention_is_canonicalized_erasing_each_dead_node_once():
+    """The mask chain of transformers' Qwen2 reaches ``position_ids`` twice; erasing it twice was
+    torch.fx's 'erase_node(position_ids_2) on an already erased node' warning."""
+    import warnings
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    counts = []
+
+    def capture(gm, ex):
+        static = {n for n in gm.graph.nodes if n.op == "placeholder"
+                  and ("_parameters_" in str(n.target) or "_buffers_" in str(n.target))}
+        counts.append(canonicalize_handwritten_attention(gm, ex, static))
+        return gm.forward
+    ids = torch.randint(0, 64, (2, S))
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(model, backend=capture)(ids, use_cache=False).logits
+    assert counts == [2]
+    assert not [w for w in caught if "erase" in str(w.message)]
+    assert torch.allclose(out, model(ids, use_cache=False).logits, atol=1e-5)
