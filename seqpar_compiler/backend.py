@@ -284,7 +284,7 @@ def _report_replicated(causes: list[str], pg, opts: dict, dump) -> None:
     from .replicated import replicated_message
     message = replicated_message(_frame_name(), causes, dist.get_world_size(pg))
     if dump:
-        dump.section("attention run replicated", causes)
+        dump.section("attention run replicated", list(dict.fromkeys(causes)))
     if opts["fallback"] == "error":
         raise SeqparFallbackError(message.replace("SEQPAR_FALLBACK=error makes this an error",
                                                   "SEQPAR_FALLBACK=error forbids it"))

@@ -186,6 +186,8 @@ def _break_cause(reason: str) -> str:
 
 def replicated_message(frame: str, causes: list[str], P: int) -> str:
     """The one line the backend prints for a frame whose attention runs replicated."""
+    counts = Counter(causes)             # layers of one model share a source line: say it once
+    said = [c if counts[c] == 1 else f"{c} ({counts[c]} times)" for c in counts]
     return (f"seqpar: attention in frame {frame} runs replicated (the whole sequence on each of the {P} ranks, "
-            f"no memory saved): " + "; ".join(causes) + ". SEQPAR_DUMP=DIR shows the graphs; "
+            f"no memory saved): " + "; ".join(said) + ". SEQPAR_DUMP=DIR shows the graphs; "
             f"SEQPAR_FALLBACK=error makes this an error")

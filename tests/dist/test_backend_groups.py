@@ -19,7 +19,9 @@ def test_degree_that_does_not_divide_the_world_is_an_error(res):
 
 
 def test_graph_without_attention_runs_replicated_correctly_and_warns(res):
-    assert all(r["fallback_ok"] and r["fallback_warned"] for r in res)
+    """Warned once per group, by its rank 0 (issue 16)."""
+    assert all(r["fallback_ok"] for r in res)
+    assert [r["fallback_warned"] for r in res] == [True, False, False, False]
 
 
 def test_different_batches_on_ranks_raise_a_clear_error_on_every_rank(res):

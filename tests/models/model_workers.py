@@ -198,7 +198,9 @@ def hf_case(rank, P, *, arch, impl, schedule="zigzag", S=32, packed_positions=Fa
              if q.grad is not None}
     return {"loss": _rel(out.loss, r.loss), "logits": _rel(out.logits, r.logits), "grads": grads,
             "ring_calls": st.attention_forward_calls, "bytes_sent": st.bytes_sent,
-            "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
+            "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)],
+            "fx_warnings": [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                            if f"{os.sep}torch{os.sep}fx{os.sep}" in w.filename]}
 
 
 def structure_case(rank, P, *, model="llama", S=32):

@@ -56,3 +56,11 @@ def test_hf_packed_documents_from_restarting_position_ids_run_as_ring_attention(
     for r in res:
         assert r[name]["ring_calls"] == 2, r[name]
         assert not [w for w in r[name]["warnings"] if "cannot shard" in w], r[name]["warnings"]
+
+
+def test_compiling_hf_models_emits_no_torch_fx_warning(res):
+    """seqpar's own graph edits raise no torch.fx warning (issue 16: "erase_node on an already
+    erased node" with use_cache=False, "Raw SymInt value passed to Graph.create_node")."""
+    for r in res:
+        for name, rr in r.items():
+            assert rr["fx_warnings"] == [], (name, rr["fx_warnings"])

@@ -107,10 +107,12 @@ def test_sharded_llama_graph_holds_no_full_length_sequence_tensor(results):
 
 def test_hand_written_attention_with_an_unprovable_mask_falls_back_and_stays_exact(results):
     """A prefix-LM mask is neither causal nor a window: never treated as causal."""
-    for res in results(2):
+    for rank, res in enumerate(results(2)):
         r = res["gpt-prefix-lm"]
         assert r["loss"] <= 1e-5 and r["logits"] <= 1e-5 and max(r["grads"].values()) <= 1e-4
-        assert any("replicated" in w for w in r["warnings"]), r["warnings"]
+        # said once, by rank 0, naming the unprovable mask (issue 16)
+        said = [w for w in r["warnings"] if "runs replicated" in w and "cannot prove" in w]
+        assert len(said) == (1 if rank == 0 else 0), r["warnings"]
         assert r["ring_calls"] == 0
 
 
