@@ -302,11 +302,12 @@ def _rewrite_one(gm, node, values, static_inputs) -> bool:
 
 def canonicalize_handwritten_attention(gm: fx.GraphModule, example_inputs, static_inputs: set) -> int:
     """Rewrite every provable hand-written attention in ``gm``; return how many."""
+    from .flex_attention import canonicalize_flex_attention
     from .mha_attention import decompose_multi_head_attention
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, example_inputs))
-    count = 0
     decompose_multi_head_attention(gm, values, static_inputs)
+    count = canonicalize_flex_attention(gm, values, static_inputs)
     for node in list(gm.graph.nodes):
         if getattr(node, "_erased", False):               # erased as part of an earlier match
             continue

@@ -265,15 +265,16 @@ class FlexAttention(_QKV):
         super().__init__(width, heads)
         self.window = window
 
-    def mask_mod(self, b, h, q_idx, kv_idx):
-        visible = q_idx >= kv_idx
-        if self.window is not None:
-            visible = visible & (q_idx - kv_idx < self.window)
-        return visible
-
     def forward(self, x):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        window = self.window
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            visible = q_idx >= kv_idx
+            if window is not None:
+                visible = visible & (q_idx - kv_idx < window)
+            return visible
         q, k, v = self.heads(x)
         s = q.shape[-2]
-        block_mask = create_block_mask(self.mask_mod, None, None, s, s, device=str(x.device))
+        block_mask = create_block_mask(mask_mod, None, None, s, s, device=str(x.device))
         return self.out(flex_attention(q, k, v, block_mask=block_mask))
