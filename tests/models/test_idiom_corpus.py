@@ -23,3 +23,9 @@ def results():
 def test_idiom_is_exact_and_runs_as_ring_attention_without_fallback(results, name):
     for rank, res in enumerate(results):
         corpus.check_idiom_result(IDIOMS[name], res[name], rank)
+
+
+def test_the_corpus_covers_at_least_40_idioms_and_25_op_idioms():
+    import idioms_ops
+    ops = [n for n, i in IDIOMS.items() if i.build.__module__ == idioms_ops.__name__]
+    assert len(IDIOMS) >= 40 and len(ops) >= 25, (len(IDIOMS), len(ops))
