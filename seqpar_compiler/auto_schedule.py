@@ -10,6 +10,7 @@ caches still agree.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,8 @@ log = logging.getLogger("seqpar")
 
 class AutoDecision(dict):
     """What ``auto`` chose and why: schedule, overlap, profile name, predicted seconds per candidate
-    (``candidates``: {"zigzag/overlap": s, ...}; rank 0 only)."""
+    (``candidates``: {"zigzag/overlap": s, ...}; rank 0 only), and ``why``: one line naming the
+    choice, its all-to-all / attention split and the runner-up (issue 15)."""
 
 
 def _spec(q, k, causal: bool, window) -> AttentionSpec | None:
@@ -79,6 +81,25 @@ def _profile(name: str | None, pg) -> Profile:
     return load_profile(None) if dist.get_rank(pg) == 0 else None
 
 
+def _why(schedule: str, overlap: bool, totals: dict, specs, P: int, profile: Profile) -> str:
+    """One line for the dump's summary: the choice, its predicted time and split, the runner-up."""
+    from .cost_model import predict
+    if not totals:
+        return "no ring call to weigh: the first schedule the length allows"
+    best = totals[schedule, overlap]
+    others = sorted((t, s) for (s, o), t in totals.items() if s != schedule)
+    pred = predict(specs[0], schedule, P, profile, overlap=overlap)
+    split = ""
+    if "a2a_seconds" in pred.notes:
+        split = (f" (all-to-all {pred.notes['a2a_seconds'] * 1e3:.3g} ms + attention "
+                 f"{pred.notes['attention_seconds'] * 1e3:.3g} ms for the first call)")
+    heads = math.gcd(*(sp.Hq for sp in specs))
+    a2a = "" if heads % P == 0 else f"; ulysses needs heads divisible by {P}, the graph's have {heads}"
+    runner = f", next best {others[0][1]} at {others[0][0] * 1e3:.4g} ms" if others else ""
+    return (f"{schedule} predicted fastest at {best * 1e3:.4g} ms per step{split}{runner} "
+            f"(imbalance {pred.imbalance:.3f}){a2a}")
+
+
 def decide_schedule(attention: list[fx.Node], S: int, pg, profile_name: str | None,
                     overlaps: tuple[bool, ...]) -> AutoDecision:
     """Collective over ``pg``: the schedule (and overlap, among ``overlaps``) for this graph."""
@@ -97,7 +118,8 @@ def decide_schedule(attention: list[fx.Node], S: int, pg, profile_name: str | No
                 schedule, overlap, totals = allowed_schedules(S, P)[0], overlaps[0], {}
             box = [AutoDecision(schedule=schedule, overlap=overlap, profile=profile.name,
                                 candidates={f"{s}/{'overlap' if o else 'no-overlap'}": t
-                                            for (s, o), t in totals.items()})]
+                                            for (s, o), t in totals.items()},
+                                why=_why(schedule, overlap, totals, specs, P, profile))]
         except Exception as err:  # noqa: BLE001 - tell the other ranks before raising
             control_broadcast_object(f"{type(err).__name__}: {err}", pg)
             raise

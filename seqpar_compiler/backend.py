@@ -131,7 +131,7 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inne
     partitioner), then ``inner``. Runs at P = 1 too: there the attention op the policy keeps is
     ATen's SDPA instead of the ring."""
     from seqpar_compiler.passes.blockwise_ffn import blockwise_ffn
-    from seqpar_compiler.passes.checkpointing import checkpoint_partition_fn, inductor_partitioner
+    from seqpar_compiler.passes.checkpointing import checkpoint_partition_fn, has_user_regions, inductor_partitioner
     if blockwise_ffn(gm, ffn_chunks):
         log.info("seqpar: blockwise FFN over %d token chunks", ffn_chunks)
     # aot_autograd's primals: the graph module's own parameters and buffers (seqpar's local
@@ -143,7 +143,7 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inne
                                          if _is_model_state(n, v)]
     if inner == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
-        if checkpoint == "none":
+        if checkpoint == "none" and not has_user_regions(gm):     # issue 13: the user's regions need the policy
             return aot_eager(gm, example_inputs)
         from functorch.compile import make_boxed_func
         from torch._dynamo.backends.common import aot_autograd
@@ -151,7 +151,7 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inne
         return aot_autograd(fw_compiler=nop, bw_compiler=nop, keep_inference_input_mutations=True,
                             partition_fn=checkpoint_partition_fn(checkpoint, model_state))(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
-    if checkpoint == "none":
+    if checkpoint == "none" and not has_user_regions(gm):
         return compile_fx(gm, example_inputs)
     return compile_fx(gm, example_inputs,
                       config_patches={"custom_partitioner_fn": inductor_partitioner(checkpoint, model_state)})
@@ -226,6 +226,8 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None) -> torch.fx.GraphModul
     from seqpar_compiler.passes.canonicalize import find_attention, sequence_length
     from seqpar_compiler.passes.rewrite import ShardingContext, rewrite_graph
     from seqpar_compiler.runtime import check_sequence_length
+    from seqpar_compiler.passes.hop_bodies import inline_hop_bodies
+    inline_hop_bodies(gm)        # issue 13: attention inside torch.utils.checkpoint bodies is sharded too
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     static = {n for n, value in zip(placeholders, example_inputs) if _is_model_state(n, value)}
     if dump:

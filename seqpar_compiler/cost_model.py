@@ -11,7 +11,8 @@ and a step lasts as long as its slowest rank: max(compute, transfer) with overla
 profile's overlap efficiency), compute + transfer without. Forward + backward = the call's time.
 
 ``choose_schedule`` evaluates every schedule the sequence length allows and picks the fastest
-(ties within 1% go to the first of zigzag, striped, ring, distflash). The backend calls it on
+(ties within 1% go to the first of zigzag, striped, ring, distflash, then the all-to-all
+schedules ``ulysses`` and ``hybrid:u`` that the heads allow, ``cost_model_a2a.py``). The backend calls it on
 group rank 0 only and broadcasts the choice, so ranks never disagree.
 
 CLI: ``python -m seqpar_compiler.cost_model calibrate [--out FILE]`` and
@@ -20,6 +21,7 @@ CLI: ``python -m seqpar_compiler.cost_model calibrate [--out FILE]`` and
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -28,6 +30,7 @@ from seqpar_compiler.runtime import SCHEDULES, build_plan, local_segments
 from seqpar_compiler.runtime.layout import required_multiple
 from seqpar_compiler.runtime.plan import segment_mask
 
+from .cost_model_a2a import a2a_candidates, predict_a2a
 from .profile import Profile, calibrate, load_profile
 
 __all__ = ["AttentionSpec", "StepCost", "Prediction", "predict", "choose_schedule", "allowed_schedules",
@@ -204,7 +207,10 @@ def _direction(spec: AttentionSpec, schedule: str, P: int, profile: Profile, ove
 
 
 def predict(spec: AttentionSpec, schedule: str, P: int, profile: Profile, *, overlap: bool = True) -> Prediction:
-    """Predicted time of one ring attention call of ``spec`` under ``schedule`` on P ranks."""
+    """Predicted time of one attention call of ``spec`` under ``schedule`` on P ranks (an
+    all-to-all schedule, ``ulysses`` or ``hybrid:u``, by ``cost_model_a2a``)."""
+    if schedule.startswith(("ulysses", "hybrid")):
+        return predict_a2a(spec, schedule, P, profile, overlap=overlap)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
     if spec.S % required_multiple(schedule, P):
@@ -230,10 +236,12 @@ def choose_schedule(specs: list[AttentionSpec], P: int, profile: Profile,
     if not candidates:
         raise ValueError(f"sequence length {S} cannot be split over {P} ranks by any schedule: it must be a "
                          f"multiple of {P}; pad the sequence to a multiple of {2 * P}")
+    # all-to-all schedules (issue 15) when every attention's heads split over their degree
+    candidates = candidates + a2a_candidates(S, P, math.gcd(*(sp.Hq for sp in specs)))
     totals = {(s, o): sum(predict(sp, s, P, profile, overlap=o).seconds for sp in specs)
               for s in candidates for o in overlaps}
     best = min(totals.values())
-    for s in PREFERENCE:
+    for s in PREFERENCE + tuple(c for c in candidates if c not in PREFERENCE):
         for o in overlaps:
             if (s, o) in totals and totals[s, o] <= best * 1.01:
                 return s, o, totals
@@ -264,7 +272,7 @@ def _main(argv=None) -> None:
     spec = AttentionSpec(B=args.B, Hq=args.H, Hkv=args.Hkv or args.H, S=args.S, D=args.D,
                          causal=not args.no_causal, dtype_bytes=args.bytes)
     print(f"profile {profile.name}: P={args.P} S={args.S} B={args.B} H={args.H} D={args.D}")
-    for s in allowed_schedules(args.S, args.P):
+    for s in allowed_schedules(args.S, args.P) + a2a_candidates(args.S, args.P, args.H):
         for o in (True, False):
             p = predict(spec, s, args.P, profile, overlap=o)
             print(f"  {s:10} overlap={'on ' if o else 'off'} {p.seconds * 1e3:10.2f} ms  "

@@ -42,14 +42,16 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
-def hybrid_layout(schedule: str, ulysses_degree: int | None, group: dist.ProcessGroup | None) -> str:
+def hybrid_layout(schedule: str, ulysses_degree: int | None, group: dist.ProcessGroup | None, *,
+                  strict: bool = True) -> str:
     """``schedule`` as a layout name: ``hybrid`` with degree u → ``hybrid:u`` (u from the argument,
     ``SEQPAR_ULYSSES_DEGREE``, or ``default_ulysses_degree`` of the group size alone, so
     ``shard_sequence`` and ``ulysses_attention`` agree without seeing the heads); any other name
-    unchanged."""
+    unchanged. ``strict``: a degree given with another schedule is an error (the backend passes
+    ``SEQPAR_ULYSSES_DEGREE`` whatever the schedule, so it is not strict)."""
     name, u = split_schedule(schedule)
     if name != "hybrid" or u is not None:
-        if ulysses_degree is not None and name != "hybrid":
+        if strict and ulysses_degree is not None and name != "hybrid":
             raise ValueError(f"ulysses_degree applies to schedule 'hybrid' only; got schedule {schedule!r}")
         return schedule
     u = get_option("ulysses_degree", ulysses_degree)
