@@ -28,6 +28,12 @@ input from which they are recomputed is smaller and is what layer checkpointing 
 
 The attention ops are ``seqpar::ring_attention`` (P > 1) and ATen's fused SDPA ops (P = 1: a
 single process runs SDPA, whose backward takes the same ``(q, k, v, out, logsumexp)``).
+The user's own checkpoint regions (``torch.utils.checkpoint`` bodies, inlined by
+``hop_bodies.py`` with torch's ``recompute`` / ``ac_graph_id`` tags) are honoured under every
+policy (``user_regions.py``): ``none`` keeps the user's choice (attention inside is recomputed:
+two forwards), ``remat-aware`` keeps it too but saves the attention op's (out, lse), ``full``
+applies its own tags. A selective-checkpoint policy (``context_fn``) is evaluated per ATen op,
+and asked about the ring op as the SDPA op it replaces.
 Random ops and collectives are never tagged: recomputing dropout would draw a different mask,
 and recomputing a collective would add communication to the backward.
 """
@@ -41,8 +47,10 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from .user_regions import tag_user_regions
+
 __all__ = ["POLICIES", "CheckpointPlan", "attention_ops", "tag_joint_graph", "checkpoint_partition_fn",
-           "inductor_partitioner", "SeqparPartitioner"]
+           "inductor_partitioner", "SeqparPartitioner", "has_user_regions"]
 
 log = logging.getLogger("seqpar")
 
@@ -53,7 +61,7 @@ def attention_ops() -> set:
     """Ops whose outputs (out, lse) are what their backward needs besides q, k, v."""
     import seqpar_compiler.runtime  # noqa: F401 - registers seqpar::ring_attention
     aten = torch.ops.aten
-    ops = {torch.ops.seqpar.ring_attention.default}
+    ops = {torch.ops.seqpar.ring_attention.default, torch.ops.seqpar.ulysses_attention.default}
     for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
         if hasattr(aten, name):
@@ -175,7 +183,7 @@ def _never_tag(node: fx.Node) -> bool:
 
 
 def _recomputable_seqpar_ops() -> set:
-    ops = {torch.ops.seqpar.ring_attention.default}
+    ops = {torch.ops.seqpar.ring_attention.default, torch.ops.seqpar.ulysses_attention.default}
     if hasattr(torch.ops.seqpar, "blockwise_ffn"):
         ops.add(torch.ops.seqpar.blockwise_ffn.default)
     return ops
@@ -196,6 +204,7 @@ def tag_joint_graph(joint: fx.GraphModule, policy: str, model_state: Sequence[in
     if policy not in POLICIES:
         raise ValueError(f"unknown checkpoint policy {policy!r}; allowed: {', '.join(POLICIES)}")
     plan = CheckpointPlan(policy)
+    tag_user_regions(joint, policy)
     if policy == "none":
         return plan
     forward = _forward_nodes(joint.graph)
@@ -231,14 +240,20 @@ def tag_joint_graph(joint: fx.GraphModule, policy: str, model_state: Sequence[in
         keep |= set(plan.attention)
         keep |= {u for a in plan.attention for u in a.users}          # getitems: out, lse
     for node in forward:
-        if _never_tag(node):
-            continue
+        if _never_tag(node) or (policy == "remat-aware" and "ac_graph_id" in node.meta and node not in keep):
+            continue            # remat-aware inside the user's checkpoint: the user's tags, attention saved
         if node in keep:
             node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
         else:
             node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
             plan.recomputed += 1
     return plan
+
+
+def has_user_regions(gm: fx.GraphModule) -> bool:
+    """The graph holds ops of a user's ``torch.utils.checkpoint`` region (``passes/hop_bodies.py``
+    inlined it): the partitioner must run the region policy even under ``none``."""
+    return any("ac_graph_id" in n.meta for n in gm.graph.nodes)
 
 
 def checkpoint_partition_fn(policy: str, model_state: Sequence[int], compiler: str = "inductor") -> Callable:

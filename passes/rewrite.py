@@ -32,6 +32,7 @@ shard_sequence_op = torch.ops.seqpar.shard_sequence.default
 gather_sequence_op = torch.ops.seqpar.gather_sequence.default
 from seqpar_compiler.runtime.grad_collectives import sum_grad_over_group
 
+from .hop_bodies import copy_region_meta
 from .placement import Replicate, Shard
 
 __all__ = ["ShardingContext", "SeqparFallbackError", "call_arguments", "rewrite_graph"]
@@ -206,7 +207,11 @@ def _map(fn, value):
 def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, input_dims: dict) -> fx.GraphModule:
     """Build the sharded graph. ``input_dims`` maps placeholder names to their sequence dim."""
     from .sharding_rules import SEEDING_RULES, rule_for, rule_key
+    region_mark = None                          # issue 13: emitted nodes keep the user's checkpoint region
     for node in gm.graph.nodes:
+        if region_mark is not None:
+            copy_region_meta(*region_mark, ctx.graph)
+        region_mark = (node, ctx.graph._root.prev)
         if node.op == "placeholder":
             new = ctx.emit(node.target, (), op="placeholder")
             new.meta.update(node.meta)
