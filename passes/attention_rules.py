@@ -32,7 +32,10 @@ def _ring(ctx, node, q, k, v, doc_local, scale: float, causal: bool, window, ali
     qkv = [ctx.env[t] if ctx.example(t).dtype == dtype else
            ctx.emit("to", (ctx.env[t], dtype), op="call_method", placement=Shard(2)) for t in (q, k, v)]
     extra = () if alibi is None and softcap is None else (alibi, None if softcap is None else float(softcap))
-    out = ctx.emit(torch.ops.seqpar.ring_attention.default,
+    # the all-to-all layouts (issue 15) take the Ulysses op, which has the ring op's arguments
+    op = torch.ops.seqpar.ulysses_attention if ctx.schedule.startswith(("ulysses", "hybrid")) else \
+        torch.ops.seqpar.ring_attention
+    out = ctx.emit(op.default,
                    (*qkv, doc_local, float(scale), bool(causal), window, ctx.schedule, ctx.group_name,
                     ctx.overlap, ctx.kernel, *extra))
     return ctx.emit(operator.getitem, (out, 0), placement=Shard(2)), Shard(2)

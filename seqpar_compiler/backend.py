@@ -184,16 +184,14 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
                                   ffn_chunks=opts["ffn_chunks"])
         from .dump import DumpRecorder     # lazily: `python -m seqpar_compiler.dump` runs that module as __main__
         dump = DumpRecorder.maybe(opts, dist.get_rank(pg), P)
-        sharded = _shard_graph(gm, example_inputs, pg, opts, dump)
-        compiled = _inner_compile(sharded if sharded is not None else gm, example_inputs, opts["inner"],
+        from .frames import frame_shard_inputs, local_examples, wrap_frame   # issue 13: shards across frames
+        shards = frame_shard_inputs(example_inputs)
+        sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
+        target = sharded if sharded is not None else gm
+        compiled = _inner_compile(target, local_examples(target, example_inputs), opts["inner"],
                                   checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"])
-        if not opts["check_inputs"]:
-            return compiled
-
-        def run(*args):
-            check_same_inputs(args, pg)
-            return compiled(*args)
-        return run
+        check = (lambda args: check_same_inputs(args, pg)) if opts["check_inputs"] else None
+        return wrap_frame(compiled, shards, getattr(sharded, "seqpar_exits", None), check)
 
     return compile_graph
 
@@ -219,7 +217,7 @@ def _user_input_dims(gm: torch.fx.GraphModule, example_inputs, S: int) -> dict[s
     return dims
 
 
-def _shard_graph(gm, example_inputs, pg, opts, dump=None) -> torch.fx.GraphModule | None:
+def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.fx.GraphModule | None:
     """The sequence-parallel graph, or None when the graph has nothing to shard. ``dump`` records
     the graph after each stage (``SEQPAR_DUMP``)."""
     from seqpar_compiler.passes.attention_patterns import canonicalize_handwritten_attention
@@ -238,9 +236,15 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None) -> torch.fx.GraphModul
         dump.graph("canonicalize", gm)
     S = sequence_length(attention)
     P = dist.get_world_size(pg)
+    if shards:          # inputs already sharded by an earlier frame: their length and layout (frames.py)
+        from .frames import check_frame_shards
+        first = check_frame_shards(shards, S, pg.group_name)
+        S, opts = first.S, {**opts, "schedule": first.schedule}
     from .replicated import hidden_attention_causes, replicated_attention_causes
-    hidden = hidden_attention_causes(gm) + _new_graph_breaks()
-    if not attention or S is None:
+    # a graph break no longer leaves attention replicated: the sequence crosses it as a
+    # SequenceShard and the code at the break runs sharded (frames.py, issue 13)
+    hidden = hidden_attention_causes(gm)
+    if (not attention or S is None) and not shards:
         what = "no" if not attention else "no common-length"
         _report_replicated(hidden, pg, opts, dump)
         if not hidden:
@@ -258,11 +262,18 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None) -> torch.fx.GraphModul
         decision = decide_schedule(attention, S, pg, opts["profile"],
                                    (True, False) if opts.get("auto_overlap") else (overlap,))
         schedule, overlap = decision["schedule"], decision["overlap"]
+    from .ulysses_api import hybrid_layout        # "hybrid" → "hybrid:u", u from SEQPAR_ULYSSES_DEGREE (issue 15)
+    schedule = hybrid_layout(schedule, opts["ulysses_degree"], pg, strict=False)
     check_sequence_length(S, schedule, P, what="the model's sequence length")
     ctx = ShardingContext(S=S, P=P, rank=dist.get_rank(pg), schedule=schedule,
-                          group_name=pg.group_name, fallback=opts["fallback"], output=opts["output"],
+                          group_name=pg.group_name, fallback=opts["fallback"], output="local",
                           kernel=opts["kernel"], overlap=overlap, grad_reduce=opts["grad_reduce"])
-    out = rewrite_graph(gm, example_inputs, ctx, _user_input_dims(gm, example_inputs, S))
+    from .frames import exit_specs, seed_shard_inputs
+    already = seed_shard_inputs(ctx, gm, shards or {})
+    dims = {k: v for k, v in _user_input_dims(gm, example_inputs, S).items() if k not in already}
+    out = rewrite_graph(gm, example_inputs, ctx, dims)
+    # outputs that carry the sequence leave as SequenceShards (gathered only when read), or local
+    out.seqpar_exits = exit_specs(gm, ctx) if opts["output"] == "gather" else None
     replicated = replicated_attention_causes(attention, ctx.place) + hidden
     _report_replicated(replicated, pg, opts, dump)
     log.info("seqpar: sharded a graph over %d ranks (S=%d, schedule %s): %d fallbacks, collectives: %s",
@@ -292,18 +303,6 @@ def _report_replicated(causes: list[str], pg, opts: dict, dump) -> None:
                                                   "SEQPAR_FALLBACK=error forbids it"))
     if dist.get_rank(pg) == 0:       # warnings' own filter says it once per frame and cause
         warnings.warn(message, stacklevel=4)
-
-
-_break_tracker = []          # one GraphBreakTracker, made at the first sharded compile
-
-
-def _new_graph_breaks() -> list[str]:
-    """Causes for Dynamo's graph breaks since the last sharded compile (lazily: the tracker's
-    module imports the dump module, which ``python -m seqpar_compiler.dump`` runs as __main__)."""
-    if not _break_tracker:
-        from .replicated import GraphBreakTracker
-        _break_tracker.append(GraphBreakTracker())
-    return _break_tracker[0].new_breaks()
 
 
 def seqpar_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:

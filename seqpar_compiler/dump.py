@@ -202,7 +202,7 @@ def record_sharded(rec: DumpRecorder, *, S: int, P: int, schedule: str, overlap:
     lines = []
     if decision is not None:
         how = f"chosen by SCHEDULE=auto on rank 0 with profile {decision['profile']}"
-        lines = [f"  {name}: {seconds * 1e3:.4g} ms predicted" for name, seconds in
+        lines = [f"  why: {decision['why']}"] * ("why" in decision) + [f"  {name}: {seconds * 1e3:.4g} ms predicted" for name, seconds in
                  sorted(decision["candidates"].items(), key=lambda kv: kv[1])]
     rec.section("schedule", [f"{schedule}, overlap {'on' if overlap else 'off'} ({how})"] + lines
                 + holdings_legend(schedule, P, S))
