@@ -5,6 +5,11 @@ flattening of (pre, sequence, post) — pre = post = 1 for a plain sequence dim;
 merges batch and sequence (``logits.view(-1, V)``) gives pre = B. Locally the dim has size
 pre·(S/P)·post in the same order, so flatten → pointwise → reduce stays local when both sides
 are flattened alike (DESIGN §2 "Merged dims").
+``SeqRange(dim, pre, post, start, stop)``: the part of the global sequence range [start, stop)
+that this rank holds, in layout order (a chunk of a chunked loss: ``h.split(n, dim=1)``). Its
+local size differs between ranks and may be 0; the rewrite knows its rank, so each rank's graph
+has its own sizes (``range_layout.py`` computes them from ``runtime/layout.py``). It subclasses
+``Shard`` so the rewrite treats it as sharded, but only ``range_rules.py`` may compute with it.
 ``Replicate()``: the same full value on every rank.
 """
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
-__all__ = ["Shard", "Replicate", "Placement", "view_placement", "local_view_shape"]
+__all__ = ["Shard", "SeqRange", "Replicate", "Placement", "view_placement", "local_view_shape"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,26 @@ class Shard:
 
     def __str__(self) -> str:
         return f"Shard({self.dim})" if self.plain else f"Shard({self.dim}, pre={self.pre}, post={self.post})"
+
+
+@dataclass(frozen=True)
+class SeqRange(Shard):
+    """This rank's part of the global positions [start, stop) along a (pre, part, post) dim."""
+
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+    def moved(self, shard: Shard) -> "SeqRange":
+        """The same range carried to where ``shard`` (a rule's answer for a plain shard) says."""
+        return SeqRange(shard.dim, shard.pre, shard.post, self.start, self.stop)
+
+    def __str__(self) -> str:
+        merged = "" if self.plain else f", pre={self.pre}, post={self.post}"
+        return f"SeqRange({self.dim}{merged}, [{self.start}, {self.stop}))"
 
 
 @dataclass(frozen=True)

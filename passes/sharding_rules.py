@@ -22,6 +22,7 @@ from .attention_patterns import canonical_attention
 from .attention_rules import canonical_attention_rule, sdpa_rule
 from .aten_rules import decomposed_rule
 from .placement import Replicate, Shard, local_view_shape, view_placement
+from .range_rules import dispatch, getitem_part, split_into_parts
 from .rewrite import call_arguments
 
 __all__ = ["RULES", "SEEDING_RULES", "rule_key", "rule_for", "is_sequence_arange"]
@@ -198,12 +199,13 @@ def _expand(ctx, node):
 
 
 def _split(ctx, node):
-    """chunk / split along a dim other than the sequence: every piece keeps the shard."""
+    """chunk / split / tensor_split: along a dim other than the sequence every piece keeps the
+    shard; along the sequence every piece is a part of it (``range_rules``)."""
     x = ctx.shard_of(node.args[0])
     nd = ctx.example(node.args[0]).dim()
     dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
     if _norm_dim(dim, nd) == x.dim:
-        return "split along the sequence dim"
+        return split_into_parts(ctx, node, node.args[0], x.dim)
     new = ctx.emit(node.target, tuple(ctx.env[a] if isinstance(a, fx.Node) else a for a in node.args),
                    node.kwargs, x, op=node.op)
     return new, tuple(x for _ in ctx.example(node))
@@ -217,6 +219,8 @@ def _getitem(ctx, node):
     if not isinstance(pl, Shard):
         return "indexing a sharded container"
     out = _index_placement(ctx, ctx.example(container), index, pl)
+    if out == "indexing along the sequence dim":
+        return getitem_part(ctx, node, _index_placement)
     if isinstance(out, str):
         return out
     new_index = fx.node.map_arg(index, lambda a: ctx.env[a])
@@ -391,7 +395,50 @@ def _aten_pointwise(node: fx.Node) -> bool:
             and not any(torch.Tag.nondeterministic_seeded in o.tags for o in overloads))
 
 
+def _narrow(ctx, node):
+    """narrow along the sequence dim: a part of it; along another dim, DTensor's rule."""
+    a = call_arguments(node, ["input", "dim", "start", "length"], {})
+    x = ctx.shard_of(a["input"])
+    ex = ctx.example(a["input"])
+    if x is None or _norm_dim(a["dim"], ex.dim()) != x.dim or not all(isinstance(a[k], int) for k in ("start", "length")):
+        return decomposed_rule(ctx, node)
+    if not x.plain:
+        return "narrow along a sequence dim merged with another dim"
+    start = a["start"] % ex.shape[x.dim] if a["start"] < 0 else a["start"]
+    new, part = _slice_part(ctx, a["input"], x.dim, start, start + a["length"])
+    return new, part
+
+
+def _slice_part(ctx, x, dim, a, b):
+    from .range_rules import slice_part
+    new, part = slice_part(ctx, x, dim, a, b)
+    new.meta["seqpar_placement"] = part
+    return new, part
+
+
+def _tensor_split(ctx, node):
+    x = ctx.shard_of(node.args[0])
+    ex = ctx.example(node.args[0])
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    if x is None or _norm_dim(dim, ex.dim()) != x.dim:
+        return decomposed_rule(ctx, node)
+    return split_into_parts(ctx, node, node.args[0], x.dim)
+
+
+_REUSABLE = set()      # rules whose emitted op does not depend on the local length (filled below)
+
+
 def rule_for(node: fx.Node):
+    """The rule of ``node`` (``_rule_for``), behind ``range_rules.dispatch``: a node that reads
+    a part of the sequence (a chunk of a chunked loss) is handled there."""
+    rule = _rule_for(node)
+    hand = RULES.get(rule_key(node))
+    kind = ("pointwise" if rule is _pointwise or hand is _pointwise else "getitem" if hand is _getitem
+            else "split" if hand in (_split, _tensor_split, _narrow) else "reuse" if hand in _REUSABLE else None)
+    return lambda ctx, n: dispatch(ctx, n, rule, kind)
+
+
+def _rule_for(node: fx.Node):
     """The sharding rule of ``node``: its entry in ``RULES``, else the pointwise rule when aten
     tags the op pointwise, else the generic rule (``aten_rules``: the op decomposed to ATen,
     each piece sharded by DTensor's strategy). A hand-written rule that refuses a use gets the
@@ -420,7 +467,8 @@ SEEDING_RULES = {F.embedding, F.linear, torch._C._nn.linear, F.layer_norm, torch
                  F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, canonical_attention}
 
 # rules whose refusal is about the layout (the sequence dim itself): DTensor must not overrule them
-_FINAL_RULES = {_cat, _split, _arange, _cross_entropy, canonical_attention_rule, sdpa_rule}
+_FINAL_RULES = {_cat, _split, _tensor_split, _narrow, _arange, _cross_entropy, canonical_attention_rule, sdpa_rule}
+_REUSABLE.update({_linear, _addmm, _matmul, _embedding, _layer_norm, _transpose, _permute, _unsqueeze})
 
 RULES = {
     **{f: _pointwise for f in POINTWISE_FUNCTIONS},
@@ -437,6 +485,8 @@ RULES = {
     ("method", "unsqueeze"): _unsqueeze, torch.unsqueeze: _unsqueeze,
     ("method", "expand"): _expand,
     ("method", "chunk"): _split, torch.chunk: _split, ("method", "split"): _split, torch.split: _split,
+    ("method", "tensor_split"): _tensor_split, torch.tensor_split: _tensor_split,
+    ("method", "narrow"): _narrow, torch.narrow: _narrow,
     operator.getitem: _getitem,
     torch.cat: _cat,
     ("method", "mean"): _reduction, ("method", "sum"): _reduction, torch.mean: _reduction, torch.sum: _reduction,

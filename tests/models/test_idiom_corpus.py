@@ -9,8 +9,8 @@ import idiom_corpus as corpus
 from seqpar_compiler.launch import run_ranks
 
 IDIOMS = corpus.load_idioms()
-# SEQPAR_TEST_IDIOMS=a,b runs a subset (development); the suite runs them all
-_ONLY = [n for n in os.environ.get("SEQPAR_TEST_IDIOMS", "").split(",") if n]
+# IDIOMS_ONLY=a,b runs a subset (development); the suite runs them all
+_ONLY = [n for n in os.environ.get("IDIOMS_ONLY", "").split(",") if n]
 NAMES = sorted(n for n in IDIOMS if not _ONLY or n in _ONLY)
 
 
