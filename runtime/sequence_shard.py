@@ -1,0 +1,264 @@
+"""``SequenceShard``: a full tensor that lives split over the sequence-parallel group (issue 13).
+
+Why a value and not a graph rewrite: real training compiles block by block, breaks graphs and
+runs eager code between frames (FSDP2's root, the embedding, the loss). A frame cannot know
+whether its output goes to the user or to the next block, so it hands out a value that is both:
+to every reader it is the full tensor, to every op that can stay sharded it is this rank's shard.
+
+The value (a wrapper tensor subclass, traced by Dynamo through ``__tensor_flatten__`` like DTensor):
+  * logically the full global tensor, identical on every rank of the group (its ``shape`` is the
+    global shape: user code sees single-device shapes);
+  * stored as ``_local``: this rank's tokens along ``spec.dim`` in the schedule's layout
+    (``layout.py``), where the dim is the flattening of (pre, S, post), pre = post = 1 for a plain
+    sequence dim (``logits.view(-1, V)`` gives pre = B);
+  * ``spec`` (``ShardSpec``, frozen, hashable: Dynamo guards on it) holds dim, pre, post, the
+    global length S, the schedule and the group name.
+
+Where a sequence is split and joined:
+  * split once, by the first compiled frame that needs it (its entry shard) or ``from_local``;
+  * frames whose inputs are SequenceShards take their local shard (no entry shard, no same-batch
+    check: shards differ by rank); sequence-carrying frame outputs leave as SequenceShards;
+  * joined only where something needs the whole sequence: an op with no eager rule below
+    (warned gather fallback), or a read of the data (``.item()``, ``.tolist()``, ``.numpy()``,
+    printing, ``full_tensor()``). A reduction to a scalar (the loss) is a local reduction plus an
+    all-reduce, never a gather.
+
+Autograd (DESIGN §1 gradient convention): autograd runs on the logical (full) values, so the
+gradient of a SequenceShard is the full gradient, itself held as a SequenceShard; the gradient
+of a plain replicated tensor comes out plain and whole (a contraction over the sequence, e.g.
+a weight's gradient, is a local matmul plus an all-reduce). ``from_local`` / ``to_local`` are
+autograd Functions: the gradient of a shard stays a shard, the compiled frame's local gradient
+(the local rows of the full gradient) is wrapped without communication.
+
+Eager ops (``__torch_dispatch__``, the compiler's rules in small): pointwise ops and ``*_like``
+stay local (a plain operand with the full sequence length is sliced in the layout, one with a
+broadcast sequence dim is used as is); views, transposes and expands map the sequence dim;
+reductions over the sequence dim are local + all-reduce; matmuls shard or contract; softmax,
+layer norm, embedding and NLL loss (forward and backward) stay local. Anything else gathers the
+sequence and runs replicated, with a warning naming the op (correct, slower).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from .layout import local_positions
+from .ring_op import resolve_group
+from .sequence_ops import gather_sequence_op
+
+__all__ = ["ShardSpec", "SequenceShard", "from_local", "to_local", "full_tensor", "gather_count"]
+
+aten = torch.ops.aten
+_c10d = torch.ops._c10d_functional
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Where the sequence lies in a SequenceShard and how it is split.
+
+    ``dim`` of the global value has size pre·S·post (the flattening of (pre, sequence, post));
+    locally pre·(S/P)·post, in the same order.
+    """
+
+    dim: int
+    S: int
+    schedule: str
+    group_name: str
+    pre: int = 1
+    post: int = 1
+
+    @property
+    def P(self) -> int:
+        group = resolve_group(self.group_name)
+        return 1 if group is None else dist.get_world_size(group)
+
+    @property
+    def rank(self) -> int:
+        group = resolve_group(self.group_name)
+        return 0 if group is None else dist.get_rank(group)
+
+    def moved(self, dim: int, pre: int | None = None, post: int | None = None) -> "ShardSpec":
+        return ShardSpec(dim, self.S, self.schedule, self.group_name,
+                         self.pre if pre is None else pre, self.post if post is None else post)
+
+    @property
+    def global_size(self) -> int:
+        return self.pre * self.S * self.post
+
+
+_gathers = [0]
+
+
+def gather_count() -> int:
+    """All-gathers of SequenceShards run eagerly so far on this rank (fallbacks and reads)."""
+    return _gathers[0]
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
+
+
+class SequenceShard(torch.Tensor):
+    """The full tensor of global shape, held as this rank's shard ``_local`` (see module doc).
+
+    Shapes: global ``[..., pre·S·post, ...]`` at ``spec.dim``; ``_local`` ``[..., pre·S/P·post, ...]``.
+    """
+
+    _local: Tensor
+    spec: ShardSpec
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, local: Tensor, spec: ShardSpec, requires_grad: bool = False):
+        shape = list(local.shape)
+        shape[spec.dim] = spec.global_size
+        out = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=local.dtype, device=local.device,
+                                                  requires_grad=requires_grad)
+        out._local = local
+        out.spec = spec
+        return out
+
+    def __repr__(self, *, tensor_contents=None) -> str:       # printing reads the whole value
+        return f"SequenceShard({full_tensor(self)!r}, spec={self.spec})"
+
+    def __tensor_flatten__(self):
+        return ["_local"], self.spec
+
+    @staticmethod
+    def __tensor_unflatten__(inner, spec, outer_size, outer_stride):
+        return SequenceShard(inner["_local"], spec)
+
+    def full_tensor(self) -> Tensor:
+        return full_tensor(self)
+
+    def tolist(self):
+        return full_tensor(self).tolist()
+
+    def numpy(self, *args, **kwargs):
+        return full_tensor(self.detach()).numpy(*args, **kwargs)
+
+    @classmethod
+    @torch._disable_dynamo         # eager rules run below Dynamo (its frames see the subclass, not this)
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from .sequence_shard_rules import dispatch
+        return dispatch(func, args, kwargs or {})
+
+
+# -- moving between forms (below autograd) ---------------------------------------------------
+def _unmerged(local: Tensor, spec: ShardSpec, S_part: int) -> Tensor:
+    shape = list(local.shape)
+    return local.reshape(shape[:spec.dim] + [spec.pre, S_part, spec.post] + shape[spec.dim + 1:])
+
+
+def gather_local(local: Tensor, spec: ShardSpec) -> Tensor:
+    """The full value of a shard (an all-gather over the group), below autograd."""
+    if spec.P == 1:
+        return local
+    if not _is_fake(local):
+        _gathers[0] += 1
+    shape = list(local.shape)
+    shape[spec.dim] = spec.global_size
+    full = gather_sequence_op(_unmerged(local, spec, spec.S // spec.P), spec.dim + 1, spec.schedule, spec.group_name)
+    return full.reshape(shape)
+
+
+def slice_local(full: Tensor, spec: ShardSpec) -> Tensor:
+    """This rank's part of a full value in the layout (no communication), below autograd."""
+    P = spec.P
+    if P == 1:
+        return full
+    index = local_positions(spec.schedule, spec.rank, P, spec.S, device=full.device)
+    shape = list(full.shape)
+    shape[spec.dim] = spec.global_size // P
+    return _unmerged(full, spec, spec.S).index_select(spec.dim + 1, index).reshape(shape)
+
+
+def all_reduce_sum(x: Tensor, spec: ShardSpec) -> Tensor:
+    """Sum over the group (functional collective: traceable, works on fake tensors)."""
+    if spec.P == 1:
+        return x
+    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", spec.group_name))
+
+
+# -- differentiable conversions -----------------------------------------------------------------
+class _FromLocal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local: Tensor, spec: ShardSpec):
+        ctx.spec = spec
+        return SequenceShard(local.view_as(local), spec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _local_of(grad, ctx.spec), None
+
+
+class _ToLocal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shard: SequenceShard):
+        ctx.spec = shard.spec
+        return shard._local.view_as(shard._local)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return SequenceShard(grad, ctx.spec)
+
+
+def _local_of(grad, spec: ShardSpec):
+    """A gradient arriving at a shard: a SequenceShard in the same spec, another spec, or plain."""
+    if grad is None:
+        return None
+    if isinstance(grad, SequenceShard):
+        if grad.spec == spec:
+            return grad._local
+        grad = gather_local(grad._local, grad.spec)
+    return slice_local(grad, spec)
+
+
+def from_local(local: Tensor, spec: ShardSpec) -> SequenceShard:
+    """Wrap this rank's shard as the full logical value (differentiable: its gradient is the
+    local part of the full gradient, no communication)."""
+    return _FromLocal.apply(local, spec)
+
+
+def to_local(shard: SequenceShard, spec: ShardSpec | None = None) -> Tensor:
+    """This rank's shard of a SequenceShard (differentiable, no communication); with ``spec``,
+    a value in another layout is re-laid out first (gathered and sliced)."""
+    if spec is not None and shard.spec != spec:
+        return slice_local(full_tensor(shard), spec)
+    return _ToLocal.apply(shard)
+
+
+class _Full(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shard: SequenceShard):
+        ctx.spec = shard.spec
+        return gather_local(shard._local, shard.spec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return SequenceShard(slice_local(grad, ctx.spec), ctx.spec)
+
+
+def full_tensor(x):
+    """The plain full tensor (an all-gather for a SequenceShard; differentiable)."""
+    return _Full.apply(x) if isinstance(x, SequenceShard) else x
+
+
+def map_shards(fn, tree):
+    return tree_map(lambda v: fn(v) if isinstance(v, SequenceShard) else v, tree)
+
+
+def prod(xs) -> int:
+    return math.prod(xs)
+
+
+def warn_gather(op: str, why: str) -> None:
+    warnings.warn(f"seqpar: eager op {op} on a SequenceShard {why}: gathering the sequence and computing it "
+                  f"replicated (correct, every rank holds the whole sequence of its inputs)", stacklevel=4)

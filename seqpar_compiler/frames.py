@@ -1,0 +1,114 @@
+"""Frames and the training stack: shard values in and out of compiled frames (issue 13).
+
+A compiled frame is one piece of the user's step: the whole model, one block under per-block
+compile (torchtitan), the part before or after a graph break, a piece of DDP's split. The
+backend cannot tell which, so the sequence crosses frame boundaries as a value that is full to
+every reader and sharded to every op: ``SequenceShard`` (``runtime/sequence_shard.py``).
+
+  * **Inputs.** A placeholder whose example is a SequenceShard is already ``Shard(dim)`` in the
+    shard's own layout: no entry shard, no same-batch check (shards differ by rank), and the
+    frame takes the shard's S and schedule (the data are laid out already). At run time it is
+    unwrapped with ``to_local`` (differentiable, no communication).
+  * **Outputs.** With ``SEQPAR_OUTPUT=gather`` (the default: the user sees single-device values)
+    every output that carries the sequence leaves as a SequenceShard made with ``from_local``:
+    the next frame takes it as it is, eager code runs on it sharded, and reading it (``.item()``,
+    printing, ``.numpy()``, ``full_tensor()``) gathers it. A scalar loss is all-reduced inside
+    the frame and leaves plain. With ``SEQPAR_OUTPUT=local`` outputs are plain local shards.
+
+The compiled graph itself sees local tensors only: the rewritten graph is compiled on the
+shards' local (fake) examples, and the glue here converts at the frame's edges.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, to_local
+
+__all__ = ["frame_shard_inputs", "check_frame_shards", "seed_shard_inputs", "exit_specs", "local_examples",
+           "wrap_frame"]
+
+
+def frame_shard_inputs(example_inputs: Sequence[Any]) -> dict[int, ShardSpec]:
+    """Positions of the frame's inputs that arrive as SequenceShards, with their specs."""
+    return {i: x.spec for i, x in enumerate(example_inputs) if isinstance(x, SequenceShard)}
+
+
+def check_frame_shards(shards: dict[int, ShardSpec], S: int | None, group_name: str) -> ShardSpec:
+    """The spec every shard input of one frame must share (one length, layout and group)."""
+    specs = list(shards.values())
+    first = specs[0]
+    for spec in specs[1:]:
+        if (spec.S, spec.schedule, spec.group_name) != (first.S, first.schedule, first.group_name):
+            raise ValueError(f"seqpar: a frame received sequence shards of different layouts ({first} and {spec}); "
+                             f"every shard of one frame must have one length, schedule and group")
+    if first.group_name != group_name:
+        raise ValueError(f"seqpar: a frame received a sequence shard over group {first.group_name!r} but compiles "
+                         f"for group {group_name!r}; use one sequence-parallel group for the whole model")
+    if S is not None and S != first.S:
+        raise ValueError(f"seqpar: a frame's attention has sequence length {S} but its sequence-shard inputs have "
+                         f"length {first.S}; a frame may only mix sequences of one length")
+    return first
+
+
+def seed_shard_inputs(ctx, gm: torch.fx.GraphModule, shards: dict[int, ShardSpec]) -> set[str]:
+    """Mark the frame's shard placeholders as ``Shard`` before the rewrite walks the graph (the
+    rewrite keeps a placement it finds), and return their names (not user inputs to shard)."""
+    from .passes.placement import Shard
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = set()
+    for i, spec in shards.items():
+        ctx.place[placeholders[i]] = Shard(spec.dim, spec.pre, spec.post)
+        names.add(placeholders[i].name)
+    return names
+
+
+def exit_specs(gm: torch.fx.GraphModule, ctx) -> list[ShardSpec | None]:
+    """Per output of the (original) graph: the spec of a sequence-carrying output, else None."""
+    from .passes.placement import Shard
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    values = out if isinstance(out, (tuple, list)) else (out,)
+    specs = []
+    for v in values:
+        pl = ctx.place.get(v) if isinstance(v, torch.fx.Node) else None
+        specs.append(ShardSpec(pl.dim, ctx.S, ctx.schedule, ctx.group_name, pl.pre, pl.post)
+                     if isinstance(pl, Shard) else None)
+    return specs
+
+
+def local_examples(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:
+    """Examples for the inner compiler: shards become their local (fake) tensors, and the
+    rewritten graph's placeholders say so too (aot_autograd reads either)."""
+    examples = [x._local if isinstance(x, SequenceShard) else x for x in example_inputs]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, x in zip(placeholders, examples):
+        if isinstance(node.meta.get("example_value"), SequenceShard):
+            node.meta["example_value"] = x
+    return examples
+
+
+def wrap_frame(compiled: Callable, shards: dict[int, ShardSpec], exits: list[ShardSpec | None] | None,
+               check: Callable | None) -> Callable:
+    """The frame at run time: shard inputs unwrapped, sequence outputs wrapped, and the
+    same-batch check (``check``) on the plain inputs only."""
+    exits = exits or []
+    wrap_any = any(s is not None for s in exits)
+    if not shards and not wrap_any and check is None:
+        return compiled
+
+    def run(*args):
+        if check is not None:
+            check([a for a in args if not isinstance(a, SequenceShard)])
+        if shards:
+            args = list(args)
+            for i, spec in shards.items():
+                if isinstance(args[i], SequenceShard):
+                    args[i] = to_local(args[i], spec)
+        outs = compiled(*args)
+        if not wrap_any:
+            return outs
+        wrapped = [from_local(o, s) if s is not None and isinstance(o, torch.Tensor) else o
+                   for o, s in zip(outs, exits)]
+        return type(outs)(wrapped) if isinstance(outs, tuple) else wrapped
+    return run

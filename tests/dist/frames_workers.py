@@ -1,0 +1,135 @@
+"""Training steps whose sequence crosses frame boundaries, on spawned ranks (issue 13, E-frames).
+
+Every case runs one warm-up step (compiles), then a measured step, and returns what the tests
+check: relative errors of the loss, the logits and every parameter gradient against
+single-process eager, this rank's ring-forward count, the saved-for-backward tensors that hold
+the whole sequence (``saved_tensors_hooks``), the sequence all-gathers of the step, and the
+seqpar warnings. One spawn runs every case.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+
+import seqpar_compiler as sp  # noqa: E402
+from models import GPT, GPTConfig, Llama, LlamaConfig  # noqa: E402
+from seqpar_compiler.runtime.sequence_shard import SequenceShard, full_tensor  # noqa: E402
+
+S = 48          # no model dim is 48, so a tensor with a dim of 48 holds the whole sequence
+B = 3           # B·S/P is not S either (a merged local batch × sequence dim)
+MODELS = {"gpt": lambda: GPT(GPTConfig(n_layer=2)), "llama": lambda: Llama(LlamaConfig(n_layer=2))}
+
+
+class BreakAfter(nn.Module):
+    """``torch._dynamo.graph_break()`` after a block: each block ends a frame."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        out = self.block(*args)
+        torch._dynamo.graph_break()
+        return out
+
+
+def _batch(vocab=256):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (B, S), generator=g), torch.randint(0, vocab, (B, S), generator=g)
+
+
+def _rel(a, b) -> float:
+    a, b = full_tensor(a).detach().double(), b.detach().double()     # reading a shard gathers it
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+class GatherCounter:
+    """Counts the sequence all-gathers (``dist.all_gather`` is what ``gather_sequence`` calls,
+    in compiled frames, in eager fallbacks and in the backward of an entry shard)."""
+
+    def __enter__(self):
+        self.calls, self._orig = 0, dist.all_gather
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            if os.environ.get("FRAMES_DEBUG"):
+                import traceback
+                traceback.print_stack(limit=12)
+            return self._orig(*args, **kwargs)
+        dist.all_gather = counting
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_gather = self._orig
+
+
+def full_length_saves(step, inputs):
+    """Shapes of tensors saved for the backward during ``step()`` with a dim of the whole
+    sequence S (a SequenceShard is judged by its local shard), except the user's inputs."""
+    own = {t.untyped_storage().data_ptr() for t in inputs}
+    found = []
+
+    @torch._dynamo.disable          # the hook runs inside compiled frames' autograd; keep it eager
+    def pack(t):
+        local = t._local if isinstance(t, SequenceShard) else t
+        if S in local.shape and local.untyped_storage().data_ptr() not in own:
+            found.append(tuple(local.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step()
+    return found, out
+
+
+def _prepare(model: str, arrangement: str, backend):
+    """The model under test and its single-device twin; ``arrangement`` says how it is compiled."""
+    torch.manual_seed(0)
+    m, ref = MODELS[model](), MODELS[model]()
+    ref.load_state_dict(m.state_dict())
+    if arrangement == "graph-break":
+        m.blocks = nn.ModuleList(BreakAfter(b) for b in m.blocks)
+        return torch.compile(m, backend=backend), m, ref
+    if arrangement == "per-block":            # torchtitan: blocks compiled one by one, the root eager
+        for i, b in enumerate(m.blocks):
+            m.blocks[i] = torch.compile(b, backend=backend)
+        return m, m, ref
+    if arrangement == "whole":
+        return torch.compile(m, backend=backend), m, ref
+    raise ValueError(arrangement)
+
+
+def frames_case(rank, P, *, model="gpt", arrangement="graph-break", inner="aot_eager", **options):
+    """One training step of ``model`` compiled as ``arrangement``, against single-process eager."""
+    idx, tgt = _batch()
+    torch._dynamo.reset()
+    backend = sp.backend(inner=inner, **options)
+    call, m, ref = _prepare(model, arrangement, backend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call(idx, tgt)[1].backward()                      # warm-up: compiles every frame
+        m.zero_grad()
+        with sp.stats() as st, GatherCounter() as gathers:
+            saves, (logits, loss) = full_length_saves(lambda: call(idx, tgt), [idx, tgt])
+            loss.backward()
+            gathers_in_step = gathers.calls
+    r_logits, r_loss = ref(idx, tgt)
+    r_loss.backward()
+    grads = {n: _rel(p.grad, q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())}
+    return {"loss": _rel(loss, r_loss), "logits": _rel(logits, r_logits), "grads": grads,
+            "logits_type": type(logits).__name__, "loss_type": type(loss).__name__,
+            "ring_calls": st.attention_forward_calls, "layers": len(m.blocks), "full_saves": saves,
+            "gathers": gathers_in_step,
+            "warnings": [str(w.message)[:300] for w in caught if "seqpar" in str(w.message)]}
+
+
+def run_cases(rank, P, cases):
+    import logging; logging.basicConfig(); logging.getLogger("seqpar").setLevel(logging.INFO if os.environ.get("FRAMES_DEBUG") else logging.WARNING)
+    fns = {"frames": frames_case}
+    return {name: fns[kind](rank, P, **kw) for name, kind, kw in cases}
