@@ -311,13 +311,17 @@ def canonicalize_handwritten_attention(gm: fx.GraphModule, example_inputs, stati
     for node in list(gm.graph.nodes):
         if getattr(node, "_erased", False):               # erased as part of an earlier match
             continue
-        before = set(gm.graph.nodes)
+        prev = node.prev                                  # a match emits its nodes right before node
         try:
             count += _rewrite_one(gm, node, values, static_inputs)
         except ValueError:
             raise
         except Exception:  # noqa: BLE001 - an unprovable pattern stays as it is (and falls back)
-            for new in reversed([n for n in gm.graph.nodes if n not in before]):
+            emitted, n = [], prev.next                    # (not a scan of the graph: linear compile time)
+            while n is not node:
+                emitted.append(n)
+                n = n.next
+            for new in reversed(emitted):
                 if not new.users:                         # nodes emitted before the failure
                     gm.graph.erase_node(new)
     gm.graph.lint()

@@ -16,6 +16,7 @@ falls back to the gather path — never treated as causal unless it is.
 from __future__ import annotations
 
 import operator
+from functools import lru_cache
 
 import torch
 import torch.fx as fx
@@ -103,13 +104,20 @@ def mask_kind(visible: torch.Tensor, S: int):
     vis = flat[0].cpu()
     if bool(vis.all()):
         return False, None
-    tril = torch.ones(S, S, dtype=torch.bool).tril()
-    if torch.equal(vis, tril):
+    if torch.equal(vis, _band(S, None)):
         return True, None
     W = int(vis[-1].sum())
-    if W >= 1 and torch.equal(vis, tril & ~torch.ones(S, S, dtype=torch.bool).tril(-W)):
+    if W >= 1 and torch.equal(vis, _band(S, W)):
         return True, W
     return None
+
+
+@lru_cache(maxsize=16)
+def _band(S: int, W: int | None) -> torch.Tensor:
+    """The causal (W None) or sliding-window [S, S] visibility, built once per (S, W): every
+    layer of a model proves against the same one (compile time stays linear in the layers)."""
+    tril = torch.ones(S, S, dtype=torch.bool).tril()
+    return tril if W is None else tril & ~torch.ones(S, S, dtype=torch.bool).tril(-W)
 
 
 _CONJUNCTION_PATH = {"to", "expand", "and_", "logical_and", "__and__", "bool"}
