@@ -22,6 +22,7 @@ from .attention_patterns import canonical_attention
 from .attention_rules import canonical_attention_rule, sdpa_rule
 from .aten_rules import decomposed_rule
 from .placement import Replicate, Shard, local_view_shape, view_placement
+from .extreme_rules import EXTREME_KEYS, extreme_rule
 from .range_rules import dispatch, getitem_part, split_into_parts
 from .rewrite import call_arguments
 
@@ -467,7 +468,7 @@ SEEDING_RULES = {F.embedding, F.linear, torch._C._nn.linear, F.layer_norm, torch
                  F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, canonical_attention}
 
 # rules whose refusal is about the layout (the sequence dim itself): DTensor must not overrule them
-_FINAL_RULES = {_cat, _split, _tensor_split, _narrow, _arange, _cross_entropy, canonical_attention_rule, sdpa_rule}
+_FINAL_RULES = {_cat, _split, _tensor_split, _narrow, _arange, extreme_rule, _cross_entropy, canonical_attention_rule, sdpa_rule}
 _REUSABLE.update({_linear, _addmm, _matmul, _embedding, _layer_norm, _transpose, _permute, _unsqueeze})
 
 RULES = {
@@ -494,4 +495,5 @@ RULES = {
     F.scaled_dot_product_attention: sdpa_rule, torch._C._nn.scaled_dot_product_attention: sdpa_rule,
     torch.arange: _arange,
     canonical_attention: canonical_attention_rule,
+    **{k: extreme_rule for k in EXTREME_KEYS},
 }

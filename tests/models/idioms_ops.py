@@ -380,3 +380,36 @@ class _ChunkedCrossEntropySlices(_LM):
 
 
 idiom("chunked-cross-entropy-slices")(_lm(_ChunkedCrossEntropySlices))
+
+
+@_loss_idiom("max-pool-over-sequence")
+def _max_pool(self, logits, y):
+    """Max-pooling a sequence (a classifier head): all-reduce MAX, the gradient to the argmax
+    on the rank that holds it."""
+    return logits.max(dim=1).values.softmax(-1)[:, 0].sum()
+
+
+@_loss_idiom("amax-min-over-sequence")
+def _amax(self, logits, y):
+    """``amax`` / ``torch.min(dim)`` over the sequence, with their indices returned."""
+    lo = torch.min(logits, 1)
+    return logits.amax(1).logsumexp(-1).sum() + lo.values.sum(), lo.indices
+
+
+class _MaxTies(_LM):
+    """Ties across ranks that get different gradients: ``round(logits) · gain[position]`` with
+    ``gain`` all ones, so many positions tie for the maximum and each tie's gradient lands on
+    its own ``gain`` entry. ``max(dim)`` must give the first global position all of it (and
+    return that index), ``amax`` and ``max()`` must spread it evenly, as eager does."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(S))
+
+    def loss(self, logits, y):
+        c = logits.detach().round() * self.gain[:, None]                 # ~6 ties per maximum
+        v, i = c.max(dim=1)
+        return v.sum() + c.amax(dim=(0, 1)).sum() + c.min() + F.cross_entropy(logits.view(-1, V), y.view(-1)), i
+
+
+idiom("max-over-sequence-with-ties")(_lm(_MaxTies))
