@@ -363,3 +363,13 @@ def _copy(func, spec, dst, src, non_blocking=False):
        aten.new_empty_strided.default)
 def _new(func, spec, x, *rest, **kw):
     return func(x._local, *rest, **kw)        # a fresh plain tensor of the given size
+
+
+@_rule(aten.linalg_vector_norm.default)
+def _vector_norm(func, spec, x, ord=2, dim=None, keepdim=False, *, dtype=None):
+    """The 2-norm of the whole value (what a user comparing outputs reads): the local sum of
+    squares, summed over the group."""
+    if ord != 2 or dim not in (None, [], ()) or keepdim:
+        return NotImplemented
+    local = x._local if dtype is None else x._local.to(dtype)
+    return all_reduce_sum(local.pow(2).sum(), spec).sqrt()

@@ -80,7 +80,10 @@ def exit_specs(gm: torch.fx.GraphModule, ctx) -> list[ShardSpec | None]:
 def local_examples(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:
     """Examples for the inner compiler: shards become their local (fake) tensors, and the
     rewritten graph's placeholders say so too (aot_autograd reads either)."""
-    examples = [x._local if isinstance(x, SequenceShard) else x for x in example_inputs]
+    # the local example requires grad as its shard does (a shard made inside __torch_dispatch__,
+    # such as the view FSDP2's pre-forward hook returns, holds a local that does not)
+    examples = [x._local.detach().requires_grad_(x.requires_grad) if isinstance(x, SequenceShard) else x
+                for x in example_inputs]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, x in zip(placeholders, examples):
         if isinstance(node.meta.get("example_value"), SequenceShard):
