@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ def _measure(layers: int, impl: str, S: int, P: int, repeats: int) -> dict:
     times, fallbacks = [], None
     for _ in range(repeats):
         g = copy.deepcopy(gm)
+        gc.collect()           # garbage of earlier captures is not the seqpar stages' cost
         t0 = time.perf_counter()
         out = be._shard_graph(g, example_inputs, dist.group.WORLD, opts)
         times.append(time.perf_counter() - t0)
