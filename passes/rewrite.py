@@ -270,6 +270,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
         ctx.env[node].meta["seqpar_placement"] = ctx.place[node]
     for name, value in ctx.constants.items():
         gm.register_buffer(name, value, persistent=False)
+    from .grad_buckets import bucket_grad_sums     # issue 13: one all-reduce per bucket, not per tensor
+    bucket_grad_sums(ctx.graph)
     out = fx.GraphModule(gm, ctx.graph)
     out.graph.eliminate_dead_code()
     out.graph.lint()

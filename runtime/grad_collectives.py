@@ -6,6 +6,11 @@ functional collectives (traceable, so aot_autograd puts them in the forward/back
                            use covers only its tokens, so the uses are summed (Megatron's "f").
 ``all_reduce_to_replicated``  all-reduce(sum) forward, identity backward: a value summed from
                            shards is replicated; its gradient is already whole on every rank.
+``sum_grads_over_group``   ``sum_grad_over_group`` for a bucket of parameters at once (issue 13):
+                           one all-reduce of their flattened gradients instead of one per tensor,
+                           as DDP buckets; autograd runs it once every gradient of the bucket is
+                           ready, so buckets filled in backward order reduce while the rest of the
+                           backward still runs.
 
 Torch's own functional ``all_reduce`` differentiates to another all-reduce, which would make
 gradients P times too large here; hence these wrappers.
@@ -17,7 +22,7 @@ import torch.distributed._functional_collectives as funcol
 
 from .ring_op import resolve_group
 
-__all__ = ["sum_grad_over_group", "all_reduce_to_replicated"]
+__all__ = ["sum_grad_over_group", "sum_grads_over_group", "all_reduce_to_replicated"]
 
 
 class _SumGradOverGroup(torch.autograd.Function):
@@ -39,6 +44,34 @@ class _AllReduceToReplicated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
+
+
+class _SumGradsOverGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group_name: str, *xs: torch.Tensor):
+        ctx.group_name = group_name
+        ctx.metas = [(x.shape, x.dtype, x.device) for x in xs]
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # a parameter with no gradient this step still takes its place in the bucket: every rank
+        # runs the same graph, so every rank sends the same sizes
+        flat = torch.cat([(g if g is not None else torch.zeros(shape, dtype=dtype, device=device))
+                          .reshape(-1) for g, (shape, dtype, device) in zip(grads, ctx.metas)])
+        summed = funcol.all_reduce(flat, "sum", resolve_group(ctx.group_name))
+        out, start = [], 0
+        for shape, _, _ in ctx.metas:
+            n = shape.numel()
+            out.append(summed[start:start + n].view(shape))
+            start += n
+        return (None, *out)
+
+
+def sum_grads_over_group(group_name: str, *xs: torch.Tensor) -> tuple:
+    """Identity on a bucket of same-dtype tensors; their gradients are summed over the group
+    by one all-reduce."""
+    return _SumGradsOverGroup.apply(group_name, *xs)
 
 
 def sum_grad_over_group(x: torch.Tensor, group_name: str) -> torch.Tensor:

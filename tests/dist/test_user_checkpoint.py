@@ -8,7 +8,8 @@ single-process eager (fp32: 1e-5 / 1e-4); (2) ring forwards per layer: once unde
 under ``none`` (the user asked for recomputation), once under ``none`` with a selective policy
 that names ATen's SDPA ops; (3) no tensor saved for the backward holds the whole sequence besides
 the user's inputs (``saved_tensors_hooks``); (4) no sequence all-gather in the step (the loss is
-all-reduced; the logits leave the frame without a gather).
+all-reduced; the logits leave the frame without a gather); and the parameter gradients are summed
+by one bucketed all-reduce in the backward, not one per tensor (``passes/grad_buckets.py``).
 """
 import pytest
 
@@ -59,6 +60,8 @@ def _check(results, name, per_layer):
         assert r["ring_backward"] == r["layers"], (rank, r["ring_backward"])
         assert r["full_saves"] == [], (rank, r["full_saves"])
         assert r["gathers"] == 0, (rank, r["gathers"])
+        # every parameter's gradient sum in one bucketed all-reduce (a small model: one bucket)
+        assert r["backward_all_reduces"] == 1, (rank, r["backward_all_reduces"], r["parameters"])
         assert not [w for w in r["warnings"] if "replicated" in w or "cannot shard" in w], r["warnings"]
 
 

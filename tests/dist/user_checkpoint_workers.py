@@ -83,6 +83,19 @@ class _GatherCounter:
         dist.all_gather = self._orig
 
 
+class _AllReduceCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts functional all-reduces run while active (the loss's, the gradient buckets')."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "all_reduce" in str(func):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _full_length_saves(step, inputs) -> list:
     """Shapes of the tensors saved for the backward during ``step()`` that have a dim of the whole
     sequence length S, except the user's inputs themselves."""
@@ -140,7 +153,8 @@ def user_checkpoint_case(rank, P, *, model="gpt", selective=False, checkpoint_po
     with warnings.catch_warnings(record=True) as caught, sp.stats() as st, _GatherCounter() as gathers:
         warnings.simplefilter("always")
         saves, loss = _full_length_saves(lambda: call(cm), [idx])
-        loss.backward()
+        with _AllReduceCounter() as reduces:
+            loss.backward()
     ref_loss = call(ref)
     ref_loss.backward()
     ref_grads = dict(ref.named_parameters())
@@ -150,7 +164,8 @@ def user_checkpoint_case(rank, P, *, model="gpt", selective=False, checkpoint_po
         grads[name] = _rel(p.grad, q.grad) if q.grad is not None else (0.0 if p.grad is None else 1.0)
     return {"loss": _rel(loss.detach(), ref_loss.detach()), "grads": grads, "layers": layers,
             "ring_forward": st.attention_forward_calls, "ring_backward": st.attention_backward_calls,
-            "full_saves": saves, "gathers": gathers.calls,
+            "full_saves": saves, "gathers": gathers.calls, "backward_all_reduces": reduces.calls,
+            "parameters": len(list(m.parameters())),
             "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
 
 
