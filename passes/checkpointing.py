@@ -229,6 +229,8 @@ def tag_joint_graph(joint: fx.GraphModule, policy: str, model_state: Sequence[in
     layer_inputs = []
     for attn in plan.attention:
         x = _layer_input(attn, idom, live)
+        if x is None and not _ancestors(attn) & set(plan.attention):
+            continue        # the first attention, fed by graph inputs alone (a one-layer frame): they are its input
         if x is None:
             plan.skipped = f"no layer input found for {attn.name} (is every parameter a graph input?)"
             return plan
