@@ -30,7 +30,7 @@ from seqpar_compiler.runtime import local_positions
 # op handles for graph nodes (a CustomOpDef is not an FX target)
 shard_sequence_op = torch.ops.seqpar.shard_sequence.default
 gather_sequence_op = torch.ops.seqpar.gather_sequence.default
-from seqpar_compiler.runtime.grad_collectives import sum_grad_over_group
+from seqpar_compiler.runtime.grad_collectives import shard_sequence_partial, sum_grad_over_group
 
 from .hop_bodies import copy_region_meta
 from .placement import Replicate, Shard
@@ -119,13 +119,17 @@ class ShardingContext:
             return self.env[old]
         new = self.env[old]
         if pre == 1 and post == 1:
-            return self.emit(shard_sequence_op, (new, dim, self.schedule, self.group_name), placement=Shard(dim))
+            return self.emit(self._slicer(), (new, dim, self.schedule, self.group_name), placement=Shard(dim))
         shape = list(self.example(old).shape)
         split = shape[:dim] + [pre, self.S, post] + shape[dim + 1:]
         local = shape[:dim] + [pre * (self.S // self.P) * post] + shape[dim + 1:]
         unmerged = self.emit("reshape", (new, split), op="call_method")
-        sliced = self.emit(shard_sequence_op, (unmerged, dim + 1, self.schedule, self.group_name))
+        sliced = self.emit(self._slicer(), (unmerged, dim + 1, self.schedule, self.group_name))
         return self.emit("reshape", (sliced, local), op="call_method", placement=Shard(dim, pre, post))
+
+    def _slicer(self):
+        """Issue 13: under grad_reduce="none" the slice's gradient stays partial too (no gather)."""
+        return shard_sequence_partial if self.grad_reduce == "none" else shard_sequence_op
 
     def seed(self, old: Any) -> None:
         """Shard a user input that carries the sequence where a rule first needs it sharded.

@@ -6,6 +6,10 @@ functional collectives (traceable, so aot_autograd puts them in the forward/back
                            use covers only its tokens, so the uses are summed (Megatron's "f").
 ``all_reduce_to_replicated``  all-reduce(sum) forward, identity backward: a value summed from
                            shards is replicated; its gradient is already whole on every rank.
+``shard_sequence_partial``  ``seqpar::shard_sequence`` whose backward leaves the gradient partial:
+                           this rank's slice scattered into zeros, no all-gather. Under
+                           ``SEQPAR_GRAD_REDUCE=none`` every gradient leaves the backward partial,
+                           the entry shard's too, so one sum over dp × sp is exact (issue 13).
 ``sum_grads_over_group``   ``sum_grad_over_group`` for a bucket of parameters at once (issue 13):
                            one all-reduce of their flattened gradients instead of one per tensor,
                            as DDP buckets; autograd runs it once every gradient of the bucket is
@@ -22,7 +26,7 @@ import torch.distributed._functional_collectives as funcol
 
 from .ring_op import resolve_group
 
-__all__ = ["sum_grad_over_group", "sum_grads_over_group", "all_reduce_to_replicated"]
+__all__ = ["sum_grad_over_group", "sum_grads_over_group", "all_reduce_to_replicated", "shard_sequence_partial"]
 
 
 class _SumGradOverGroup(torch.autograd.Function):
@@ -80,3 +84,29 @@ def sum_grad_over_group(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
 def all_reduce_to_replicated(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return _AllReduceToReplicated.apply(x, group_name)
+
+
+class _ShardSequencePartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, schedule: str, group_name: str) -> torch.Tensor:
+        ctx.dim, ctx.schedule, ctx.group_name, ctx.full = dim % x.dim(), schedule, group_name, x.shape
+        return torch.ops.seqpar.shard_sequence.default(x, dim, schedule, group_name)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        from .layout import local_positions
+        group = resolve_group(ctx.group_name)
+        rank, P = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+        index = local_positions(ctx.schedule, rank, P, ctx.full[ctx.dim], device=grad.device)
+        full = grad.new_zeros(ctx.full).index_copy(ctx.dim, index, grad)
+        return full, None, None, None
+
+
+def shard_sequence_partial(x: torch.Tensor, dim: int, schedule: str, group_name: str) -> torch.Tensor:
+    """This rank's shard of a full tensor; its gradient stays partial (GRAD_REDUCE=none).
+
+    Shapes: ``x [..., S, ...]`` (S at ``dim``) → ``[..., S/P, ...]``; the gradient of ``x`` is
+    zero outside this rank's positions."""
+    return _ShardSequencePartial.apply(x, dim, schedule, group_name)

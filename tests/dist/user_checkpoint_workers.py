@@ -172,3 +172,42 @@ def user_checkpoint_case(rank, P, *, model="gpt", selective=False, checkpoint_po
 def run_cases(rank, P, cases):
     fns = {"ckpt": user_checkpoint_case}
     return {name: fns[kind](rank, P, **kw) for name, kind, kw in cases}
+
+
+class _Blocks(nn.Module):
+    """Two GPT blocks on hidden states: a frame whose input requires grad (torchtitan-style
+    per-block compile hands one frame the previous frame's activations)."""
+
+    def __init__(self):
+        super().__init__()
+        from models import GPTBlock
+        self.blocks = nn.ModuleList(GPTBlock(GPTConfig(n_layer=2)) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x.pow(2).mean()
+
+
+def grad_reduce_none_case(rank, P, *, inner="aot_eager"):
+    """GRAD_REDUCE=none: every gradient leaves the backward partial, the input's too; returns
+    this rank's raw gradients and the eager ones, for the test to sum over ranks."""
+    torch.manual_seed(0)
+    m = _Blocks()
+    torch.manual_seed(0)
+    ref = _Blocks()
+    x = torch.randn(B, S, 64, generator=torch.Generator().manual_seed(2))
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch._dynamo.reset()
+    cm = torch.compile(m, backend=sp.backend(inner=inner, schedule="zigzag", grad_reduce="none"))
+    loss = cm(xs)
+    loss.backward()
+    ref_loss = ref(xr)
+    ref_loss.backward()
+    return {"loss": _rel(loss.detach(), ref_loss.detach()),
+            "grads": {"input": xs.grad.clone(), **{n: p.grad.clone() for n, p in m.named_parameters()}},
+            "ref": {"input": xr.grad.clone(), **{n: p.grad.clone() for n, p in ref.named_parameters()}}}
+
+
+def run_none_cases(rank, P, cases):
+    return {name: grad_reduce_none_case(rank, P, **kw) for name, kw in cases}
