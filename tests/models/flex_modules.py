@@ -46,6 +46,7 @@ def allow_cpu_flex_capture() -> None:
             return None
         return original(query, key, value)
     validate._seqpar_capture = True
+    validate._original = original
     flex._validate_device = validate
 
 

@@ -175,3 +175,121 @@ def test_flex_attention_mask_mod_is_proved_on_global_indices(window):
     found, err = _flex_canonicalized(M.FlexAttention(window=window))
     a = _only(found)
     assert (a["causal"], a["window"]) == (True, window) and err < 1e-6
+
+
+# -- flex_attention: documents mask_mod, soft-cap / ALiBi score_mod ------------------------------
+import flex_modules as FX  # noqa: E402
+
+_DOC = torch.tensor([[0] * 5 + [1] * 8 + [2] * 3, [0] * 11 + [1] * 5])
+
+
+def _flex_doc_canonicalized(module, doc=_DOC):
+    """(canonical args, rel. error) of a ``FlexDocAttention`` (flex traced) vs its eager SDPA
+    reference with an explicit mask, forward only under no_grad (no CPU flex backward)."""
+    torch.manual_seed(0)
+    found = []
+
+    def capture(gm, ex):
+        static = {n for n in gm.graph.nodes if n.op == "placeholder"
+                  and ("_parameters_" in str(n.target) or "_buffers_" in str(n.target))}
+        canonicalize_handwritten_attention(gm, ex, static)
+        found.extend([a if not isinstance(a, torch.fx.Node) or a.op != "get_attr" else getattr(gm, a.target)
+                      for a in n.args] for n in gm.graph.nodes if n.target is canonical_attention)
+        assert not [n for n in gm.graph.nodes if "flex_attention" in str(n.target)] or not found
+        return gm.forward
+    x = torch.randn(2, S, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(module, backend=capture)(x, doc)
+        ref = module(x, doc)
+    return found, float((out - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 4)])
+def test_flex_documents_mask_mod_becomes_doc_ids_of_the_user_tensor(causal, window):
+    found, err = _flex_doc_canonicalized(FX.FlexDocAttention(causal=causal, window=window))
+    a = _only(found)
+    assert (a["causal"], a["window"]) == (causal, window) and err < 1e-6
+    assert a["doc"] is not None and a["doc"].op == "placeholder"          # the user's doc tensor itself
+
+
+def test_flex_documents_computed_from_position_ids_are_the_computed_node():
+    pos = torch.cat([torch.arange(5), torch.arange(8), torch.arange(3)]).expand(2, S)
+    found, err = _flex_doc_canonicalized(FX.FlexDocAttention(docs="computed"), pos)
+    a = _only(found)
+    assert a["causal"] is True and a["doc"].op == "call_function" and err < 1e-6
+
+
+@pytest.mark.parametrize("docs", [None, "input"])
+def test_flex_score_mods_soft_cap_and_alibi_are_carried(docs):
+    found, err = _flex_doc_canonicalized(FX.FlexDocAttention(docs=docs, score="softcap", cap=0.5))
+    a = _only(found)
+    assert a["softcap"] == 0.5 and a["slopes"] is None and err < 1e-6
+    found, err = _flex_doc_canonicalized(FX.FlexDocAttention(docs=docs, score="alibi"))
+    a = _only(found)
+    assert a["softcap"] is None and err < 1e-6
+    assert torch.allclose(a["slopes"].double(), M.alibi_slopes(4).double(), rtol=1e-6)
+
+
+class _FlexMods(M._QKV):
+    """flex_attention with the given mods (closures may read ``doc`` [B, S], a user input)."""
+
+    def __init__(self, mask_mod, score_mod=None):
+        super().__init__(32, 4)
+        self.mask_mod, self.score_mod = mask_mod, score_mod
+
+    def forward(self, x, doc):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        q, k, v = self.heads(x)
+        s = q.shape[-2]
+        mask_mod = self.mask_mod(doc)
+        block_mask = create_block_mask(mask_mod, q.shape[0], None, s, s, device="cpu")
+        score_mod = None if self.score_mod is None else self.score_mod(doc)
+        return self.out(flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask))
+
+
+def _flex_left_alone(module):
+    found = []
+
+    def capture(gm, ex):
+        static = {n for n in gm.graph.nodes if n.op == "placeholder" and "_parameters_" in str(n.target)}
+        canonicalize_handwritten_attention(gm, ex, static)
+        found.extend(n for n in gm.graph.nodes if n.target is canonical_attention)
+        assert [n for n in gm.graph.nodes if "flex_attention" in str(n.target)]
+        return gm.forward
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(module, backend=capture)(torch.randn(2, S, 32), _DOC)
+    return found
+
+
+@pytest.mark.parametrize("what,mask_mod,score_mod", [
+    ("padding from a user tensor", lambda d: lambda b, h, q, kv: (d[b, kv] < 2) & (q >= kv), None),
+    ("documents negated", lambda d: lambda b, h, q, kv: ~(d[b, q] == d[b, kv]), None),
+    ("documents across batch rows", lambda d: lambda b, h, q, kv: d[0, q] == d[b, kv], None),
+    ("a prefix-LM mask", lambda d: lambda b, h, q, kv: (q >= kv) | (kv < 4), None),
+    ("a scaled score", lambda d: lambda b, h, q, kv: q >= kv, lambda d: lambda s, b, h, q, kv: s * 2.0),
+    ("a non-ALiBi relative bias", lambda d: lambda b, h, q, kv: q >= kv,
+     lambda d: lambda s, b, h, q, kv: s + (q - kv).abs() * 0.1),
+    ("a bias read from user data", lambda d: lambda b, h, q, kv: q >= kv,
+     lambda d: lambda s, b, h, q, kv: s + d[b, kv] * 0.1),
+    ("a score used as a mask", lambda d: lambda b, h, q, kv: q >= kv,
+     lambda d: lambda s, b, h, q, kv: torch.where(q - kv < 3, s, -float("inf"))),
+])
+def test_flex_mods_that_are_not_the_rings_semantics_are_left_alone(what, mask_mod, score_mod):
+    assert _flex_left_alone(_FlexMods(mask_mod, score_mod)) == [], what
+
+
+def test_cpu_flex_attention_with_grad_cannot_be_captured_by_dynamo(monkeypatch):
+    """What does not run on CPU (documented in flex_modules.py): torch's CPU backward check
+    raises while Dynamo traces, so the frame is never handed to any backend; if torch lifts
+    it, this test tells us to drop ``allow_cpu_flex_capture``."""
+    import torch.nn.attention.flex_attention as flex
+    from torch.nn.attention.flex_attention import flex_attention
+    monkeypatch.setattr(flex, "_validate_device", getattr(flex._validate_device, "_original", flex._validate_device))
+    q = torch.randn(1, 2, S, 8, requires_grad=True)
+    graphs = []
+    torch._dynamo.reset()
+    with pytest.raises(NotImplementedError, match="backward on CPU"):
+        torch.compile(lambda t: flex_attention(t, t, t), backend=lambda gm, ex: graphs.append(gm) or gm.forward)(q)
+    assert graphs == []
