@@ -22,23 +22,31 @@ Shape legend (u = Ulysses degree, S_l = S/P local rows, S_g = u·S_l the group's
   after the all-to-all: q_g [B, Hq/u, S_g, D], k_g/v_g [B, R/u, S_g, D|Dv], doc_g [B, S_g]
   out [B, Hq, S_l, Dv] (wire layout, as the ring's), lse [B, Hq, S_l] fp32 (fp64 for fp64)
 
-The backward redoes the all-to-all of q, k, v, out, lse and dout (no attention is recomputed;
-only local shards are saved, like the ring) and sends dq, dk, dv back.
+What the backward needs is what the forward had on the other side of its all-to-all: the
+forward also returns its head-sharded q_g, k_g, v_g, out_g, lse_g (``Saved``), which the op pair
+saves instead of the sequence-sharded inputs (the same numel, R/Hkv more for replicated KV
+heads), so the backward sends only dout (and a non-zero lse gradient) and the gradients back:
+(u−1)/u of (dout, dq, dk, dv) per rank instead of (q, k, v, out, lse, dout, dq, dk, dv).
+
+Under gloo with CUDA tensors (no NCCL) the all-to-alls go through host buffers, as the ring's
+transfers do (``comm.py``; ``set_host_staging`` forces it in tests).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from .comm import RingComm, empty_wire, to_wire_layout
+# the ring's staging decision and buffers: the all-to-all must stage exactly when the ring does
+from .comm import RingComm, _host_buffer, _needs_host_staging, empty_wire, to_wire_layout
 from .ring import RingConfig, ring_backward, ring_forward
 from .stats import record
 
-__all__ = ["UlyssesGroups", "ulysses_groups", "kv_heads_on_wire", "check_heads", "working_degrees",
-           "ulysses_forward", "ulysses_backward"]
+__all__ = ["UlyssesGroups", "Saved", "ulysses_groups", "kv_heads_on_wire", "check_heads", "working_degrees",
+           "saved_shapes", "ulysses_forward", "ulysses_backward"]
 
 
 @dataclass(frozen=True)
@@ -119,11 +127,17 @@ def check_heads(Hq: int, Hkv: int, u: int, P: int) -> None:
 
 def _all_to_all(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """``send`` [u, ...] contiguous → recv [u, ...]: recv[i] is what rank i sent to this rank."""
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
     u = send.shape[0]
     nbytes = send.numel() * send.element_size() * (u - 1) // u
     record(a2a_bytes_sent=nbytes, a2a_bytes_received=nbytes)
+    if _needs_host_staging(group, send.device):
+        host_send, host_recv = _host_buffer(send), _host_buffer(send)
+        host_send.copy_(send)
+        dist.all_to_all_single(host_recv, host_send, group=group)
+        record(host_staged_bytes=2 * nbytes)       # as the ring counts it: the traffic, sent + received
+        return host_recv.to(send.device)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
     return recv
 
 
@@ -176,10 +190,16 @@ def _gather_docs(doc: torch.Tensor | None, group, u: int) -> torch.Tensor | None
     """doc [B, S_l] → [B, u·S_l]: the group's document ids in the group's row order."""
     if doc is None or u == 1:
         return doc
-    parts = [torch.empty_like(doc) for _ in range(u)]
-    dist.all_gather(parts, doc.contiguous(), group=group)
     record(a2a_bytes_sent=doc.numel() * doc.element_size() * (u - 1),
            a2a_bytes_received=doc.numel() * doc.element_size() * (u - 1))
+    if _needs_host_staging(group, doc.device):
+        host = doc.cpu()
+        parts = [torch.empty_like(host) for _ in range(u)]
+        dist.all_gather(parts, host, group=group)
+        record(host_staged_bytes=2 * (u - 1) * host.numel() * host.element_size())
+        return torch.cat(parts, dim=1).to(doc.device)
+    parts = [torch.empty_like(doc) for _ in range(u)]
+    dist.all_gather(parts, doc.contiguous(), group=group)
     return torch.cat(parts, dim=1)
 
 
@@ -213,8 +233,40 @@ def _inner(cfg: RingConfig, groups: UlyssesGroups, Hq: int) -> tuple[RingConfig,
     return inner, RingComm(groups.ring)
 
 
-def ulysses_forward(q, k, v, doc, cfg: RingConfig, groups: UlyssesGroups) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention of the local queries over the whole sequence → (out, lse), local rows."""
+class Saved(NamedTuple):
+    """What the forward had after its all-to-all, kept for the backward (head-sharded, the
+    group's rows): q_g [B, Hq/u, S_g, D], k_g/v_g [B, R/u, S_g, D|Dv], out_g [B, Hq/u, S_g, Dv]
+    (wire layout), lse_g [B, Hq/u, S_g] contiguous."""
+
+    q_g: torch.Tensor
+    k_g: torch.Tensor
+    v_g: torch.Tensor
+    out_g: torch.Tensor
+    lse_g: torch.Tensor
+
+
+def saved_shapes(q_shape, kv_heads: int, Dv: int, u: int) -> tuple[tuple, ...]:
+    """Shapes of ``Saved`` for q [B, Hq, S_l, D] with ``kv_heads`` Hkv and degree u (fake kernels)."""
+    B, Hq, S_l, D = q_shape
+    R = kv_heads_on_wire(Hq, kv_heads, u)
+    S_g = u * S_l
+    return (B, Hq // u, S_g, D), (B, R // u, S_g, D), (B, R // u, S_g, Dv), (B, Hq // u, S_g, Dv), (B, Hq // u, S_g)
+
+
+def _owned_wire(x: torch.Tensor, u: int) -> torch.Tensor:
+    """``x`` in the wire layout, and a copy when u = 1 (where the all-to-all is the identity):
+    a custom op's outputs may not alias its inputs or each other."""
+    if u > 1:
+        return to_wire_layout(x)
+    if x.dim() == 4:
+        return empty_wire(x.shape, x.dtype, x.device).copy_(x)
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def ulysses_forward(q, k, v, doc, cfg: RingConfig, groups: UlyssesGroups
+                    ) -> tuple[torch.Tensor, torch.Tensor, Saved]:
+    """Exact attention of the local queries over the whole sequence → (out, lse, saved): out
+    and lse of the local rows, and the head-sharded tensors the backward needs (``Saved``)."""
     u, g = groups.u, groups.a2a
     Hq, Hkv = q.shape[1], k.shape[1]
     R = kv_heads_on_wire(Hq, Hkv, u)
@@ -224,25 +276,23 @@ def ulysses_forward(q, k, v, doc, cfg: RingConfig, groups: UlyssesGroups) -> tup
     doc_g = _gather_docs(doc, g, u)
     inner, comm = _inner(cfg, groups, Hq)
     out_g, lse_g = ring_forward(q_g, k_g, v_g, doc_g, inner, comm)
-    return sequence_to_heads(out_g, g, u, q.dtype), _rows_to_heads(lse_g, g, u)
+    out, lse = sequence_to_heads(out_g, g, u, q.dtype), _rows_to_heads(lse_g, g, u)
+    saved = Saved(*(_owned_wire(t, u) for t in (q_g, k_g, v_g, out_g)), _owned_wire(lse_g, u))
+    return out, lse, saved
 
 
-def ulysses_backward(dout, q, k, v, out, lse, doc, cfg: RingConfig, groups: UlyssesGroups, dlse=None):
-    """Gradients (dq, dk, dv) of ``ulysses_forward``, in the inputs' dtypes and the wire layout."""
+def ulysses_backward(dout, saved: Saved, doc, kv_heads: int, cfg: RingConfig, groups: UlyssesGroups, dlse=None):
+    """Gradients (dq, dk, dv) of ``ulysses_forward`` from its ``saved`` tensors: only dout (and
+    dlse) travel in, the gradients back; in the inputs' dtypes and the wire layout. ``kv_heads``
+    is k's head count Hkv (the replicas' gradients are summed back to it)."""
     u, g = groups.u, groups.a2a
-    Hq, Hkv = q.shape[1], k.shape[1]
-    R = kv_heads_on_wire(Hq, Hkv, u)
-    q_g = heads_to_sequence(q, g, u)
-    k_g = heads_to_sequence(_replicate_kv(k, R), g, u)
-    v_g = heads_to_sequence(_replicate_kv(v, R), g, u)
-    out_g = heads_to_sequence(out, g, u)
+    q_g, k_g, v_g, out_g, lse_g = saved
     dout_g = heads_to_sequence(dout, g, u)
-    lse_g = _heads_to_rows(lse, g, u)
     dlse_g = None if dlse is None else _heads_to_rows(dlse, g, u)
-    doc_g = _gather_docs(doc, g, u)
-    inner, comm = _inner(cfg, groups, Hq)
+    doc_g = _gather_docs(doc, g, u)       # [B, S_l] int64: 1/(H·D) of a head tensor's bytes, not worth saving
+    inner, comm = _inner(cfg, groups, q_g.shape[1] * u)
     dq_g, dk_g, dv_g = ring_backward(dout_g, q_g, k_g, v_g, out_g, lse_g, doc_g, inner, comm, dlse_g)
-    dq = sequence_to_heads(dq_g, g, u, q.dtype)
-    dk = _sum_replicas(sequence_to_heads(dk_g, g, u), Hkv, k.dtype)
-    dv = _sum_replicas(sequence_to_heads(dv_g, g, u), Hkv, v.dtype)
+    dq = sequence_to_heads(dq_g, g, u, q_g.dtype)
+    dk = _sum_replicas(sequence_to_heads(dk_g, g, u), kv_heads, k_g.dtype)
+    dv = _sum_replicas(sequence_to_heads(dv_g, g, u), kv_heads, v_g.dtype)
     return dq, dk, dv

@@ -1,16 +1,23 @@
-"""The all-to-all op pair: ``seqpar::ulysses_attention`` → (out, lse) and
+"""The all-to-all op pair: ``seqpar::ulysses_attention`` → (out, lse, *saved) and
 ``seqpar::ulysses_attention_backward`` → (dq, dk, dv) (issue 15; algorithm in ``ulysses.py``).
 
 The same design as the ring's pair (``ring_op.py``): ``torch.library.custom_op``s with fake
-kernels, the forward's registered backward calls the backward op, so aot_autograd saves
-(out, lse) and never recomputes the attention; bodies run below autograd. The arguments are the
-ring op's, in the same order, so the attention rule emits either op from one argument list;
-``schedule`` is a layout name: ``ulysses`` (degree u = P) or ``hybrid:u``.
+kernels, the forward's registered backward calls the backward op, so aot_autograd saves what the
+backward needs and never recomputes the attention; bodies run below autograd. The arguments are
+the ring op's, in the same order, so the attention rule emits either op from one argument list
+and reads output 0; ``schedule`` is a layout name: ``ulysses`` (degree u = P) or ``hybrid:u``.
+
+Outputs 2–6 are the forward's head-sharded q_g, k_g, v_g, out_g, lse_g (``ulysses.Saved``,
+non-differentiable): the backward takes them instead of q, k, v, out, lse, so it moves only
+dout in and the gradients out by all-to-all (the forward's inputs need not travel again).
+The remat-aware partitioner policy saves every output of the op (its getitems).
 
 Shape legend: q [B,Hq,S_local,D], k [B,Hkv,S_local,D], v [B,Hkv,S_local,Dv], doc_ids [B,S_local]
 or None, alibi_slopes [Hq] or None; out [B,Hq,S_local,Dv] in the wire layout ([B,S_local,Hq,Dv]
-memory, like the ring's), lse [B,Hq,S_local] fp32 (fp64 for fp64 inputs). S_local is sharded in
-the schedule's layout (``layout.py``).
+memory, like the ring's), lse [B,Hq,S_local] fp32 (fp64 for fp64 inputs); saved: q_g
+[B,Hq/u,S_g,D], k_g/v_g [B,R/u,S_g,D|Dv], out_g [B,Hq/u,S_g,Dv] (wire layout), lse_g
+[B,Hq/u,S_g] (S_g = u·S_local, R = KV heads on the wire). S_local is sharded in the schedule's
+layout (``layout.py``).
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from .layout import check_sequence_length, split_schedule
 from .ring import RingConfig
 from .ring_op import _float_bits, _slopes_crc, check_ring_inputs, resolve_group
 from .stats import record
-from .ulysses import check_heads, ulysses_backward, ulysses_forward, ulysses_groups
+from .ulysses import Saved, check_heads, saved_shapes, ulysses_backward, ulysses_forward, ulysses_groups
 
 __all__ = ["ulysses_degree_of", "check_ulysses_inputs", "ulysses_attention_op", "ulysses_attention_backward_op"]
 
@@ -72,6 +79,10 @@ def _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overla
         if key not in _checked:
             check_agreement(group, fields, "ulysses_attention")
             _checked.add(key)
+    return _config(q, scale, causal, window, group, u, overlap, kernel, alibi_slopes, softcap)
+
+
+def _config(q, scale, causal, window, group, u, overlap, kernel, alibi_slopes, softcap):
     cfg = RingConfig(schedule="ring", causal=causal, window=window, scale=scale,
                      kernel=resolve_kernel(kernel, q.device, q.dtype), overlap=overlap,
                      alibi_slopes=alibi_slopes, softcap=softcap)
@@ -87,59 +98,76 @@ def _group_size(group_name: str) -> int:
 def ulysses_attention_op(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, scale: float, causal: bool,
                          window: int | None, schedule: str, group_name: str, overlap: bool,
                          kernel: str, alibi_slopes: Tensor | None = None,
-                         softcap: float | None = None) -> tuple[Tensor, Tensor]:
+                         softcap: float | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg, groups = _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel,
                          alibi_slopes, softcap)
     record(attention_forward_calls=1)
-    return ulysses_forward(q, k, v, doc_ids, cfg, groups)
+    out, lse, saved = ulysses_forward(q, k, v, doc_ids, cfg, groups)
+    return (out, lse, *saved)
 
 
 @ulysses_attention_op.register_fake
 def _(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel, alibi_slopes=None,
       softcap=None):
-    check_ulysses_inputs(q, k, v, doc_ids, window, schedule, kernel, _group_size(group_name), alibi_slopes, softcap)
+    u = check_ulysses_inputs(q, k, v, doc_ids, window, schedule, kernel, _group_size(group_name), alibi_slopes,
+                             softcap)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_g, k_g, v_g, out_g, lse_g = saved_shapes(q.shape, k.shape[1], v.shape[-1], u)
     return (empty_wire((*q.shape[:3], v.shape[-1]), q.dtype, q.device),
-            q.new_empty(q.shape[:3], dtype=lse_dtype))
+            q.new_empty(q.shape[:3], dtype=lse_dtype),
+            empty_wire(q_g, q.dtype, q.device), empty_wire(k_g, k.dtype, q.device), empty_wire(v_g, v.dtype, q.device),
+            empty_wire(out_g, q.dtype, q.device), q.new_empty(lse_g, dtype=lse_dtype))
 
 
 @torch.library.custom_op("seqpar::ulysses_attention_backward", mutates_args=())
-def ulysses_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                  doc_ids: Tensor | None, dlse: Tensor | None, scale: float, causal: bool,
-                                  window: int | None, schedule: str, group_name: str, overlap: bool,
+def ulysses_attention_backward_op(dout: Tensor, q_g: Tensor, k_g: Tensor, v_g: Tensor, out_g: Tensor, lse_g: Tensor,
+                                  doc_ids: Tensor | None, dlse: Tensor | None, kv_heads: int, scale: float,
+                                  causal: bool, window: int | None, schedule: str, group_name: str, overlap: bool,
                                   kernel: str, alibi_slopes: Tensor | None = None,
                                   softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    cfg, groups = _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel,
-                         alibi_slopes, softcap)
+    """(dq, dk, dv) from dout [B,Hq,S_local,Dv] and the forward's saved head-sharded tensors;
+    the inputs were checked (and agreed on) by the forward."""
+    group = resolve_group(group_name)
+    u = 1 if group is None else ulysses_degree_of(schedule, dist.get_world_size(group))
+    cfg, groups = _config(q_g, scale, causal, window, group, u, overlap, kernel, alibi_slopes, softcap)
     record(attention_backward_calls=1)
     # as the ring: an all-zero lse gradient (decided on real data) is dropped
     if dlse is not None and not bool(dlse.ne(0).any()):
         dlse = None
-    return ulysses_backward(dout, q, k, v, out, lse, doc_ids, cfg, groups, dlse)
+    return ulysses_backward(dout, Saved(q_g, k_g, v_g, out_g, lse_g), doc_ids, kv_heads, cfg, groups, dlse)
 
 
 @ulysses_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, doc_ids, dlse, scale, causal, window, schedule, group_name, overlap, kernel,
-      alibi_slopes=None, softcap=None):
-    return tuple(empty_wire(t.shape, t.dtype, t.device) for t in (q, k, v))
+def _(dout, q_g, k_g, v_g, out_g, lse_g, doc_ids, dlse, kv_heads, scale, causal, window, schedule, group_name,
+      overlap, kernel, alibi_slopes=None, softcap=None):
+    B, Hq, S_l, _ = dout.shape
+    return (empty_wire((B, Hq, S_l, q_g.shape[-1]), q_g.dtype, q_g.device),
+            empty_wire((B, kv_heads, S_l, k_g.shape[-1]), k_g.dtype, k_g.device),
+            empty_wire((B, kv_heads, S_l, v_g.shape[-1]), v_g.dtype, v_g.device))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel, *rest = inputs
     alibi_slopes, softcap = (rest + [None, None])[:2]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, doc_ids, alibi_slopes)
+    out, lse, *saved = output
+    ctx.mark_non_differentiable(*saved)
+    ctx.save_for_backward(*saved, doc_ids, alibi_slopes)
     ctx.options = (scale, causal, window, schedule, group_name, overlap, kernel)
     ctx.softcap = softcap
+    ctx.kv_heads = k.shape[1]
+    ctx.out_shape = (out.shape, out.dtype, out.device)
     ctx.num_inputs = len(inputs)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, doc_ids, alibi_slopes = ctx.saved_tensors
+def _backward(ctx, dout, dlse, *_saved_grads):
+    q_g, k_g, v_g, out_g, lse_g, doc_ids, alibi_slopes = ctx.saved_tensors
     if dout is None:
-        dout = torch.zeros_like(out)
+        shape, dtype, device = ctx.out_shape
+        dout = empty_wire(shape, dtype, device, zero=True)
     extra = () if alibi_slopes is None and ctx.softcap is None else (alibi_slopes, ctx.softcap)
-    dq, dk, dv = ulysses_attention_backward_op(dout, q, k, v, out, lse, doc_ids, dlse, *ctx.options, *extra)
+    dq, dk, dv = ulysses_attention_backward_op(dout, q_g, k_g, v_g, out_g, lse_g, doc_ids, dlse, ctx.kv_heads,
+                                               *ctx.options, *extra)
     return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 

@@ -2,8 +2,8 @@
 
 An all-to-all schedule of degree u on P ranks (G = P/u groups) costs
   * the all-to-all: each rank sends (u−1)/u of what it exchanges (forward: q, k, v at the KV
-    heads on the wire, out and lse back; backward: q, k, v, out, dout, lse in and dq, dk, dv
-    back, ``runtime/ulysses.py``), blocking (nothing to overlap it with). The part that stays
+    heads on the wire, out and lse back; backward: dout in and dq, dk, dv back — the forward's
+    head-sharded q, k, v, out, lse are saved, ``runtime/ulysses.py``), blocking (nothing to overlap it with). The part that stays
     inside a node moves at the profile's ``bandwidth``, the part that leaves it at
     ``inter_node_bandwidth``, concurrently: the slower decides;
   * the attention on H/u heads of the group's sequence: the cost model's zigzag ring over the G
@@ -57,7 +57,7 @@ def a2a_bytes_per_rank(spec, schedule: str, P: int) -> tuple[int, int]:
     kv = 2 * spec.B * R * S_l * spec.D * spec.dtype_bytes
     lse = spec.B * spec.Hq * S_l * 4
     fwd = (q + kv + q + lse) * (u - 1) // u                          # q, k, v out; out, lse back
-    bwd = (3 * q + kv + lse + q + kv) * (u - 1) // u if spec.backward else 0   # q,out,dout,k,v,lse; dq,dk,dv
+    bwd = (q + q + kv) * (u - 1) // u if spec.backward else 0    # dout in; dq, dk, dv back
     return fwd, bwd
 
 
@@ -92,8 +92,8 @@ def predict_a2a(spec, schedule: str, P: int, profile: Profile, *, overlap: bool 
                             shared_cores=None if profile.shared_cores is None else profile.shared_cores / u)
     inner = predict(inner_spec, "zigzag" if G > 1 else "ring", G, inner_profile, overlap=overlap)
     fwd_b, bwd_b = a2a_bytes_per_rank(spec, schedule, P)
-    # forward: q, k, v, (docs), out, lse; backward: six in, three out (one collective each)
-    a2a = _a2a_seconds(fwd_b, u, P, profile, 5) + _a2a_seconds(bwd_b, u, P, profile, 9)
+    # forward: q, k, v, (docs), out, lse; backward: dout in, dq, dk, dv out (one collective each)
+    a2a = _a2a_seconds(fwd_b, u, P, profile, 5) + _a2a_seconds(bwd_b, u, P, profile, 4)
     ring_bytes = sum(s.bytes_sent[0] for s in inner.forward + inner.backward)
     notes = {"degree": u, "groups": G, "a2a_seconds": a2a, "attention_seconds": inner.seconds,
              "a2a_bytes_per_rank": fwd_b + bwd_b, "ring_bytes_per_rank": ring_bytes}

@@ -5,6 +5,7 @@ single-process reference (issue 15). One spawn per group shape runs every case:
 import math
 
 import pytest
+import torch
 
 import ulysses_workers as W
 from seqpar_compiler.launch import run_ranks
@@ -37,6 +38,7 @@ def _cases(P, schedule, u):
               ("causal-bf16", "accuracy", dict(base, causal=True, dtype="bfloat16", S_local=32, D=64)),
               ("stats-causal", "stats", dict(base, causal=True)),
               ("stats-docs-mqa", "stats", dict(base, causal=True, docs=True, Hq=4, Hkv=1)),
+              ("staging-docs-gqa", "staging", dict(base)),
               ("err-heads", "error", dict(base, Hq=6, Hkv=6)),
               ("err-degree", "error", dict(schedule="hybrid", u=3)),
               ("err-too-big", "error", dict(schedule="hybrid", u=8))]
@@ -127,6 +129,40 @@ def test_mqa_replicates_the_kv_head_to_the_degree(results):
         per_head_tensor = s["q_bytes"] * 3 // 4
         doc = 64 * 8 * 3
         assert fwd["a2a_bytes_sent"] == 4 * per_head_tensor + s["q_bytes"] // 16 * 3 // 4 + doc, fwd
+
+
+@pytest.mark.parametrize("g", ["P2", "P4"])
+def test_backward_sends_only_dout_in_and_the_gradients_out(results, g):
+    """The forward's head-sharded q, k, v, out, lse are saved, so the backward's all-to-all moves
+    (P−1)/P of dout, dq, dk and dv only (before: q, k, v, out, lse, dout in, dq, dk, dv out)."""
+    P = GROUPS[g][0]
+    for r in results(g):
+        s, bwd = r["stats-causal"], r["stats-causal"]["backward"]
+        expect = (2 * s["q_bytes"] + s["kv_bytes"]) * (P - 1) // P
+        assert bwd["a2a_bytes_sent"] == bwd["a2a_bytes_received"] == expect, (bwd, expect)
+        assert bwd["bytes_sent"] == 0
+
+
+def test_backward_with_replicated_kv_heads_sends_them_at_the_wire_head_count(results):
+    """MQA on 4 ranks: dk, dv come back at 4 heads (one per rank) and are summed to 1; the
+    document ids are all-gathered again (int64, 1/(H·D) of a head tensor), nothing else."""
+    for r in results("P4"):
+        s, bwd = r["stats-docs-mqa"], r["stats-docs-mqa"]["backward"]
+        doc = 64 * 8 * 3
+        assert bwd["a2a_bytes_sent"] == 4 * s["q_bytes"] * 3 // 4 + doc, bwd
+
+
+@pytest.mark.parametrize("g", list(GROUPS))
+def test_host_staged_all_to_all_is_bitwise_the_direct_one(results, g):
+    """Forced host staging (the path gloo takes for CUDA tensors) carries every all-to-all and,
+    in the hybrid, every ring transfer, and changes no bit of the output or the gradients."""
+    for r in results(g):
+        staged, direct = r["staging-docs-gqa"]["staged"], r["staging-docs-gqa"]["direct"]
+        assert direct["host_staged_bytes"] == 0
+        assert staged["a2a_bytes"] > 0
+        assert staged["host_staged_bytes"] == staged["a2a_bytes"] + staged["ring_bytes"], staged
+        for a, b in zip(staged["tensors"], direct["tensors"]):
+            assert torch.equal(a, b)
 
 
 def test_hybrid_splits_traffic_between_all_to_all_and_ring(results):

@@ -66,6 +66,31 @@ def stats_case(rank, P, *, schedule, u=None, causal=True, Hq=4, Hkv=4, D=16, S_l
     return d
 
 
+def staging_case(rank, P, *, schedule, u=None, causal=True, docs=True, Hq=8, Hkv=2, D=16, S_local=16, B=2):
+    """The same forward + backward with every transfer (all-to-all, document all-gather, ring)
+    forced through host buffers, and direct: the results must be bitwise equal, and staging
+    must have carried the traffic (under gloo with CUDA tensors it is the only path)."""
+    from seqpar_compiler.runtime.comm import set_host_staging
+    S = S_local * P
+    q64, k64, v64, dout64, doc = _full_inputs(B, Hq, Hkv, S, D, docs)
+    idx = local_positions(_layout(schedule, u), rank, P, S)
+    res = {}
+    for staged in (True, False):
+        q, k, v = (t[:, :, idx].float().requires_grad_() for t in (q64, k64, v64))
+        set_host_staging(staged)
+        try:
+            with sp.stats() as s:
+                out = sp.ulysses_attention(q, k, v, causal=causal, schedule=schedule, ulysses_degree=u,
+                                           doc_ids=None if doc is None else doc[:, idx])
+                out.backward(dout64[:, :, idx].float())
+        finally:
+            set_host_staging(None)
+        res["staged" if staged else "direct"] = {
+            "tensors": [out.detach(), q.grad, k.grad, v.grad], "host_staged_bytes": s.host_staged_bytes,
+            "a2a_bytes": s.a2a_bytes_sent + s.a2a_bytes_received, "ring_bytes": s.bytes_sent + s.bytes_received}
+    return res
+
+
 def error_case(rank, P, *, schedule, u=None, Hq=4, Hkv=4, S_local=8):
     """The message of the error a bad configuration raises (None if none)."""
     q = torch.randn(1, Hq, S_local, 8)
@@ -78,5 +103,5 @@ def error_case(rank, P, *, schedule, u=None, Hq=4, Hkv=4, S_local=8):
 
 
 def run_cases(rank, P, cases):
-    runners = {"accuracy": accuracy_case, "stats": stats_case, "error": error_case}
+    runners = {"accuracy": accuracy_case, "stats": stats_case, "error": error_case, "staging": staging_case}
     return {name: runners[kind](rank, P, **kw) for name, kind, kw in cases}

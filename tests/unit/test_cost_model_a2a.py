@@ -41,3 +41,14 @@ def test_hybrid_prediction_splits_all_to_all_and_ring_traffic():
     assert p.notes["degree"] == 8 and p.notes["groups"] == 2
     assert p.notes["a2a_bytes_per_rank"] > 0 and p.notes["ring_bytes_per_rank"] > 0
     assert p.seconds == pytest.approx(p.notes["a2a_seconds"] + p.notes["attention_seconds"])
+
+
+def test_backward_bytes_are_dout_in_and_gradients_out():
+    """The runtime saves the forward's head-sharded tensors: the backward moves (u−1)/u of dout,
+    dq, dk, dv per rank (K/V at the heads on the wire: 2 KV heads replicated to 4 at u = 4)."""
+    spec = AttentionSpec(S=4 * 1024, B=1, Hq=8, Hkv=2, D=64, dtype_bytes=2)
+    q = 1 * 8 * 1024 * 64 * 2
+    kv = 2 * 1 * 4 * 1024 * 64 * 2
+    fwd, bwd = a2a_bytes_per_rank(spec, "ulysses", 4)
+    assert bwd == (2 * q + kv) * 3 // 4
+    assert fwd == (2 * q + kv + 8 * 1024 * 4) * 3 // 4
