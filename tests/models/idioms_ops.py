@@ -413,3 +413,28 @@ class _MaxTies(_LM):
 
 
 idiom("max-over-sequence-with-ties")(_lm(_MaxTies))
+
+
+class _ChunkReturned(_LM):
+    """A slice along the sequence that spans two ranks' tokens, returned from the frame (the
+    part is gathered at the exit, exactly, with its gradient) next to the loss."""
+
+    def forward(self, ids, y):
+        logits = self.head(self.body(self.emb(ids)))
+        return self.loss(logits, y), logits[:, 6:20].tanh()
+
+
+idiom("sequence-slice-returned")(_lm(_ChunkReturned))
+
+
+class _CumsumInChunk(_LM):
+    """A running sum inside a chunk of the sequence: no exact rule on a part, so the part is
+    gathered (warned, exact) and the loss of that chunk runs replicated."""
+
+    def forward(self, ids, y):
+        h = self.body(self.emb(ids))
+        inner = h[:, 4:28].cumsum(1) / 24
+        return F.cross_entropy(self.head(inner).flatten(0, 1), y[:, 4:28].flatten())
+
+
+idiom("cumsum-inside-a-chunk", fallback="cumsum")(_lm(_CumsumInChunk))
