@@ -264,14 +264,16 @@ def _reuse(ctx, node, rule):
 
 
 # -- the entry point -------------------------------------------------------------------------
-def dispatch(ctx, node: fx.Node, base, kind: str | None):
-    """Run ``node``'s rule. ``base`` is its plain-shard rule; ``kind`` says what that rule is
-    (``"pointwise"``, ``"reuse"``: safe on parts, ``"getitem"``, ``"split"``, or None). Nodes
-    with no part among their inputs go straight to ``base``; so does every plain graph."""
+def dispatch(ctx, node: fx.Node, base, kind: str | None, hand=None):
+    """Run ``node``'s rule. ``base`` is its plain-shard rule; ``kind`` says what its hand-written
+    rule ``hand`` is (``"pointwise"``, ``"reuse"``: safe on parts, ``"getitem"``, ``"split"``, or
+    None). Nodes with no part among their inputs go straight to ``base``; so does every plain
+    graph. Parts only ever see ``hand`` (never the generic DTensor rule, which knows whole shards
+    only: its shape arguments assume S/P rows)."""
     if not any(_has_part(ctx.placement_of(a)) for a in node.all_input_nodes):
         return _exit(ctx, node, base(ctx, node))
     try:
-        result = _part_rule(ctx, node, base, kind)
+        result = _part_rule(ctx, node, hand, kind)
     except (ValueError, SeqparFallbackError):
         raise
     except Exception as err:  # noqa: BLE001 - a rule that cannot handle this use: the exact fallback

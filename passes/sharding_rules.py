@@ -21,7 +21,7 @@ from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
 from .attention_patterns import canonical_attention
 from .attention_rules import canonical_attention_rule, sdpa_rule
 from .aten_rules import decomposed_rule
-from .placement import Replicate, Shard, local_view_shape, view_placement
+from .placement import Replicate, SeqRange, Shard, local_view_shape, view_placement
 from .extreme_rules import EXTREME_KEYS, extreme_rule
 from .range_rules import dispatch, getitem_part, split_into_parts
 from .rewrite import call_arguments
@@ -402,7 +402,7 @@ def _narrow(ctx, node):
     x = ctx.shard_of(a["input"])
     ex = ctx.example(a["input"])
     if x is None or _norm_dim(a["dim"], ex.dim()) != x.dim or not all(isinstance(a[k], int) for k in ("start", "length")):
-        return decomposed_rule(ctx, node)
+        return _generic_unless_part(ctx, node, x)
     if not x.plain:
         return "narrow along a sequence dim merged with another dim"
     start = a["start"] % ex.shape[x.dim] if a["start"] < 0 else a["start"]
@@ -422,8 +422,15 @@ def _tensor_split(ctx, node):
     ex = ctx.example(node.args[0])
     dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
     if x is None or _norm_dim(dim, ex.dim()) != x.dim:
-        return decomposed_rule(ctx, node)
+        return _generic_unless_part(ctx, node, x)
     return split_into_parts(ctx, node, node.args[0], x.dim)
+
+
+def _generic_unless_part(ctx, node, x):
+    """DTensor's rule, which knows whole shards only: a part (``SeqRange``) falls back."""
+    if isinstance(x, SeqRange):
+        return "an op across a part of the sequence without a part rule"
+    return decomposed_rule(ctx, node)
 
 
 _REUSABLE = set()      # rules whose emitted op does not depend on the local length (filled below)
@@ -436,7 +443,7 @@ def rule_for(node: fx.Node):
     hand = RULES.get(rule_key(node))
     kind = ("pointwise" if rule is _pointwise or hand is _pointwise else "getitem" if hand is _getitem
             else "split" if hand in (_split, _tensor_split, _narrow) else "reuse" if hand in _REUSABLE else None)
-    return lambda ctx, n: dispatch(ctx, n, rule, kind)
+    return lambda ctx, n: dispatch(ctx, n, rule, kind, hand)
 
 
 def _rule_for(node: fx.Node):
