@@ -2,7 +2,7 @@
 machine at P = 2 and 4 (gloo ranks on CPU), on a plain causal sequence and on packed documents
 with a long-tailed length distribution (issue 15). Per schedule: time (median over reps),
 max/mean attention work per rank (stats().attention_flops), bytes sent per rank (ring and
-all-to-all apart), and the cost model's prediction beside the time (this machine's cached
+all-to-all apart, and the all-to-all's backward share: dout in, dq/dk/dv out), and the cost model's prediction beside the time (this machine's cached
 profile; the model does not see documents). Then GPU-cluster predictions (h100-dgx profile, an
 H100 node of 8, P = 8, 16, 64, 8k tokens per GPU) — predictions, not measurements.
 
@@ -55,18 +55,20 @@ def worker(rank, P, S, H, D, reps, cases):
             else:
                 o = sp.ulysses_attention(q, k, v, causal=True, doc_ids=doc, schedule=schedule,
                                          ulysses_degree=2 if schedule == "hybrid" else None)
-            o.sum().backward()
+            with sp.stats() as bwd:                   # nested: the outer block counts it too
+                o.sum().backward()
+            return bwd
         step()                                        # warm-up (agreement checks, groups)
         times = []
         for _ in range(reps):
             torch.distributed.barrier()
             t0 = time.perf_counter()
             with sp.stats() as s:
-                step()
+                bwd = step()
             times.append(time.perf_counter() - t0)
         out[f"{schedule}/{'docs' if packed else 'causal'}"] = {
             "seconds": statistics.median(times), "flops": s.attention_flops,
-            "ring_bytes": s.bytes_sent, "a2a_bytes": s.a2a_bytes_sent}
+            "ring_bytes": s.bytes_sent, "a2a_bytes": s.a2a_bytes_sent, "a2a_bwd_bytes": bwd.a2a_bytes_sent}
     return out
 
 
@@ -125,16 +127,17 @@ def main(argv=None):
                          "seconds": max(x["seconds"] for x in per), "max_over_mean_work": max(flops) / (sum(flops) / P),
                          "ring_bytes_per_rank": max(x["ring_bytes"] for x in per),
                          "a2a_bytes_per_rank": max(x["a2a_bytes"] for x in per),
+                         "a2a_backward_bytes_per_rank": max(x["a2a_bwd_bytes"] for x in per),
                          "predicted_seconds": pred})
     print(f"S={args.S} H={args.H} D={args.D} fp32 causal fwd+bwd, gloo on CPU, median of {args.reps} "
           f"(profile: {profile.name if profile else 'none cached: no predictions'})")
     print(f"{'P':>2} {'schedule':9} {'input':6} {'time ms':>9} {'pred ms':>9} {'max/mean':>8} "
-          f"{'ring MiB':>9} {'a2a MiB':>8}")
+          f"{'ring MiB':>9} {'a2a MiB':>8} {'(of it bwd)':>11}")
     for r in rows:
         pred = f"{r['predicted_seconds'] * 1e3:9.1f}" if r["predicted_seconds"] else f"{'-':>9}"
         print(f"{r['P']:>2} {r['schedule']:9} {r['input']:6} {r['seconds'] * 1e3:9.1f} {pred} "
               f"{r['max_over_mean_work']:8.3f} {r['ring_bytes_per_rank'] / 2**20:9.2f} "
-              f"{r['a2a_bytes_per_rank'] / 2**20:8.2f}")
+              f"{r['a2a_bytes_per_rank'] / 2**20:8.2f} {r['a2a_backward_bytes_per_rank'] / 2**20:11.2f}")
     cluster = cluster_predictions()
     print("\nPREDICTIONS (cost model, h100-dgx profile; not measured): causal fwd+bwd, 32 q heads / 8 KV heads of "
           "128, bf16, 8192 tokens per GPU")
