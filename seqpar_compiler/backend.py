@@ -191,7 +191,8 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
         compiled = _inner_compile(target, local_examples(target, example_inputs), opts["inner"],
                                   checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"])
         check = (lambda args: check_same_inputs(args, pg)) if opts["check_inputs"] else None
-        return wrap_frame(compiled, shards, getattr(sharded, "seqpar_exits", None), check)
+        return wrap_frame(compiled, shards, getattr(sharded, "seqpar_exits", None), check,
+                          getattr(sharded, "seqpar_entry", None))
 
     return compile_graph
 
@@ -268,12 +269,14 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     ctx = ShardingContext(S=S, P=P, rank=dist.get_rank(pg), schedule=schedule,
                           group_name=pg.group_name, fallback=opts["fallback"], output="local",
                           kernel=opts["kernel"], overlap=overlap, grad_reduce=opts["grad_reduce"])
-    from .frames import exit_specs, seed_shard_inputs
-    already = seed_shard_inputs(ctx, gm, shards or {})
+    from .frames import entry_activations, exit_specs, seed_shard_inputs
+    entry = entry_activations(gm, example_inputs, S, schedule, pg.group_name, static) if attention else {}
+    already = seed_shard_inputs(ctx, gm, {**(shards or {}), **entry})
     dims = {k: v for k, v in _user_input_dims(gm, example_inputs, S).items() if k not in already}
     out = rewrite_graph(gm, example_inputs, ctx, dims)
     # outputs that carry the sequence leave as SequenceShards (gathered only when read), or local
     out.seqpar_exits = exit_specs(gm, ctx) if opts["output"] == "gather" else None
+    out.seqpar_entry = entry
     replicated = replicated_attention_causes(attention, ctx.place) + hidden
     _report_replicated(replicated, pg, opts, dump)
     log.info("seqpar: sharded a graph over %d ranks (S=%d, schedule %s): %d fallbacks, collectives: %s",

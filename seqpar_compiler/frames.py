@@ -24,15 +24,32 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .runtime.sequence_ops import shard_sequence_op
 from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, to_local
 
-__all__ = ["frame_shard_inputs", "check_frame_shards", "seed_shard_inputs", "exit_specs", "local_examples",
+__all__ = ["frame_shard_inputs", "entry_activations", "check_frame_shards", "seed_shard_inputs", "exit_specs", "local_examples",
            "wrap_frame"]
 
 
 def frame_shard_inputs(example_inputs: Sequence[Any]) -> dict[int, ShardSpec]:
     """Positions of the frame's inputs that arrive as SequenceShards, with their specs."""
     return {i: x.spec for i, x in enumerate(example_inputs) if isinstance(x, SequenceShard)}
+
+
+def entry_activations(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], S: int, schedule: str,
+                      group_name: str, static: set) -> dict[int, ShardSpec]:
+    """Plain activations ``[B, S, ...]`` (floating point, not model state) entering a frame that
+    has attention: sharded at the frame's edge. Under per-block compile the first block receives
+    the eager root's full hidden states, and a block that opens with a hand-written norm (pointwise
+    ops) would otherwise never start its sharded part (the rewrite seeds inputs at embeddings,
+    linears and norms only). The backward of this entry shard gathers, as the entry shard does."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out = {}
+    for i, (node, x) in enumerate(zip(placeholders, example_inputs)):
+        if (isinstance(x, torch.Tensor) and not isinstance(x, SequenceShard) and node not in static
+                and x.is_floating_point() and x.dim() >= 3 and x.shape[1] == S and x.shape.count(S) == 1):
+            out[i] = ShardSpec(1, S, schedule, group_name)
+    return out
 
 
 def check_frame_shards(shards: dict[int, ShardSpec], S: int | None, group_name: str) -> ShardSpec:
@@ -84,6 +101,8 @@ def local_examples(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> l
     # such as the view FSDP2's pre-forward hook returns, holds a local that does not)
     examples = [x._local.detach().requires_grad_(x.requires_grad) if isinstance(x, SequenceShard) else x
                 for x in example_inputs]
+    for i, spec in getattr(gm, "seqpar_entry", {}).items():      # sharded at the edge: local shape
+        examples[i] = shard_sequence_op(examples[i], spec.dim, spec.schedule, spec.group_name)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, x in zip(placeholders, examples):
         if isinstance(node.meta.get("example_value"), SequenceShard):
@@ -92,19 +111,22 @@ def local_examples(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> l
 
 
 def wrap_frame(compiled: Callable, shards: dict[int, ShardSpec], exits: list[ShardSpec | None] | None,
-               check: Callable | None) -> Callable:
+               check: Callable | None, entry: dict[int, ShardSpec] | None = None) -> Callable:
     """The frame at run time: shard inputs unwrapped, sequence outputs wrapped, and the
     same-batch check (``check``) on the plain inputs only."""
     exits = exits or []
     wrap_any = any(s is not None for s in exits)
-    if not shards and not wrap_any and check is None:
+    entry = entry or {}
+    if not shards and not entry and not wrap_any and check is None:
         return compiled
 
     def run(*args):
         if check is not None:
             check([a for a in args if not isinstance(a, SequenceShard)])
-        if shards:
+        if shards or entry:
             args = list(args)
+            for i, spec in entry.items():
+                args[i] = shard_sequence_op(args[i], spec.dim, spec.schedule, spec.group_name)
             for i, spec in shards.items():
                 if isinstance(args[i], SequenceShard):
                     args[i] = to_local(args[i], spec)
