@@ -127,15 +127,24 @@ def _bmm_scores(node):
     B, H = out.shape[:2]
     beta, alpha, bias = 1.0, 1.0, None
     if is_call(inner, fns={torch.baddbmm}, methods={"baddbmm"}):
-        bias, q3, kt = inner.args[:3]
-        beta = inner.kwargs.get("beta", inner.args[3] if len(inner.args) > 3 else 1.0)
-        alpha = inner.kwargs.get("alpha", inner.args[4] if len(inner.args) > 4 else 1.0)
-        if not isinstance(beta, (int, float)) or not isinstance(alpha, (int, float)):
+        # torch.baddbmm(input, batch1, batch2, *, beta, alpha) or input.baddbmm(...), any of them
+        # by keyword (Bloom: ``alibi.baddbmm(batch1=q, batch2=kᵀ, beta=β, alpha=α)``)
+        a = dict(zip(("input", "batch1", "batch2", "beta", "alpha"), inner.args))
+        a.update(inner.kwargs)
+        if not {"input", "batch1", "batch2"} <= a.keys():
+            return None
+        bias, q3, kt = a["input"], a["batch1"], a["batch2"]
+        beta, alpha = a.get("beta", 1.0), a.get("alpha", 1.0)
+        if not isinstance(beta, (int, float)) or not isinstance(alpha, (int, float)) or alpha <= 0:
             return None
         if beta == 0:
             bias = None
     elif is_call(inner, fns={torch.bmm}, methods={"bmm"}):
-        q3, kt = inner.args[:2]
+        a = dict(zip(("input", "mat2"), inner.args))
+        a.update(inner.kwargs)
+        if not {"input", "mat2"} <= a.keys():
+            return None
+        q3, kt = a["input"], a["mat2"]
     else:
         return None
     if not _is_transpose_last_two(kt, 3):

@@ -4,6 +4,7 @@ Reads Dynamo's ``node.meta["example_value"]``; rewrites the graph in place: the 
 
     scores = scale · q kᵀ                       (matmul, einsum or baddbmm: attention_forms)
     scores = cap · tanh(scores / cap)            (optional: Gemma 2 soft-capping)
+    scores = (q kᵀ [+ bias | mask]) · scale      (or terms added before the scale: MPT-style ALiBi)
     scores = scores [+ bias] [+ mask | masked_fill(hidden, -inf | finfo.min) | where(visible, ·, ·)]
     probs  = softmax(scores, -1) [.to(dtype)] [dropout(p=0)]
     out    = probs @ v                           (matmul or einsum)
@@ -28,7 +29,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .attention_forms import emit, match_scores, match_value_product, peel_softcap, to_bhsd, unrepeat_kv
-from .mask_proof import evaluate, evaluate_mask_term, example, is_call, user_dependent
+from .mask_proof import evaluate, evaluate_mask_term, example, is_call, is_hidden_value, user_dependent
 from .score_bias import prove_score_terms
 
 __all__ = ["canonical_attention", "canonicalize_handwritten_attention"]
@@ -165,6 +166,14 @@ def _scale_of(node):
     return node, 1.0
 
 
+def _scaled_term(kind: str, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """A score term peeled from below a positive scale, as it reaches the softmax: finite
+    entries times ``scale``, hidden ones still hidden (−inf, whatever ``finfo.min · scale`` is)."""
+    if kind != "additive" or not value.is_floating_point():
+        return value
+    return torch.where(is_hidden_value(value), float("-inf"), value * scale)
+
+
 def _match(node, gm, values, static_inputs):
     """The canonical arguments (q, k, v, causal, window, doc, scale, slopes, cap) of
     ``out = probs @ v`` and the permutes to apply first, or None."""
@@ -185,6 +194,13 @@ def _match(node, gm, values, static_inputs):
     logits, terms, doc = peeled
     logits, cap = peel_softcap(logits)
     logits, scale = _scale_of(logits)
+    if cap is None and scale > 0 and match_scores(logits) is None:
+        inner = _peel_terms(logits, gm, values, static_inputs)   # (q kᵀ + bias) · s: terms before the scale
+        if inner is not None and inner[1]:
+            if doc is not None and inner[2] is not None and inner[2] is not doc:
+                return None
+            logits, doc = inner[0], doc if doc is not None else inner[2]
+            terms += [(kind, _scaled_term(kind, value, scale)) for kind, value in inner[1]]
     sf = match_scores(logits)
     if sf is None:
         return None

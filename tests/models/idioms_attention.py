@@ -10,8 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import alibi_modules as AL
 import attention_modules as M
 import flex_modules as FX
+import mha_modules as MH
 from idiom_corpus import C, S, V, CausalSelfAttention, idiom, labels, token_ids
 
 
@@ -102,3 +104,20 @@ _register_flex("flex-attention-documents-window", window=6)
 _register_flex("flex-attention-documents-from-position-ids", docs="computed")
 _register_flex("flex-attention-softcap-score-mod", score="softcap")
 _register_flex("flex-attention-alibi-score-mod", docs=None, score="alibi")
+
+
+# -- ALiBi before the scale and through baddbmm's beta/alpha (the ring's slopes: slope · scale) --
+_register("alibi-added-before-the-scale", lambda: [AL.AlibiBeforeScale()])
+_register("alibi-baddbmm-beta-alpha-keywords", lambda: [AL.BaddbmmAlibi(beta=0.5, keywords=True)])
+_register("alibi-baddbmm-beta-alpha-positional", lambda: [AL.BaddbmmAlibi(beta=2.0, keywords=False)])
+
+# -- nn.MultiheadAttention with its defaults: need_weights=True, the weights dropped ----------------
+_register("multihead-attention-default-need-weights", lambda: [MH.MHADefault()])
+_register("multihead-attention-default-need-weights-sequence-first", lambda: [MH.MHADefault(batch_first=False)])
+# a key padding mask is no mask kind the ring carries (per key, from user data): the call stays
+# whole, a warned exact fallback; the plain attention next to it still runs as the ring
+_register("multihead-attention-key-padding-falls-back",
+          lambda: [CausalSelfAttention(), MH.MHADefault(key_padding=True)], fallback="multi_head_attention_forward")
+# attention weights that are read are an S×S tensor the ring never builds: the same warned fallback
+_register("multihead-attention-weights-read-falls-back",
+          lambda: [CausalSelfAttention(), MH.MHADefault(read_weights=True)], fallback="multi_head_attention_forward")

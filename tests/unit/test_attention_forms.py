@@ -11,7 +11,9 @@ from seqpar_compiler.passes.attention_patterns import canonical_attention, canon
 from seqpar_compiler.passes.score_bias import fit_alibi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+import alibi_modules as AL  # noqa: E402
 import attention_modules as M  # noqa: E402
+import mha_modules as MH  # noqa: E402
 
 S = 16
 
@@ -293,3 +295,35 @@ def test_cpu_flex_attention_with_grad_cannot_be_captured_by_dynamo(monkeypatch):
     with pytest.raises(NotImplementedError, match="backward on CPU"):
         torch.compile(lambda t: flex_attention(t, t, t), backend=lambda gm, ex: graphs.append(gm) or gm.forward)(q)
     assert graphs == []
+
+
+def test_alibi_added_before_the_scale_becomes_slopes_times_the_scale():
+    """``(q kᵀ + slope·(j − i)) · s`` with a -inf causal fill after the scale."""
+    found, err = _canonicalized(AL.AlibiBeforeScale())
+    a = _only(found)
+    assert a["causal"] is True and a["scale"] == pytest.approx(8 ** -0.5) and err < 1e-8   # fp32 slopes
+    assert torch.allclose(a["slopes"].double(), M.alibi_slopes(4).double() * 8 ** -0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("keywords,beta", [(True, 0.5), (False, 2.0)])
+def test_bloom_baddbmm_alibi_with_beta_and_alpha_becomes_slopes_times_beta(keywords, beta):
+    """Bloom's ``alibi.baddbmm(batch1=q, batch2=kᵀ, beta=β, alpha=1/√d)`` (keywords, which used
+    to crash the match) and ``torch.baddbmm(alibi, q, kᵀ, beta=β, alpha=α)``: alpha is the
+    scale of q kᵀ only, beta scales the bias."""
+    found, err = _canonicalized(AL.BaddbmmAlibi(beta=beta, keywords=keywords))
+    a = _only(found)
+    assert a["causal"] is True and a["scale"] == pytest.approx(8 ** -0.5) and err < 1e-6   # fp32 softmax
+    assert torch.allclose(a["slopes"].double(), M.alibi_slopes(4).double() * beta, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_with_default_need_weights_shards_when_the_weights_are_dropped(batch_first):
+    """``need_weights=True`` is the default; Dynamo keeps only output 0 when ``w`` is unused."""
+    found, err = _canonicalized(MH.MHADefault(batch_first=batch_first))
+    assert _only(found)["causal"] is True and err < 1e-12
+
+
+@pytest.mark.parametrize("kw", [dict(read_weights=True), dict(key_padding=True)])
+def test_multihead_attention_with_read_weights_or_key_padding_is_left_whole(kw):
+    found, err = _canonicalized(MH.MHADefault(**kw))
+    assert found == [] and err < 1e-12
