@@ -204,8 +204,10 @@ def record_sharded(rec: DumpRecorder, *, S: int, P: int, schedule: str, overlap:
         how = f"chosen by SCHEDULE=auto on rank 0 with profile {decision['profile']}"
         lines = [f"  why: {decision['why']}"] * ("why" in decision) + [f"  {name}: {seconds * 1e3:.4g} ms predicted" for name, seconds in
                  sorted(decision["candidates"].items(), key=lambda kv: kv[1])]
-    rec.section("schedule", [f"{schedule}, overlap {'on' if overlap else 'off'} ({how})"] + lines
-                + holdings_legend(schedule, P, S))
+    from .ulysses_api import describe_all_to_all
+    a2a = describe_all_to_all(schedule, P, options.get("ulysses_degree"), decision is not None)
+    rec.section("schedule", [f"{schedule}, overlap {'on' if overlap else 'off'} ({how})"] + [f"  {a2a}"] * bool(a2a)
+                + lines + holdings_legend(schedule, P, S))
     specs = attention_specs(attention)
     if not specs:
         return

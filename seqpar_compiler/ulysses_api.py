@@ -20,7 +20,7 @@ from seqpar_compiler.runtime.ulysses_op import ulysses_attention_op
 
 from .options import get_option
 
-__all__ = ["ulysses_attention", "hybrid_layout", "default_ulysses_degree"]
+__all__ = ["ulysses_attention", "hybrid_layout", "default_ulysses_degree", "describe_all_to_all"]
 
 
 def default_ulysses_degree(P: int, Hq: int | None = None, node_size: int | None = None) -> int:
@@ -113,6 +113,25 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
         if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
             raise ValueError(f"softcap must be a float > 0; got {softcap!r}")
         extra = (alibi_slopes, None if softcap is None else float(softcap))
-    out, lse = ulysses_attention_op(q, k, v, doc_ids, float(scale), bool(causal), window, layout,
-                                    _group_name(group), overlap, kernel, *extra)
+    out, lse, *_saved = ulysses_attention_op(q, k, v, doc_ids, float(scale), bool(causal), window, layout,
+                                             _group_name(group), overlap, kernel, *extra)
     return (out, lse) if return_lse else out
+
+
+def describe_all_to_all(schedule: str, P: int, ulysses_degree: int | None, chosen_by_auto: bool) -> str | None:
+    """One line for the dump's summary: how an all-to-all layout splits the group and where its
+    degree came from (None for the ring schedules)."""
+    name, u = split_schedule(schedule)
+    if name == "ulysses":
+        return (f"all-to-all over all {P} ranks (heads split {P} ways, each rank attends over the whole "
+                f"sequence), no ring")
+    if name != "hybrid" or u is None:
+        return None
+    if chosen_by_auto:
+        source = "chosen by auto with the schedule"
+    elif ulysses_degree is not None:
+        source = "from SEQPAR_ULYSSES_DEGREE / backend(ulysses_degree=)"
+    else:
+        source = "the default: the largest divisor of P below P within a node (SEQPAR_ULYSSES_DEGREE unset)"
+    return (f"all-to-all inside {P // u} group(s) of {u} consecutive ranks, zigzag ring across the groups; "
+            f"degree {u} {source}")

@@ -25,7 +25,18 @@ def _cases(schedule, **deg):
 CASES = {2: _cases("ulysses") + [("gpt-window-ulysses", "train", dict(model="gpt-window", schedule="ulysses"))],
          4: [c for c in _cases("ulysses") if c[0] in ("llama-ulysses", "hf-mistral-window-eager-ulysses")]
          + [c for c in _cases("hybrid", ulysses_degree=2) if c[0] != "hf-llama-packed-hybrid2"]}
-EXACT = [(P, n) for P, cases in CASES.items() for n, kind, _ in cases if kind != "local"]
+# SEQPAR_CHECKPOINT with the all-to-all op: remat-aware saves its outputs (one attention forward
+# per step), full recomputes it (two); the packed-document model is one attention layer fed by
+# the graph inputs alone. The dump under the hybrid, fixed and chosen by auto (h100-dgx profile).
+CASES[2] += [(f"ckpt-packed-{c}", "checkpoint", dict(kind="packed", checkpoint=c, schedule="ulysses"))
+             for c in ("remat-aware", "full")]
+CASES[4] += [(f"ckpt-llama-hybrid2-{c}", "checkpoint",
+              dict(kind="train", checkpoint=c, model="llama", schedule="hybrid", ulysses_degree=2))
+             for c in ("remat-aware", "full")]
+CASES[4] += [("dump-hybrid2", "dump", dict(schedule="hybrid", ulysses_degree=2)),
+             ("dump-auto", "dump", dict(schedule="auto", profile="h100-dgx"))]
+CHECKPOINT = [(P, n) for P, cases in CASES.items() for n, kind, _ in cases if kind == "checkpoint"]
+EXACT = [(P, n) for P, cases in CASES.items() for n, kind, _ in cases if kind not in ("local", "dump")]
 
 
 # the first test of a group pays for its spawn (P = 4: minutes on a shared 2-core machine)
@@ -61,3 +72,32 @@ def test_local_output_is_this_ranks_rows_in_the_all_to_all_layout(results, P, na
     for r in results(P):
         assert r[name]["shape"][1] == 32 // P
         assert r[name]["err"] <= 1e-5 and r[name]["gathered_err"] <= 1e-5, r[name]
+
+
+@pytest.mark.parametrize("P,name", CHECKPOINT, ids=[f"P{P}-{n}" for P, n in CHECKPOINT])
+def test_checkpoint_policy_applies_to_the_all_to_all_op(results, P, name):
+    """remat-aware: the op's outputs saved, one attention forward per attention per step; full:
+    attention recomputed, two. The policy applied (no 'not applied' fallback) on every rank."""
+    for res in results(P):
+        r = res[name]
+        per_step = 2 if name.endswith("-full") else 1
+        assert r["backward_calls"] > 0 and r["forward_calls"] == per_step * r["backward_calls"], r
+        assert r["policy_log"] and not [m for m in r["policy_log"] if "not applied" in m], r["policy_log"]
+
+
+def test_dump_of_a_fixed_hybrid_names_the_layout_and_where_its_degree_came_from(results):
+    (summary,) = results(4)[0]["dump-hybrid2"]["summaries"]
+    print(summary)
+    assert "## schedule\nhybrid:2, overlap" in summary and "fixed by SEQPAR_SCHEDULE" in summary
+    assert "all-to-all inside 2 group(s) of 2 consecutive ranks, zigzag ring across the groups" in summary
+    assert "degree 2 from SEQPAR_ULYSSES_DEGREE" in summary
+
+
+def test_dump_of_auto_names_the_chosen_schedule_and_why(results):
+    (summary,) = results(4)[0]["dump-auto"]["summaries"]
+    print(summary)
+    head = summary.split("## schedule\n")[1].splitlines()
+    chosen = head[0].split(",")[0]
+    assert "chosen by SCHEDULE=auto" in head[0]
+    why = next(line for line in head if line.strip().startswith("why:"))
+    assert f"why: {chosen} predicted fastest" in why and "next best" in why, (chosen, why)

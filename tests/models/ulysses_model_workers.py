@@ -2,6 +2,11 @@
 ``stats()`` block so the test can tell the all-to-all op ran (nested stats blocks all count)."""
 from __future__ import annotations
 
+import glob
+import logging
+import os
+import tempfile
+
 import torch
 
 import model_workers as W
@@ -26,8 +31,55 @@ def local_output_case(rank, P, *, model="gpt", S=32, schedule="ulysses", ulysses
             "gathered_err": W._rel(full, ref)}
 
 
+class _SeqparLog(logging.Handler):
+    """The ``seqpar`` logger's messages (the partitioner policy says there what it did)."""
+
+    def __enter__(self):
+        self.messages, self.logger = [], logging.getLogger("seqpar")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def checkpoint_case(rank, P, *, kind, checkpoint, **kw):
+    """A case of ``kind`` under SEQPAR_CHECKPOINT=``checkpoint`` (the env, since the packed-document
+    case builds its backend without options), with the policy's log lines and the attention
+    forward / backward counts of the step."""
+    old = os.environ.get("SEQPAR_CHECKPOINT")
+    os.environ["SEQPAR_CHECKPOINT"] = checkpoint
+    try:
+        with _SeqparLog() as logs, sp.stats() as s:
+            out = {"train": W.train_step_case, "packed": W.packed_doc_case}[kind](rank, P, **kw)
+    finally:
+        if old is None:
+            os.environ.pop("SEQPAR_CHECKPOINT")
+        else:
+            os.environ["SEQPAR_CHECKPOINT"] = old
+    out.update(forward_calls=s.attention_forward_calls, backward_calls=s.attention_backward_calls,
+               policy_log=[m for m in logs.messages if "checkpoint=" in m])
+    return out
+
+
+def dump_case(rank, P, *, model="llama", **options):
+    """A training step with SEQPAR_DUMP (backend(dump=)): rank 0's summary.txt of every frame."""
+    with tempfile.TemporaryDirectory() as root:
+        out = W.train_step_case(rank, P, model=model, dump=root, **options)
+        out["summaries"] = [open(f).read() for f in sorted(glob.glob(os.path.join(root, "frame-*", "rank0",
+                                                                                    "summary.txt")))]
+    return out
+
+
 def run_cases(rank, P, cases):
-    fns = {"train": W.train_step_case, "hf": W.hf_case, "packed": W.packed_doc_case, "local": local_output_case}
+    fns = {"train": W.train_step_case, "hf": W.hf_case, "packed": W.packed_doc_case, "local": local_output_case,
+           "checkpoint": checkpoint_case, "dump": dump_case}
     out = {}
     for name, kind, kw in cases:
         with sp.stats() as s:
