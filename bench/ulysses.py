@@ -6,7 +6,15 @@ all-to-all apart, and the all-to-all's backward share: dout in, dq/dk/dv out), a
 profile; the model does not see documents). Then GPU-cluster predictions (h100-dgx profile, an
 H100 node of 8, P = 8, 16, 64, 8k tokens per GPU) — predictions, not measurements.
 
+Last, what the all-to-all op's backward costs in memory: bytes of the tensors the compiled
+step saves for the backward (saved_tensors_hooks, parameters excluded) on the example LLaMA
+(2 layers, 4 query / 2 KV heads) at P = 2, ring vs ulysses under each checkpoint policy, with
+the backward's bytes sent. (The op saves its head-sharded q, k, v, out, lse so the backward
+sends only dout and the gradients: more saved than the ring under remat-aware, which
+recomputes q, k, v from the layer input.)
+
     python bench/ulysses.py [--S 4096] [--reps 3]     → table + bench/results/ulysses.json
+    python bench/ulysses.py --saved-only               → the memory table alone, merged into the JSON
 """
 from __future__ import annotations
 
@@ -80,6 +88,52 @@ def _predict(schedule, P, S, H, D, profile):
     return predict(AttentionSpec(B=1, Hq=H, Hkv=H, S=S, D=D), layout, P, profile).seconds
 
 
+def saved_worker(rank, P, S, cases):
+    """Bytes saved for the backward by one compiled training step, and the backward's traffic."""
+    import seqpar_compiler as sp
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    from models import Llama, LlamaConfig
+    out = {}
+    for schedule, checkpoint in cases:
+        torch.manual_seed(0)
+        m = Llama(LlamaConfig(n_layer=2))
+        g = torch.Generator().manual_seed(1)
+        idx, tgt = torch.randint(0, 256, (2, S), generator=g), torch.randint(0, 256, (2, S), generator=g)
+        torch._dynamo.reset()
+        cm = torch.compile(m, backend=sp.backend(inner="aot_eager", schedule=schedule, checkpoint=checkpoint))
+        storages = {}
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = cm(idx, tgt)
+        with sp.stats() as s:
+            loss.backward()
+        out[f"{schedule}/{checkpoint}"] = {"saved_bytes": sum(storages.values()),
+                                           "backward_bytes_sent": s.bytes_sent + s.a2a_bytes_sent}
+    return out
+
+
+def saved_rows(S: int = 256) -> list[dict]:
+    from seqpar_compiler.launch import run_ranks
+    cases = [(s, c) for c in ("remat-aware", "full") for s in ("zigzag", "ulysses")]
+    res = run_ranks(saved_worker, 2, S, cases, timeout=1200)
+    return [{"P": 2, "S": S, "schedule": s, "checkpoint": c,
+             "saved_bytes_per_rank": max(r[f"{s}/{c}"]["saved_bytes"] for r in res),
+             "backward_bytes_sent_per_rank": max(r[f"{s}/{c}"]["backward_bytes_sent"] for r in res)}
+            for s, c in cases]
+
+
+def _print_saved(rows) -> None:
+    print(f"\nsaved for the backward, example LLaMA (2 layers, Hq=4, Hkv=2), P=2, S={rows[0]['S']}, aot_eager")
+    print(f"{'schedule':9} {'checkpoint':12} {'saved KiB':>10} {'bwd sent KiB':>12}")
+    for r in rows:
+        print(f"{r['schedule']:9} {r['checkpoint']:12} {r['saved_bytes_per_rank'] / 1024:10.1f} "
+              f"{r['backward_bytes_sent_per_rank'] / 1024:12.1f}")
+
+
 def cluster_predictions() -> list[dict]:
     """h100-dgx: 32 heads of 128, bf16, causal, 8192 tokens per GPU."""
     from seqpar_compiler.cost_model import AttentionSpec, predict
@@ -111,7 +165,18 @@ def main(argv=None):
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ulysses.json"))
+    ap.add_argument("--saved-only", action="store_true", help="only the saved-memory table, merged into --out")
     args = ap.parse_args(argv)
+    if args.saved_only:
+        saved = saved_rows()
+        _print_saved(saved)
+        with open(args.out) as f:
+            data = json.load(f)
+        data["saved_for_backward"] = saved
+        with open(args.out, "w") as f:
+            json.dump(data, f, indent=2)
+        print(f"\nwrote {args.out}")
+        return
     profile = load_profile(None)          # this machine's cached calibration, if any
     rows = []
     for P in (2, 4):
@@ -145,10 +210,12 @@ def main(argv=None):
     for r in cluster:
         print(f"{r['P']:>3} {r['schedule']:9} {r['ms']:8.2f} {r['a2a_ms']:7.2f} {r['tflops_per_gpu']:11.0f} "
               f"{r['imbalance']:9.3f}")
+    saved = saved_rows()
+    _print_saved(saved)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "profile": profile.name if profile else None, "measured": rows,
-                   "cluster_predictions": cluster}, f, indent=2)
+                   "cluster_predictions": cluster, "saved_for_backward": saved}, f, indent=2)
     print(f"\nwrote {args.out}")
 
 

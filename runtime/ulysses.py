@@ -26,7 +26,11 @@ What the backward needs is what the forward had on the other side of its all-to-
 forward also returns its head-sharded q_g, k_g, v_g, out_g, lse_g (``Saved``), which the op pair
 saves instead of the sequence-sharded inputs (the same numel, R/Hkv more for replicated KV
 heads), so the backward sends only dout (and a non-zero lse gradient) and the gradients back:
-(u−1)/u of (dout, dq, dk, dv) per rank instead of (q, k, v, out, lse, dout, dq, dk, dv).
+(u−1)/u of (dout, dq, dk, dv) per rank instead of (q, k, v, out, lse, dout, dq, dk, dv). This
+is what DeepSpeed-Ulysses and USP do (their kernel saves its head-sharded inputs). The price is
+memory under remat-aware checkpointing, where the ring saves only the layer input and
+(out, lse) and recomputes q, k, v: here q_g, k_g, v_g, out_g stay saved besides out
+(bench/ulysses.py measures both; ``full`` checkpointing recomputes the op and saves no more).
 
 Under gloo with CUDA tensors (no NCCL) the all-to-alls go through host buffers, as the ring's
 transfers do (``comm.py``; ``set_host_staging`` forces it in tests).
