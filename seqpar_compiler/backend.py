@@ -186,7 +186,8 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
         dump = DumpRecorder.maybe(opts, dist.get_rank(pg), P)
         from .frames import frame_shard_inputs, local_examples, wrap_frame   # issue 13: shards across frames
         shards = frame_shard_inputs(example_inputs)
-        sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
+        with _hide_user_saved_tensor_hooks():
+            sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
         target = sharded if sharded is not None else gm
         compiled = _inner_compile(target, local_examples(target, example_inputs), opts["inner"],
                                   checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"])
@@ -195,6 +196,21 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
                           getattr(sharded, "seqpar_entry", None))
 
     return compile_graph
+
+
+def _hide_user_saved_tensor_hooks():
+    """Identity saved-tensor hooks while the passes run ops on example (fake) values.
+
+    Why: the passes evaluate example values with autograd on; saved-tensor hooks the user has
+    active around the compiled call (``save_on_cpu``, a hook counting saves) would pack those
+    fake values, and an exception there left a provable attention unproved: HF training calls
+    ran replicated under a test's counting hook (issue 13 follow-up). Only the innermost hooks
+    apply, so identity hooks hide the user's; the compiled step's own saves still reach them."""
+    return torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
+
+
+def _identity(t):
+    return t
 
 
 def _is_model_state(node: torch.fx.Node, value) -> bool:
