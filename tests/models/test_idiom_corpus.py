@@ -8,6 +8,10 @@ import pytest
 import idiom_corpus as corpus
 from seqpar_compiler.launch import run_ranks
 
+# one spawn runs the whole corpus inside the first test's fixture: ~2-3 min on 2 idle cores, and
+# over pytest's default 300 s per test when other work shares them
+pytestmark = pytest.mark.timeout(1800)
+
 IDIOMS = corpus.load_idioms()
 # IDIOMS_ONLY=a,b runs a subset (development); the suite runs them all
 _ONLY = [n for n in os.environ.get("IDIOMS_ONLY", "").split(",") if n]
