@@ -5,7 +5,8 @@ cannot shard this use (the caller then falls back to gathering).
 How to add a rule: write ``def _rule(ctx, node)`` using ``ctx.env`` / ``ctx.local`` /
 ``ctx.weight`` / ``ctx.full`` to build arguments, and register it under the op's key
 (``("method", name)`` for ``Tensor.name`` calls, else the function) in ``RULES``. Pointwise ops
-need no entry: an op whose aten overloads carry ``torch.Tag.pointwise`` (DTensor's source for its
+need no entry (views, indexing, splits and cat live in ``view_rules.py``, max/min in
+``extreme_rules.py``, parts of the sequence in ``range_rules.py``): an op whose aten overloads carry ``torch.Tag.pointwise`` (DTensor's source for its
 pointwise rules) gets the pointwise rule (``rule_for``).
 """
 from __future__ import annotations
@@ -21,9 +22,11 @@ from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
 from .attention_patterns import canonical_attention
 from .attention_rules import canonical_attention_rule, sdpa_rule
 from .aten_rules import decomposed_rule
-from .placement import Replicate, SeqRange, Shard, local_view_shape, view_placement
+from .placement import Replicate, Shard
 from .extreme_rules import EXTREME_KEYS, extreme_rule
-from .range_rules import dispatch, getitem_part, split_into_parts
+from .range_rules import dispatch
+from .view_rules import FINAL_VIEW_RULES, GETITEM_RULE, REUSABLE_VIEW_RULES, SPLIT_RULES, VIEW_RULES
+from .view_rules import norm_dim as _norm_dim
 from .rewrite import call_arguments
 
 __all__ = ["RULES", "SEEDING_RULES", "rule_key", "rule_for", "is_sequence_arange"]
@@ -142,144 +145,6 @@ def _outer(ctx, node):
                                   ctx.env[b] if pl.dim == 1 else ctx.weight(b)), placement=pl), pl
 
 
-# -- views ---------------------------------------------------------------------------------------
-def _view(ctx, node):
-    x = ctx.shard_of(node.args[0])
-    src = tuple(ctx.example(node.args[0]).shape)
-    dst = tuple(ctx.example(node).shape)
-    pl = view_placement(src, dst, x, ctx.S)
-    if pl is None:
-        return f"view {src} -> {dst} splits the sequence"
-    shape = local_view_shape(dst, pl, ctx.P)
-    if node.op == "call_method":
-        new = ctx.emit(node.target, (ctx.env[node.args[0]], shape), op="call_method", placement=pl)
-    else:
-        new = ctx.emit(node.target, (ctx.env[node.args[0]], shape), placement=pl)
-    return new, pl
-
-
-def _norm_dim(d: int, nd: int) -> int:
-    return d % nd if nd else 0
-
-
-def _transpose(ctx, node):
-    x = ctx.shard_of(node.args[0])
-    nd = ctx.example(node.args[0]).dim()
-    a = call_arguments(node, ["input", "dim0", "dim1"], {})
-    d0, d1 = _norm_dim(a["dim0"], nd), _norm_dim(a["dim1"], nd)
-    d = {d0: d1, d1: d0}.get(x.dim, x.dim)
-    pl = Shard(d, x.pre, x.post)
-    return ctx.emit(node.target, (ctx.env[node.args[0]], d0, d1), op=node.op, placement=pl), pl
-
-
-def _permute(ctx, node):
-    x = ctx.shard_of(node.args[0])
-    nd = ctx.example(node.args[0]).dim()
-    dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-    dims = [_norm_dim(d, nd) for d in dims]
-    pl = Shard(dims.index(x.dim), x.pre, x.post)
-    return ctx.emit(node.target, (ctx.env[node.args[0]], dims), op=node.op, placement=pl), pl
-
-
-def _unsqueeze(ctx, node):
-    x = ctx.shard_of(node.args[0])
-    nd = ctx.example(node).dim()
-    d = _norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs["dim"], nd)
-    pl = Shard(x.dim + (1 if d <= x.dim else 0), x.pre, x.post)
-    return ctx.emit(node.target, (ctx.env[node.args[0]], d), op=node.op, placement=pl), pl
-
-
-def _expand(ctx, node):
-    x = ctx.shard_of(node.args[0])
-    out = ctx.example(node)
-    d = x.dim + out.dim() - ctx.example(node.args[0]).dim()
-    pl = Shard(d, x.pre, x.post)
-    sizes = list(out.shape)
-    sizes[d] //= ctx.P
-    return ctx.emit(node.target, (ctx.env[node.args[0]], sizes), op=node.op, placement=pl), pl
-
-
-def _split(ctx, node):
-    """chunk / split / tensor_split: along a dim other than the sequence every piece keeps the
-    shard; along the sequence every piece is a part of it (``range_rules``)."""
-    x = ctx.shard_of(node.args[0])
-    nd = ctx.example(node.args[0]).dim()
-    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-    if _norm_dim(dim, nd) == x.dim:
-        return split_into_parts(ctx, node, node.args[0], x.dim)
-    new = ctx.emit(node.target, tuple(ctx.env[a] if isinstance(a, fx.Node) else a for a in node.args),
-                   node.kwargs, x, op=node.op)
-    return new, tuple(x for _ in ctx.example(node))
-
-
-def _getitem(ctx, node):
-    container, index = node.args
-    pl = ctx.placement_of(container)
-    if isinstance(pl, tuple) and isinstance(index, int):
-        return ctx.emit(operator.getitem, (ctx.env[container], index), placement=pl[index]), pl[index]
-    if not isinstance(pl, Shard):
-        return "indexing a sharded container"
-    out = _index_placement(ctx, ctx.example(container), index, pl)
-    if out == "indexing along the sequence dim":
-        return getitem_part(ctx, node, _index_placement)
-    if isinstance(out, str):
-        return out
-    new_index = fx.node.map_arg(index, lambda a: ctx.env[a])
-    return ctx.emit(operator.getitem, (ctx.env[container], new_index), placement=out), out
-
-
-def _index_placement(ctx, ex, index, pl: Shard):
-    """Where the sequence dim lands after basic indexing (ints, slices, None, ...) that takes
-    all of it; a string when the index touches the sequence or is advanced indexing."""
-    items = list(index) if isinstance(index, tuple) else [index]
-    if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
-        return "advanced indexing of a sharded tensor"
-    if items.count(Ellipsis) > 1:
-        return "indexing with two ellipses"
-    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        items[at:at + 1] = [slice(None)] * (ex.dim() - n_real)
-    items += [slice(None)] * (ex.dim() - sum(1 for i in items if i is not None))
-    in_dim, out_dim = 0, 0
-    for item in items:
-        if item is None:
-            out_dim += 1
-            continue
-        if in_dim == pl.dim:
-            full = ex.shape[in_dim]
-            if not (isinstance(item, slice) and item.step in (None, 1) and (item.start or 0) in (0, -0)
-                    and (item.stop is None or item.stop >= full)):
-                return "indexing along the sequence dim"
-            return Shard(out_dim, pl.pre, pl.post)
-        if isinstance(item, slice):
-            out_dim += 1
-        in_dim += 1
-    return "index does not reach the sequence dim"
-
-
-def _cat(ctx, node):
-    tensors = node.args[0]
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-    nd = ctx.example(node).dim()
-    target = next(ctx.shard_of(t) for t in tensors if ctx.shard_of(t))
-    if _norm_dim(dim, nd) == target.dim:
-        # an empty operand (a KV cache before its first update) adds nothing
-        rest = [t for t in tensors if ctx.example(t).numel() != 0]
-        if len(rest) == 1 and ctx.shard_of(rest[0]):
-            return ctx.env[rest[0]], target
-        return "concatenation along the sequence dim"
-    if not target.plain:
-        return "concatenation of merged sequence dims"
-    parts = []
-    for t in tensors:
-        pl = ctx.shard_of(t)
-        if pl is not None and pl != target:
-            return "operands sharded differently"
-        parts.append(ctx.env[t] if pl else ctx.local(t, target.dim))
-    return ctx.emit(node.target, (parts,), {"dim": dim}, target), target
-
-
 # -- reductions ------------------------------------------------------------------------------------
 def _reduction(ctx, node):
     """sum / mean: over other dims stays local; over the sequence becomes local + all-reduce."""
@@ -396,43 +261,6 @@ def _aten_pointwise(node: fx.Node) -> bool:
             and not any(torch.Tag.nondeterministic_seeded in o.tags for o in overloads))
 
 
-def _narrow(ctx, node):
-    """narrow along the sequence dim: a part of it; along another dim, DTensor's rule."""
-    a = call_arguments(node, ["input", "dim", "start", "length"], {})
-    x = ctx.shard_of(a["input"])
-    ex = ctx.example(a["input"])
-    if x is None or _norm_dim(a["dim"], ex.dim()) != x.dim or not all(isinstance(a[k], int) for k in ("start", "length")):
-        return _generic_unless_part(ctx, node, x)
-    if not x.plain:
-        return "narrow along a sequence dim merged with another dim"
-    start = a["start"] % ex.shape[x.dim] if a["start"] < 0 else a["start"]
-    new, part = _slice_part(ctx, a["input"], x.dim, start, start + a["length"])
-    return new, part
-
-
-def _slice_part(ctx, x, dim, a, b):
-    from .range_rules import slice_part
-    new, part = slice_part(ctx, x, dim, a, b)
-    new.meta["seqpar_placement"] = part
-    return new, part
-
-
-def _tensor_split(ctx, node):
-    x = ctx.shard_of(node.args[0])
-    ex = ctx.example(node.args[0])
-    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-    if x is None or _norm_dim(dim, ex.dim()) != x.dim:
-        return _generic_unless_part(ctx, node, x)
-    return split_into_parts(ctx, node, node.args[0], x.dim)
-
-
-def _generic_unless_part(ctx, node, x):
-    """DTensor's rule, which knows whole shards only: a part (``SeqRange``) falls back."""
-    if isinstance(x, SeqRange):
-        return "an op across a part of the sequence without a part rule"
-    return decomposed_rule(ctx, node)
-
-
 _REUSABLE = set()      # rules whose emitted op does not depend on the local length (filled below)
 
 
@@ -441,8 +269,8 @@ def rule_for(node: fx.Node):
     a part of the sequence (a chunk of a chunked loss) is handled there."""
     rule = _rule_for(node)
     hand = RULES.get(rule_key(node))
-    kind = ("pointwise" if rule is _pointwise or hand is _pointwise else "getitem" if hand is _getitem
-            else "split" if hand in (_split, _tensor_split, _narrow) else "reuse" if hand in _REUSABLE else None)
+    kind = ("pointwise" if rule is _pointwise or hand is _pointwise else "getitem" if hand is GETITEM_RULE
+            else "split" if hand in SPLIT_RULES else "reuse" if hand in _REUSABLE else None)
     return lambda ctx, n: dispatch(ctx, n, rule, kind, hand)
 
 
@@ -475,8 +303,8 @@ SEEDING_RULES = {F.embedding, F.linear, torch._C._nn.linear, F.layer_norm, torch
                  F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, canonical_attention}
 
 # rules whose refusal is about the layout (the sequence dim itself): DTensor must not overrule them
-_FINAL_RULES = {_cat, _split, _tensor_split, _narrow, _arange, extreme_rule, _cross_entropy, canonical_attention_rule, sdpa_rule}
-_REUSABLE.update({_linear, _addmm, _matmul, _embedding, _layer_norm, _transpose, _permute, _unsqueeze})
+_FINAL_RULES = {*FINAL_VIEW_RULES, _arange, extreme_rule, _cross_entropy, canonical_attention_rule, sdpa_rule}
+_REUSABLE.update({_linear, _addmm, _matmul, _embedding, _layer_norm, *REUSABLE_VIEW_RULES})
 
 RULES = {
     **{f: _pointwise for f in POINTWISE_FUNCTIONS},
@@ -487,16 +315,7 @@ RULES = {
     ("method", "matmul"): _matmul, ("method", "mm"): _matmul,
     F.layer_norm: _layer_norm, torch.layer_norm: _layer_norm,
     torch.outer: _outer,
-    ("method", "view"): _view, ("method", "reshape"): _view, torch.reshape: _view,
-    ("method", "transpose"): _transpose, torch.transpose: _transpose,
-    ("method", "permute"): _permute, torch.permute: _permute,
-    ("method", "unsqueeze"): _unsqueeze, torch.unsqueeze: _unsqueeze,
-    ("method", "expand"): _expand,
-    ("method", "chunk"): _split, torch.chunk: _split, ("method", "split"): _split, torch.split: _split,
-    ("method", "tensor_split"): _tensor_split, torch.tensor_split: _tensor_split,
-    ("method", "narrow"): _narrow, torch.narrow: _narrow,
-    operator.getitem: _getitem,
-    torch.cat: _cat,
+    **VIEW_RULES,
     ("method", "mean"): _reduction, ("method", "sum"): _reduction, torch.mean: _reduction, torch.sum: _reduction,
     F.cross_entropy: _cross_entropy,
     F.scaled_dot_product_attention: sdpa_rule, torch._C._nn.scaled_dot_product_attention: sdpa_rule,
