@@ -5,9 +5,10 @@ cannot shard this use (the caller then falls back to gathering).
 How to add a rule: write ``def _rule(ctx, node)`` using ``ctx.env`` / ``ctx.local`` /
 ``ctx.weight`` / ``ctx.full`` to build arguments, and register it under the op's key
 (``("method", name)`` for ``Tensor.name`` calls, else the function) in ``RULES``. Pointwise ops
-need no entry (views, indexing, splits and cat live in ``view_rules.py``, max/min in
-``extreme_rules.py``, parts of the sequence in ``range_rules.py``): an op whose aten overloads carry ``torch.Tag.pointwise`` (DTensor's source for its
-pointwise rules) gets the pointwise rule (``rule_for``).
+need no entry: an op whose aten overloads carry ``torch.Tag.pointwise`` (DTensor's source for its
+pointwise rules) gets the pointwise rule (``rule_for``). Views, indexing, splits and cat live in
+``view_rules.py``, max/min over the sequence in ``extreme_rules.py``, rules on parts of the
+sequence in ``range_rules.py``.
 """
 from __future__ import annotations
 
