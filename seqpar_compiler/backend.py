@@ -182,6 +182,9 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
                                 f"{opts['inner']} and the memory passes only (nothing to shard)")
             return _inner_compile(gm, example_inputs, opts["inner"], checkpoint=opts["checkpoint"],
                                   ffn_chunks=opts["ffn_chunks"])
+        from .symbolic_lengths import is_symbolic, specialise_per_length
+        if is_symbolic(gm, example_inputs):          # dynamic=True: one seqpar compile per length
+            return specialise_per_length(gm, example_inputs, compile_graph)
         from .dump import DumpRecorder     # lazily: `python -m seqpar_compiler.dump` runs that module as __main__
         dump = DumpRecorder.maybe(opts, dist.get_rank(pg), P)
         from .frames import frame_shard_inputs, local_examples, wrap_frame   # issue 13: shards across frames
@@ -286,7 +289,8 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
                           group_name=pg.group_name, fallback=opts["fallback"], output="local",
                           kernel=opts["kernel"], overlap=overlap, grad_reduce=opts["grad_reduce"])
     from .frames import entry_activations, exit_specs, seed_shard_inputs
-    entry = entry_activations(gm, example_inputs, S, schedule, pg.group_name, static) if attention else {}
+    entry = (entry_activations(gm, example_inputs, S, schedule, pg.group_name, static, opts["grad_reduce"])
+             if attention else {})
     already = seed_shard_inputs(ctx, gm, {**(shards or {}), **entry})
     dims = {k: v for k, v in _user_input_dims(gm, example_inputs, S).items() if k not in already}
     out = rewrite_graph(gm, example_inputs, ctx, dims)
