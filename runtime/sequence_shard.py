@@ -52,7 +52,7 @@ from .layout import local_positions
 from .ring_op import resolve_group
 from .sequence_ops import gather_sequence_op
 
-__all__ = ["ShardSpec", "SequenceShard", "from_local", "to_local", "full_tensor", "gather_count"]
+__all__ = ["ShardSpec", "SequenceShard", "from_local", "to_local", "full_tensor", "gather_count", "grad_sum"]
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
@@ -72,6 +72,10 @@ class ShardSpec:
     group_name: str
     pre: int = 1
     post: int = 1
+    # "none" (SEQPAR_GRAD_REDUCE): the eager rules leave the gradients they make by contracting
+    # over the sequence (a weight's, a bias's, an embedding table's) partial, as the compiled
+    # frames do, so the one sum DDP/FSDP does over dp × sp ranks counts each token once
+    grad_reduce: str = "sum"
 
     @property
     def P(self) -> int:
@@ -85,7 +89,7 @@ class ShardSpec:
 
     def moved(self, dim: int, pre: int | None = None, post: int | None = None) -> "ShardSpec":
         return ShardSpec(dim, self.S, self.schedule, self.group_name,
-                         self.pre if pre is None else pre, self.post if post is None else post)
+                         self.pre if pre is None else pre, self.post if post is None else post, self.grad_reduce)
 
     @property
     def global_size(self) -> int:
@@ -183,6 +187,18 @@ def slice_local(full: Tensor, spec: ShardSpec) -> Tensor:
 def all_reduce_sum(x: Tensor, spec: ShardSpec) -> Tensor:
     """Sum over the group (functional collective: traceable, works on fake tensors)."""
     if spec.P == 1:
+        return x
+    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", spec.group_name))
+
+
+def grad_sum(x: Tensor, spec: ShardSpec) -> Tensor:
+    """A sum over the group made in the backward by contracting over the sequence (a weight's
+    gradient): summed under ``grad_reduce="sum"``, left partial under ``"none"`` (the data-parallel
+    wrapper's one sum over dp × sp ranks completes it). In the forward (no autograd node is
+    running, or a checkpoint recomputes the forward inside the backward with grad mode on) it is
+    always a sum: a loss or a norm read by the user must be whole."""
+    in_backward = torch._C._current_autograd_node() is not None and not torch.is_grad_enabled()
+    if spec.P == 1 or (spec.grad_reduce == "none" and in_backward):
         return x
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", spec.group_name))
 

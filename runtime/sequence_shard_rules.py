@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .sequence_shard import (SequenceShard, ShardSpec, _is_fake, all_reduce_sum, gather_local, slice_local,
+from .sequence_shard import (SequenceShard, ShardSpec, _is_fake, all_reduce_sum, gather_local, grad_sum, slice_local,
                              warn_gather)
 
 __all__ = ["dispatch"]
@@ -237,7 +237,7 @@ def _reduce(func, spec, x, dims=None, keepdim=False, *, dtype=None):
         if mean:
             local = local / math.prod(x.shape[d] for d in dims)
         return _wrap(local, spec.moved(spec.dim - (0 if keepdim else sum(d < spec.dim for d in dims))))
-    total = all_reduce_sum(local, spec)
+    total = grad_sum(local, spec)
     return total / math.prod(x.shape[d] for d in dims) if mean else total
 
 
@@ -260,7 +260,7 @@ def _matmul(func, spec, a, b):
     if a_l is NotImplemented or b_l is NotImplemented:
         return NotImplemented
     out = func(a_l, b_l)
-    return _wrap(out, spec.moved(lo.index(lab))) if lab in lo else all_reduce_sum(out, spec)
+    return _wrap(out, spec.moved(lo.index(lab))) if lab in lo else grad_sum(out, spec)
 
 
 @_rule(aten.addmm.default)
@@ -299,8 +299,8 @@ def _layer_norm_backward(func, spec, grad, x, normalized_shape, mean, rstd, weig
         return NotImplemented
     gi, gw, gb = func(*locs[:2], normalized_shape, *locs[2:], weight, bias, mask)
     return (_wrap(gi, spec) if gi is not None else None,
-            all_reduce_sum(gw, spec) if gw is not None else None,
-            all_reduce_sum(gb, spec) if gb is not None else None)
+            grad_sum(gw, spec) if gw is not None else None,
+            grad_sum(gb, spec) if gb is not None else None)
 
 
 @_rule(aten.embedding.default)
@@ -317,7 +317,7 @@ def _embedding_backward(func, spec, grad, indices, num_weights, padding_idx, sca
     idx = _localize(indices, spec, spec.dim)
     if idx is NotImplemented:
         return NotImplemented
-    return all_reduce_sum(func(grad._local, idx, num_weights, padding_idx, False), spec)
+    return grad_sum(func(grad._local, idx, num_weights, padding_idx, False), spec)
 
 
 @_rule(aten.nll_loss_forward.default)

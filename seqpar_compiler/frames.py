@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .runtime.grad_collectives import shard_sequence_partial
 from .runtime.sequence_ops import shard_sequence_op
 from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, to_local
 
@@ -37,18 +38,19 @@ def frame_shard_inputs(example_inputs: Sequence[Any]) -> dict[int, ShardSpec]:
 
 
 def entry_activations(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], S: int, schedule: str,
-                      group_name: str, static: set) -> dict[int, ShardSpec]:
+                      group_name: str, static: set, grad_reduce: str = "sum") -> dict[int, ShardSpec]:
     """Plain activations ``[B, S, ...]`` (floating point, not model state) entering a frame that
     has attention: sharded at the frame's edge. Under per-block compile the first block receives
     the eager root's full hidden states, and a block that opens with a hand-written norm (pointwise
     ops) would otherwise never start its sharded part (the rewrite seeds inputs at embeddings,
-    linears and norms only). The backward of this entry shard gathers, as the entry shard does."""
+    linears and norms only). The backward of this entry shard gathers, as the entry shard does;
+    under ``grad_reduce="none"`` it scatters this rank's rows into zeros instead (left partial)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out = {}
     for i, (node, x) in enumerate(zip(placeholders, example_inputs)):
         if (isinstance(x, torch.Tensor) and not isinstance(x, SequenceShard) and node not in static
                 and x.is_floating_point() and x.dim() >= 3 and x.shape[1] == S and x.shape.count(S) == 1):
-            out[i] = ShardSpec(1, S, schedule, group_name)
+            out[i] = ShardSpec(1, S, schedule, group_name, grad_reduce=grad_reduce)
     return out
 
 
@@ -89,7 +91,8 @@ def exit_specs(gm: torch.fx.GraphModule, ctx) -> list[ShardSpec | None]:
     specs = []
     for v in values:
         pl = ctx.place.get(v) if isinstance(v, torch.fx.Node) else None
-        specs.append(ShardSpec(pl.dim, ctx.S, ctx.schedule, ctx.group_name, pl.pre, pl.post)
+        specs.append(ShardSpec(pl.dim, ctx.S, ctx.schedule, ctx.group_name, pl.pre, pl.post,
+                               ctx.grad_reduce)
                      if isinstance(pl, Shard) else None)
     return specs
 
@@ -126,7 +129,8 @@ def wrap_frame(compiled: Callable, shards: dict[int, ShardSpec], exits: list[Sha
         if shards or entry:
             args = list(args)
             for i, spec in entry.items():
-                args[i] = shard_sequence_op(args[i], spec.dim, spec.schedule, spec.group_name)
+                cut = shard_sequence_partial if spec.grad_reduce == "none" else shard_sequence_op
+                args[i] = cut(args[i], spec.dim, spec.schedule, spec.group_name)
             for i, spec in shards.items():
                 if isinstance(args[i], SequenceShard):
                     args[i] = to_local(args[i], spec)
