@@ -42,6 +42,10 @@ def _dp_groups(world: int, degree: int):
 
 
 def _wrap(m: nn.Module, arrangement: str, backend, world: int, degree: int, grad_reduce: str):
+    if arrangement == "per-block":                 # no wrapper: the raw gradients each rank leaves
+        for i, b in enumerate(m.blocks):
+            m.blocks[i] = torch.compile(b, backend=backend)
+        return m
     if arrangement in ("ddp", "ddp-world"):
         from torch.nn.parallel import DistributedDataParallel as DDP
         pg = _dp_groups(world, degree) if arrangement == "ddp" else None
@@ -78,7 +82,7 @@ def ddp_case(rank, world, *, model="gpt", arrangement="ddp", degree=2, grad_redu
     idx, tgt = _batch(rank // degree)
     # the loss scaling rule under "none": the wrapper averages over dp·sp ranks, the partial
     # gradients need a sum over sp: loss × sp (set_gradient_divide_factor(dp) needs PREMUL_SUM: no gloo)
-    scale = degree if grad_reduce == "none" else 1
+    scale = degree if grad_reduce == "none" and arrangement != "per-block" else 1
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -98,7 +102,10 @@ def ddp_case(rank, world, *, model="gpt", arrangement="ddp", degree=2, grad_redu
             own_logits, own_loss = r_logits_k, r_loss_k
     r_loss.backward()
     grads = {n: FW._rel(FW._grad(p), q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())}
-    return {"loss": FW._rel(loss, own_loss), "logits": FW._rel(logits, own_logits), "grads": grads,
+    raw = ({n.replace("._orig_mod", ""): p.grad.detach().clone() for n, p in m.named_parameters()}
+           if arrangement == "per-block" else None)
+    ref_grads = {n: q.grad.detach().clone() for n, q in ref.named_parameters()} if raw is not None else None
+    return {"raw": raw, "ref": ref_grads, "loss": FW._rel(loss, own_loss), "logits": FW._rel(logits, own_logits), "grads": grads,
             "pieces": compiled_pieces, "ring_calls": st.attention_forward_calls, "layers": len(m.blocks),
             "full_saves": saves, "gathers": gathers_in_step, "logits_type": type(logits).__name__,
             "warnings": [str(w.message)[:300] for w in caught if "seqpar" in str(w.message)]}
