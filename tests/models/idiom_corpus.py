@@ -20,8 +20,9 @@ harness reduces them to one scalar with fixed random weights (so every output el
 distinct gradient) and calls backward on it. ``fallback``: None when no fallback warning is
 allowed, else a substring the warned fallback must contain (name the op).
 
-Idioms live in ``idioms_ops.py`` (op coverage) and ``idioms_attention.py`` (attention forms);
-``load_idioms()`` imports both.
+Idioms live in ``idioms_ops.py`` (op coverage), ``idioms_sequence.py`` (ops along the sequence:
+chunked losses, max/min) and ``idioms_attention.py`` (attention forms); ``load_idioms()``
+imports them all.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def idiom(name: str, *, ring_calls: int = 1, fallback: str | None = None):
 
 def load_idioms() -> dict[str, Idiom]:
     """Import every idiom module (they register themselves) and return the registry."""
-    for mod in ("idioms_ops", "idioms_attention"):
+    for mod in ("idioms_ops", "idioms_sequence", "idioms_attention"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as err:

@@ -1,0 +1,119 @@
+"""Idioms of the corpus along the sequence itself (issue 12 follow-up): chunked losses (parts of
+the sequence, ``passes/range_rules.py``), max/min over the sequence (``passes/extreme_rules.py``),
+a slice returned from the frame, and a scan inside a chunk (a warned, exact fallback)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from idiom_corpus import S, V, idiom
+from idioms_ops import _LM, _lm, _loss_idiom
+
+
+class _ChunkedCrossEntropy(_LM):
+    """Chunked cross-entropy (Liger / torchtune style): hidden states split along the sequence,
+    head + loss per chunk, summed."""
+
+    def forward(self, ids, y):
+        h = self.body(self.emb(ids))
+        total = 0
+        for hc, yc in zip(h.split(8, dim=1), y.split(8, dim=1)):
+            total = total + F.cross_entropy(self.head(hc).flatten(0, 1), yc.flatten(), reduction="sum")
+        return total / y.numel()
+
+
+idiom("chunked-cross-entropy-over-sequence")(_lm(_ChunkedCrossEntropy))
+
+
+class _ChunkedCrossEntropyChunk(_LM):
+    """``chunk`` of the logits and labels (uneven pieces: 32 = 11 + 11 + 10), loss ``none``
+    summed per chunk, then the mean over the valid targets."""
+
+    def forward(self, ids, y):
+        logits = self.head(self.body(self.emb(ids)))
+        y = torch.where(y % 7 == 0, torch.full_like(y, -100), y)
+        total = 0
+        for lg, tg in zip(logits.chunk(3, dim=1), y.chunk(3, dim=1)):
+            total = total + F.cross_entropy(lg.reshape(-1, V), tg.reshape(-1), reduction="none").sum()
+        return total / (y != -100).sum()
+
+
+idiom("chunked-cross-entropy-chunk")(_lm(_ChunkedCrossEntropyChunk))
+
+
+class _ChunkedCrossEntropySlices(_LM):
+    """``logits[:, i:i + n]`` slices in a loop, ``torch.split`` with sizes for the labels,
+    per-chunk ``mean`` losses weighted by the chunk's share, a z-loss term on each chunk."""
+
+    def forward(self, ids, y):
+        h = self.body(self.emb(ids))
+        sizes = [4, 12, 6, 10]
+        total, at = 0, 0
+        for n, tg in zip(sizes, torch.split(y, sizes, dim=1)):
+            lg = self.head(h[:, at:at + n])
+            at += n
+            total = total + F.cross_entropy(lg.flatten(0, 1), tg.flatten(), label_smoothing=0.1) * (n / S)
+            total = total + 1e-3 * lg.float().pow(2).mean()
+        return total
+
+
+idiom("chunked-cross-entropy-slices")(_lm(_ChunkedCrossEntropySlices))
+
+
+@_loss_idiom("max-pool-over-sequence")
+def _max_pool(self, logits, y):
+    """Max-pooling a sequence (a classifier head): all-reduce MAX, the gradient to the argmax
+    on the rank that holds it."""
+    return logits.max(dim=1).values.softmax(-1)[:, 0].sum()
+
+
+@_loss_idiom("amax-min-over-sequence")
+def _amax(self, logits, y):
+    """``amax`` / ``torch.min(dim)`` over the sequence, with their indices returned."""
+    lo = torch.min(logits, 1)
+    return logits.amax(1).logsumexp(-1).sum() + lo.values.sum(), lo.indices
+
+
+class _MaxTies(_LM):
+    """Ties across ranks that get different gradients: ``round(logits) · gain[position]`` with
+    ``gain`` all ones, so many positions tie for the maximum and each tie's gradient lands on
+    its own ``gain`` entry. ``max(dim)`` must give the first global position all of it (and
+    return that index), ``amax`` and ``max()`` must spread it evenly, as eager does."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(S))
+
+    def loss(self, logits, y):
+        c = logits.detach().round() * self.gain[:, None]                 # ~6 ties per maximum
+        v, i = c.max(dim=1)
+        return v.sum() + c.amax(dim=(0, 1)).sum() + c.min() + F.cross_entropy(logits.view(-1, V), y.view(-1)), i
+
+
+idiom("max-over-sequence-with-ties")(_lm(_MaxTies))
+
+
+class _ChunkReturned(_LM):
+    """A slice along the sequence that spans two ranks' tokens, returned from the frame (the
+    part is gathered at the exit, exactly, with its gradient) next to the loss."""
+
+    def forward(self, ids, y):
+        logits = self.head(self.body(self.emb(ids)))
+        return self.loss(logits, y), logits[:, 6:20].tanh()
+
+
+idiom("sequence-slice-returned")(_lm(_ChunkReturned))
+
+
+class _CumsumInChunk(_LM):
+    """A running sum inside a chunk of the sequence: no exact rule on a part, so the part is
+    gathered (warned, exact) and the loss of that chunk runs replicated."""
+
+    def forward(self, ids, y):
+        h = self.body(self.emb(ids))
+        inner = h[:, 4:28].cumsum(1) / 24
+        return F.cross_entropy(self.head(inner).flatten(0, 1), y[:, 4:28].flatten())
+
+
+idiom("cumsum-inside-a-chunk", fallback="cumsum")(_lm(_CumsumInChunk))
