@@ -25,6 +25,7 @@ compile_fx (inductor), or aot_eager with SEQPAR_INNER=aot_eager
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -91,7 +92,8 @@ def _warn_at_recompile_limit(example_inputs: Sequence[Any]) -> None:
                   f"{shapes[:120]}), Dynamo's recompile limit (torch._dynamo.config.recompile_limit = {limit}): "
                   f"from the next new sequence length on it runs EAGER and UNSHARDED, the whole sequence on every "
                   f"rank, with no further word. Pad or bucket sequence lengths to a few sizes, or raise "
-                  f"torch._dynamo.config.recompile_limit (dynamic=True is not supported yet)", stacklevel=3)
+                  f"torch._dynamo.config.recompile_limit, or compile with dynamic=True (one Dynamo compile; seqpar "
+                  f"specialises it once per length)", stacklevel=3)
 
 
 def _lead(pg) -> bool:
@@ -208,7 +210,10 @@ def _hide_user_saved_tensor_hooks():
     active around the compiled call (``save_on_cpu``, a hook counting saves) would pack those
     fake values, and an exception there left a provable attention unproved: HF training calls
     ran replicated under a test's counting hook (issue 13 follow-up). Only the innermost hooks
-    apply, so identity hooks hide the user's; the compiled step's own saves still reach them."""
+    apply, so identity hooks hide the user's; the compiled step's own saves still reach them.
+    Pushed only when the user has hooks: without any, compilation is exactly as before."""
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+        return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
 
 

@@ -8,6 +8,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))        # tests/step_probes.py
 
 import seqpar_compiler as sp  # noqa: E402
 from models import GPT, GPTConfig, Llama, LlamaConfig  # noqa: E402
@@ -152,9 +153,17 @@ def run_cases(rank, P, cases):
     return {name: fns[kind](rank, P, **kw) for name, kind, kw in cases}
 
 
-def hf_case(rank, P, *, arch, impl, schedule="zigzag", S=32, packed_positions=False):
+def hf_case(rank, P, *, arch, impl, schedule="zigzag", S=32, packed_positions=False, B=2, use_cache=None,
+            arange_positions=False, checkpointing=False, lengths=None, dynamic=None, **options):
     """A Hugging Face model from a tiny config (random weights, no download), with labels so it
-    computes its own loss and use_cache at its default (the graph also returns the KV cache)."""
+    computes its own loss and use_cache at its default (the graph also returns the KV cache).
+
+    The training call (issue 13 follow-up): ``use_cache=False`` with no position ids (transformers
+    then looks for packed sequences in the ids it builds itself), ``arange_positions`` passes
+    ``position_ids=arange(S)``, ``checkpointing`` calls ``gradient_checkpointing_enable()``;
+    ``options`` go to ``seqpar_compiler.backend`` (``checkpoint="none"``).
+    ``lengths`` calls the one compiled model at each length in turn (Dynamo marks the length
+    dynamic at the second): every length is checked and the compiles are counted."""
     import transformers
     torch.manual_seed(0)
     if arch == "llama":
@@ -175,8 +184,18 @@ def hf_case(rank, P, *, arch, impl, schedule="zigzag", S=32, packed_positions=Fa
         cls = transformers.GPT2LMHeadModel
     m, ref = cls(cfg), cls(cfg)
     ref.load_state_dict(m.state_dict())
-    idx = torch.randint(0, 128, (2, S), generator=torch.Generator().manual_seed(1))
+    if checkpointing:
+        for model in (m, ref):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+    if lengths is not None:
+        return _hf_lengths(m, ref, lengths, B=B, schedule=schedule, use_cache=use_cache, dynamic=dynamic)
+    idx = torch.randint(0, 128, (B, S), generator=torch.Generator().manual_seed(1))
     kwargs = {"labels": idx}
+    if use_cache is not None:
+        kwargs["use_cache"] = use_cache
+    if arange_positions:
+        kwargs["position_ids"] = torch.arange(S).expand(B, S)
     if arch == "mistral":
         # its sliding-window cache keeps the last W-1 keys: slicing the sequence, gathered (correct,
         # warned); this case is about the mask, so no cache
@@ -187,17 +206,58 @@ def hf_case(rank, P, *, arch, impl, schedule="zigzag", S=32, packed_positions=Fa
         kwargs["use_cache"] = False
         kwargs["position_ids"] = torch.stack([torch.cat([torch.arange(12), torch.arange(S - 12)]),
                                               torch.cat([torch.arange(5), torch.arange(S - 5)])])
+    from step_probes import SequenceGatherCounter, full_length_saves
     torch._dynamo.reset()
-    with warnings.catch_warnings(record=True) as caught, sp.stats() as st:
+    cm = torch.compile(m, backend=sp.backend(inner="aot_eager", schedule=schedule, **options))
+    with warnings.catch_warnings(record=True) as caught, sp.stats() as st, SequenceGatherCounter() as gathers:
         warnings.simplefilter("always")
-        out = torch.compile(m, backend=sp.backend(inner="aot_eager", schedule=schedule))(idx, **kwargs)
+        # only the training calls run under the counting hook: with the default KV cache (a
+        # DynamicCache) Dynamo under saved_tensors_hooks fails creating a guard (IndexError in
+        # produce_guards_verbose), before seqpar sees a graph
+        saves, out = (full_length_saves(lambda: cm(idx, **kwargs), [idx], S) if use_cache is False
+                      else ([], cm(idx, **kwargs)))
         out.loss.backward()
     r = ref(idx, **kwargs)
     r.loss.backward()
     grads = {n: _rel(p.grad, q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())
              if q.grad is not None}
     return {"loss": _rel(out.loss, r.loss), "logits": _rel(out.logits, r.logits), "grads": grads,
-            "ring_calls": st.attention_forward_calls, "bytes_sent": st.bytes_sent,
+            "ring_calls": st.attention_forward_calls, "ring_backward": st.attention_backward_calls,
+            "bytes_sent": st.bytes_sent, "full_saves": saves, "gathers": gathers.calls,
+            "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)],
+            "fx_warnings": [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                            if f"{os.sep}torch{os.sep}fx{os.sep}" in w.filename]}
+
+
+def _hf_lengths(m, ref, lengths, *, B, schedule, use_cache, dynamic):
+    """One compiled HF model called at several lengths: exactness per length, ring calls per
+    length, compiles in all, and the seqpar / torch.fx warnings."""
+    counter = torch._dynamo.testing.CompileCounter()
+    seqpar = sp.backend(inner="aot_eager", schedule=schedule)
+
+    def counting(gm, ex):
+        counter(gm, ex)
+        return seqpar(gm, ex)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=counting, dynamic=dynamic)
+    per_length = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for S in lengths:
+            idx = torch.randint(0, 128, (B, S), generator=torch.Generator().manual_seed(S))
+            kwargs = {"labels": idx} if use_cache is None else {"labels": idx, "use_cache": use_cache}
+            m.zero_grad()
+            ref.zero_grad()
+            with sp.stats() as st:
+                out = compiled(idx, **kwargs)
+                out.loss.backward()
+            r = ref(idx, **kwargs)
+            r.loss.backward()
+            grads = {n: _rel(p.grad, q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())
+                     if q.grad is not None}
+            per_length[S] = {"loss": _rel(out.loss, r.loss), "logits": _rel(out.logits, r.logits),
+                             "grads": grads, "ring_calls": st.attention_forward_calls}
+    return {"lengths": per_length, "compiles": counter.frame_count,
             "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)],
             "fx_warnings": [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
                             if f"{os.sep}torch{os.sep}fx{os.sep}" in w.filename]}

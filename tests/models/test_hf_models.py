@@ -14,6 +14,16 @@ CASES += [("llama-packed-sdpa", "hf", dict(arch="llama", impl="sdpa", packed_pos
           ("llama-packed-eager", "hf", dict(arch="llama", impl="eager", packed_positions=True, schedule="striped")),
           ("mistral-packed-sdpa", "hf", dict(arch="mistral", impl="sdpa", packed_positions=True))]
 
+# the training call (issue 13): no cache, transformers' own positions (it looks for packed
+# sequences with torch.diff) or position_ids=arange, and gradient checkpointing (B=3, S=48: no
+# model dim is 48, and B·S/P never is). name -> (kwargs, ring forwards per layer)
+TRAINING = {"llama-train-no-positions": (dict(use_cache=False), 1),
+            "llama-train-arange-positions": (dict(use_cache=False, arange_positions=True), 1),
+            "llama-train-grad-ckpt": (dict(use_cache=False, checkpointing=True), 1),
+            "llama-train-grad-ckpt-none": (dict(use_cache=False, checkpointing=True, checkpoint="none"), 2),
+            "llama-train-grad-ckpt-eager": (dict(use_cache=False, checkpointing=True, impl="eager"), 1)}
+CASES += [(name, "hf", {"arch": "llama", "impl": "sdpa", "B": 3, "S": 48, **kw}) for name, (kw, _) in TRAINING.items()]
+
 
 @pytest.fixture(scope="module")
 def res():
@@ -64,3 +74,19 @@ def test_compiling_hf_models_emits_no_torch_fx_warning(res):
     for r in res:
         for name, rr in r.items():
             assert rr["fx_warnings"] == [], (name, rr["fx_warnings"])
+
+
+@pytest.mark.parametrize("name", list(TRAINING))
+def test_hf_training_calls_stay_sharded(res, name):
+    """The README's training call runs the ring in every layer: once per layer (twice where the
+    user's gradient checkpointing asks for recomputation under SEQPAR_CHECKPOINT=none), nothing
+    falls back, no saved tensor holds the whole sequence (the counting pack hook is active while
+    the model compiles: it must not see seqpar's example values), no sequence all-gather in the
+    step (the loss is all-reduced; the logits leave as a shard, gathered when read)."""
+    per_layer, layers = TRAINING[name][1], 2
+    for rank, r in enumerate(res):
+        rr = r[name]
+        assert rr["ring_calls"] == per_layer * layers and rr["ring_backward"] == layers, (rank, rr["ring_calls"])
+        assert not [w for w in rr["warnings"] if "cannot shard" in w or "replicated" in w], rr["warnings"]
+        assert rr["full_saves"] == [], (rank, rr["full_saves"])
+        assert rr["gathers"] == 0, (rank, rr["gathers"])

@@ -1,0 +1,47 @@
+"""What a training step did on this rank, for the multi-process tests (issue 13).
+
+- ``full_length_saves``: the tensors saved for the backward (``saved_tensors_hooks``) with a dim
+  of the whole sequence length, other than the user's inputs. The pack hook reads storage
+  pointers, which a FakeTensor refuses: it also pins that compilation runs none of the user's
+  hooks on example values (it did: HF's mask went unproved, attention ran replicated).
+- ``SequenceGatherCounter``: ``dist.all_gather`` calls on tensors of 2 dims or more (what
+  ``gather_sequence`` and the backward of ``shard_sequence`` call; control traffic gathers
+  small vectors).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["full_length_saves", "SequenceGatherCounter"]
+
+
+def full_length_saves(step, inputs, S: int):
+    """(shapes of saved tensors with a dim of S that are not ``inputs``, ``step()``'s result)."""
+    own = {t.untyped_storage().data_ptr() for t in inputs}
+    found = []
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and S in t.shape and t.untyped_storage().data_ptr() not in own:
+            found.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step()
+    return found, out
+
+
+class SequenceGatherCounter:
+    """Counts sequence all-gathers made while active."""
+
+    def __enter__(self):
+        self.calls, self._orig = 0, dist.all_gather
+
+        def counting(tensor_list, tensor, *args, **kwargs):
+            if tensor.dim() >= 2:
+                self.calls += 1
+            return self._orig(tensor_list, tensor, *args, **kwargs)
+        dist.all_gather = counting
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_gather = self._orig
