@@ -83,7 +83,7 @@ class _Chunked(nn.Module):
         return total + h.amax(1).sum()
 
 
-def _rewrite(module):
+def _rewrite(module, **options):
     from seqpar_compiler.options import resolve_options
     be = importlib.import_module("seqpar_compiler.backend")
     captured = []
@@ -97,7 +97,7 @@ def _rewrite(module):
     gm, examples = captured[0]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = be._shard_graph(gm, examples, dist.group.WORLD, resolve_options(schedule="zigzag", inner="aot_eager"))
+        out = be._shard_graph(gm, examples, dist.group.WORLD, resolve_options(schedule="zigzag", inner="aot_eager", **options))
     return out, [str(w.message) for w in caught if "cannot shard" in str(w.message)]
 
 
@@ -121,3 +121,9 @@ def test_an_op_without_a_part_rule_gathers_the_part_with_a_warning(fake_group):
     gm, falls = _rewrite(_Chunked(extra="cumsum"))
     assert len(falls) == 4 and all("cumsum" in w for w in falls)
     assert sum("gather_sequence" in t for t in _targets(gm)) == 4
+
+
+def test_fallback_error_refuses_gathering_a_part_and_names_the_op(fake_group):
+    from seqpar_compiler.passes.rewrite import SeqparFallbackError
+    with pytest.raises(SeqparFallbackError, match="cumsum.*SEQPAR_FALLBACK=error"):
+        _rewrite(_Chunked(extra="cumsum"), fallback="error")
