@@ -269,7 +269,11 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     # a graph break no longer leaves attention replicated: the sequence crosses it as a
     # SequenceShard and the code at the break runs sharded (frames.py, issue 13)
     hidden = hidden_attention_causes(gm)
-    if (not attention or S is None) and not shards:
+    piece_S = None
+    if not attention and not shards:     # a DDPOptimizer piece before the first attention (frames.py)
+        from .frames import ddp_piece_length
+        S = piece_S = ddp_piece_length(attention)
+    if (not attention or S is None) and not shards and piece_S is None:
         what = "no" if not attention else "no common-length"
         _report_replicated(hidden, pg, opts, dump)
         if not hidden:
@@ -282,6 +286,8 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
             dump.finish(f"seqpar dump: no self-attention of one length; the graph runs replicated on {P} ranks")
         return None
     schedule, overlap, decision = opts["schedule"], opts["overlap"], None
+    if schedule == "auto" and not attention:     # nothing to decide on; later pieces adopt the shards' layout
+        schedule = "zigzag"
     if schedule == "auto":
         from .auto_schedule import decide_schedule   # lazily, like the dump (modules runnable with -m)
         decision = decide_schedule(attention, S, pg, opts["profile"],

@@ -23,13 +23,14 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .runtime.grad_collectives import shard_sequence_partial
 from .runtime.sequence_ops import shard_sequence_op
 from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, to_local
 
-__all__ = ["frame_shard_inputs", "entry_activations", "check_frame_shards", "seed_shard_inputs", "exit_specs", "local_examples",
-           "wrap_frame"]
+__all__ = ["frame_shard_inputs", "entry_activations", "check_frame_shards", "seed_shard_inputs", "exit_specs",
+           "local_examples", "ddp_piece_length", "wrap_frame"]
 
 
 def frame_shard_inputs(example_inputs: Sequence[Any]) -> dict[int, ShardSpec]:
@@ -141,3 +142,36 @@ def wrap_frame(compiled: Callable, shards: dict[int, ShardSpec], exits: list[Sha
                    for o, s in zip(outs, exits)]
         return type(outs)(wrapped) if isinstance(outs, tuple) else wrapped
     return run
+
+
+def ddp_piece_length(attention: list) -> int | None:
+    """The sequence length of a DDPOptimizer piece that has no attention of its own (issue 13).
+
+    Why: ``optimize_ddp`` splits the frame's graph at DDP's bucket boundaries and compiles each
+    piece alone; the pieces before the first attention (embedding, first norm) cannot prove a
+    sequence length and would run replicated at full length. DDPOptimizer's ``compile_fn`` is on
+    the stack while it compiles its pieces, with the whole graph as its ``gm``: its SDPA calls
+    give the length (one common query/key length, else None). Hand-written attention in the
+    whole graph is not canonicalised here (None: the piece runs replicated, warned, as before)."""
+    if attention:
+        return None
+    import inspect
+
+    from torch._dynamo.backends.distributed import DDPOptimizer
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "compile_fn" and isinstance(frame.f_locals.get("self"), DDPOptimizer):
+            whole = frame.f_locals.get("gm")
+            if not isinstance(whole, torch.fx.GraphModule):
+                return None
+            lengths = set()
+            for n in whole.graph.nodes:
+                if n.op == "call_function" and n.target in (F.scaled_dot_product_attention,
+                                                              torch._C._nn.scaled_dot_product_attention):
+                    q, k = (a.meta.get("example_value") for a in n.args[:2])
+                    if q is None or k is None or q.dim() < 2 or q.shape[-2] != k.shape[-2]:
+                        return None
+                    lengths.add(int(q.shape[-2]))
+            return lengths.pop() if len(lengths) == 1 else None
+        frame = frame.f_back
+    return None
