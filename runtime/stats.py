@@ -17,15 +17,17 @@ __all__ = ["Stats", "stats", "record", "record_kernel", "counting"]
 class Stats:
     """This rank's work inside one ``stats()`` block.
 
-    attention_flops counts 4·B·Hq·D per (query, key) pair a block kernel computed, in the
-    forward and in the backward alike (so a ratio between ranks is a ratio of kernel work).
-    bytes_sent / bytes_received count ring traffic (K/V blocks and their key metadata, queries
-    and partial results moved for load balancing, dK/dV accumulators); control_bytes counts the
-    agreement checks. a2a_bytes_sent / a2a_bytes_received count the all-to-all attention's traffic
-    (``ulysses.py``: heads ↔ sequence of q, k, v, out, lse and gradients, and its document ids),
-    kept apart from the ring's so a hybrid's two kinds of link can be told apart. host_staged_bytes counts ring traffic that went through host buffers
-    (CUDA tensors over gloo, ``comm.py``). kernel_calls counts block-kernel calls by concrete
-    kernel and direction, e.g. ``{"cudnn.forward": 4, "cudnn.backward": 4, "flash.forward": 2}``
+    attention_flops counts 2·B·Hq·(D + Dv) per (query, key) pair a block kernel computed (4·B·Hq·D
+    when v's head dim equals q's), in the forward and in the backward alike (so a ratio between
+    ranks is a ratio of kernel work). bytes_sent / bytes_received count ring traffic (K/V blocks
+    and their key metadata, queries and partial results moved for load balancing, dK/dV
+    accumulators); control_bytes counts the agreement checks. a2a_bytes_sent / a2a_bytes_received
+    count the all-to-all attention's traffic (``ulysses.py``: heads ↔ sequence of q, k, v, out,
+    lse and gradients, and its document ids), kept apart from the ring's so a hybrid's two kinds
+    of link can be told apart. host_staged_bytes counts ring and all-to-all traffic that went
+    through host buffers (CUDA tensors over gloo, ``comm.py``). kernel_calls counts block-kernel
+    calls by concrete kernel and direction, e.g. ``{"cudnn.forward": 4, "cudnn.backward": 4,
+    "flash.forward": 2}``
     (on CUDA, ``auto`` picks a kernel per block).
     """
 
