@@ -120,11 +120,12 @@ class SequenceShard(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
-    def __new__(cls, local: Tensor, spec: ShardSpec, requires_grad: bool = False):
-        shape = list(local.shape)
-        shape[spec.dim] = spec.global_size
-        out = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=local.dtype, device=local.device,
-                                                  requires_grad=requires_grad)
+    def __new__(cls, local: Tensor, spec: ShardSpec, requires_grad: bool = False, *, shape=None, stride=None):
+        if shape is None:
+            shape = list(local.shape)
+            shape[spec.dim] = spec.global_size
+        out = torch.Tensor._make_wrapper_subclass(cls, shape, strides=stride, dtype=local.dtype,
+                                                  device=local.device, requires_grad=requires_grad)
         out._local = local
         out.spec = spec
         return out
@@ -137,7 +138,10 @@ class SequenceShard(torch.Tensor):
 
     @staticmethod
     def __tensor_unflatten__(inner, spec, outer_size, outer_stride):
-        return SequenceShard(inner["_local"], spec)
+        # Dynamo passes the outer size and stride it made (symbolic under dynamic shapes, each
+        # with a source it can guard on); rebuilding them from the inner tensor gives sizes
+        # with no source, and guard building fails (IndexError in produce_guards_verbose).
+        return SequenceShard(inner["_local"], spec, shape=outer_size, stride=outer_stride)
 
     def full_tensor(self) -> Tensor:
         return full_tensor(self)

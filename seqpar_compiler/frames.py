@@ -103,8 +103,8 @@ def local_examples(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> l
     rewritten graph's placeholders say so too (aot_autograd reads either)."""
     # the local example requires grad as its shard does (a shard made inside __torch_dispatch__,
     # such as the view FSDP2's pre-forward hook returns, holds a local that does not)
-    examples = [x._local.detach().requires_grad_(x.requires_grad) if isinstance(x, SequenceShard) else x
-                for x in example_inputs]
+    examples = [_static_example(x._local.detach().requires_grad_(x.requires_grad)) if isinstance(x, SequenceShard)
+                else x for x in example_inputs]
     for i, spec in getattr(gm, "seqpar_entry", {}).items():      # sharded at the edge: local shape
         examples[i] = shard_sequence_op(examples[i], spec.dim, spec.schedule, spec.group_name)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -112,6 +112,18 @@ def local_examples(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> l
         if isinstance(node.meta.get("example_value"), SequenceShard):
             node.meta["example_value"] = x
     return examples
+
+
+def _static_example(local: torch.Tensor) -> torch.Tensor:
+    """``local`` as a static-shaped fake tensor of the frame's fake mode. Dynamo hands the backend
+    real tensors and aot_autograd fakeifies them from the sources Dynamo recorded; a local tensor
+    made here has no source, so aot would give it fresh symbolic sizes that Dynamo cannot guard on
+    (IndexError in ``produce_guards_verbose`` as soon as a reshape adds a guard on them)."""
+    from torch._guards import TracingContext
+    ctx = TracingContext.try_get()
+    if ctx is None or ctx.fake_mode is None or isinstance(local, torch._subclasses.FakeTensor):
+        return local
+    return ctx.fake_mode.from_tensor(local, static_shapes=True)
 
 
 def wrap_frame(compiled: Callable, shards: dict[int, ShardSpec], exits: list[ShardSpec | None] | None,
