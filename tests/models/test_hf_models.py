@@ -40,13 +40,16 @@ def test_hf_model_loss_logits_and_grads_match_eager(res, name):
 
 
 @pytest.mark.parametrize("name", ["llama-sdpa", "gpt2-sdpa", "llama-sdpa-striped", "llama-eager", "gpt2-eager"])
-def test_hf_models_shard_without_fallback_and_warn_about_the_returned_cache(res, name):
+def test_hf_models_shard_without_fallback_and_return_the_cache_as_shards(res, name):
     """sdpa directly, eager through the hand-written attention pattern (its mask, built by
-    transformers from positions, is evaluated and proved causal)."""
+    transformers from positions, is evaluated and proved causal). The returned KV cache leaves
+    the frame as SequenceShards (issue 13): nothing is gathered at the exit, so no gather warning;
+    reading the logits for the comparison is the step's one all-gather."""
     for r in res:
         warnings = r[name]["warnings"]
         assert not [w for w in warnings if "cannot shard" in w], warnings
-        assert any("KV cache" in w for w in warnings), warnings
+        assert not [w for w in warnings if "gathered at this frame's exit" in w], warnings
+        assert r[name]["ring_calls"] == 2, r[name]
 
 
 @pytest.mark.parametrize("name", ["mistral-window-sdpa", "mistral-window-eager"])
