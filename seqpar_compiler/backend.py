@@ -267,8 +267,9 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         S, opts = first.S, {**opts, "schedule": first.schedule}
     from .replicated import hidden_attention_causes, replicated_attention_causes
     # a graph break no longer leaves attention replicated: the sequence crosses it as a
-    # SequenceShard and the code at the break runs sharded (frames.py, issue 13)
-    hidden = hidden_attention_causes(gm)
+    # SequenceShard and the code at the break runs sharded (frames.py, issue 13); a function
+    # Dynamo was told not to compile (torch.compiler.disable) is still a region it cannot see
+    hidden = hidden_attention_causes(gm) + _new_disabled_regions()
     piece_S = None
     if not attention and not shards:     # a DDPOptimizer piece before the first attention (frames.py)
         from .frames import ddp_piece_length
@@ -319,6 +320,18 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
                        decision=decision, profile_name=opts["profile"], options=opts)
         dump.finish(f"seqpar dump: frame {dump.dir.parent.name}, rank {dump.rank} of {P}, S={S}")
     return out
+
+
+_break_tracker = []          # one GraphBreakTracker, made at the first sharded compile
+
+
+def _new_disabled_regions() -> list[str]:
+    """Causes for the ``torch.compiler.disable`` graph breaks Dynamo recorded since the last
+    sharded compile: attention in such a function runs eagerly, unseen by the compiler."""
+    from .replicated import GraphBreakTracker
+    if not _break_tracker:
+        _break_tracker.append(GraphBreakTracker())
+    return [cause for cause in _break_tracker[0].new_breaks() if "torch.compiler.disable" in cause]
 
 
 def _report_replicated(causes: list[str], pg, opts: dict, dump) -> None:

@@ -63,14 +63,14 @@ def replicated_case(rank, P, *, how, fallback="gather", dump=None, S=32):
     opts = dict(inner="aot_eager", schedule="zigzag", fallback=fallback)
     if dump:
         opts["dump"] = dump
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, sp.stats() as st:
         warnings.simplefilter("always")
         try:
             loss = torch.compile(model, backend=sp.backend(**opts))(idx, tgt, mask)
         except Exception as err:  # noqa: BLE001 - the error is the result of the strict cases
             return {"error": str(err), "warnings": []}
     ref = model(idx, tgt, mask)
-    return {"error": None, "loss_err": float((loss - ref).abs() / ref.abs()),
+    return {"error": None, "loss_err": float((loss - ref).abs() / ref.abs()), "ring_calls": st.attention_forward_calls,
             "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
 
 

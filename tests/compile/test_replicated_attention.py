@@ -1,7 +1,8 @@
 """When attention runs replicated, rank 0 says so once per frame, naming why (issue 16): an op
-with no rule upstream, a mask it cannot prove, attention in a region it cannot see (inside
-torch.utils.checkpoint, under torch.compiler.disable). SEQPAR_FALLBACK=error makes it an error,
-and the dump's summary says the same. One spawn of 2 ranks (aot_eager) serves every case."""
+with no rule upstream, a mask it cannot prove, attention in a region it cannot see (under
+torch.compiler.disable). Attention inside torch.utils.checkpoint is no longer such a region: the
+body is inlined and sharded (issue 13), so it says nothing. SEQPAR_FALLBACK=error makes it an
+error, and the dump's summary says the same. One spawn of 2 ranks (aot_eager) serves every case."""
 import pytest
 
 import replicated_workers as W
@@ -10,14 +11,14 @@ from seqpar_compiler.launch import run_ranks
 CASES = [("no-rule", dict(how="no-rule")), ("mask-input", dict(how="mask-input")),
          ("checkpoint", dict(how="checkpoint")), ("disabled", dict(how="disabled")),
          ("ring", dict(how="ring")),
-         ("checkpoint-error", dict(how="checkpoint", fallback="error")),
+         ("disabled-error", dict(how="disabled", fallback="error")),
          ("no-rule-error", dict(how="no-rule", fallback="error"))]
 
 
 @pytest.fixture(scope="module")
 def res(tmp_path_factory):
     dump = str(tmp_path_factory.mktemp("dump"))
-    cases = CASES + [("checkpoint-dump", dict(how="checkpoint", dump=dump))]
+    cases = CASES + [("disabled-dump", dict(how="disabled", dump=dump))]
     results = run_ranks(W.run_cases, 2, cases, timeout=600, pg_timeout=300)
     return results, dump
 
@@ -30,7 +31,6 @@ def _replicated(warnings):
 @pytest.mark.parametrize("name,words", [
     ("no-rule", ["no sharding rule for", "cumsum", "replicated_workers.py:"]),
     ("mask-input", ["mask", "input of this frame", "replicated_workers.py:"]),
-    ("checkpoint", ["torch.utils.checkpoint", "tag_activation_checkpoint", "cannot see"]),
     ("disabled", ["torch.compiler.disable", "_disabled_attention"]),
 ])
 def test_replicated_attention_is_said_once_on_rank_0_naming_the_cause(res, name, words):
@@ -44,12 +44,15 @@ def test_replicated_attention_is_said_once_on_rank_0_naming_the_cause(res, name,
     assert all(r[name]["loss_err"] <= 1e-5 for r in results)      # replicated, and still exact
 
 
-def test_sharded_attention_says_nothing_about_replication(res):
+@pytest.mark.parametrize("name", ["ring", "checkpoint"])
+def test_sharded_attention_says_nothing_about_replication(res, name):
+    """Plain attention, and attention inside torch.utils.checkpoint (inlined and sharded)."""
     results, _ = res
-    assert all(not _replicated(r["ring"]["warnings"]) for r in results)
+    assert all(not _replicated(r[name]["warnings"]) for r in results)
+    assert all(r[name]["loss_err"] <= 1e-5 and r[name]["ring_calls"] == 1 for r in results)
 
 
-@pytest.mark.parametrize("name,word", [("checkpoint-error", "torch.utils.checkpoint"), ("no-rule-error", "cumsum")])
+@pytest.mark.parametrize("name,word", [("disabled-error", "torch.compiler.disable"), ("no-rule-error", "cumsum")])
 def test_fallback_error_refuses_replicated_attention_on_every_rank(res, name, word):
     results, _ = res
     for r in results:
@@ -62,4 +65,4 @@ def test_dump_summary_names_the_replicated_attention(res):
     summaries = [p.read_text() for p in Path(dump).glob("frame-*/rank0/summary.txt")]
     assert summaries
     text = "\n".join(summaries)
-    assert "## attention run replicated" in text and "torch.utils.checkpoint" in text
+    assert "## attention run replicated" in text and "torch.compiler.disable" in text
