@@ -281,7 +281,7 @@ def structure_case(rank, P, *, model="llama", S=32):
     idx, tgt = _batch(S, B=1)
     torch._dynamo.reset()
     torch.compile(m, backend=capture)(idx, tgt)
-    sharded = _shard_graph(captured["gm"], captured["ex"], dist.group.WORLD, resolve_options(inner="aot_eager"))
+    sharded = _shard_graph(captured["gm"], captured["ex"], dist.group.WORLD, resolve_options(inner="aot_eager", schedule="zigzag"))
     ShapeProp(sharded).propagate(*captured["ex"])
     gather = torch.ops.seqpar.gather_sequence.default
     allowed = set()
