@@ -174,7 +174,8 @@ class ShardingContext:
                    f"and computing it replicated (correct, slower)")
         if self.fallback == "error":
             raise SeqparFallbackError(message.replace("; gathering", ". SEQPAR_FALLBACK=error forbids gathering"))
-        warnings.warn(message, stacklevel=2)
+        if self.rank == 0:          # every rank of the group compiles the same graph: say it once (issue 16)
+            warnings.warn(message, stacklevel=2)
 
 
 def call_arguments(node: fx.Node, names: list[str], defaults: dict) -> dict:
@@ -236,7 +237,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
                 gathered.append(old.name)
                 return ctx.full(old)
             ctx.emit("output", (_map(exit_value, node.args[0]),), op="output")
-            if gathered:
+            if gathered and ctx.rank == 0:
                 cache = (" A returned KV cache is gathered layer by layer (use_cache=False avoids it)."
                          if len(gathered) > 1 else "")
                 warnings.warn(f"seqpar: {len(gathered)} sharded output(s) gathered at this frame's exit "

@@ -28,11 +28,12 @@ def test_attention_runs_as_the_ring_once_per_rank_exactly_without_fallback(res, 
 
 
 def test_alibi_slopes_that_require_grad_fall_back_exactly_with_a_warning(res):
-    for r in res:
+    for rank, r in enumerate(res):
         case = r["slopes-with-grad"]
         assert case["error"] is None, case["error"]
         assert case["ring_calls"] == 0
-        assert any("ALiBi slopes that require grad" in w for w in case["warnings"]), case["warnings"]
+        said = [w for w in case["warnings"] if "ALiBi slopes that require grad" in w]
+        assert len(said) == (1 if rank == 0 else 0), case["warnings"]     # once per group, by rank 0
         assert case["out"] < 1e-5 and max(case["grads"].values()) < 1e-4, case
 
 

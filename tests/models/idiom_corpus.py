@@ -201,8 +201,8 @@ def check_idiom_result(item: Idiom, r: dict, rank: int) -> None:
     assert r["grads"], f"{item.name}: no parameter received a gradient"
     assert r["ring_calls"] == item.ring_calls, (
         f"{item.name}: {r['ring_calls']} ring attention calls, expected {item.ring_calls}; warnings: {r['warnings']}")
-    if item.fallback is None:
-        assert not falls, f"{item.name}: unexpected fallback: {falls}"
+    if item.fallback is None or rank != 0:      # a fallback is said once per group, by its rank 0
+        assert not falls, f"{item.name}: unexpected fallback on rank {rank}: {falls}"
     else:
         assert falls and all(item.fallback in w for w in falls), (
             f"{item.name}: expected a warned fallback naming {item.fallback!r}, got {falls}")

@@ -81,10 +81,11 @@ def test_grad_reduce_none_leaves_partial_gradients_that_sum_to_the_full_one(resu
 
 
 def test_unsupported_sequence_op_falls_back_with_a_warning_and_stays_correct(results):
-    for res in results(2):
+    for rank, res in enumerate(results(2)):
         r = res["cumsum-fallback"]
         assert r["error"] is None and r["err"] <= 1e-5, r
-        assert any("cumsum" in w and "test_models" not in w for w in r["warnings"]), r["warnings"]
+        said = [w for w in r["warnings"] if "cumsum" in w and "test_models" not in w]
+        assert len(said) == (1 if rank == 0 else 0), r["warnings"]      # once per group, by rank 0
 
 
 def test_fallback_error_mode_raises_naming_the_op(results):
