@@ -48,6 +48,7 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from .user_regions import tag_user_regions
+from .mask_proof import ancestors
 
 __all__ = ["POLICIES", "CheckpointPlan", "attention_ops", "tag_joint_graph", "checkpoint_partition_fn",
            "inductor_partitioner", "SeqparPartitioner", "has_user_regions"]
@@ -123,13 +124,8 @@ def _dominators(forward: list[fx.Node], sources: set[fx.Node]) -> dict[fx.Node, 
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
+    """Every node ``node`` is computed from (not ``node`` itself)."""
+    return set(ancestors(node)) - {node}
 
 
 def _is_view(node: fx.Node) -> bool:

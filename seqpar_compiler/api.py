@@ -27,6 +27,24 @@ def _fixed_schedule(schedule: str | None, ulysses_degree: int | None = None,
     return hybrid_layout(schedule, ulysses_degree, group)
 
 
+def _score_arguments(q, scale, window, alibi_slopes, softcap) -> tuple[float, tuple]:
+    """The scale (default 1/sqrt(D)) and the op's trailing (alibi_slopes, softcap) arguments,
+    empty when neither is given (so graphs without them keep the old schema's arity), with clear
+    errors for values the attention ops cannot take. Shared by ring_attention and ulysses_attention."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise ValueError(f"window must be an int >= 1; got {window!r}")
+    if alibi_slopes is None and softcap is None:
+        return scale, ()
+    if alibi_slopes is not None and alibi_slopes.requires_grad:
+        raise ValueError("alibi_slopes must not require grad (no slope gradient is computed); "
+                         "pass alibi_slopes.detach()")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
+        raise ValueError(f"softcap must be a float > 0; got {softcap!r}")
+    return scale, (alibi_slopes, None if softcap is None else float(softcap))
+
+
 def _group_name(group: dist.ProcessGroup | None) -> str:
     """The name the ops take: '' for no group or a group of one."""
     if group is None:
@@ -77,18 +95,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     schedule = _fixed_schedule(schedule)
     overlap = get_option("overlap", overlap)
     kernel = get_option("kernel", kernel)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
-        raise ValueError(f"window must be an int >= 1; got {window!r}")
-    extra = ()
-    if alibi_slopes is not None or softcap is not None:
-        if alibi_slopes is not None and alibi_slopes.requires_grad:
-            raise ValueError("alibi_slopes must not require grad (the ring computes no slope gradient); "
-                             "pass alibi_slopes.detach()")
-        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
-            raise ValueError(f"softcap must be a float > 0; got {softcap!r}")
-        extra = (alibi_slopes, None if softcap is None else float(softcap))
+    scale, extra = _score_arguments(q, scale, window, alibi_slopes, softcap)
     out, lse = ring_attention_op(q, k, v, doc_ids, float(scale), bool(causal), window, schedule,
                                  _group_name(group), overlap, kernel, *extra)
     return (out, lse) if return_lse else out

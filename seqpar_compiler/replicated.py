@@ -27,6 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .dump import _source_line as source_line
+from seqpar_compiler.passes.mask_proof import ancestors
 
 __all__ = ["GraphBreakTracker", "hidden_attention_causes", "replicated_attention_causes", "replicated_message"]
 
@@ -135,13 +136,8 @@ def replicated_attention_causes(attention: list[fx.Node], placements: dict) -> l
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
+    """Every node ``node`` is computed from (not ``node`` itself)."""
+    return set(ancestors(node)) - {node}
 
 
 def _order(graph: fx.Graph):

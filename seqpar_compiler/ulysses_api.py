@@ -97,22 +97,11 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     if schedule not in ("ulysses", "hybrid") and not schedule.startswith("hybrid:"):
         raise ValueError(f"ulysses_attention takes schedule 'ulysses' or 'hybrid'; got {schedule!r} (the ring "
                          f"schedules run through ring_attention)")
-    from .api import _group_name
+    from .api import _group_name, _score_arguments
     layout = hybrid_layout(schedule, ulysses_degree, group)
     overlap = get_option("overlap", overlap)
     kernel = get_option("kernel", kernel)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
-        raise ValueError(f"window must be an int >= 1; got {window!r}")
-    extra = ()
-    if alibi_slopes is not None or softcap is not None:
-        if alibi_slopes is not None and alibi_slopes.requires_grad:
-            raise ValueError("alibi_slopes must not require grad (no slope gradient is computed); "
-                             "pass alibi_slopes.detach()")
-        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
-            raise ValueError(f"softcap must be a float > 0; got {softcap!r}")
-        extra = (alibi_slopes, None if softcap is None else float(softcap))
+    scale, extra = _score_arguments(q, scale, window, alibi_slopes, softcap)
     out, lse, *_saved = ulysses_attention_op(q, k, v, doc_ids, float(scale), bool(causal), window, layout,
                                              _group_name(group), overlap, kernel, *extra)
     return (out, lse) if return_lse else out
