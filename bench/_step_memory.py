@@ -68,12 +68,23 @@ def step_worker(rank, P, *, S, layers=4, width=256, heads=8, backend="seqpar", s
     start = time.perf_counter()
     forward_backward()                       # compile
     optimizer_step()
-    compile_s = time.perf_counter() - start
+    return measure_steps(forward_backward, optimizer_step, steps, compile_seconds=time.perf_counter() - start)
+
+
+def measure_steps(forward_backward, optimizer_step, steps: int, *, compile_seconds: float,
+                  counters: dict | None = None) -> dict:
+    """``steps`` measured steps after the compiling one: best time, activation memory (peak RSS of
+    forward + backward over RSS before it) and peak RSS in MiB, ring forwards of the last step,
+    and for each ``counters`` name -> zero-argument function, its increase over the last step."""
+    import seqpar_compiler as sp
+    counters = counters or {}
     times, act, peaks, calls = [], [], [], []
+    grown = {name: 0 for name in counters}
     for _ in range(steps):
         trim_malloc()
         before = status_kib("VmRSS")
         reset = reset_peak_rss()
+        start_counts = {name: read() for name, read in counters.items()}
         with sp.stats() as st:
             start = time.perf_counter()
             forward_backward()
@@ -82,5 +93,6 @@ def step_worker(rank, P, *, S, layers=4, width=256, heads=8, backend="seqpar", s
             times.append(time.perf_counter() - start)
         act.append(peaks[-1] - before)
         calls.append(st.attention_forward_calls)
+        grown = {name: read() - start_counts[name] for name, read in counters.items()}
     return {"seconds": min(times), "activation_mib": min(act) / 1024, "peak_rss_mib": min(peaks) / 1024,
-            "compile_seconds": compile_s, "peak_reset": reset, "attention_forward_calls": calls[-1]}
+            "compile_seconds": compile_seconds, "peak_reset": reset, "attention_forward_calls": calls[-1], **grown}

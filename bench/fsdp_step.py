@@ -30,7 +30,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
-from seqpar_compiler.process_memory import reset_peak_rss, status_kib, trim_malloc  # noqa: E402
 
 RANK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}     # as bench/_step_memory.py: freed tensors leave RSS
 ARRANGEMENTS = ("whole", "fsdp-per-block")
@@ -82,25 +81,10 @@ def step_worker(rank, P, arrangement, S, layers, width, heads, steps):
     start = time.perf_counter()
     loss0 = forward_backward()
     optimizer_step()
-    compile_s = time.perf_counter() - start
-    times, act, peaks, calls, gathers = [], [], [], [], []
-    for _ in range(steps):
-        trim_malloc()
-        before = status_kib("VmRSS")
-        reset = reset_peak_rss()
-        g0 = gather_count()
-        with sp.stats() as st:
-            start = time.perf_counter()
-            forward_backward()
-            peaks.append(status_kib("VmHWM"))
-            optimizer_step()
-            times.append(time.perf_counter() - start)
-        act.append(peaks[-1] - before)
-        calls.append(st.attention_forward_calls)
-        gathers.append(gather_count() - g0)
-    return {"seconds": min(times), "activation_mib": min(act) / 1024, "peak_rss_mib": min(peaks) / 1024,
-            "compile_seconds": compile_s, "peak_reset": reset, "attention_forward_calls": calls[-1],
-            "eager_shard_gathers": gathers[-1], "first_loss": loss0}
+    from _step_memory import measure_steps
+    out = measure_steps(forward_backward, optimizer_step, steps, compile_seconds=time.perf_counter() - start,
+                        counters={"eager_shard_gathers": gather_count})
+    return {**out, "first_loss": loss0}
 
 
 def main() -> None:
