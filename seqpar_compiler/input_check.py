@@ -37,15 +37,29 @@ def _has_no_data(t: torch.Tensor) -> bool:
     return t.is_meta or is_fake(t)
 
 
+# elements summed at a time: a per-block frame's input is a full-length activation (FSDP2's eager
+# root, issue 13), and float64 copies of all of it were 6x its fp32 size at the step's peak
+_CHUNK = 1 << 18
+
+
+def _sums(flat: torch.Tensor) -> tuple[float, float]:
+    """The plain and the position-weighted (1 + i mod 97) float64 sums of ``flat``, chunk by chunk."""
+    weights = 1.0 + torch.arange(_CHUNK + 97, dtype=torch.float64, device=flat.device).remainder_(97)
+    total = weighted = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start:start + _CHUNK].to(torch.float64)
+        total = total + part.sum()
+        weighted = weighted + (part * weights[start % 97:start % 97 + part.numel()]).sum()
+    return float(total), float(weighted)
+
+
 def _fingerprint(args: Sequence[Any]) -> torch.Tensor:
     values: list[float] = []
     for arg in args:
         if isinstance(arg, torch.nn.Parameter):
             continue
         if isinstance(arg, torch.Tensor):
-            flat = _real_view(arg.detach()).reshape(-1).to(torch.float64)
-            weights = 1.0 + torch.arange(flat.numel(), dtype=torch.float64, device=flat.device).remainder_(97)
-            values += [float(arg.dim()), float(arg.numel()), float(flat.sum()), float((flat * weights).sum())]
+            values += [float(arg.dim()), float(arg.numel()), *_sums(_real_view(arg.detach()).reshape(-1))]
         elif isinstance(arg, (int, float, bool)):
             values.append(float(arg))
     return torch.tensor(values or [0.0], dtype=torch.float64)
