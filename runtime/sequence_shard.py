@@ -279,6 +279,15 @@ def prod(xs) -> int:
     return math.prod(xs)
 
 
-def warn_gather(op: str, why: str) -> None:
+_gather_warned: set = set()
+
+
+def warn_gather(op: str, why: str, spec: ShardSpec | None = None) -> None:
+    """Said once per op name and group, by the group's rank 0, as the compiler's fallbacks are
+    (every rank runs the same code: P copies of one message say nothing more; issue 16)."""
+    if spec is not None:
+        if (spec.group_name, op) in _gather_warned or spec.rank != 0:
+            return
+        _gather_warned.add((spec.group_name, op))
     warnings.warn(f"seqpar: eager op {op} on a SequenceShard {why}: gathering the sequence and computing it "
                   f"replicated (correct, every rank holds the whole sequence of its inputs)", stacklevel=4)

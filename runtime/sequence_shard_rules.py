@@ -79,7 +79,8 @@ def _localize(value, spec: ShardSpec, dim: int | None):
 def _fallback(func, args, kwargs):
     flat, _ = tree_flatten((args, kwargs))
     if func not in _READS and not any(_is_fake(a._local) for a in flat if isinstance(a, SequenceShard)):
-        warn_gather(str(func), "has no eager sequence-parallel rule")
+        warn_gather(str(func), "has no eager sequence-parallel rule",
+                    next((a.spec for a in flat if isinstance(a, SequenceShard)), None))
     full_args, full_kwargs = tree_map(lambda a: gather_local(a._local, a.spec) if isinstance(a, SequenceShard) else a,
                                       (args, kwargs))
     out = func(*full_args, **full_kwargs)

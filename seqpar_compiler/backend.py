@@ -159,11 +159,16 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inne
                       config_patches={"custom_partitioner_fn": inductor_partitioner(checkpoint, model_state)})
 
 
-def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callable:
+def backend(*, group: dist.ProcessGroup | None = None, mesh: Any = None, mesh_dim: str | int | None = None,
+            **options: Any) -> Callable:
     """A backend callable with explicit options (lower-case names; they override ``SEQPAR_*``).
 
-    ``torch.compile(model, backend=seqpar_compiler.backend(schedule="zigzag", group=pg))``.
+    ``torch.compile(model, backend=seqpar_compiler.backend(schedule="zigzag", group=pg))``; the
+    group may be named by a DeviceMesh instead: ``mesh=world_mesh["sp"]`` or
+    ``mesh=world_mesh, mesh_dim="sp"`` (mesh_group.py).
     """
+    from .mesh_group import resolve_sequence_group
+    group = resolve_sequence_group(group, mesh, mesh_dim)
     check_environment()          # every SEQPAR_* value at once, and unknown names, before any tracing
     opts = resolve_options(**options)
     if opts["output"] == "local" and opts["schedule"] == "auto":
@@ -179,6 +184,8 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
         P = 1 if pg is None else dist.get_world_size(pg)
         if _lead(pg):
             _warn_at_recompile_limit(example_inputs)
+        from .fsdp_reduction import warn_fsdp_reduces_twice     # issue 13: FSDP2 would reduce again
+        warn_fsdp_reduces_twice(example_inputs, pg if P > 1 else None, opts["grad_reduce"])
         if P == 1:
             _log_once("single", "seqpar: no process group or a group of one rank: compiling with "
                                 f"{opts['inner']} and the memory passes only (nothing to shard)")
@@ -190,15 +197,19 @@ def backend(*, group: dist.ProcessGroup | None = None, **options: Any) -> Callab
         from .dump import DumpRecorder     # lazily: `python -m seqpar_compiler.dump` runs that module as __main__
         dump = DumpRecorder.maybe(opts, dist.get_rank(pg), P)
         from .frames import frame_shard_inputs, local_examples, wrap_frame   # issue 13: shards across frames
+        from .mask_frames import carry_mask_outputs, expand_mask_inputs, mask_examples, wrap_mask_frame
+        example_inputs, mask_inputs = expand_mask_inputs(gm, example_inputs)    # masks cross frames as facts
+        mask_exits = carry_mask_outputs(gm, example_inputs, _model_state_inputs(gm, example_inputs))
+        gm.seqpar_carries_masks = mask_exits is not None
         shards = frame_shard_inputs(example_inputs)
         with _hide_user_saved_tensor_hooks():
             sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
         target = sharded if sharded is not None else gm
-        compiled = _inner_compile(target, local_examples(target, example_inputs), opts["inner"],
-                                  checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"])
+        compiled = _inner_compile(target, mask_examples(local_examples(target, example_inputs), mask_inputs),
+                                  opts["inner"], checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"])
         check = (lambda args: check_same_inputs(args, pg)) if opts["check_inputs"] else None
-        return wrap_frame(compiled, shards, getattr(sharded, "seqpar_exits", None), check,
-                          getattr(sharded, "seqpar_entry", None))
+        return wrap_mask_frame(wrap_frame(compiled, shards, getattr(sharded, "seqpar_exits", None), check,
+                                          getattr(sharded, "seqpar_entry", None)), mask_exits, mask_inputs)
 
     return compile_graph
 
@@ -227,6 +238,17 @@ def _is_model_state(node: torch.fx.Node, value) -> bool:
     return isinstance(value, torch.nn.Parameter) or "_parameters_" in name or "_buffers_" in name
 
 
+def _model_state_inputs(gm: torch.fx.GraphModule, example_inputs) -> set:
+    """The placeholders that are parameters or buffers (static for the mask proofs)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n for n, value in zip(placeholders, example_inputs) if _is_model_state(n, value)}
+
+
+def _has_trainable_state(gm: torch.fx.GraphModule, example_inputs) -> bool:
+    return any(getattr(value, "requires_grad", False) for value in example_inputs
+               if isinstance(value, torch.Tensor)) or any(p.requires_grad for p in gm.parameters())
+
+
 def _user_input_dims(gm: torch.fx.GraphModule, example_inputs, S: int) -> dict[str, int]:
     """Placeholders that are the user's inputs (not parameters or buffers) with a sequence dim."""
     dims = {}
@@ -251,8 +273,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     from seqpar_compiler.runtime import check_sequence_length
     from seqpar_compiler.passes.hop_bodies import inline_hop_bodies
     inline_hop_bodies(gm)        # issue 13: attention inside torch.utils.checkpoint bodies is sharded too
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    static = {n for n, value in zip(placeholders, example_inputs) if _is_model_state(n, value)}
+    static = _model_state_inputs(gm, example_inputs)
     if dump:
         dump.graph("dynamo", gm)
     canonicalize_handwritten_attention(gm, example_inputs, static)
@@ -277,7 +298,13 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     if (not attention or S is None) and not shards and piece_S is None:
         what = "no" if not attention else "no common-length"
         _report_replicated(hidden, pg, opts, dump)
-        if not hidden:
+        if not hidden and getattr(gm, "seqpar_carries_masks", False):     # mask_frames.py
+            log.info("seqpar: frame %s builds attention masks; they leave it as proved facts", _frame_name())
+        elif not hidden and not attention and not _has_trainable_state(gm, example_inputs):
+            # a helper frame (position tables, a mask it could not prove) computes no layer: said at INFO,
+            # so the warning keeps meaning "model layers run replicated here"
+            log.info("seqpar: frame %s has %s self-attention and no parameters; it runs replicated", _frame_name(), what)
+        elif not hidden:
             if dist.get_rank(pg) == 0:
                 warnings.warn(f"seqpar: frame {_frame_name()} has {what} self-attention; it runs replicated on each "
                               f"of the {P} ranks", stacklevel=3)

@@ -9,7 +9,9 @@ follow-up), ``aot_eager`` in one spawn per world size.
   * ``none``: every gradient leaves the backward partial on every rank (compiled frames, the
     frame-edge entry shard and the eager SequenceShard rules alike); the wrapper spans dp × sp
     ranks and its one reduction completes it. Loss scaling rule: DDP and FSDP2 average over the
-    ranks they span, so multiply the loss by sp (the sequence degree).
+    ranks they span, so multiply the loss by sp (the sequence degree); or, under FSDP2, keep the
+    loss and call ``set_gradient_divide_factor(dp)`` + ``set_force_sum_reduction_for_comms(True)``.
+  * ``backend(mesh=world_mesh, mesh_dim="sp")`` names the sequence group by a DeviceMesh dim.
 
 Each case checks the loss and every parameter gradient against single-process eager with the
 data-parallel mean over the groups' batches (1e-5 / 1e-4) and ring attention once per layer.
@@ -23,12 +25,23 @@ CASES = {
     2: [("ddp-world-none", dict(arrangement="ddp-world", grad_reduce="none")),
         ("fsdp-per-block-none", dict(arrangement="fsdp-per-block", grad_reduce="none")),
         ("fsdp-whole-none", dict(arrangement="fsdp-whole", grad_reduce="none")),
-        ("per-block-none", dict(arrangement="per-block", grad_reduce="none", model="llama"))],
-    4: [("ddp-sum", dict(arrangement="ddp", degree=2))],
+        ("fsdp-whole-none-divide", dict(arrangement="fsdp-whole", grad_reduce="none", divide_factor=True)),
+        ("fsdp-per-block-sum", dict(arrangement="fsdp-per-block", grad_reduce="sum")),
+        ("per-block-none", dict(arrangement="per-block", grad_reduce="none", model="llama")),
+        ("eager-gather-warning", {})],
+    4: [("ddp-sum", dict(arrangement="ddp", degree=2)),
+        ("mesh-fsdp-sum", dict(arrangement="mesh-fsdp", degree=2)),
+        ("mesh-fsdp-2d-none", dict(arrangement="mesh-fsdp-2d", degree=2, grad_reduce="none")),
+        ("mesh-errors", {})],
     "4slow": [("fsdp-2d-per-block-none", dict(arrangement="fsdp-per-block", degree=2, grad_reduce="none",
                                               model="llama")),
+              ("fsdp-2d-whole-none-divide", dict(arrangement="fsdp-whole", degree=2, grad_reduce="none",
+                                                 divide_factor=True)),
               ("ddp-world-none", dict(arrangement="ddp-world", degree=2, grad_reduce="none"))],
 }
+NOT_TRAINING = ("per-block-none", "eager-gather-warning", "mesh-errors")     # checked by their own tests
+FSDP_NONE = {2: ["fsdp-per-block-none", "fsdp-whole-none", "fsdp-whole-none-divide"], 4: ["mesh-fsdp-2d-none"],
+             "4slow": ["fsdp-2d-per-block-none", "fsdp-2d-whole-none-divide"]}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +57,7 @@ def results():
 
 
 PARAMS = [pytest.param(k, n, marks=pytest.mark.slow if k == "4slow" else (), id=f"{k}-{n}")
-          for k, cases in CASES.items() for n, _ in cases if n != "per-block-none"]
+          for k, cases in CASES.items() for n, _ in cases if n not in NOT_TRAINING]
 
 
 @pytest.mark.timeout(1500)
@@ -100,3 +113,58 @@ def test_grad_reduce_none_eager_rules_leave_gradients_partial(results):
         total = sum(r["raw"][name] for r in rs)
         assert float((total - want).norm() / want.norm()) <= 1e-4, name
         assert float((rs[0]["raw"][name] - want).norm() / want.norm()) > 1e-3, name
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("key", [2, 4, pytest.param("4slow", marks=pytest.mark.slow)])
+def test_grad_reduce_none_under_fsdp_reduces_each_gradient_once(results, key):
+    """Per-block, whole-model and 2-D (FSDP over dp × sp): seqpar issues no all-reduce in the
+    backward; FSDP's reduce-scatter (one per FSDP module: 2 blocks + root) is the only reduction,
+    and the gradients are exact (previous test)."""
+    for res in results(key):
+        for name in FSDP_NONE[key]:
+            assert res[name]["backward_all_reduces"] == 0, (name, res[name]["backward_all_reduces"])
+            assert res[name]["backward_reduce_scatters"] == 3, (name, res[name]["backward_reduce_scatters"])
+
+
+@pytest.mark.timeout(1500)
+def test_grad_reduce_sum_under_fsdp_reduces_twice_and_rank_0_says_so_once(results):
+    """The counter sees seqpar's bucketed sums under sum (one per compiled block), so its 0 under
+    none is a measurement; rank 0 of the group warns once with the recipe, other ranks say nothing."""
+    rs = [res["fsdp-per-block-sum"] for res in results(2)]
+    assert all(r["backward_all_reduces"] >= 2 and r["backward_reduce_scatters"] == 3 for r in rs), rs
+    fsdp = [[w for w in r["warnings"] if "FSDP2" in w] for r in rs]
+    assert len(fsdp[0]) == 1 and fsdp[1] == [], fsdp
+    assert "SEQPAR_GRAD_REDUCE=none" in fsdp[0][0] and "multiply the sequence loss by 2" in fsdp[0][0], fsdp[0][0]
+
+
+@pytest.mark.timeout(1500)
+def test_fsdp_over_dp_only_is_not_warned(results):
+    """FSDP2 over the mesh's dp dim does not span the sequence group: nothing reduces twice."""
+    for res in results(4):
+        assert res["mesh-fsdp-sum"]["warnings"] == [], res["mesh-fsdp-sum"]["warnings"]
+
+
+@pytest.mark.timeout(1500)
+def test_backend_mesh_arguments_are_checked_with_clear_errors(results):
+    for rank, res in enumerate(results(4)):
+        e = res["mesh-errors"]
+        assert "mesh_dim='cp' is not a dim of the mesh; allowed: 'dp', 'sp'" in e["wrong_dim"]
+        assert "name the sequence-parallel one with mesh_dim=" in e["no_dim"]
+        assert "not both" in e["both"] and "needs mesh=" in e["dim_without_mesh"]
+        assert "must be a torch.distributed DeviceMesh" in e["not_a_mesh"]
+        assert e["sub_mesh_ok"]
+        if rank < 2:
+            assert e["not_in_mesh"] is None
+        else:
+            assert f"this rank ({rank}) is not in the mesh [0, 1]" in e["not_in_mesh"]
+
+
+@pytest.mark.timeout(1500)
+def test_eager_gather_fallback_is_warned_once_by_rank_0(results):
+    """As the compiler's fallbacks (issue 16): an eager op with no rule on a SequenceShard,
+    called twice, is exact and warned once, by the group's rank 0."""
+    rs = [res["eager-gather-warning"] for res in results(2)]
+    assert all(r["exact"] for r in rs)
+    assert len(rs[0]["warnings"]) == 1 and "aten.cumsum" in rs[0]["warnings"][0], rs[0]["warnings"]
+    assert rs[1]["warnings"] == [], rs[1]["warnings"]
