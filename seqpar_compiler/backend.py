@@ -333,6 +333,9 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     already = seed_shard_inputs(ctx, gm, {**(shards or {}), **entry})
     dims = {k: v for k, v in _user_input_dims(gm, example_inputs, S).items() if k not in already}
     out = rewrite_graph(gm, example_inputs, ctx, dims)
+    if opts["grad_reduce"] == "none":          # issue 13: replicated uses' gradients partial too
+        from seqpar_compiler.passes.replicated_grads import share_replicated_gradients
+        share_replicated_gradients(out, pg.group_name)
     # outputs that carry the sequence leave as SequenceShards (gathered only when read), or local
     out.seqpar_exits = exit_specs(gm, ctx) if opts["output"] == "gather" else None
     out.seqpar_entry = entry

@@ -57,6 +57,26 @@ class CollectiveCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class WithGain(nn.Module):
+    """A model whose returned loss has a term computed from a parameter alone (``gain ** 2``):
+    under ``none`` that term's gradient must come out partial like the rest."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.gain = inner, nn.Parameter(torch.tensor(0.5))
+
+    @property
+    def blocks(self):
+        return self.inner.blocks
+
+    def forward(self, idx, targets):
+        logits, loss = self.inner(idx, targets)
+        return logits, loss + self.gain ** 2
+
+
+MODELS = {**FW.MODELS, "gpt-gain": lambda: WithGain(FW.MODELS["gpt"]())}
+
+
 def _batch(k: int, vocab: int = 256):
     g = torch.Generator().manual_seed(1 + k)
     return (torch.randint(0, vocab, (FW.B, FW.S), generator=g), torch.randint(0, vocab, (FW.B, FW.S), generator=g))
@@ -126,7 +146,7 @@ def ddp_case(rank, world, *, model="gpt", arrangement="ddp", degree=2, grad_redu
         pieces.append(len(list(gm.graph.nodes)))
         return inner_backend(gm, example_inputs)
     torch.manual_seed(0)
-    m, ref = FW.MODELS[model](), FW.MODELS[model]()
+    m, ref = MODELS[model](), MODELS[model]()
     ref.load_state_dict(m.state_dict())
     call = _wrap(m, arrangement, backend, world, degree, grad_reduce, world_mesh, divide_factor)
     idx, tgt = _batch(k)

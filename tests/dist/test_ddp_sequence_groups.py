@@ -26,6 +26,7 @@ CASES = {
         ("fsdp-per-block-none", dict(arrangement="fsdp-per-block", grad_reduce="none")),
         ("fsdp-whole-none", dict(arrangement="fsdp-whole", grad_reduce="none")),
         ("fsdp-whole-none-divide", dict(arrangement="fsdp-whole", grad_reduce="none", divide_factor=True)),
+        ("ddp-world-none-gain", dict(arrangement="ddp-world", grad_reduce="none", model="gpt-gain")),
         ("fsdp-per-block-sum", dict(arrangement="fsdp-per-block", grad_reduce="sum")),
         ("per-block-none", dict(arrangement="per-block", grad_reduce="none", model="llama")),
         ("eager-gather-warning", {})],
@@ -168,3 +169,12 @@ def test_eager_gather_fallback_is_warned_once_by_rank_0(results):
     assert all(r["exact"] for r in rs)
     assert len(rs[0]["warnings"]) == 1 and "aten.cumsum" in rs[0]["warnings"][0], rs[0]["warnings"]
     assert rs[1]["warnings"] == [], rs[1]["warnings"]
+
+
+@pytest.mark.timeout(1500)
+def test_grad_reduce_none_makes_a_replicated_term_of_the_loss_partial(results):
+    """``loss + gain ** 2`` returned by the compiled model, under none + DDP over the ranks + loss × sp:
+    gain's gradient is whole on every rank before passes/replicated_grads.py divides it by P on
+    that use; without it DDP's mean would leave it sp× too large."""
+    for res in results(2):
+        assert res["ddp-world-none-gain"]["grads"]["gain"] <= 1e-5, res["ddp-world-none-gain"]["grads"]
