@@ -10,6 +10,12 @@ functional collectives (traceable, so aot_autograd puts them in the forward/back
                            this rank's slice scattered into zeros, no all-gather. Under
                            ``SEQPAR_GRAD_REDUCE=none`` every gradient leaves the backward partial,
                            the entry shard's too, so one sum over dp × sp is exact (issue 13).
+``shard_entry_activation``  a frame's entry shard of a plain full-length activation (the eager
+                           root's embedding output under per-block compile / FSDP2): the backward
+                           hands the gradient back as a ``SequenceShard``, never building it at
+                           full length; the eager code that made the activation runs its backward
+                           with the shard rules (an embedding: local rows, one sum of the table's
+                           gradient, or partial under ``GRAD_REDUCE=none``; issue 13).
 ``sum_grads_over_group``   ``sum_grad_over_group`` for a bucket of parameters at once (issue 13):
                            one all-reduce of their flattened gradients instead of one per tensor,
                            as DDP buckets; autograd runs it once every gradient of the bucket is
@@ -26,7 +32,8 @@ import torch.distributed._functional_collectives as funcol
 
 from .ring_op import resolve_group
 
-__all__ = ["sum_grad_over_group", "sum_grads_over_group", "all_reduce_to_replicated", "shard_sequence_partial"]
+__all__ = ["sum_grad_over_group", "sum_grads_over_group", "all_reduce_to_replicated", "shard_sequence_partial",
+           "shard_entry_activation"]
 
 
 class _SumGradOverGroup(torch.autograd.Function):
@@ -110,3 +117,35 @@ def shard_sequence_partial(x: torch.Tensor, dim: int, schedule: str, group_name:
     Shapes: ``x [..., S, ...]`` (S at ``dim``) → ``[..., S/P, ...]``; the gradient of ``x`` is
     zero outside this rank's positions."""
     return _ShardSequencePartial.apply(x, dim, schedule, group_name)
+
+
+class _ShardEntryActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec) -> torch.Tensor:
+        ctx.spec = spec
+        return torch.ops.seqpar.shard_sequence.default(x, spec.dim, spec.schedule, spec.group_name)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from .sequence_shard import SequenceShard
+        # the full gradient, held as this rank's rows: autograd accepts it for the plain input
+        # (same shape, dtype, device); what consumes it runs the eager shard rules
+        return (None if grad is None else SequenceShard(grad, ctx.spec)), None
+
+
+def shard_entry_activation(x: torch.Tensor, spec) -> torch.Tensor:
+    """This rank's rows of a plain full activation entering a frame; its gradient leaves as a
+    ``SequenceShard`` in ``spec`` (no all-gather, no full-length tensor).
+
+    Shapes: ``x [B, S, ...]`` (S at ``spec.dim``) -> ``[B, S/P, ...]``; the gradient of ``x`` is a
+    SequenceShard of global shape ``[B, S, ...]`` holding ``[B, S/P, ...]``. Under
+    ``spec.grad_reduce == "none"`` the eager rules leave what they contract over the sequence
+    partial (a gradient sum gathered by a rule-less op would not be, so that raises).
+
+    A leaf (a user's input that requires grad) keeps a plain ``.grad``: gathered, or under
+    ``none`` this rank's rows in zeros (partial), as the user reads or sums it."""
+    if x.requires_grad and x.grad_fn is None:
+        if spec.grad_reduce == "none":
+            return shard_sequence_partial(x, spec.dim, spec.schedule, spec.group_name)
+        return torch.ops.seqpar.shard_sequence.default(x, spec.dim, spec.schedule, spec.group_name)
+    return _ShardEntryActivation.apply(x, spec)

@@ -78,6 +78,13 @@ def _localize(value, spec: ShardSpec, dim: int | None):
 
 def _fallback(func, args, kwargs):
     flat, _ = tree_flatten((args, kwargs))
+    if func not in _READS and any(a.spec.grad_reduce == "none" and not _is_fake(a._local)
+                                  for a in flat if isinstance(a, SequenceShard)) and _in_backward():
+        # a gathered gradient is whole on every rank, where GRAD_REDUCE=none promises a partial
+        # one: the data-parallel sum over dp x sp would count it P times (never wrong: refuse)
+        raise RuntimeError(f"seqpar: eager op {func} has no sequence-parallel rule for a sequence-sharded gradient "
+                           f"under SEQPAR_GRAD_REDUCE=none; gathering would leave a whole gradient where a partial one "
+                           f"is expected. Use SEQPAR_GRAD_REDUCE=sum, or compute this op inside a compiled frame")
     if func not in _READS and not any(_is_fake(a._local) for a in flat if isinstance(a, SequenceShard)):
         warn_gather(str(func), "has no eager sequence-parallel rule",
                     next((a.spec for a in flat if isinstance(a, SequenceShard)), None))
@@ -89,6 +96,11 @@ def _fallback(func, args, kwargs):
         target._local.copy_(slice_local(out, target.spec))
         return target
     return out
+
+
+def _in_backward() -> bool:
+    """Inside autograd's backward (a checkpoint's forward recompute runs with grad mode on)."""
+    return torch._C._current_autograd_node() is not None and not torch.is_grad_enabled()
 
 
 # -- pointwise and *_like -------------------------------------------------------------------------

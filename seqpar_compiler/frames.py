@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .runtime.grad_collectives import shard_sequence_partial
+from .runtime.grad_collectives import shard_entry_activation
 from .runtime.sequence_ops import shard_sequence_op
 from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, to_local
 
@@ -44,8 +44,9 @@ def entry_activations(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], S
     has attention: sharded at the frame's edge. Under per-block compile the first block receives
     the eager root's full hidden states, and a block that opens with a hand-written norm (pointwise
     ops) would otherwise never start its sharded part (the rewrite seeds inputs at embeddings,
-    linears and norms only). The backward of this entry shard gathers, as the entry shard does;
-    under ``grad_reduce="none"`` it scatters this rank's rows into zeros instead (left partial)."""
+    linears and norms only). Its backward returns the gradient as a SequenceShard (no gather):
+    the eager code that made the activation runs its backward on shards (left partial under
+    ``grad_reduce="none"`` by the rules)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out = {}
     for i, (node, x) in enumerate(zip(placeholders, example_inputs)):
@@ -141,9 +142,8 @@ def wrap_frame(compiled: Callable, shards: dict[int, ShardSpec], exits: list[Sha
             check([a for a in args if not isinstance(a, SequenceShard)])
         if shards or entry:
             args = list(args)
-            for i, spec in entry.items():
-                cut = shard_sequence_partial if spec.grad_reduce == "none" else shard_sequence_op
-                args[i] = cut(args[i], spec.dim, spec.schedule, spec.group_name)
+            for i, spec in entry.items():           # gradient back as a SequenceShard, never full length
+                args[i] = shard_entry_activation(args[i], spec)
             for i, spec in shards.items():
                 if isinstance(args[i], SequenceShard):
                     args[i] = to_local(args[i], spec)

@@ -90,6 +90,37 @@ def full_length_saves(step, inputs):
     return found, out
 
 
+class FullLengthBackward:
+    """Records the floating-point tensors of the whole sequence length S that ATen ops make
+    while it is on (a SequenceShard by its local shard): run around ``backward()`` it catches a
+    gradient gathered to full length (the gather's output) or scattered into full-length zeros.
+    With the ``aot_eager`` inner compiler the compiled frames' backward ops are seen too."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+        found = self.shapes = []
+
+        class Mode(TorchDispatchMode):
+            @classmethod
+            def ignore_compile_internals(cls):
+                return True
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    local = t._local if isinstance(t, SequenceShard) else t
+                    if isinstance(local, torch.Tensor) and local.is_floating_point() and S in local.shape:
+                        found.append((str(func), tuple(local.shape)))
+                return out
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
 def _prepare(model: str, arrangement: str, backend):
     """The model under test and its single-device twin; ``arrangement`` says how it is compiled."""
     torch.manual_seed(0)
@@ -135,7 +166,8 @@ def frames_case(rank, P, *, model="gpt", arrangement="graph-break", inner="aot_e
         m.zero_grad()
         with sp.stats() as st, GatherCounter() as gathers:
             saves, (logits, loss) = full_length_saves(lambda: call(idx, tgt), [idx, tgt])
-            loss.backward()
+            with FullLengthBackward() as full_backward:
+                loss.backward()
             gathers_in_step = gathers.calls
     r_logits, r_loss = ref(idx, tgt)
     r_loss.backward()
@@ -145,7 +177,7 @@ def frames_case(rank, P, *, model="gpt", arrangement="graph-break", inner="aot_e
     return {"loss": _rel(loss, r_loss), "logits": _rel(logits, r_logits), "grads": grads,
             "logits_type": type(logits).__name__, "loss_type": type(loss).__name__,
             "ring_calls": st.attention_forward_calls, "layers": len(m.blocks), "full_saves": saves,
-            "gathers": gathers_in_step,
+            "gathers": gathers_in_step, "full_backward": full_backward.shapes,
             "warnings": [str(w.message)[:300] for w in caught if "seqpar" in str(w.message)]}
 
 

@@ -78,6 +78,19 @@ def test_at_most_the_entry_all_gather_per_step_and_none_between_blocks(results, 
 
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("P,name", PARAMS)
+def test_no_gradient_of_the_whole_sequence_length_is_built_in_the_backward(results, P, name):
+    """The first frame's entry shard hands its input's gradient back as a SequenceShard, and
+    the eager root's embedding backward runs on it locally (rows sliced, one sum of the table's
+    gradient): no all-gather, no [B, S, C] gradient on any rank (issue 13: it was one all-gather
+    and a full-length gradient per step under per-block compile and FSDP2)."""
+    for res in results(P):
+        r = res[name]
+        assert r["gathers"] == 0, r
+        assert r["full_backward"] == [], r["full_backward"]
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("P,name", PARAMS)
 def test_logits_stay_a_sequence_shard_and_the_loss_is_plain(results, P, name):
     """The logits leave the last frame (or the eager head) as a SequenceShard: full to a reader
     (checked above against eager), 1/P of the sequence in memory; the scalar loss is plain."""
