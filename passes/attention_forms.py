@@ -238,12 +238,25 @@ def peel_softcap(node):
     return node, None
 
 
+def _plain_leaves(vals):
+    """Tensors of ``vals``, a tensor subclass (a fake ``SequenceShard`` of a frame whose input is a
+    shard) by its inner tensors, which carry the fake mode."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    out = []
+    for t in torch.utils._pytree.tree_leaves(vals):
+        if is_traceable_wrapper_subclass(t):
+            out.extend(_plain_leaves([getattr(t, name) for name in t.__tensor_flatten__()[0]]))
+        else:
+            out.append(t)
+    return out
+
+
 def emit(graph: fx.Graph, target, args, op: str = "call_function", kwargs=None) -> fx.Node:
     """A new node (at the graph's insertion point) with its ``example_value`` computed from its
     inputs' under their fake mode (so tensors the op makes itself, an ``arange``, are fake too)."""
     kwargs = kwargs or {}
     vals = fx.node.map_arg((args, kwargs), example)
-    fakes = [t for t in torch.utils._pytree.tree_leaves(vals) if isinstance(t, FakeTensor)]
+    fakes = [t for t in _plain_leaves(vals) if isinstance(t, FakeTensor)]
     fake_mode = fakes[0].fake_mode if fakes else None      # the tensors' own mode (not the tracing context's)
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         if op == "call_method":

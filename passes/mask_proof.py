@@ -169,6 +169,19 @@ def _strip_views(node):
     return node
 
 
+def _position_base(node):
+    """``node`` with views and batch broadcasts stripped: ``pos.expand(B, -1)`` of a [1, S]
+    ``pos`` is ``pos`` (every row holds the same ids), so the documents numbered from one expand
+    and the gathers from another compare the same position ids."""
+    node = _strip_views(node)
+    while is_call(node, methods={"expand"}) and example(node) is not None and example(node.args[0]) is not None:
+        inner, outer = example(node.args[0]).shape, example(node).shape
+        if len(inner) != len(outer) or any(i != o and i != 1 for i, o in zip(inner, outer)) or inner[-1] != outer[-1]:
+            break
+        node = _strip_views(node.args[0])
+    return node
+
+
 def _packed_positions(doc: fx.Node):
     """``pos`` if ``doc`` is ``(diff(pos, dim=-1) != 1).cumsum(-1)`` (how transformers numbers
     packed documents from position ids that restart), else None.
@@ -189,7 +202,7 @@ def _packed_positions(doc: fx.Node):
             and diff.kwargs.get("n", diff.args[1] if len(diff.args) > 1 else 1) == 1
             and diff.kwargs.get("append") is None and isinstance(diff.args[0], fx.Node)):
         return None
-    pos = _strip_views(diff.args[0])
+    pos = _position_base(diff.args[0])
     ex = example(pos)
     return pos if ex is not None and ex.dim() == 2 and not ex.is_floating_point() else None
 
@@ -220,10 +233,10 @@ def _packed_position_terms(mask, eq, doc, gm, values, static_inputs):
     pos = _packed_positions(doc)
     if pos is None:
         return None
-    B, S = example(pos).shape
     gathers = {}
     for n in ancestors(mask, frozenset([eq])):
-        if is_call(n, fns={operator.getitem}) and _strip_views(n.args[0]) is pos:
+        if is_call(n, fns={operator.getitem}) and _position_base(n.args[0]) is pos:
+            B, S = example(n.args[0]).shape            # the gathered (maybe batch-broadcast) ids
             gathers[n] = _gather_side(n, B, S, gm, values, static_inputs)
             if gathers[n] is None:
                 return None
