@@ -63,7 +63,7 @@ class WithGain(nn.Module):
 
     def __init__(self, inner: nn.Module):
         super().__init__()
-        self.inner, self.gain = inner, nn.Parameter(torch.tensor(0.5))
+        self.inner, self.gain = inner, nn.Parameter(torch.tensor([0.5]))          # 1-D: FSDP2 shards no scalars
 
     @property
     def blocks(self):
@@ -71,7 +71,7 @@ class WithGain(nn.Module):
 
     def forward(self, idx, targets):
         logits, loss = self.inner(idx, targets)
-        return logits, loss + self.gain ** 2
+        return logits, loss + (self.gain ** 2).sum()
 
 
 MODELS = {**FW.MODELS, "gpt-gain": lambda: WithGain(FW.MODELS["gpt"]())}

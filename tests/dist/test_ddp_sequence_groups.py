@@ -27,6 +27,7 @@ CASES = {
         ("fsdp-whole-none", dict(arrangement="fsdp-whole", grad_reduce="none")),
         ("fsdp-whole-none-divide", dict(arrangement="fsdp-whole", grad_reduce="none", divide_factor=True)),
         ("ddp-world-none-gain", dict(arrangement="ddp-world", grad_reduce="none", model="gpt-gain")),
+        ("fsdp-per-block-none-gain", dict(arrangement="fsdp-per-block", grad_reduce="none", model="gpt-gain")),
         ("fsdp-per-block-sum", dict(arrangement="fsdp-per-block", grad_reduce="sum")),
         ("per-block-none", dict(arrangement="per-block", grad_reduce="none", model="llama")),
         ("eager-gather-warning", {})],
@@ -40,7 +41,7 @@ CASES = {
                                                  divide_factor=True)),
               ("ddp-world-none", dict(arrangement="ddp-world", degree=2, grad_reduce="none"))],
 }
-NOT_TRAINING = ("per-block-none", "eager-gather-warning", "mesh-errors")     # checked by their own tests
+NOT_TRAINING = ("per-block-none", "eager-gather-warning", "mesh-errors", "fsdp-per-block-none-gain")     # checked by their own tests
 FSDP_NONE = {2: ["fsdp-per-block-none", "fsdp-whole-none", "fsdp-whole-none-divide"], 4: ["mesh-fsdp-2d-none"],
              "4slow": ["fsdp-2d-per-block-none", "fsdp-2d-whole-none-divide"]}
 
@@ -178,3 +179,21 @@ def test_grad_reduce_none_makes_a_replicated_term_of_the_loss_partial(results):
     that use; without it DDP's mean would leave it sp× too large."""
     for res in results(2):
         assert res["ddp-world-none-gain"]["grads"]["gain"] <= 1e-5, res["ddp-world-none-gain"]["grads"]
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.xfail(strict=True, reason="known limit: a loss term computed from parameters alone in EAGER code (here "
+                   "FSDP2's root forward) is whole on every rank; loss x sp makes it sp x too large (gain rel. error 1.0)")
+def test_grad_reduce_none_replicated_term_in_eager_root_is_partial(results):
+    """The same ``loss + gain ** 2`` with per-block compile: the term is added by the eager root,
+    where no seqpar code sees it. The README tells users to keep such terms out of the sp scaling."""
+    for res in results(2):
+        assert res["fsdp-per-block-none-gain"]["grads"]["gain"] <= 1e-5, res["fsdp-per-block-none-gain"]["grads"]
+
+
+@pytest.mark.timeout(1500)
+def test_grad_reduce_none_eager_root_term_leaves_the_other_gradients_exact(results):
+    for res in results(2):
+        r = res["fsdp-per-block-none-gain"]
+        assert r["loss"] <= 1e-5 and max(v for k, v in r["grads"].items() if k != "gain") <= 1e-4, r["grads"]
+        assert r["backward_all_reduces"] == 0, r
