@@ -145,13 +145,36 @@ def _doc_term(mask: fx.Node, gm, values, static_inputs):
         while u is not mask:
             if len(u.users) != 1:
                 break
-            u = next(iter(u.users))
+            prev, u = u, next(iter(u.users))
             name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
-            if u is not mask and name not in _CONJUNCTION_PATH:
+            if u is not mask and name not in _CONJUNCTION_PATH and not _identity_slice(u, prev) \
+                    and not _hiding_where(u, prev):
                 break
         else:
             return n, X
     return None
+
+
+def _identity_slice(node, prev) -> bool:
+    """``prev[:, :, :, :k]`` that keeps every element (a slice to the full length, as
+    transformers cuts its mask to the key length): the same values, so still a conjunction."""
+    if not (is_call(node, fns={operator.getitem}) and node.args[0] is prev):
+        return False
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    a, b = example(prev), example(node)
+    return (all(isinstance(i, slice) or i is Ellipsis for i in idx) and a is not None and b is not None
+            and tuple(a.shape) == tuple(b.shape))
+
+
+def _hiding_where(node, prev) -> bool:
+    """``where(prev, visible, fill)`` with a constant ``fill`` that hides a key: a False of the
+    conjunction (another document) becomes hidden, as a False of the rest does (transformers'
+    float masks). The proved value is then checked to be 0 or hidden everywhere."""
+    if not (is_call(node, fns={torch.where}) and len(node.args) == 3 and node.args[0] is prev):
+        return False
+    fill, ex = node.args[2], example(node)
+    return (isinstance(fill, (int, float)) and not isinstance(fill, bool) and ex is not None
+            and ex.is_floating_point() and fill <= torch.finfo(ex.dtype).min / 2)
 
 
 _COMPARISONS = {operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne,

@@ -170,17 +170,16 @@ def expand_mask_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tup
 
 
 def _frame_fake_mode(placeholders):
-    """The fake mode the frame's example values live in (Dynamo's tracing context, else the one
-    of a plain fake placeholder example)."""
+    """The fake mode the frame's example values live in: the one of its plain fake placeholder
+    examples (the attention passes compute new values in it), else the tracing context's."""
     from torch._guards import TracingContext
-    ctx = TracingContext.try_get()
-    if ctx is not None and ctx.fake_mode is not None:
-        return ctx.fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor
     for n in placeholders:
         ex = n.meta.get("example_value")
-        if type(ex).__name__ == "FakeTensor":
+        if isinstance(ex, FakeTensor):
             return ex.fake_mode
-    return None
+    ctx = TracingContext.try_get()
+    return ctx.fake_mode if ctx is not None else None
 
 
 def _rebuild(graph: fx.Graph, docs: fx.Node, mask: ProvedMask, fake_mode) -> fx.Node:
