@@ -51,7 +51,7 @@ def entry_activations(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], S
     out = {}
     for i, (node, x) in enumerate(zip(placeholders, example_inputs)):
         if (isinstance(x, torch.Tensor) and not isinstance(x, SequenceShard) and node not in static
-                and x.is_floating_point() and x.dim() >= 3 and x.shape[1] == S and x.shape.count(S) == 1):
+                and x.is_floating_point() and x.dim() >= 3 and x.shape[1] == S):   # [B, S, ...] even if C == S
             out[i] = ShardSpec(1, S, schedule, group_name, grad_reduce=grad_reduce)
     return out
 

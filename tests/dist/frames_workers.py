@@ -25,7 +25,9 @@ from seqpar_compiler.runtime.sequence_shard import SequenceShard, full_tensor  #
 
 S = 48          # no model dim is 48, so a tensor with a dim of 48 holds the whole sequence
 B = 3           # B·S/P is not S either (a merged local batch × sequence dim)
-MODELS = {"gpt": lambda: GPT(GPTConfig(n_layer=2)), "llama": lambda: Llama(LlamaConfig(n_layer=2))}
+MODELS = {"gpt": lambda: GPT(GPTConfig(n_layer=2)), "llama": lambda: Llama(LlamaConfig(n_layer=2)),
+          # width == S: the block's input [B, S, S] has two dims of the sequence length
+          "llama-width-s": lambda: Llama(LlamaConfig(n_layer=1, n_embd=S, ffn_hidden=2 * S))}
 
 
 class BreakAfter(nn.Module):
