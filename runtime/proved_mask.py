@@ -89,6 +89,8 @@ def materialize(facts: MaskFacts, docs: Tensor, shape, stride, dtype: torch.dtyp
         value = ~visible
     else:
         value = torch.where(visible, 0.0, facts.fill).to(dtype)
+    if 0 in tuple(stride):                          # the builder's mask was itself a broadcast view
+        return value.expand(tuple(shape))
     out = torch.empty_strided(tuple(shape), tuple(stride), dtype=dtype, device=docs.device)
     return out.copy_(value.expand(tuple(shape)))
 

@@ -25,7 +25,10 @@ def _break_hook(kind: str):
     return hook
 
 
-def hf_break_case(rank, P, *, arch="llama", impl="sdpa", kind="graph_break", inner="aot_eager", **options):
+def hf_break_case(rank, P, *, arch="llama", impl="sdpa", kind="graph_break", inner="aot_eager", packed=False,
+                  **options):
+    """``packed``: position ids that restart (two documents per row), so the mask's document
+    ids cross the break with its facts."""
     import transformers
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -37,15 +40,19 @@ def hf_break_case(rank, P, *, arch="llama", impl="sdpa", kind="graph_break", inn
     m.model.layers[0].register_forward_hook(_break_hook(kind))
     compiled = torch.compile(m, backend=sp.backend(inner=inner, schedule="zigzag", **options))
     idx = torch.randint(0, 128, (FW.B, FW.S), generator=torch.Generator().manual_seed(1))
+    kw = dict(labels=idx, use_cache=False)
+    if packed:
+        cut = FW.S // 3
+        kw["position_ids"] = torch.cat([torch.arange(cut), torch.arange(FW.S - cut)]).expand(FW.B, -1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compiled(idx, labels=idx, use_cache=False).loss.backward()
+        compiled(idx, **kw).loss.backward()
         m.zero_grad()
         with sp.stats() as st, FW.GatherCounter() as gathers:
-            saves, out = FW.full_length_saves(lambda: compiled(idx, labels=idx, use_cache=False), [idx])
+            saves, out = FW.full_length_saves(lambda: compiled(idx, **kw), [idx])
             out.loss.backward()
             n_gathers = gathers.calls
-    r = ref(idx, labels=idx, use_cache=False)
+    r = ref(idx, **kw)
     r.loss.backward()
     grads = {n: FW._rel(p.grad, q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())}
     return {"loss": FW._rel(out.loss, r.loss), "logits": FW._rel(out.logits, r.logits), "grads": grads,
