@@ -276,7 +276,8 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     static = _model_state_inputs(gm, example_inputs)
     if dump:
         dump.graph("dynamo", gm)
-    canonicalize_handwritten_attention(gm, example_inputs, static)
+    from .frames import proof_values        # a DDPOptimizer piece's fake buffers: the real ones prove masks
+    canonicalize_handwritten_attention(gm, proof_values(gm, example_inputs, static), static)
     attention = find_attention(gm)
     if dump:
         dump.graph("canonicalize", gm)

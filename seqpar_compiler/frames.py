@@ -30,7 +30,7 @@ from .runtime.sequence_ops import shard_sequence_op
 from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, to_local
 
 __all__ = ["frame_shard_inputs", "entry_activations", "check_frame_shards", "seed_shard_inputs", "exit_specs",
-           "local_examples", "ddp_piece_length", "wrap_frame"]
+           "local_examples", "ddp_piece_length", "proof_values", "wrap_frame"]
 
 
 def frame_shard_inputs(example_inputs: Sequence[Any]) -> dict[int, ShardSpec]:
@@ -156,6 +156,42 @@ def wrap_frame(compiled: Callable, shards: dict[int, ShardSpec], exits: list[Sha
     return run
 
 
+def _ddp_optimizer_frame():
+    """DDPOptimizer's ``compile_fn`` frame when it is compiling a piece of its split, else None."""
+    import inspect
+
+    from torch._dynamo.backends.distributed import DDPOptimizer
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "compile_fn" and isinstance(frame.f_locals.get("self"), DDPOptimizer):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def proof_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], static: set) -> list:
+    """Example inputs to prove masks with: DDPOptimizer compiles its pieces on fake tensors, and a
+    mask built from a buffer (nanoGPT's ``tril`` ``bias``) cannot be evaluated on a fake one. The
+    whole graph's real example of the same placeholder (model state only: split_module keeps the
+    names) stands in for it; anything else is left as it is (and proves nothing when fake)."""
+    from torch._subclasses.fake_tensor import is_fake
+    if not any(isinstance(x, torch.Tensor) and is_fake(x) for x in example_inputs):
+        return list(example_inputs)
+    frame = _ddp_optimizer_frame()
+    whole, real = (frame.f_locals.get("gm"), frame.f_locals.get("example_inputs")) if frame else (None, None)
+    if not isinstance(whole, torch.fx.GraphModule) or real is None:
+        return list(example_inputs)
+    by_name = {n.name: x for n, x in zip((n for n in whole.graph.nodes if n.op == "placeholder"), real)}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out = list(example_inputs)
+    for i, (node, x) in enumerate(zip(placeholders, example_inputs)):
+        r = by_name.get(node.name)
+        if node in static and isinstance(r, torch.Tensor) and not is_fake(r) and isinstance(x, torch.Tensor) \
+                and r.shape == x.shape and r.dtype == x.dtype:
+            out[i] = r
+    return out
+
+
 def ddp_piece_length(attention: list) -> int | None:
     """The sequence length of a DDPOptimizer piece that has no attention of its own (issue 13).
 
@@ -164,26 +200,26 @@ def ddp_piece_length(attention: list) -> int | None:
     sequence length and would run replicated at full length. DDPOptimizer's ``compile_fn`` is on
     the stack while it compiles its pieces, with the whole graph as its ``gm``: its SDPA calls
     give the length (one common query/key length, else None). Hand-written attention in the
-    whole graph is not canonicalised here (None: the piece runs replicated, warned, as before)."""
+    whole graph is not canonicalised here: its softmax(q kᵀ) @ v shape gives the length (the
+    length only picks the dim to split; every rule after it is exact whatever the graph)."""
     if attention:
         return None
-    import inspect
-
-    from torch._dynamo.backends.distributed import DDPOptimizer
-    frame = inspect.currentframe()
-    while frame is not None:
-        if frame.f_code.co_name == "compile_fn" and isinstance(frame.f_locals.get("self"), DDPOptimizer):
-            whole = frame.f_locals.get("gm")
-            if not isinstance(whole, torch.fx.GraphModule):
+    frame = _ddp_optimizer_frame()
+    whole = frame.f_locals.get("gm") if frame is not None else None
+    if not isinstance(whole, torch.fx.GraphModule):
+        return None
+    from .replicated import _softmax_matmul
+    lengths = set()
+    for n in whole.graph.nodes:
+        if n.op == "call_function" and n.target in (F.scaled_dot_product_attention,
+                                                      torch._C._nn.scaled_dot_product_attention):
+            q, k = (a.meta.get("example_value") for a in n.args[:2])
+            if q is None or k is None or q.dim() < 2 or q.shape[-2] != k.shape[-2]:
                 return None
-            lengths = set()
-            for n in whole.graph.nodes:
-                if n.op == "call_function" and n.target in (F.scaled_dot_product_attention,
-                                                              torch._C._nn.scaled_dot_product_attention):
-                    q, k = (a.meta.get("example_value") for a in n.args[:2])
-                    if q is None or k is None or q.dim() < 2 or q.shape[-2] != k.shape[-2]:
-                        return None
-                    lengths.add(int(q.shape[-2]))
-            return lengths.pop() if len(lengths) == 1 else None
-        frame = frame.f_back
-    return None
+            lengths.add(int(q.shape[-2]))
+        elif _softmax_matmul(n):               # hand-written: probs [B, H, S, S] @ v
+            probs = n.args[0].meta.get("example_value")
+            if probs is None or probs.shape[-1] != probs.shape[-2]:
+                return None
+            lengths.add(int(probs.shape[-1]))
+    return lengths.pop() if len(lengths) == 1 else None

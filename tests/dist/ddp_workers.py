@@ -74,7 +74,9 @@ class WithGain(nn.Module):
         return logits, loss + (self.gain ** 2).sum()
 
 
-MODELS = {**FW.MODELS, "gpt-gain": lambda: WithGain(FW.MODELS["gpt"]())}
+MODELS = {**FW.MODELS, "gpt-gain": lambda: WithGain(FW.MODELS["gpt"]()),
+          # hand-written attention (softmax(q kᵀ + mask) v): DDPOptimizer's pieces take its length too
+          "gpt-manual": lambda: FW.GPT(FW.GPTConfig(n_layer=2, attention="manual"))}
 
 
 def _batch(k: int, vocab: int = 256):

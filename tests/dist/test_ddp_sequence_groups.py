@@ -32,6 +32,7 @@ CASES = {
         ("per-block-none", dict(arrangement="per-block", grad_reduce="none", model="llama")),
         ("eager-gather-warning", {})],
     4: [("ddp-sum", dict(arrangement="ddp", degree=2)),
+        ("ddp-sum-manual", dict(arrangement="ddp", degree=2, model="gpt-manual")),
         ("mesh-fsdp-sum", dict(arrangement="mesh-fsdp", degree=2)),
         ("mesh-fsdp-2d-none", dict(arrangement="mesh-fsdp-2d", degree=2, grad_reduce="none")),
         ("mesh-errors", {})],
@@ -82,17 +83,19 @@ def test_ddp_optimizer_splits_the_graph_and_pieces_pass_shards(results):
     (frames.ddp_piece_length) and shard the ids, every later piece receives SequenceShards: no
     sequence all-gather in the step, the logits leave as a SequenceShard, nothing warned."""
     for res in results(4):
-        r = res["ddp-sum"]
-        assert r["pieces"] > 2, r["pieces"]
-        assert r["logits_type"] == "SequenceShard"
-        assert r["gathers"] == 0, r
-        assert r["warnings"] == [], r["warnings"]
+        for name in ("ddp-sum", "ddp-sum-manual"):          # SDPA, and hand-written attention
+            r = res[name]
+            assert r["pieces"] > 2, r["pieces"]
+            assert r["logits_type"] == "SequenceShard"
+            assert r["gathers"] == 0, r
+            assert r["warnings"] == [], r["warnings"]
 
 
 @pytest.mark.timeout(1500)
 def test_ddp_pieces_save_nothing_of_full_length(results):
     for res in results(4):
-        assert res["ddp-sum"]["full_saves"] == [], res["ddp-sum"]["full_saves"]
+        for name in ("ddp-sum", "ddp-sum-manual"):
+            assert res[name]["full_saves"] == [], res[name]["full_saves"]
 
 
 @pytest.mark.timeout(1500)
