@@ -16,7 +16,9 @@ own mmap). The two arrangements:
 
 Targets (issue 13): activation memory per rank and step time of ``fsdp-per-block`` within 1.1×
 of ``whole``. FSDP2 holds 1/P of the parameters and gathers one block's at a time; with this
-small model (the activations dominate) that is a few MiB either way. Prints a table and writes
+small model (the activations dominate) that is a few MiB either way. What is alive at each peak:
+``bench/fsdp_live_tensors.py`` (it found the same-batch check's float64 copies of the first
+block's full-length input at the P=4 peak, fixed in 5dfc1ba). Prints a table and writes
 bench/results/fsdp_step.json (with the full command line, to rerun what a loaded machine cut).
 """
 from __future__ import annotations
