@@ -39,3 +39,18 @@ def test_mask_built_in_another_frame_is_proved_and_exact(results, case):
         assert r["gathers"] == 0, r                         # nothing gathered between (or after) frames
         assert r["full_saves"] == [], r                     # no S x S mask, no full-length activation saved
         assert r["warnings"] == [], r
+
+
+@pytest.fixture(scope="module")
+def inductor_results():
+    return run_ranks(W.run_cases, 2, [("inductor", dict(style="additive-window", inner="inductor"))],
+                     timeout=900, pg_timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_mask_across_frames_end_to_end_with_inductor(inductor_results):
+    for res in inductor_results:
+        r = res["inductor"]
+        assert r["loss"] <= 1e-5 and max(r["grads"].values()) <= 1e-4, r
+        assert r["ring_calls"] == r["layers"] and r["gathers"] == 0 and r["full_saves"] == [], r
