@@ -75,9 +75,16 @@ def check_sequence_length(S: int, schedule: str, P: int, *, what: str = "sequenc
                          f"a multiple of {m}{why}; pad the sequence to a multiple of {m}")
 
 
-@lru_cache(maxsize=None)
 def local_segments(schedule: str, rank: int, P: int, S_local: int) -> tuple[Segment, ...]:
-    """The affine segments of rank ``rank``'s ``S_local`` rows, in local order."""
+    """The affine segments of rank ``rank``'s ``S_local`` rows, in local order (cached for
+    concrete lengths; a symbolic one, met while Dynamo traces a frame at a dynamic length, cannot
+    be hashed and is computed each time)."""
+    if isinstance(S_local, torch.SymInt):
+        return _local_segments(schedule, rank, P, S_local)
+    return _cached_segments(schedule, rank, P, S_local)
+
+
+def _local_segments(schedule: str, rank: int, P: int, S_local: int) -> tuple[Segment, ...]:
     _check_schedule(schedule)
     if P == 1:
         return (Segment(0, 0, S_local),)
@@ -92,6 +99,9 @@ def local_segments(schedule: str, rank: int, P: int, S_local: int) -> tuple[Segm
                          f"got S_local={S_local}")
     c = S_local // 2
     return (Segment(0, rank * c, c), Segment(c, (2 * P - 1 - rank) * c, c))
+
+
+_cached_segments = lru_cache(maxsize=None)(_local_segments)
 
 
 def _hybrid_segments(u: int, rank: int, P: int, S_local: int) -> tuple[Segment, ...]:

@@ -12,9 +12,11 @@ The value (a wrapper tensor subclass, traced by Dynamo through ``__tensor_flatte
   * logically the full mask, of the builder's shape, dtype and strides;
   * stored as ``docs``: the packed-document ids ``[B, S]`` when visibility also needs the same
     document (transformers' packed sequences), else an empty tensor on the mask's device;
-  * ``facts`` (``MaskFacts``, frozen and hashable: Dynamo guards on it): causal, window, whether
-    there are documents, and how visibility is encoded (bool True = visible, bool True = hidden,
-    or an additive float mask, 0 where visible and one ``fill`` value where hidden).
+  * ``facts`` (``MaskFacts``, frozen and hashable): causal, window, whether there are documents,
+    and how visibility is encoded (bool True = visible, bool True = hidden, or an additive float
+    mask, 0 where visible and one ``fill`` value where hidden). Dynamo guards on the flatten
+    context, which is the facts less the length S: S is read back from the mask's last size, so
+    a new length does not recompile the frames the mask crosses (issue 13).
 
 A compiled frame that receives it rebuilds the mask in its graph from index ranges and ``docs``
 (``seqpar_compiler/mask_frames.py``): the attention rules prove that as they prove a mask built
@@ -28,7 +30,7 @@ leading dims ending in [S, S]); docs [B, S] integer or [0].
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -45,7 +47,7 @@ class MaskFacts:
     is None or q - kv < window) and (not docs or doc[b, q] == doc[b, kv])``, encoded per
     ``encoding`` (``fill`` is the hidden value of an additive mask)."""
 
-    S: int
+    S: int = field(hash=False)      # a SymInt while Dynamo traces a symbolic length: not hashable
     causal: bool
     window: int | None
     docs: bool
@@ -119,11 +121,15 @@ class ProvedMask(torch.Tensor):
         return f"ProvedMask({self.facts.describe()}, shape={tuple(self.shape)}, dtype={self.dtype})"
 
     def __tensor_flatten__(self):
-        return ["docs"], (self.facts, self.dtype)
+        # S left out of the guarded context (one trace for every length); the rest of the facts
+        # in field order
+        rest = tuple(getattr(self.facts, f.name) for f in fields(MaskFacts) if f.name != "S")
+        return ["docs"], (rest, self.dtype)
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        facts, dtype = meta
+        rest, dtype = meta
+        facts = MaskFacts(outer_size[-1], *rest)
         return ProvedMask(inner["docs"], facts, outer_size, outer_stride, dtype)
 
     def full_tensor(self) -> Tensor:

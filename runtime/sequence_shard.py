@@ -11,8 +11,11 @@ The value (a wrapper tensor subclass, traced by Dynamo through ``__tensor_flatte
   * stored as ``_local``: this rank's tokens along ``spec.dim`` in the schedule's layout
     (``layout.py``), where the dim is the flattening of (pre, S, post), pre = post = 1 for a plain
     sequence dim (``logits.view(-1, V)`` gives pre = B);
-  * ``spec`` (``ShardSpec``, frozen, hashable: Dynamo guards on it) holds dim, pre, post, the
-    global length S, the schedule and the group name.
+  * ``spec`` (``ShardSpec``, frozen, hashable) holds dim, pre, post, the global length S, the
+    schedule and the group name. Dynamo guards on the flatten context, which is the spec less S:
+    S is read back from the outer size (``outer_size[dim] // (pre·post)``), so a new length is a
+    new size, not a new context, and automatic dynamic shapes (or ``dynamic=True``) trace every
+    frame once for all lengths (a SymInt S while tracing; seqpar specialises per length).
 
 Where a sequence is split and joined:
   * split once, by the first compiled frame that needs it (its entry shard) or ``from_local``;
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -67,7 +70,9 @@ class ShardSpec:
     """
 
     dim: int
-    S: int
+    # not hashed (equal specs still hash equal): while Dynamo traces a frame at a symbolic length
+    # S is a SymInt, which cannot be hashed
+    S: int = field(hash=False)
     schedule: str
     group_name: str
     pre: int = 1
@@ -134,13 +139,18 @@ class SequenceShard(torch.Tensor):
         return f"SequenceShard({full_tensor(self)!r}, spec={self.spec})"
 
     def __tensor_flatten__(self):
-        return ["_local"], self.spec
+        # the length is left out: Dynamo guards on this context by equality, and a length in it
+        # would recompile every frame at every new length (recompile limit after 8; issue 13)
+        s = self.spec
+        return ["_local"], (s.dim, s.schedule, s.group_name, s.pre, s.post, s.grad_reduce)
 
     @staticmethod
-    def __tensor_unflatten__(inner, spec, outer_size, outer_stride):
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
         # Dynamo passes the outer size and stride it made (symbolic under dynamic shapes, each
         # with a source it can guard on); rebuilding them from the inner tensor gives sizes
         # with no source, and guard building fails (IndexError in produce_guards_verbose).
+        dim, schedule, group_name, pre, post, grad_reduce = ctx
+        spec = ShardSpec(dim, outer_size[dim] // (pre * post), schedule, group_name, pre, post, grad_reduce)
         return SequenceShard(inner["_local"], spec, shape=outer_size, stride=outer_stride)
 
     def full_tensor(self) -> Tensor:
