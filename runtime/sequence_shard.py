@@ -156,6 +156,10 @@ class SequenceShard(torch.Tensor):
     def full_tensor(self) -> Tensor:
         return full_tensor(self)
 
+    def to_local(self) -> Tensor:
+        """This rank's shard (schedule layout; no communication; its gradient stays local)."""
+        return to_local(self)
+
     def tolist(self):
         return full_tensor(self).tolist()
 

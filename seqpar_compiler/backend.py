@@ -207,11 +207,19 @@ def backend(*, group: dist.ProcessGroup | None = None, mesh: Any = None, mesh_di
         target = sharded if sharded is not None else gm
         compiled = _inner_compile(target, mask_examples(local_examples(target, example_inputs), mask_inputs),
                                   opts["inner"], checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"])
-        check = (lambda args: check_same_inputs(args, pg)) if opts["check_inputs"] else None
+        hint = _LOCAL_HINT if opts["output"] == "local" else ""
+        check = (lambda args: check_same_inputs(args, pg, hint)) if opts["check_inputs"] else None
         return wrap_mask_frame(wrap_frame(compiled, shards, getattr(sharded, "seqpar_exits", None), check,
-                                          getattr(sharded, "seqpar_entry", None)), mask_exits, mask_inputs)
+                                          getattr(sharded, "seqpar_entry", None),
+                                          getattr(sharded, "seqpar_local_exits", None)), mask_exits, mask_inputs)
 
     return compile_graph
+
+
+_LOCAL_HINT = (". Under SEQPAR_OUTPUT=local a frame's outputs are this rank's plain shards: passed into another "
+               "compiled frame (a graph break, block-by-block compile, FSDP2 per block, DDP's split) they differ by "
+               "rank. Keep SEQPAR_OUTPUT=gather there: outputs cross frames as SequenceShards, gathered only when "
+               "read, and x.to_local() is this rank's shard")
 
 
 def _hide_user_saved_tensor_hooks():
@@ -339,6 +347,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         share_replicated_gradients(out, pg.group_name)
     # outputs that carry the sequence leave as SequenceShards (gathered only when read), or local
     out.seqpar_exits = exit_specs(gm, ctx) if opts["output"] == "gather" else None
+    out.seqpar_local_exits = exit_specs(gm, ctx) if opts["output"] == "local" else None
     out.seqpar_entry = entry
     replicated = replicated_attention_causes(attention, ctx.place) + hidden
     _report_replicated(replicated, pg, opts, dump)

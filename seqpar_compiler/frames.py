@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .runtime.grad_collectives import shard_entry_activation
 from .runtime.sequence_ops import shard_sequence_op
 from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, to_local
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["frame_shard_inputs", "entry_activations", "check_frame_shards", "seed_shard_inputs", "exit_specs",
            "local_examples", "ddp_piece_length", "proof_values", "wrap_frame"]
@@ -127,17 +128,38 @@ def _static_example(local: torch.Tensor) -> torch.Tensor:
     return ctx.fake_mode.from_tensor(local, static_shapes=True)
 
 
+_LOCAL_OUTPUTS = WeakIdKeyDictionary()      # SEQPAR_OUTPUT=local: plain shards a frame returned
+
+
+def _refuse_local_shards(args) -> None:
+    """A plain local shard (``SEQPAR_OUTPUT=local``) passed into a compiled frame would be read as
+    a whole sequence S/P long: a clear error instead (never a wrong answer)."""
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a in _LOCAL_OUTPUTS:
+            raise ValueError(
+                f"seqpar: input {i} of this compiled frame is a local shard that another frame returned under "
+                f"SEQPAR_OUTPUT=local ({_LOCAL_OUTPUTS[a]}). 'local' gives the caller plain shards of a model "
+                f"compiled as one frame; across frames (graph breaks, block-by-block compile, FSDP2 per block, "
+                f"DDP's split) keep SEQPAR_OUTPUT=gather: outputs then cross frames as SequenceShards, gathered "
+                f"only when read, and x.to_local() is this rank's shard without communication")
+
+
 def wrap_frame(compiled: Callable, shards: dict[int, ShardSpec], exits: list[ShardSpec | None] | None,
-               check: Callable | None, entry: dict[int, ShardSpec] | None = None) -> Callable:
+               check: Callable | None, entry: dict[int, ShardSpec] | None = None,
+               local_exits: list[ShardSpec | None] | None = None) -> Callable:
     """The frame at run time: shard inputs unwrapped, sequence outputs wrapped, and the
-    same-batch check (``check``) on the plain inputs only."""
+    same-batch check (``check``) on the plain inputs only. Under ``SEQPAR_OUTPUT=local``
+    (``local_exits``) the sequence outputs stay plain local shards, remembered so that passing one
+    into a compiled frame is refused."""
     exits = exits or []
     wrap_any = any(s is not None for s in exits)
+    local_exits = [(i, s) for i, s in enumerate(local_exits or []) if s is not None]
     entry = entry or {}
-    if not shards and not entry and not wrap_any and check is None:
+    if not shards and not entry and not wrap_any and check is None and not local_exits:
         return compiled
 
     def run(*args):
+        _refuse_local_shards(args)
         if check is not None:
             check([a for a in args if not isinstance(a, SequenceShard)])
         if shards or entry:
@@ -148,6 +170,9 @@ def wrap_frame(compiled: Callable, shards: dict[int, ShardSpec], exits: list[Sha
                 if isinstance(args[i], SequenceShard):
                     args[i] = to_local(args[i], spec)
         outs = compiled(*args)
+        for i, spec in local_exits:
+            if isinstance(outs[i], torch.Tensor):
+                _LOCAL_OUTPUTS[outs[i]] = f"sequence dim {spec.dim} of {spec.global_size}, schedule {spec.schedule}"
         if not wrap_any:
             return outs
         wrapped = [from_local(o, s) if s is not None and isinstance(o, torch.Tensor) else o

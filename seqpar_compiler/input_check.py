@@ -70,7 +70,7 @@ def inputs_have_data(args: Sequence[Any]) -> bool:
     return not any(isinstance(a, torch.Tensor) and _has_no_data(a) for a in args)
 
 
-def check_same_inputs(args: Sequence[Any], group: dist.ProcessGroup) -> None:
+def check_same_inputs(args: Sequence[Any], group: dist.ProcessGroup, hint: str = "") -> None:
     """Raise ``InputMismatchError`` on every rank if the ranks of ``group`` passed different inputs.
 
     Skipped (no collective) when the inputs are fake or meta tensors: every rank of the group
@@ -90,4 +90,4 @@ def check_same_inputs(args: Sequence[Any], group: dist.ProcessGroup) -> None:
             "seqpar: ranks of the sequence-parallel group passed different inputs. In transparent mode "
             "every rank must pass the same full batch (a DistributedSampler over the sequence group is "
             "the usual cause: shard data across data-parallel groups only). Set SEQPAR_CHECK_INPUTS=0 "
-            "to skip this check")
+            "to skip this check" + hint)

@@ -1,0 +1,37 @@
+"""``SEQPAR_OUTPUT=local`` and frames, on spawned ranks (issue 13: one clear meaning).
+
+``local``: each compiled frame's sequence outputs are this rank's plain shards, for a model
+compiled as one frame. Passing such a shard into another compiled frame is refused with an
+error naming the fix; across frames the default ``gather`` mode's SequenceShards carry the
+sequence, and ``x.to_local()`` is this rank's shard without communication.
+"""
+from __future__ import annotations
+
+import torch
+
+import frames_workers as FW
+import seqpar_compiler as sp
+
+__all__ = ["local_case", "run_cases"]
+
+
+def local_case(rank, P, *, arrangement, output):
+    idx, tgt = FW._batch()
+    torch._dynamo.reset()
+    call, m, ref = FW._prepare("gpt", arrangement, sp.backend(inner="aot_eager", schedule="zigzag", output=output))
+    try:
+        call(idx, tgt)                                  # compiles (its agreement checks gather)
+        with FW.GatherCounter() as gathers:
+            logits, loss = call(idx, tgt)
+            local = logits.to_local() if output == "gather" else logits
+            n_gathers = gathers.calls
+    except Exception as e:  # noqa: BLE001 - the refused cases report the error's type and message
+        return {"error": f"{type(e).__name__}: {e}"}
+    r_logits, _ = ref(idx, tgt)
+    want = sp.shard_sequence(r_logits.detach(), 1, schedule="zigzag")
+    return {"error": None, "type": type(local).__name__, "local_rel": FW._rel(local, want),
+            "local_shape": tuple(local.shape), "gathers": n_gathers}
+
+
+def run_cases(rank, P, cases):
+    return {name: local_case(rank, P, **kw) for name, kw in cases}
