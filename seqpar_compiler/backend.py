@@ -191,6 +191,8 @@ def backend(*, group: dist.ProcessGroup | None = None, mesh: Any = None, mesh_di
                                 f"{opts['inner']} and the memory passes only (nothing to shard)")
             return _inner_compile(gm, example_inputs, opts["inner"], checkpoint=opts["checkpoint"],
                                   ffn_chunks=opts["ffn_chunks"])
+        if opts["output"] == "local":
+            _refuse_local_in_ddp_pieces()
         from .symbolic_lengths import is_symbolic, specialise_per_length
         if is_symbolic(gm, example_inputs):          # dynamic=True: one seqpar compile per length
             return specialise_per_length(gm, example_inputs, compile_graph)
@@ -220,6 +222,18 @@ _LOCAL_HINT = (". Under SEQPAR_OUTPUT=local a frame's outputs are this rank's pl
                "compiled frame (a graph break, block-by-block compile, FSDP2 per block, DDP's split) they differ by "
                "rank. Keep SEQPAR_OUTPUT=gather there: outputs cross frames as SequenceShards, gathered only when "
                "read, and x.to_local() is this rank's shard")
+
+
+def _refuse_local_in_ddp_pieces() -> None:
+    """DDP's graph split (``optimize_ddp``) makes every piece a frame whose outputs feed the next:
+    ``SEQPAR_OUTPUT=local`` (plain shards) cannot cross them, so say so before compiling."""
+    from .frames import _ddp_optimizer_frame
+    if _ddp_optimizer_frame() is not None:
+        raise ValueError("seqpar: SEQPAR_OUTPUT=local gives the plain shards of a model compiled as one frame, "
+                         "but DDP's graph split (torch._dynamo.config.optimize_ddp) compiles it as several pieces "
+                         "that pass outputs to each other. Keep SEQPAR_OUTPUT=gather (outputs cross pieces as "
+                         "SequenceShards, gathered only when read; x.to_local() is this rank's shard) or set "
+                         "torch._dynamo.config.optimize_ddp = False")
 
 
 def _hide_user_saved_tensor_hooks():

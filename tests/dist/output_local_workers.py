@@ -18,7 +18,18 @@ __all__ = ["local_case", "run_cases"]
 def local_case(rank, P, *, arrangement, output):
     idx, tgt = FW._batch()
     torch._dynamo.reset()
-    call, m, ref = FW._prepare("gpt", arrangement, sp.backend(inner="aot_eager", schedule="zigzag", output=output))
+    backend = sp.backend(inner="aot_eager", schedule="zigzag", output=output)
+    if arrangement == "ddp":                 # DDP over this rank alone: DDPOptimizer still splits the graph
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        own = [dist.new_group([r]) for r in range(P)][rank]
+        torch._dynamo.config.optimize_ddp = True
+        dist._DEFAULT_FIRST_BUCKET_BYTES = 8 * 1024       # small buckets: several pieces (as ddp_workers)
+        torch.manual_seed(0)
+        m = FW.MODELS["gpt"]()
+        call = torch.compile(DDP(m, process_group=own, bucket_cap_mb=0.02), backend=backend)
+    else:
+        call, m, ref = FW._prepare("gpt", arrangement, backend)
     try:
         call(idx, tgt)                                  # compiles (its agreement checks gather)
         with FW.GatherCounter() as gathers:

@@ -10,6 +10,7 @@ CASES = [("whole-local", dict(arrangement="whole", output="local")),
          ("break-local", dict(arrangement="graph-break", output="local")),
          ("per-block-local", dict(arrangement="per-block", output="local")),
          ("fsdp-per-block-local", dict(arrangement="fsdp-per-block", output="local")),
+         ("ddp-local", dict(arrangement="ddp", output="local")),
          ("break-gather", dict(arrangement="graph-break", output="gather")),
          ("fsdp-per-block-gather", dict(arrangement="fsdp-per-block", output="gather"))]
 
@@ -28,7 +29,7 @@ def test_local_shard_is_the_schedule_slice_of_the_single_device_output(results, 
         assert r["local_rel"] <= 1e-5 and r["gathers"] == 0, r
 
 
-@pytest.mark.parametrize("case", ["break-local", "per-block-local", "fsdp-per-block-local"])
+@pytest.mark.parametrize("case", ["break-local", "per-block-local", "fsdp-per-block-local", "ddp-local"])
 def test_local_outputs_passed_into_another_frame_are_refused_with_the_fix(results, case):
     for res in results:
         err = res[case]["error"]
