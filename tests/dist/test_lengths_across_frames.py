@@ -15,13 +15,21 @@ from seqpar_compiler.launch import run_ranks
 
 LENGTHS = [48, 32, 64, 40, 56, 24, 72, 80, 88, 96, 104]
 CASES = [("gpt-per-block-automatic", "frames", dict(model="gpt", arrangement="per-block", lengths=LENGTHS[:10])),
-         ("hf-llama-graph-break-dynamic", "hf", dict(lengths=LENGTHS))]
+         ("hf-llama-graph-break-dynamic", "hf", dict(lengths=LENGTHS)),
+         ("llama-fsdp-per-block-dynamic", "frames", dict(model="llama", arrangement="fsdp-per-block",
+                                                         lengths=LENGTHS[:10], dynamic=True))]
 NAMES = [c[0] for c in CASES]
+# FSDP2 per-block under automatic dynamic shapes (no dynamic=True): the recompile at the second
+# length fails building Dynamo's guards (IndexError in produce_guards_verbose: a symbol with no
+# source, guarded by the eager view rule in sequence_shard_rules._view_spec). It failed the same
+# before the length left the flatten context; dynamic=True (above) works.
+FAILING = [("llama-fsdp-per-block-automatic", "failure", dict(model="llama", arrangement="fsdp-per-block",
+                                                               lengths=[48, 40, 56]))]
 
 
 @pytest.fixture(scope="module")
 def res():
-    return run_ranks(W.run_cases, 2, CASES, timeout=1200, pg_timeout=600)
+    return run_ranks(W.run_cases, 2, CASES + FAILING, timeout=1200, pg_timeout=600)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -49,3 +57,10 @@ def test_no_recompile_limit_and_no_fallback_warnings(res, name):
         bad = [w for w in r[name]["warnings"] if "recompile" in w or "replicated" in w or "cannot shard" in w
                or "gather" in w]
         assert bad == [], bad
+
+
+@pytest.mark.xfail(strict=True, reason="FSDP2 per-block + automatic dynamic shapes: Dynamo guard on a sourceless "
+                                       "symbol at the recompile (pre-existing; dynamic=True works)")
+def test_fsdp_per_block_under_automatic_dynamic_shapes(res):
+    for r in res:
+        assert r["llama-fsdp-per-block-automatic"]["error"] is None, r["llama-fsdp-per-block-automatic"]["error"]
