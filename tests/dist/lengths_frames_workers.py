@@ -15,6 +15,7 @@ import warnings
 
 import torch
 
+import dynamic_length_workers as DL
 import frames_workers as FW
 import seqpar_compiler as sp
 
@@ -59,22 +60,9 @@ def frames_lengths_case(rank, P, *, model, arrangement, lengths, dynamic=None, B
         call = m
     else:
         raise ValueError(f"arrangement must be 'graph-break', 'per-block' or 'fsdp-per-block'; got {arrangement!r}")
-    per_length = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for S in lengths:
-            g = torch.Generator().manual_seed(S)
-            idx, tgt = torch.randint(0, 256, (B, S), generator=g), torch.randint(0, 256, (B, S), generator=g)
-            m.zero_grad()
-            ref.zero_grad()
-            with sp.stats() as st:
-                loss = call(idx, tgt)[1]
-                loss.backward()
-            r_loss = ref(idx, tgt)[1]
-            r_loss.backward()
-            grads = {n: FW._rel(FW._grad(p), q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())}
-            per_length[S] = {"loss": FW._rel(loss, r_loss), "grads": grads, "ring_calls": st.attention_forward_calls,
-                             "compiles": counter.frame_count}
+    per_length, caught = DL.train_per_length(
+        lengths, m, ref, lambda S: DL._ids_and_targets(S, B), lambda batch: call(*batch)[1],
+        lambda batch: ref(*batch)[1], counter, FW._grad)
     return {"lengths": per_length, "layers": len(m.blocks), "warnings": _warnings(caught)}
 
 
@@ -101,21 +89,10 @@ def hf_lengths_case(rank, P, *, lengths, dynamic=True, B=2):
     ref.load_state_dict(m.state_dict())
     m.model.layers[0].register_forward_hook(lambda *a: torch._dynamo.graph_break())
     call = torch.compile(m, backend=backend, dynamic=dynamic)
-    per_length = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for S in lengths:
-            idx = torch.randint(0, 128, (B, S), generator=torch.Generator().manual_seed(S))
-            m.zero_grad()
-            ref.zero_grad()
-            with sp.stats() as st:
-                loss = call(idx, labels=idx, use_cache=False).loss
-                loss.backward()
-            r_loss = ref(idx, labels=idx, use_cache=False).loss
-            r_loss.backward()
-            grads = {n: FW._rel(p.grad, q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())}
-            per_length[S] = {"loss": FW._rel(loss, r_loss), "grads": grads, "ring_calls": st.attention_forward_calls,
-                             "compiles": counter.frame_count}
+    per_length, caught = DL.train_per_length(
+        lengths, m, ref, lambda S: torch.randint(0, 128, (B, S), generator=torch.Generator().manual_seed(S)),
+        lambda idx: call(idx, labels=idx, use_cache=False).loss, lambda idx: ref(idx, labels=idx, use_cache=False).loss,
+        counter)
     return {"lengths": per_length, "layers": cfg.num_hidden_layers, "warnings": _warnings(caught)}
 
 
