@@ -5,14 +5,18 @@ world of one rank, skips the sharding stages (warned / logged once).
 
 ```
 Dynamo FX graph (torch-level, one per frame)
-  │ groups + inputs : resolve the sequence-parallel group (default group, SEQPAR_DEGREE, group=)
-  │                   and check every rank passes the same batch (input_check.py, SEQPAR_CHECK_INPUTS)
+  │ groups + inputs : resolve the sequence-parallel group (default group, SEQPAR_DEGREE, group=,
+  │                   mesh=) and check every rank passes the same batch (input_check.py)
+  │ lengths         : a symbolic length → one seqpar compile per concrete length (symbolic_lengths.py)
+  │ frame edges     : ProvedMask inputs rebuilt in the graph, proved mask outputs → facts
+  │                   (mask_frames.py); SequenceShard inputs taken as Shard (frames.py)
   │ canonicalize    : hand-written attention and masked SDPA → one attention node, masks proved
   │                   to be causal / window / documents (passes/attention_patterns.py, canonicalize.py)
   │ seq-dims +      : Shard(dim, merged factors) / Replicate per node, found while walking the
   │ placements        graph from the inputs (passes/placement.py, sharding_rules.py)
   │ rewrite         : entry shards, ring attention, reductions → all-reduce, parameter-gradient
-  │                   sums, exit gathers, gather fallbacks (passes/rewrite.py, attention_rules.py)
+  │                   sums (bucketed), gather fallbacks (passes/rewrite.py, attention_rules.py);
+  │                   sequence outputs leave as SequenceShards (frames.py)
   │ blockwise FFN   : per-token MLP blocks → seqpar::blockwise_ffn over token chunks
   │                   (passes/blockwise_ffn.py, SEQPAR_FFN_CHUNKS; also at P = 1)
   ▼
@@ -192,7 +196,8 @@ def backend(*, group: dist.ProcessGroup | None = None, mesh: Any = None, mesh_di
             return _inner_compile(gm, example_inputs, opts["inner"], checkpoint=opts["checkpoint"],
                                   ffn_chunks=opts["ffn_chunks"])
         if opts["output"] == "local":
-            _refuse_local_in_ddp_pieces()
+            from .frames import refuse_local_in_ddp_pieces
+            refuse_local_in_ddp_pieces()
         from .symbolic_lengths import is_symbolic, specialise_per_length
         if is_symbolic(gm, example_inputs):          # dynamic=True: one seqpar compile per length
             return specialise_per_length(gm, example_inputs, compile_graph)
@@ -209,31 +214,14 @@ def backend(*, group: dist.ProcessGroup | None = None, mesh: Any = None, mesh_di
         target = sharded if sharded is not None else gm
         compiled = _inner_compile(target, mask_examples(local_examples(target, example_inputs), mask_inputs),
                                   opts["inner"], checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"])
-        hint = _LOCAL_HINT if opts["output"] == "local" else ""
+        from .frames import LOCAL_OUTPUT_HINT
+        hint = LOCAL_OUTPUT_HINT if opts["output"] == "local" else ""
         check = (lambda args: check_same_inputs(args, pg, hint)) if opts["check_inputs"] else None
         return wrap_mask_frame(wrap_frame(compiled, shards, getattr(sharded, "seqpar_exits", None), check,
                                           getattr(sharded, "seqpar_entry", None),
                                           getattr(sharded, "seqpar_local_exits", None)), mask_exits, mask_inputs)
 
     return compile_graph
-
-
-_LOCAL_HINT = (". Under SEQPAR_OUTPUT=local a frame's outputs are this rank's plain shards: passed into another "
-               "compiled frame (a graph break, block-by-block compile, FSDP2 per block, DDP's split) they differ by "
-               "rank. Keep SEQPAR_OUTPUT=gather there: outputs cross frames as SequenceShards, gathered only when "
-               "read, and x.to_local() is this rank's shard")
-
-
-def _refuse_local_in_ddp_pieces() -> None:
-    """DDP's graph split (``optimize_ddp``) makes every piece a frame whose outputs feed the next:
-    ``SEQPAR_OUTPUT=local`` (plain shards) cannot cross them, so say so before compiling."""
-    from .frames import _ddp_optimizer_frame
-    if _ddp_optimizer_frame() is not None:
-        raise ValueError("seqpar: SEQPAR_OUTPUT=local gives the plain shards of a model compiled as one frame, "
-                         "but DDP's graph split (torch._dynamo.config.optimize_ddp) compiles it as several pieces "
-                         "that pass outputs to each other. Keep SEQPAR_OUTPUT=gather (outputs cross pieces as "
-                         "SequenceShards, gathered only when read; x.to_local() is this rank's shard) or set "
-                         "torch._dynamo.config.optimize_ddp = False")
 
 
 def _hide_user_saved_tensor_hooks():

@@ -13,7 +13,9 @@ every reader and sharded to every op: ``SequenceShard`` (``runtime/sequence_shar
     every output that carries the sequence leaves as a SequenceShard made with ``from_local``:
     the next frame takes it as it is, eager code runs on it sharded, and reading it (``.item()``,
     printing, ``.numpy()``, ``full_tensor()``) gathers it. A scalar loss is all-reduced inside
-    the frame and leaves plain. With ``SEQPAR_OUTPUT=local`` outputs are plain local shards.
+    the frame and leaves plain. With ``SEQPAR_OUTPUT=local`` outputs are plain local shards, for a
+    model compiled as one frame: such a shard passed into another compiled frame is refused.
+  * **Masks** cross frames as ``ProvedMask`` facts (``mask_frames.py``).
 
 The compiled graph itself sees local tensors only: the rewritten graph is compiled on the
 shards' local (fake) examples, and the glue here converts at the frame's edges.
@@ -24,14 +26,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .runtime.grad_collectives import shard_entry_activation
 from .runtime.sequence_ops import shard_sequence_op
 from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, to_local
-from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["frame_shard_inputs", "entry_activations", "check_frame_shards", "seed_shard_inputs", "exit_specs",
-           "local_examples", "ddp_piece_length", "proof_values", "wrap_frame"]
+           "local_examples", "ddp_piece_length", "proof_values", "wrap_frame", "LOCAL_OUTPUT_HINT",
+           "refuse_local_in_ddp_pieces"]
 
 
 def frame_shard_inputs(example_inputs: Sequence[Any]) -> dict[int, ShardSpec]:
@@ -142,6 +145,24 @@ def _refuse_local_shards(args) -> None:
                 f"compiled as one frame; across frames (graph breaks, block-by-block compile, FSDP2 per block, "
                 f"DDP's split) keep SEQPAR_OUTPUT=gather: outputs then cross frames as SequenceShards, gathered "
                 f"only when read, and x.to_local() is this rank's shard without communication")
+
+
+# appended to the same-batch check's error under SEQPAR_OUTPUT=local (a view hides a local shard's origin)
+LOCAL_OUTPUT_HINT = (". Under SEQPAR_OUTPUT=local a frame's outputs are this rank's plain shards: passed into "
+                     "another compiled frame (a graph break, block-by-block compile, FSDP2 per block, DDP's split) "
+                     "they differ by rank. Keep SEQPAR_OUTPUT=gather there: outputs cross frames as SequenceShards, "
+                     "gathered only when read, and x.to_local() is this rank's shard")
+
+
+def refuse_local_in_ddp_pieces() -> None:
+    """DDP's graph split (``optimize_ddp``) makes every piece a frame whose outputs feed the next:
+    ``SEQPAR_OUTPUT=local`` (plain shards) cannot cross them, so say so before compiling."""
+    if _ddp_optimizer_frame() is not None:
+        raise ValueError("seqpar: SEQPAR_OUTPUT=local gives the plain shards of a model compiled as one frame, "
+                         "but DDP's graph split (torch._dynamo.config.optimize_ddp) compiles it as several pieces "
+                         "that pass outputs to each other. Keep SEQPAR_OUTPUT=gather (outputs cross pieces as "
+                         "SequenceShards, gathered only when read; x.to_local() is this rank's shard) or set "
+                         "torch._dynamo.config.optimize_ddp = False")
 
 
 def wrap_frame(compiled: Callable, shards: dict[int, ShardSpec], exits: list[ShardSpec | None] | None,
