@@ -18,9 +18,11 @@ import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))        # tests/step_probes.py
 
 import seqpar_compiler as sp  # noqa: E402
 from models import GPT, GPTConfig, Llama, LlamaConfig  # noqa: E402
+from step_probes import full_length_saves  # noqa: E402
 
 S = 48          # no model dim is 48, so a tensor with a dim of 48 holds the whole sequence
 B = 3           # B·S/P (a merged batch × local-sequence dim) is never S for P = 2 or 4
@@ -96,21 +98,6 @@ class _AllReduceCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _full_length_saves(step, inputs) -> list:
-    """Shapes of the tensors saved for the backward during ``step()`` that have a dim of the whole
-    sequence length S, except the user's inputs themselves."""
-    own = {t.untyped_storage().data_ptr() for t in inputs}
-    found = []
-
-    def pack(t):
-        if isinstance(t, torch.Tensor) and S in t.shape and t.untyped_storage().data_ptr() not in own:
-            found.append(tuple(t.shape))
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = step()
-    return found, out
-
-
 def _hf_model(grad_ckpt: bool):
     import transformers
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -152,7 +139,7 @@ def user_checkpoint_case(rank, P, *, model="gpt", selective=False, checkpoint_po
     cm = torch.compile(m, backend=sp.backend(inner=inner, schedule="zigzag", checkpoint=checkpoint_policy))
     with warnings.catch_warnings(record=True) as caught, sp.stats() as st, _GatherCounter() as gathers:
         warnings.simplefilter("always")
-        saves, loss = _full_length_saves(lambda: call(cm), [idx])
+        saves, loss = full_length_saves(lambda: call(cm), [idx], S)
         with _AllReduceCounter() as reduces:
             loss.backward()
     ref_loss = call(ref)
