@@ -62,9 +62,6 @@ class GatherCounter:
 
         def counting(*args, **kwargs):
             self.calls += 1
-            if os.environ.get("FRAMES_DEBUG"):
-                import traceback
-                traceback.print_stack(limit=12)
             return self._orig(*args, **kwargs)
         dist.all_gather = counting
         return self
@@ -173,8 +170,6 @@ def frames_case(rank, P, *, model="gpt", arrangement="graph-break", inner="aot_e
             gathers_in_step = gathers.calls
     r_logits, r_loss = ref(idx, tgt)
     r_loss.backward()
-    if os.environ.get("FRAMES_DEBUG"):
-        print("RATIO", [(n, float(_grad(p).norm() / q.grad.norm())) for (n, p), q in zip(m.named_parameters(), ref.parameters())][:3])
     grads = {n: _rel(_grad(p), q.grad) for (n, p), q in zip(m.named_parameters(), ref.parameters())}
     return {"loss": _rel(loss, r_loss), "logits": _rel(logits, r_logits), "grads": grads,
             "logits_type": type(logits).__name__, "loss_type": type(loss).__name__,
@@ -184,7 +179,6 @@ def frames_case(rank, P, *, model="gpt", arrangement="graph-break", inner="aot_e
 
 
 def run_cases(rank, P, cases):
-    import logging; logging.basicConfig(); logging.getLogger("seqpar").setLevel(logging.INFO if os.environ.get("FRAMES_DEBUG") else logging.WARNING)
     fns = {"frames": frames_case}
     return {name: fns[kind](rank, P, **kw) for name, kind, kw in cases}
 

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))        # tests
 
 import seqpar_compiler as sp  # noqa: E402
 from models import GPT, GPTConfig, Llama, LlamaConfig  # noqa: E402
-from step_probes import full_length_saves  # noqa: E402
+from step_probes import SequenceGatherCounter, full_length_saves  # noqa: E402
 
 S = 48          # no model dim is 48, so a tensor with a dim of 48 holds the whole sequence
 B = 3           # B·S/P (a merged batch × local-sequence dim) is never S for P = 2 or 4
@@ -65,24 +65,6 @@ def _batch(vocab=256):
 
 def _rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
-
-
-class _GatherCounter:
-    """Counts the sequence all-gathers (``dist.all_gather`` of a tensor of 2 dims or more is what
-    ``gather_sequence`` calls, also in the backward of ``shard_sequence``) made while active."""
-
-    def __enter__(self):
-        self.calls, self._orig = 0, dist.all_gather
-
-        def counting(tensor_list, tensor, *args, **kwargs):
-            if tensor.dim() >= 2:         # a sequence tensor; control traffic gathers small vectors
-                self.calls += 1
-            return self._orig(tensor_list, tensor, *args, **kwargs)
-        dist.all_gather = counting
-        return self
-
-    def __exit__(self, *exc):
-        dist.all_gather = self._orig
 
 
 class _AllReduceCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -137,7 +119,7 @@ def user_checkpoint_case(rank, P, *, model="gpt", selective=False, checkpoint_po
             return mod(idx, tgt)[1]
     torch._dynamo.reset()
     cm = torch.compile(m, backend=sp.backend(inner=inner, schedule="zigzag", checkpoint=checkpoint_policy))
-    with warnings.catch_warnings(record=True) as caught, sp.stats() as st, _GatherCounter() as gathers:
+    with warnings.catch_warnings(record=True) as caught, sp.stats() as st, SequenceGatherCounter() as gathers:
         warnings.simplefilter("always")
         saves, loss = full_length_saves(lambda: call(cm), [idx], S)
         with _AllReduceCounter() as reduces:
