@@ -281,6 +281,12 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
     out.graph.eliminate_dead_code()
     out.graph.lint()
     out.recompile()
+    # which new node holds each original node's value, and its placement: the parity check
+    # (SEQPAR_VERIFY) compares them node by node to name the first one that differs
+    alive = {n.name for n in out.graph.nodes}
+    out.seqpar_node_map = {old.name: (new.name, ctx.place.get(old, Replicate()))
+                           for old, new in ctx.env.items()
+                           if isinstance(new, fx.Node) and new.name in alive}
     return out
 
 
