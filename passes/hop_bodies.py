@@ -33,6 +33,8 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from .alias_sets import eliminate_dead_code
+
 __all__ = ["REGION_META", "USER_POLICIES", "copy_region_meta", "inline_hop_bodies"]
 
 # The meta fields that make a node part of a user's checkpointed region.
@@ -73,7 +75,7 @@ def inline_hop_bodies(gm: fx.GraphModule) -> int:
             opened += 1
             changed = True
     if opened:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.graph.lint()
         gm.recompile()
     return opened

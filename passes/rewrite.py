@@ -32,6 +32,7 @@ shard_sequence_op = torch.ops.seqpar.shard_sequence.default
 gather_sequence_op = torch.ops.seqpar.gather_sequence.default
 from seqpar_compiler.runtime.grad_collectives import shard_sequence_partial, sum_grad_over_group
 
+from .alias_sets import AliasFacts, check_local_aliasing, eliminate_dead_code, is_write
 from .hop_bodies import copy_region_meta
 from .placement import Replicate, Shard
 
@@ -66,7 +67,11 @@ class ShardingContext:
     place: dict = field(default_factory=dict)       # old node -> placement (or tuple of them)
     constants: dict = field(default_factory=dict)   # attribute name -> tensor
     fallbacks: list = field(default_factory=list)   # (op, source line, reason)
+    messages: list = field(default_factory=list)    # the fallback warnings, said after the last attempt
     collectives: list = field(default_factory=list)
+    facts: Any = None                               # AliasFacts of the graph (alias_sets.py)
+    forced: set = field(default_factory=set)        # written storages computed replicated
+    emitted: dict = field(default_factory=dict)     # old writing node -> the new nodes its rule emitted
     _grad_summed: dict = field(default_factory=dict)
     _gathered: dict = field(default_factory=dict)
 
@@ -93,6 +98,9 @@ class ShardingContext:
         pl = self.placement_of(old)
         if not isinstance(pl, Shard):
             return self.env[old]
+        if self.facts is not None and self.facts.key_of(old) is not None:
+            # a value in a written storage: a gather made before a write would be stale after it
+            return self._gather(self.env[old], pl, self.example(old).shape)
         if old not in self._gathered:
             self._gathered[old] = self._gather(self.env[old], pl, self.example(old).shape)
         return self._gathered[old]
@@ -174,8 +182,14 @@ class ShardingContext:
                    f"and computing it replicated (correct, slower)")
         if self.fallback == "error":
             raise SeqparFallbackError(message.replace("; gathering", ". SEQPAR_FALLBACK=error forbids gathering"))
-        if self.rank == 0:          # every rank of the group compiles the same graph: say it once (issue 16)
-            warnings.warn(message, stacklevel=2)
+        self.messages.append(message)          # said by rewrite_graph once its last attempt stands
+
+    def reset(self, preset: dict) -> None:
+        """Back to the state before the walk (placements preset by the frame edges kept), for
+        another attempt with more storages forced replicated."""
+        self.graph, self.env, self.place = fx.Graph(), {}, dict(preset)
+        self.seq_inputs, self.constants, self.fallbacks, self.collectives = {}, {}, [], []
+        self.messages, self.emitted, self._grad_summed, self._gathered = [], {}, {}, {}
 
 
 def call_arguments(node: fx.Node, names: list[str], defaults: dict) -> dict:
@@ -209,10 +223,98 @@ def _map(fn, value):
     return fx.node.map_arg(value, fn)
 
 
-def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, input_dims: dict) -> fx.GraphModule:
-    """Build the sharded graph. ``input_dims`` maps placeholder names to their sequence dim."""
+# Test-only: True shards written storages with no check (the behaviour before the alias check),
+# so a test can show the parity check (SEQPAR_VERIFY) catches a write lost in a copy.
+_UNSAFE_NO_ALIAS_CHECK = False
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, input_dims: dict,
+                  facts: AliasFacts | None = None) -> fx.GraphModule:
+    """Build the sharded graph. ``input_dims`` maps placeholder names to their sequence dim.
+
+    Storages the graph writes are sharded optimistically, then checked: the rewritten graph must
+    keep every alias set in one local storage and every write in it (``alias_sets``). A storage
+    that fails is computed replicated and the graph rewritten again; each attempt forces at least
+    one more storage, so at most one attempt per written storage follows the first.
+    """
+    facts = AliasFacts.of(gm) if facts is None else facts
+    if _UNSAFE_NO_ALIAS_CHECK:
+        facts = AliasFacts()
+    preset = dict(ctx.place)
+    forced = set(facts.unexplained)
+    while True:
+        ctx.reset(preset)
+        ctx.facts, ctx.forced = (facts if facts else None), set(forced)
+        out = _rewrite_once(gm, ctx, input_dims)
+        if not facts:
+            break
+        bad = check_local_aliasing(out, ctx.env, ctx.emitted, facts, forced, _local_inputs(gm, ctx, preset)) - forced
+        if not bad:
+            break
+        forced |= bad
+    _say_forced(ctx, facts, forced)
+    if ctx.rank == 0:               # every rank of the group compiles the same graph: say it once
+        for message in dict.fromkeys(ctx.messages):
+            warnings.warn(message, stacklevel=2)
+    return out
+
+
+def _local_inputs(gm: fx.GraphModule, ctx: ShardingContext, preset: dict) -> list:
+    """(shape, dtype, device) of each placeholder as this rank receives it: inputs that arrive
+    sharded (a frame's SequenceShards, an entry activation) hold S/P of their sequence dim."""
+    specs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        ex = ctx.example(node)
+        if not isinstance(ex, torch.Tensor):
+            specs.append(int(ex) if isinstance(ex, torch.SymInt) else ex)
+            continue
+        shape = [int(d) for d in ex.shape]
+        pl = preset.get(node)
+        if isinstance(pl, Shard):
+            shape[pl.dim] //= ctx.P
+        specs.append((tuple(shape), ex.dtype, ex.device))
+    return specs
+
+
+def _say_forced(ctx: ShardingContext, facts: AliasFacts, forced: set) -> None:
+    """One message per storage computed replicated because a write into it could not be done
+    on this rank's shard in place (an error under ``fallback="error"``)."""
+    for key in forced:
+        if not any(isinstance(ctx.placement_of(m), Shard) or _meets_shards(ctx, m) for m in facts.members.get(key, [])):
+            continue             # nothing sharded would have touched it: no parallelism lost
+        message = (f"seqpar: {facts.describe(key)} cannot be done on this rank's shard in place; the values that "
+                   f"share its storage are computed replicated so the write reaches every one of them "
+                   f"(correct, slower)")
+        if ctx.fallback == "error":
+            raise SeqparFallbackError(message.replace("(correct, slower)", "SEQPAR_FALLBACK=error forbids it"))
+        ctx.messages.append(message)
+
+
+def _meets_shards(ctx: ShardingContext, node: fx.Node) -> bool:
+    return any(_is_sharded(ctx.placement_of(a)) for a in node.all_input_nodes) or any(
+        _is_sharded(ctx.placement_of(u)) for u in node.users)
+
+
+_NEW_FACTORIES = {"new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "new_empty_strided"}
+
+
+def _replicated(ctx: ShardingContext, node: fx.Node) -> fx.Node:
+    """``node`` as the user wrote it, on full values (sharded operands gathered): how the
+    members and writes of a forced storage are computed."""
+    def full(a):
+        return ctx.full(a)
+    args = _map(full, node.args)
+    if node.op == "call_method" and node.target in _NEW_FACTORIES and isinstance(node.args[0], fx.Node):
+        args = (ctx.env[node.args[0]], *args[1:])          # only its dtype and device are read
+    return ctx.emit(node.target, args, _map(full, node.kwargs), Replicate(), op=node.op)
+
+
+def _rewrite_once(gm: fx.GraphModule, ctx: ShardingContext, input_dims: dict) -> fx.GraphModule:
     from .sharding_rules import SEEDING_RULES, rule_for, rule_key
-    region_mark = None                          # issue 13: emitted nodes keep the user's checkpoint region
+    facts, forced = ctx.facts, ctx.forced
+    region_mark = None                          # emitted nodes keep the user's checkpoint region
     for node in gm.graph.nodes:
         if region_mark is not None:
             copy_region_meta(*region_mark, ctx.graph)
@@ -221,9 +323,20 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
             new = ctx.emit(node.target, (), op="placeholder")
             new.meta.update(node.meta)
             ctx.env[node] = new
-            if node.name in input_dims:
+            forced_input = facts is not None and facts.in_sets(node, forced)
+            if forced_input and isinstance(ctx.placement_of(node), Shard):
+                raise SeqparFallbackError(
+                    f"seqpar: {facts.describe(facts.key_of(node))} writes into a sequence-sharded input of this "
+                    f"frame in a way that cannot be done on this rank's shard; seqpar refuses rather than write "
+                    f"into a gathered copy. Compute it inside one compiled frame, or write out of place")
+            if node.name in input_dims and not forced_input:
                 ctx.seq_inputs[node] = input_dims[node.name]
             continue
+        if facts is not None and facts.in_sets(node, forced) and node.op in ("call_function", "call_method"):
+            ctx.env[node], ctx.place[node] = _replicated(ctx, node), Replicate()
+            continue
+        writes = facts is not None and facts.key_of(node) is not None and is_write(node)
+        before = ctx.graph._root.prev
         if node.op == "get_attr":
             ctx.env[node] = ctx.emit(node.target, (), op="get_attr")
             continue
@@ -254,6 +367,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
             ctx.env[node] = ctx.emit(node.target, _map(lambda a: ctx.env[a], node.args),
                                      _map(lambda a: ctx.env[a], node.kwargs), Replicate(), op=node.op)
             ctx.place[node] = Replicate()
+            if writes:
+                ctx.emitted[node] = _nodes_after(before, ctx.graph)
             continue
         rule = rule_for(node)
         try:
@@ -273,12 +388,14 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
         else:
             ctx.env[node], ctx.place[node] = result
         ctx.env[node].meta["seqpar_placement"] = ctx.place[node]
+        if writes:
+            ctx.emitted[node] = _nodes_after(before, ctx.graph)
     for name, value in ctx.constants.items():
         gm.register_buffer(name, value, persistent=False)
-    from .grad_buckets import bucket_grad_sums     # issue 13: one all-reduce per bucket, not per tensor
+    from .grad_buckets import bucket_grad_sums     # one all-reduce per bucket, not per tensor
     bucket_grad_sums(ctx.graph)
     out = fx.GraphModule(gm, ctx.graph)
-    out.graph.eliminate_dead_code()
+    eliminate_dead_code(out.graph)
     out.graph.lint()
     out.recompile()
     # which new node holds each original node's value, and its placement: the parity check
@@ -288,6 +405,14 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
                            for old, new in ctx.env.items()
                            if isinstance(new, fx.Node) and new.name in alive}
     return out
+
+
+def _nodes_after(mark: fx.Node, graph: fx.Graph) -> list[fx.Node]:
+    found, node = [], mark.next
+    while node is not graph._root:
+        found.append(node)
+        node = node.next
+    return found
 
 
 def _creates_sequence(ctx: ShardingContext, node: fx.Node) -> bool:

@@ -51,9 +51,13 @@ def entry_activations(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], S
     linears and norms only). Its backward returns the gradient as a SequenceShard (no gather):
     the eager code that made the activation runs its backward on shards (left partial under
     ``grad_reduce="none"`` by the rules)."""
+    from .passes.alias_sets import AliasFacts
+    facts = AliasFacts.of(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out = {}
     for i, (node, x) in enumerate(zip(placeholders, example_inputs)):
+        if facts.key_of(node) is not None:
+            continue         # the frame writes into it: the write must reach the caller's tensor, not a shard copy
         if (isinstance(x, torch.Tensor) and not isinstance(x, SequenceShard) and node not in static
                 and x.is_floating_point() and x.dim() >= 3 and x.shape[1] == S):   # [B, S, ...] even if C == S
             out[i] = ShardSpec(1, S, schedule, group_name, grad_reduce=grad_reduce)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from .passes.alias_sets import eliminate_dead_code
 from .passes.mask_proof import evaluate_mask_term, example, is_hidden_value, mask_kind
 from .runtime.proved_mask import MaskFacts, ProvedMask, materialize
 from .runtime.sequence_shard import SequenceShard, full_tensor
@@ -113,7 +114,7 @@ def carry_mask_outputs(gm: fx.GraphModule, example_inputs: Sequence[Any], static
     if all(e is None for e in layout):
         return None
     out.args = (type(results)(kept),)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.recompile()
     return layout
 

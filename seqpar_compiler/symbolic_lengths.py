@@ -26,6 +26,8 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .passes.alias_sets import eliminate_dead_code
+
 __all__ = ["is_symbolic", "specialise_per_length"]
 
 log = logging.getLogger("seqpar")
@@ -88,7 +90,7 @@ def _specialise(gm: fx.GraphModule, args: Sequence[Any], drop: dict[int, str]) -
             env[node] = graph.node_copy(node, lambda n: env[n])
     out = fx.GraphModule(gm, graph)
     _fold(out)
-    out.graph.eliminate_dead_code()
+    eliminate_dead_code(out.graph)
     out.recompile()
     kept = [a for i, a in enumerate(args) if i not in drop]
     _propagate_examples(out, kept)
