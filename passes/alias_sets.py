@@ -86,7 +86,7 @@ def writes(graph: fx.Graph) -> list[fx.Node]:
 
 
 # Test-only: True restores torch.fx's own purity (call_method writes deleted when unused), so a
-# test can show the parity check (SEQPAR_VERIFY) catches what this module prevents.
+# test can show the parity check (the verify option) catches what this module prevents.
 _UNSAFE_FX_PURITY = False
 
 

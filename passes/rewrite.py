@@ -224,7 +224,7 @@ def _map(fn, value):
 
 
 # Test-only: True shards written storages with no check (the behaviour before the alias check),
-# so a test can show the parity check (SEQPAR_VERIFY) catches a write lost in a copy.
+# so a test can show the parity check (the verify option) catches a write lost in a copy.
 _UNSAFE_NO_ALIAS_CHECK = False
 
 
@@ -399,7 +399,7 @@ def _rewrite_once(gm: fx.GraphModule, ctx: ShardingContext, input_dims: dict) ->
     out.graph.lint()
     out.recompile()
     # which new node holds each original node's value, and its placement: the parity check
-    # (SEQPAR_VERIFY) compares them node by node to name the first one that differs
+    # (the verify option) compares them node by node to name the first one that differs
     alive = {n.name for n in out.graph.nodes}
     out.seqpar_node_map = {old.name: (new.name, ctx.place.get(old, Replicate()))
                            for old, new in ctx.env.items()

@@ -19,6 +19,9 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from .gathered_view import GatheredView, is_view_op, written_arguments
 from .sequence_shard import (SequenceShard, ShardSpec, _is_fake, all_reduce_sum, gather_local, grad_sum, slice_local,
                              warn_gather)
 
@@ -39,17 +42,36 @@ def _rule(*ops):
 
 
 def dispatch(func, args, kwargs):
+    """The rule of ``func``, else the gather fallback. Aliases stay aliases: a view op's shard
+    result must view the input's local tensor (else it is recomputed by the fallback), and a
+    view the fallback computes from the gathered sequence is a ``GatheredView``, which refuses
+    writes and stale reads instead of silently losing them."""
     flat, _ = tree_flatten((args, kwargs))
     spec = next(a.spec for a in flat if isinstance(a, SequenceShard))
     rule = _RULES.get(func)
     result = NotImplemented
+    view = is_view_op(func)
     if rule is not None:
         result = rule(func, spec, *args, **kwargs)
     elif torch.Tag.pointwise in func.tags or func in _LIKE:
         result = _pointwise(func, spec, args, kwargs)
+    if view and result is not NotImplemented and not _views_local(result, args[0]):
+        result = NotImplemented
     if result is NotImplemented:
         result = _fallback(func, args, kwargs)
+        if view and isinstance(args[0], SequenceShard):
+            result = tree_map(lambda o: GatheredView(o, args[0]) if isinstance(o, Tensor)
+                              and not isinstance(o, SequenceShard) else o, result)
     return result
+
+
+def _views_local(result, source) -> bool:
+    """Every shard in ``result`` views ``source``'s local tensor (a reshape may have copied)."""
+    if not isinstance(source, SequenceShard):
+        return True
+    home = StorageWeakRef(source._local.untyped_storage())
+    outs = result if isinstance(result, (list, tuple)) else [result]
+    return all(StorageWeakRef(o._local.untyped_storage()) == home for o in outs if isinstance(o, SequenceShard))
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -88,14 +110,21 @@ def _fallback(func, args, kwargs):
     if func not in _READS and not any(_is_fake(a._local) for a in flat if isinstance(a, SequenceShard)):
         warn_gather(str(func), "has no eager sequence-parallel rule",
                     next((a.spec for a in flat if isinstance(a, SequenceShard)), None))
-    full_args, full_kwargs = tree_map(lambda a: gather_local(a._local, a.spec) if isinstance(a, SequenceShard) else a,
-                                      (args, kwargs))
+    full = {}                                   # one gathered copy per shard, so a write lands in the one read back
+
+    def gathered(a):
+        if isinstance(a, SequenceShard):
+            if id(a) not in full:
+                full[id(a)] = gather_local(a._local, a.spec)
+            return full[id(a)]
+        return a
+    full_args, full_kwargs = tree_map(gathered, (args, kwargs))
     out = func(*full_args, **full_kwargs)
-    if func._schema.is_mutable and args and isinstance(args[0], SequenceShard):
-        target = args[0]                       # an in-place op on a shard: keep it a shard
-        target._local.copy_(slice_local(out, target.spec))
-        return target
-    return out
+    written = [a for a in written_arguments(func, args, kwargs) if isinstance(a, SequenceShard)]
+    for target in written:                      # a write into a shard: its part of the written copy goes home
+        target._local.copy_(slice_local(full[id(target)], target.spec))
+    home = {id(full[id(t)]): t for t in written}     # an in-place or out= op returns the shard it wrote
+    return tree_map(lambda o: home.get(id(o), o) if isinstance(o, Tensor) else o, out)
 
 
 def _in_backward() -> bool:
@@ -125,11 +154,13 @@ def _pointwise(func, spec: ShardSpec, args, kwargs):
         if out is NotImplemented:
             bad.append(a)
         return out
+    if func._schema.is_mutable and not isinstance(args[0], SequenceShard):
+        return NotImplemented          # a write into a plain tensor: the fallback writes the full values into it
     l_args, l_kwargs = tree_map(local, (args, kwargs))
     if bad:
         return NotImplemented
     out = func(*l_args, **l_kwargs)
-    if func._schema.is_mutable and isinstance(args[0], SequenceShard):
+    if func._schema.is_mutable:
         return args[0]
 
     def wrap(o):
