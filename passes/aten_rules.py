@@ -84,16 +84,37 @@ class _Refuse(Exception):
     pass
 
 
-def _meta(ex):
-    if isinstance(ex, torch.Tensor):
+# Test-only switches restoring the behaviour before two crash fixes (real-code tier): trace on
+# meta tensors (factories inside the op then carry device=meta into the emitted graph, and a tensor
+# made from a Python list, ``x[..., [-2], :]``, becomes a meta constant), and emit a traced
+# constant as a call of its attribute name. Never set outside tests.
+_TRACE_ON_META = False
+_EMIT_CONSTANTS_AS_CALLS = False
+
+
+def _example_like(ex, mode):
+    """A fake tensor of ``ex``'s shape, strides, dtype and *device* in the private ``mode``.
+
+    Why not meta: the pieces are emitted into the real graph as traced, so every factory inside
+    the op (``arange``, ``one_hot``'s ``zeros``, a list index turned into a tensor) records the
+    tracing device; on meta the emitted graph then mixes meta and cpu/cuda tensors and the inner
+    compile fails (``FakeTensorDeviceMismatchError``), and a constant made from a list loses its
+    values. A private fake mode (not Dynamo's) leaves the frame's shape env untouched."""
+    if not isinstance(ex, torch.Tensor):
+        return ex
+    if _TRACE_ON_META:
         return torch.empty_strided(ex.shape, ex.stride(), dtype=ex.dtype, device="meta")
-    return ex
+    with mode:
+        return torch.empty_strided(ex.shape, ex.stride(), dtype=ex.dtype, device=ex.device)
 
 
 def _decompose(ctx, node: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
-    """One call of ``node``'s op, traced to ATen on meta tensors shaped like its example values."""
+    """One call of ``node``'s op, traced to ATen on fake tensors shaped like its example values
+    (on their device; tensors made from Python lists keep their values as constants)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
     inputs = node.all_input_nodes
-    metas = [_meta(ctx.example(a)) for a in inputs]
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    metas = [_example_like(ctx.example(a), mode) for a in inputs]
     if any(not isinstance(m, torch.Tensor) for m in metas):
         raise _Refuse("an input that is not a tensor")
 
@@ -117,8 +138,8 @@ def decomposed_rule(ctx, node: fx.Node):
         gm, inputs = _decompose(ctx, node)
     except _Refuse as err:
         return str(err)
-    except Exception as err:  # noqa: BLE001 - an op make_fx cannot trace on meta tensors
-        return f"it does not decompose on meta tensors ({type(err).__name__})"
+    except Exception as err:  # noqa: BLE001 - an op make_fx cannot trace on fake tensors (data-dependent)
+        return f"it does not decompose on fake tensors ({type(err).__name__})"
     try:
         return _shard_pieces(ctx, node, gm, inputs)
     except (_Refuse, NoStrategy) as err:
@@ -144,6 +165,9 @@ def _shard_pieces(ctx, node, gm, inputs):
         if p.op == "output":
             result = p.args[0]
             break
+        if p.op == "get_attr":            # a constant the op made (a Python list index as a tensor)
+            vals[p], place[p] = _constant_piece(ctx, gm, p), Replicate()
+            continue
         if p.target is operator.getitem:
             src, i = p.args
             place[p] = place[src][i] if isinstance(place[src], tuple) else Replicate()
@@ -159,6 +183,19 @@ def _shard_pieces(ctx, node, gm, inputs):
         pls = tuple(place[r] for r in result)
         return ctx.emit(tuple, ([vals[r] for r in result],), placement=pls), pls
     return vals[result], place[result]
+
+
+def _constant_piece(ctx, gm: fx.GraphModule, p: fx.Node) -> fx.Node:
+    """The traced constant ``p`` as an attribute of the rewritten graph (registered with the
+    rewrite's other constants), replicated: it is the same value on every rank."""
+    if _EMIT_CONSTANTS_AS_CALLS:
+        return ctx.emit(p.target, (), {}, Replicate())
+    value = getattr(gm, p.target)
+    if value.device.type == "meta":
+        raise _Refuse("a constant the op makes lost its value on meta tensors")
+    name = f"_seqpar_aten_constant_{len(ctx.constants)}"
+    ctx.constants[name] = value
+    return ctx.emit(name, (), op="get_attr", placement=Replicate())
 
 
 def _piece(ctx, p: fx.Node, vals, place, olds):
@@ -179,6 +216,8 @@ def _piece(ctx, p: fx.Node, vals, place, olds):
     full = pre * ctx.S * post
     if p.target in _VIEWS:
         return _view_piece(ctx, p, vals, place)
+    if p.target is aten.index.Tensor:
+        return _index_piece(ctx, p, vals, place, shards)
     if p.target in _LAYOUT_OPS:
         _check_layout_op(ctx, p, shards)
     arg_specs = fx.node.map_arg((p.args, p.kwargs), lambda a: ArgSpec(
@@ -290,6 +329,33 @@ def _check_layout_op(ctx, p, shards):
     nd = len(_shape(src))
     if shards[src].dim in [d % nd for d in dims]:
         raise _Refuse(f"{p.target} along the sequence dim")
+
+
+def _index_piece(ctx, p, vals, place, shards):
+    """``x[..., idx, :]`` (advanced indexing, ``aten.index.Tensor``) of a sharded ``x`` by
+    replicated indices on dims other than the sequence: every sequence position is indexed alike,
+    so the local shard is indexed as it is (Falcon's fused MQA: ``qkv[..., [-2], :]``). DTensor
+    has no usable strategy for it (its index rule rejects the ``None`` slots). Where the sequence
+    lands follows advanced indexing's rule: the broadcast index dims replace the indexed dims in
+    place when those are adjacent, else they come first."""
+    src, indices = p.args[0], list(p.args[1])
+    if src not in shards or any(isinstance(i, fx.Node) and i in shards for i in indices):
+        raise _Refuse("advanced indexing by sharded indices")
+    pl, nd = shards[src], len(_shape(src))
+    indexed = [d for d, i in enumerate(indices) if i is not None]
+    if pl.dim in indexed:
+        raise _Refuse("advanced indexing along the sequence dim")
+    index_nd = len(_shape(p)) - (nd - len(indexed))
+    adjacent = indexed == list(range(indexed[0], indexed[-1] + 1))
+    if adjacent:
+        out = pl.dim if pl.dim < indexed[0] else pl.dim - len(indexed) + index_nd
+    else:
+        out = index_nd + sum(1 for d in range(pl.dim) if d not in indexed)
+    new_indices = [None if i is None else vals[i] for i in indices]
+    result = Shard(out, pl.pre, pl.post)
+    if _shape(p)[out] != pl.pre * ctx.S * pl.post:
+        raise _Refuse("advanced indexing that moves the sequence off its dim")
+    return ctx.emit(p.target, (vals[src], new_indices), placement=result), result
 
 
 def _view_piece(ctx, p, vals, place):
