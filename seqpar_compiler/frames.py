@@ -107,6 +107,11 @@ def exit_specs(gm: torch.fx.GraphModule, ctx) -> list[ShardSpec | None]:
     return specs
 
 
+# test-only: the entry activations' local examples as before the fix (real tensors, so aot gave
+# them symbolic sizes with no source); never set outside tests
+_DYNAMIC_ENTRY_EXAMPLES = False
+
+
 def local_examples(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:
     """Examples for the inner compiler: shards become their local (fake) tensors, and the
     rewritten graph's placeholders say so too (aot_autograd reads either)."""
@@ -115,7 +120,11 @@ def local_examples(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> l
     examples = [_static_example(x._local.detach().requires_grad_(x.requires_grad)) if isinstance(x, SequenceShard)
                 else x for x in example_inputs]
     for i, spec in getattr(gm, "seqpar_entry", {}).items():      # sharded at the edge: local shape
-        examples[i] = shard_sequence_op(examples[i], spec.dim, spec.schedule, spec.group_name)
+        local = shard_sequence_op(examples[i], spec.dim, spec.schedule, spec.group_name)
+        # static like a shard's local: a real local tensor has no source, and the symbols aot would
+        # give it broke Dynamo's guards (DeepSeek-V3's decoder layer after a graph break)
+        examples[i] = (local if _DYNAMIC_ENTRY_EXAMPLES
+                       else _static_example(local.detach().requires_grad_(examples[i].requires_grad)))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, x in zip(placeholders, examples):
         if isinstance(node.meta.get("example_value"), SequenceShard):
