@@ -134,12 +134,32 @@ def _is_view(node: fx.Node) -> bool:
                 and not schema.returns[0].alias_info.is_write)
 
 
+# Test-only: False restores the search from the attention node alone, which finds no layer input
+# when positions arrive as a graph input (packed sequences) and leaves the graph untagged.
+_LAYER_INPUT_THROUGH_VALUE = True
+
+
 def _layer_input(attn: fx.Node, idom: dict, live: set) -> fx.Node | None:
     """The nearest dominator of ``attn`` used outside the computation that feeds it (the
     residual stream), looking through views to the tensor that owns the memory. Only uses that
-    lead to a forward output count (a norm's saved statistics feed only the backward)."""
+    lead to a forward output count (a norm's saved statistics feed only the backward).
+
+    Position ids passed in as a graph input (packed sequences: trl's padding-free collator,
+    transformers' ``position_ids``) reach every attention through RoPE and the document ids, so
+    from the second layer on nothing but the virtual root dominates the attention node itself.
+    The value projection is computed from the residual stream alone: its dominators, judged
+    against what feeds the whole attention, give the same layer input."""
+    found = _dominating_use(attn, attn, idom, live)
+    value = attn.args[2] if len(attn.args) > 2 else None
+    if found is None and _LAYER_INPUT_THROUGH_VALUE and isinstance(value, fx.Node):
+        found = _dominating_use(value, attn, idom, live)
+    return found
+
+
+def _dominating_use(start: fx.Node, attn: fx.Node, idom: dict, live: set) -> fx.Node | None:
+    """Up the dominator chain of ``start``: the first value with a live use outside what feeds ``attn``."""
     feeding = _ancestors(attn)
-    d = idom.get(attn)
+    d = idom.get(start)
     while d is not None:
         outside = [u for u in d.users if u in live and u is not attn and u not in feeding]
         if outside and isinstance(d.meta.get("val"), torch.Tensor):
