@@ -138,8 +138,11 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inne
     ATen's SDPA instead of the ring."""
     from seqpar_compiler.passes.blockwise_ffn import blockwise_ffn
     from seqpar_compiler.passes.checkpointing import checkpoint_partition_fn, has_user_regions, inductor_partitioner
-    if blockwise_ffn(gm, ffn_chunks):
-        log.info("seqpar: blockwise FFN over %d token chunks", ffn_chunks)
+
+    from .compile_agreement import faulting, in_window, stage
+    with stage("blockwise FFN"):
+        if blockwise_ffn(gm, ffn_chunks):
+            log.info("seqpar: blockwise FFN over %d token chunks", ffn_chunks)
     # aot_autograd's primals: the graph module's own parameters and buffers (seqpar's local
     # position tables), then the graph inputs; the policy needs to know which are model state
     lifted = (len(dict(gm.named_parameters(remove_duplicate=False)))
@@ -147,20 +150,27 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inne
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     model_state = list(range(lifted)) + [lifted + i for i, (n, v) in enumerate(zip(placeholders, example_inputs))
                                          if _is_model_state(n, v)]
-    if inner == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
-        if checkpoint == "none" and not has_user_regions(gm):     # issue 13: the user's regions need the policy
-            return aot_eager(gm, example_inputs)
-        from functorch.compile import make_boxed_func
-        from torch._dynamo.backends.common import aot_autograd
-        nop = (lambda g, _: make_boxed_func(g.forward))
-        return aot_autograd(fw_compiler=nop, bw_compiler=nop, keep_inference_input_mutations=True,
-                            partition_fn=checkpoint_partition_fn(checkpoint, model_state))(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
-    if checkpoint == "none" and not has_user_regions(gm):
-        return compile_fx(gm, example_inputs)
-    return compile_fx(gm, example_inputs,
-                      config_patches={"custom_partitioner_fn": inductor_partitioner(checkpoint, model_state)})
+    # in a group, the backward is compiled now, not at the first backward(): a failure there must
+    # be agreed on while every rank can still fall back (compile_agreement.py)
+    eager_bw = (torch._functorch.config.patch(force_non_lazy_backward_lowering=True) if in_window()
+                else contextlib.nullcontext())
+    with stage("inner compile"), eager_bw:
+        if inner == "aot_eager":
+            from torch._dynamo.backends.debugging import aot_eager
+            if checkpoint == "none" and not has_user_regions(gm):     # issue 13: the user's regions need the policy
+                return aot_eager(gm, example_inputs)
+            from functorch.compile import make_boxed_func
+            from torch._dynamo.backends.common import aot_autograd
+            nop = (lambda g, _: make_boxed_func(g.forward))
+            return aot_autograd(fw_compiler=nop, bw_compiler=faulting(nop, "inner backward"),
+                                keep_inference_input_mutations=True,
+                                partition_fn=faulting(checkpoint_partition_fn(checkpoint, model_state), "partitioner"),
+                                )(gm, example_inputs)
+        from torch._inductor.compile_fx import compile_fx
+        if checkpoint == "none" and not has_user_regions(gm):
+            return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs,
+                          config_patches={"custom_partitioner_fn": inductor_partitioner(checkpoint, model_state)})
 
 
 def backend(*, group: dist.ProcessGroup | None = None, mesh: Any = None, mesh_dim: str | int | None = None,
@@ -201,27 +211,38 @@ def backend(*, group: dist.ProcessGroup | None = None, mesh: Any = None, mesh_di
         from .symbolic_lengths import is_symbolic, specialise_per_length
         if is_symbolic(gm, example_inputs):          # dynamic=True: one seqpar compile per length
             return specialise_per_length(gm, example_inputs, compile_graph)
-        from .dump import DumpRecorder     # lazily: `python -m seqpar_compiler.dump` runs that module as __main__
-        dump = DumpRecorder.maybe(opts, dist.get_rank(pg), P)
-        from .frames import frame_shard_inputs, local_examples, wrap_frame   # issue 13: shards across frames
-        from .mask_frames import carry_mask_outputs, expand_mask_inputs, mask_examples, wrap_mask_frame
+        from .compile_agreement import compile_in_agreement     # one rank failing must not hang the others
+        return compile_in_agreement(gm, example_inputs, pg, opts,
+                                    lambda pristine: _compile_frame(gm, example_inputs, pg, opts, pristine),
+                                    _frame_name())
+
+    return compile_graph
+
+
+def _compile_frame(gm, example_inputs, pg, opts, pristine) -> Callable:
+    """The frame compiled sequence-parallel: the stages of the module diagram from the frame
+    edges on, each marked for the agreement (``compile_agreement.stage``)."""
+    from .compile_agreement import stage
+    from .dump import DumpRecorder     # lazily: `python -m seqpar_compiler.dump` runs that module as __main__
+    dump = DumpRecorder.maybe(opts, dist.get_rank(pg), dist.get_world_size(pg))
+    from .frames import frame_shard_inputs, local_examples, wrap_frame   # issue 13: shards across frames
+    from .mask_frames import carry_mask_outputs, expand_mask_inputs, mask_examples, wrap_mask_frame
+    with stage("frame edges"):
         example_inputs, mask_inputs = expand_mask_inputs(gm, example_inputs)    # masks cross frames as facts
         mask_exits = carry_mask_outputs(gm, example_inputs, _model_state_inputs(gm, example_inputs))
         gm.seqpar_carries_masks = mask_exits is not None
         shards = frame_shard_inputs(example_inputs)
-        with _hide_user_saved_tensor_hooks():
-            sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
-        target = sharded if sharded is not None else gm
-        compiled = _inner_compile(target, mask_examples(local_examples(target, example_inputs), mask_inputs),
-                                  opts["inner"], checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"])
-        from .frames import LOCAL_OUTPUT_HINT
-        hint = LOCAL_OUTPUT_HINT if opts["output"] == "local" else ""
-        check = (lambda args: check_same_inputs(args, pg, hint)) if opts["check_inputs"] else None
-        return wrap_mask_frame(wrap_frame(compiled, shards, getattr(sharded, "seqpar_exits", None), check,
-                                          getattr(sharded, "seqpar_entry", None),
-                                          getattr(sharded, "seqpar_local_exits", None)), mask_exits, mask_inputs)
-
-    return compile_graph
+    with _hide_user_saved_tensor_hooks():
+        sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
+    target = sharded if sharded is not None else gm
+    compiled = _inner_compile(target, mask_examples(local_examples(target, example_inputs), mask_inputs),
+                              opts["inner"], checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"])
+    from .frames import LOCAL_OUTPUT_HINT
+    hint = LOCAL_OUTPUT_HINT if opts["output"] == "local" else ""
+    check = (lambda args: check_same_inputs(args, pg, hint)) if opts["check_inputs"] else None
+    return wrap_mask_frame(wrap_frame(compiled, shards, getattr(sharded, "seqpar_exits", None), check,
+                                      getattr(sharded, "seqpar_entry", None),
+                                      getattr(sharded, "seqpar_local_exits", None)), mask_exits, mask_inputs)
 
 
 def _hide_user_saved_tensor_hooks():
@@ -282,20 +303,23 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     from seqpar_compiler.passes.rewrite import ShardingContext, rewrite_graph
     from seqpar_compiler.runtime import check_sequence_length
     from seqpar_compiler.passes.hop_bodies import inline_hop_bodies
-    inline_hop_bodies(gm)        # issue 13: attention inside torch.utils.checkpoint bodies is sharded too
-    static = _model_state_inputs(gm, example_inputs)
-    if dump:
-        dump.graph("dynamo", gm)
-    from .frames import proof_values        # a DDPOptimizer piece's fake buffers: the real ones prove masks
-    canonicalize_handwritten_attention(gm, proof_values(gm, example_inputs, static), static)
-    attention = find_attention(gm)
-    if dump:
-        dump.graph("canonicalize", gm)
-    S = sequence_length(attention)
+    from .compile_agreement import agreement_checkpoint, refusal, stage
+    with stage("canonicalize"):
+        inline_hop_bodies(gm)        # issue 13: attention inside torch.utils.checkpoint bodies is sharded too
+        static = _model_state_inputs(gm, example_inputs)
+        if dump:
+            dump.graph("dynamo", gm)
+        from .frames import proof_values        # a DDPOptimizer piece's fake buffers: the real ones prove masks
+        canonicalize_handwritten_attention(gm, proof_values(gm, example_inputs, static), static)
+        attention = find_attention(gm)
+        if dump:
+            dump.graph("canonicalize", gm)
+        S = sequence_length(attention)
     P = dist.get_world_size(pg)
     if shards:          # inputs already sharded by an earlier frame: their length and layout (frames.py)
         from .frames import check_frame_shards
-        first = check_frame_shards(shards, S, pg.group_name)
+        with refusal(ValueError):
+            first = check_frame_shards(shards, S, pg.group_name)
         S, opts = first.S, {**opts, "schedule": first.schedule}
     from .replicated import hidden_attention_causes, replicated_attention_causes
     # a graph break no longer leaves attention replicated: the sequence crosses it as a
@@ -329,28 +353,32 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         schedule = "zigzag"
     if schedule == "auto":
         from .auto_schedule import decide_schedule   # lazily, like the dump (modules runnable with -m)
-        decision = decide_schedule(attention, S, pg, opts["profile"],
-                                   (True, False) if opts.get("auto_overlap") else (overlap,))
+        agreement_checkpoint()                       # a collective follows: nobody may have failed before it
+        with refusal(ValueError):
+            decision = decide_schedule(attention, S, pg, opts["profile"],
+                                       (True, False) if opts.get("auto_overlap") else (overlap,))
         schedule, overlap = decision["schedule"], decision["overlap"]
     from .ulysses_api import hybrid_layout        # "hybrid" → "hybrid:u", u from SEQPAR_ULYSSES_DEGREE (issue 15)
-    schedule = hybrid_layout(schedule, opts["ulysses_degree"], pg, strict=False)
-    check_sequence_length(S, schedule, P, what="the model's sequence length")
+    with refusal(ValueError):
+        schedule = hybrid_layout(schedule, opts["ulysses_degree"], pg, strict=False)
+        check_sequence_length(S, schedule, P, what="the model's sequence length")
     ctx = ShardingContext(S=S, P=P, rank=dist.get_rank(pg), schedule=schedule,
                           group_name=pg.group_name, fallback=opts["fallback"], output="local",
                           kernel=opts["kernel"], overlap=overlap, grad_reduce=opts["grad_reduce"])
     from .frames import entry_activations, exit_specs, seed_shard_inputs
-    entry = (entry_activations(gm, example_inputs, S, schedule, pg.group_name, static, opts["grad_reduce"])
-             if attention else {})
-    already = seed_shard_inputs(ctx, gm, {**(shards or {}), **entry})
-    dims = {k: v for k, v in _user_input_dims(gm, example_inputs, S).items() if k not in already}
-    out = rewrite_graph(gm, example_inputs, ctx, dims)
-    if opts["grad_reduce"] == "none":          # issue 13: replicated uses' gradients partial too
-        from seqpar_compiler.passes.replicated_grads import share_replicated_gradients
-        share_replicated_gradients(out, pg.group_name)
-    # outputs that carry the sequence leave as SequenceShards (gathered only when read), or local
-    out.seqpar_exits = exit_specs(gm, ctx) if opts["output"] == "gather" else None
-    out.seqpar_local_exits = exit_specs(gm, ctx) if opts["output"] == "local" else None
-    out.seqpar_entry = entry
+    with stage("placements and rewrite"):
+        entry = (entry_activations(gm, example_inputs, S, schedule, pg.group_name, static, opts["grad_reduce"])
+                 if attention else {})
+        already = seed_shard_inputs(ctx, gm, {**(shards or {}), **entry})
+        dims = {k: v for k, v in _user_input_dims(gm, example_inputs, S).items() if k not in already}
+        out = rewrite_graph(gm, example_inputs, ctx, dims)
+        if opts["grad_reduce"] == "none":          # issue 13: replicated uses' gradients partial too
+            from seqpar_compiler.passes.replicated_grads import share_replicated_gradients
+            share_replicated_gradients(out, pg.group_name)
+        # outputs that carry the sequence leave as SequenceShards (gathered only when read), or local
+        out.seqpar_exits = exit_specs(gm, ctx) if opts["output"] == "gather" else None
+        out.seqpar_local_exits = exit_specs(gm, ctx) if opts["output"] == "local" else None
+        out.seqpar_entry = entry
     replicated = replicated_attention_causes(attention, ctx.place) + hidden
     _report_replicated(replicated, pg, opts, dump)
     log.info("seqpar: sharded a graph over %d ranks (S=%d, schedule %s): %d fallbacks, collectives: %s",
