@@ -26,6 +26,12 @@ aot_autograd (joint fw/bw) ── partitioner: SEQPAR_CHECKPOINT tags (passes/ch
   ▼
 compile_fx (inductor), or aot_eager with SEQPAR_INNER=aot_eager
 ```
+
+Every stage from the frame edges down to the inner compile (its backward included) runs in an
+agreement window (``compile_agreement.py``): a stage failing on any rank makes every rank of the
+group run the original Dynamo graph replicated, warned, never hung. With ``SEQPAR_VERIFY`` the
+compiled frame is wrapped by ``verify.py``, which compares its first (or every) call with the
+original graph run replicated.
 """
 from __future__ import annotations
 
@@ -132,7 +138,7 @@ def sequence_group(degree: int | None = None) -> dist.ProcessGroup | None:
 
 
 def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inner: str, *,
-                   checkpoint: str = "none", ffn_chunks: int = 1) -> Callable:
+                   checkpoint: str = "none", ffn_chunks: int = 1, verify: bool = False) -> Callable:
     """The memory passes (blockwise FFN on the torch-level graph, the checkpoint policy in the
     partitioner), then ``inner``. Runs at P = 1 too: there the attention op the policy keeps is
     ATen's SDPA instead of the ring."""
@@ -152,9 +158,10 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inne
                                          if _is_model_state(n, v)]
     # in a group, the backward is compiled now, not at the first backward(): a failure there must
     # be agreed on while every rank can still fall back (compile_agreement.py)
-    eager_bw = (torch._functorch.config.patch(force_non_lazy_backward_lowering=True) if in_window()
-                else contextlib.nullcontext())
-    with stage("inner compile"), eager_bw:
+    patches = {"force_non_lazy_backward_lowering": True} if in_window() else {}
+    if verify:         # SEQPAR_VERIFY takes a second backward of a checked call (retain_graph): no donated buffers
+        patches["donated_buffer"] = False
+    with stage("inner compile"), torch._functorch.config.patch(**patches):
         if inner == "aot_eager":
             from torch._dynamo.backends.debugging import aot_eager
             if checkpoint == "none" and not has_user_regions(gm):     # issue 13: the user's regions need the policy
@@ -235,14 +242,23 @@ def _compile_frame(gm, example_inputs, pg, opts, pristine) -> Callable:
     with _hide_user_saved_tensor_hooks():
         sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
     target = sharded if sharded is not None else gm
+    verify = opts["verify"] != "off" and sharded is not None      # a replicated frame is its own reference
     compiled = _inner_compile(target, mask_examples(local_examples(target, example_inputs), mask_inputs),
-                              opts["inner"], checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"])
+                              opts["inner"], checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"],
+                              verify=verify)
+    if verify:
+        from .verify import _Recorder, verifying
+        compiled = _Recorder(compiled)
     from .frames import LOCAL_OUTPUT_HINT
     hint = LOCAL_OUTPUT_HINT if opts["output"] == "local" else ""
     check = (lambda args: check_same_inputs(args, pg, hint)) if opts["check_inputs"] else None
-    return wrap_mask_frame(wrap_frame(compiled, shards, getattr(sharded, "seqpar_exits", None), check,
-                                      getattr(sharded, "seqpar_entry", None),
-                                      getattr(sharded, "seqpar_local_exits", None)), mask_exits, mask_inputs)
+    frame = wrap_mask_frame(wrap_frame(compiled, shards, getattr(sharded, "seqpar_exits", None), check,
+                                       getattr(sharded, "seqpar_entry", None),
+                                       getattr(sharded, "seqpar_local_exits", None)), mask_exits, mask_inputs)
+    if not verify:
+        return frame
+    return verifying(frame, compiled, pristine=pristine, sharded=sharded, example_inputs=example_inputs, pg=pg,
+                     opts=opts, frame=_frame_name())
 
 
 def _hide_user_saved_tensor_hooks():
@@ -379,6 +395,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         out.seqpar_exits = exit_specs(gm, ctx) if opts["output"] == "gather" else None
         out.seqpar_local_exits = exit_specs(gm, ctx) if opts["output"] == "local" else None
         out.seqpar_entry = entry
+        out.seqpar_layout = (S, schedule, pg.group_name)       # SEQPAR_VERIFY gathers node values with it
     replicated = replicated_attention_causes(attention, ctx.place) + hidden
     _report_replicated(replicated, pg, opts, dump)
     log.info("seqpar: sharded a graph over %d ranks (S=%d, schedule %s): %d fallbacks, collectives: %s",

@@ -137,6 +137,15 @@ OPTIONS: dict[str, Option] = _opts(
            help="A folder to write what the compiler did (graphs, schedule, fallbacks)."),
     Option(name="dump_all_ranks", kind="bool", default=False,
            help="With SEQPAR_DUMP: write every rank's dump, not only rank 0's."),
+    Option(name="verify", kind="choice", default="off", choices=("off", "first", "always"),
+           help="Check sharded frames against the same frame run replicated: first (the first call of each "
+                "compiled frame), always (every call: debugging) or off. A checked call also runs the original "
+                "graph eagerly on the whole sequence on every rank (RNG replayed) and compares outputs (fp32 1e-5, "
+                "bf16 5e-2, fp16 1e-2, by the lowest precision in the frame) and the gradients of the frame's "
+                "inputs for a random cotangent (fp32 1e-4, bf16 1e-1, fp16 5e-2) in float64 norms; a mismatch "
+                "raises SeqparParityError naming the first "
+                "graph node (forward) or the parameter (gradient) that differs. Cost per checked call: one more "
+                "replicated forward and backward, the memory of the whole sequence, one more sharded backward."),
     Option(name="profile", kind="text", default=None,
            values="a100-dgx, h100-dgx, a profile .json file",
            help="The cost-model profile SCHEDULE=auto and the dump use: a shipped GPU-cluster profile, a "
