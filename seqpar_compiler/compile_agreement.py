@@ -149,8 +149,11 @@ def agreement_checkpoint() -> None:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+    """The exception's first line, and its last one when that differs (torch.fx puts the graph
+    first and the reason last)."""
+    text = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    line = f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+    return line + (f" ... {text[-1][-200:]}" if len(text) > 1 else "")
 
 
 def compile_in_agreement(gm: fx.GraphModule, example_inputs: Sequence[Any], pg: dist.ProcessGroup, opts: dict,
