@@ -43,6 +43,7 @@ sequence and runs replicated, with a warning naming the op (correct, slower).
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 from dataclasses import dataclass, field
 
@@ -136,7 +137,7 @@ class SequenceShard(torch.Tensor):
         return out
 
     def __repr__(self, *, tensor_contents=None) -> str:       # printing reads the whole value
-        return f"SequenceShard({full_tensor(self)!r}, spec={self.spec})"
+        return _reading(self, lambda: f"SequenceShard({full_tensor(self)!r}, spec={self.spec})")
 
     def __tensor_flatten__(self):
         # the length is left out: Dynamo guards on this context by equality, and a length in it
@@ -154,23 +155,72 @@ class SequenceShard(torch.Tensor):
         return SequenceShard(inner["_local"], spec, shape=outer_size, stride=outer_stride)
 
     def full_tensor(self) -> Tensor:
-        return full_tensor(self)
+        return _reading(self, lambda: full_tensor(self))
 
     def to_local(self) -> Tensor:
         """This rank's shard (schedule layout; no communication; its gradient stays local)."""
         return to_local(self)
 
+    # Leaving the group: the readers below return plain full tensors (an all-gather, so every rank of
+    # the group calls them together, as it runs the same script)
     def tolist(self):
-        return full_tensor(self).tolist()
+        return _reading(self, lambda: full_tensor(self).tolist())
 
     def numpy(self, *args, **kwargs):
-        return full_tensor(self.detach()).numpy(*args, **kwargs)
+        return _reading(self, lambda: full_tensor(self.detach()).numpy(*args, **kwargs))
+
+    def cpu(self, *args, **kwargs):
+        """The plain full tensor in host memory (``.cpu()`` is how code takes data out of a model)."""
+        return _reading(self, lambda: full_tensor(self).cpu(*args, **kwargs))
+
+    def __reduce_ex__(self, protocol):
+        # pickle / torch.save: the other ranks' parts are not here, and gathering them inside
+        # pickling would hang whenever only some ranks save (the usual `if rank == 0: save`)
+        raise pickle.PicklingError(
+            f"seqpar: cannot pickle or torch.save a SequenceShard (shape {list(self.shape)}, split over the "
+            f"sequence-parallel group {self.spec.group_name!r}; this rank holds only its part of the sequence). "
+            f"Save a plain tensor: x.full_tensor() (an all-gather: call it on every rank of the group, then save "
+            f"on any) or x.to_local() (this rank's part, no communication)")
 
     @classmethod
     @torch._disable_dynamo         # eager rules run below Dynamo (its frames see the subclass, not this)
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         from .sequence_shard_rules import dispatch
-        return dispatch(func, args, kwargs or {})
+        try:
+            return dispatch(func, args, kwargs or {})
+        except Exception as exc:
+            _raise_if_group_gone(args, kwargs, exc)
+            raise
+
+
+def _group_exists(group_name: str) -> bool:
+    try:
+        resolve_group(group_name)
+        return True
+    except Exception:  # noqa: BLE001 - torch raises RuntimeError or ValueError depending on the version
+        return False
+
+
+def _group_gone_error(spec: "ShardSpec") -> RuntimeError:
+    return RuntimeError(
+        f"seqpar: a SequenceShard of the sequence-parallel group {spec.group_name!r} was used after that group "
+        f"was destroyed (dist.destroy_process_group(), or the tensor was loaded or sent to another process). "
+        f"It holds only this rank's part of the sequence and the other parts went with the group: x.to_local() "
+        f"still gives this rank's part. To keep the whole tensor, take x.full_tensor() (or .cpu(), .tolist(), "
+        f".numpy()) on every rank while the group exists")
+
+
+def _raise_if_group_gone(args, kwargs, exc: Exception) -> None:
+    from torch.utils._pytree import tree_leaves
+    for leaf in tree_leaves((args, kwargs)):
+        if isinstance(leaf, SequenceShard) and not _group_exists(leaf.spec.group_name):
+            raise _group_gone_error(leaf.spec) from exc
+
+
+def _reading(shard: "SequenceShard", read):
+    if not _group_exists(shard.spec.group_name):
+        raise _group_gone_error(shard.spec)
+    return read()
 
 
 # -- moving between forms (below autograd) ---------------------------------------------------
