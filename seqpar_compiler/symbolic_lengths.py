@@ -18,8 +18,10 @@ distinct length (bucket lengths in the data loader to bound it); each new one is
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -112,10 +114,81 @@ def _propagate_examples(gm: fx.GraphModule, args: Sequence[Any]) -> None:
         _Recorder(gm).run(*fakes)
 
 
+def _hidden_saved_tensor_hooks():
+    """Identity saved-tensor hooks while a new length is specialised and compiled.
+
+    Why: the first call at a new length happens inside the user's training step, so the hooks they
+    hold there (``save_on_cpu``, a pack hook that reads values) are active; ``_propagate_examples``
+    and the passes run ops with autograd on over fake tensors, whose saves would reach those hooks
+    (a hook reading values fails on them). Only the innermost hooks apply, so identity hooks hide
+    the user's; the compiled step's own saves, later, still reach them."""
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
+
+
+def _identity(t):
+    return t
+
+
+_SDPA = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+_SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch._C._nn.softmax if hasattr(torch._C._nn, "softmax")
+            else torch.softmax, "softmax")
+
+
+def _attends_a_longer_cache(gm: fx.GraphModule) -> bool:
+    """Decoding: queries of a fixed length (one new token) attend keys of a symbolic length (the
+    KV cache grown by every step), through SDPA or a hand-written softmax over the keys.
+
+    Such attention is not a self-attention of one length: seqpar would run the graph replicated at
+    every length anyway, so specialising it per length would only add one compile per token."""
+    found = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _SDPA and len(node.args) >= 2:
+            q, k = (a.meta.get("example_value") if isinstance(a, fx.Node) else None for a in node.args[:2])
+            if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
+                continue
+            qlen, klen = q.shape[-2], k.shape[-2]
+        elif (node.op == "call_function" and node.target in _SOFTMAX) or \
+                (node.op == "call_method" and node.target in _SOFTMAX):
+            scores = node.meta.get("example_value")
+            if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
+                continue
+            qlen, klen = scores.shape[-2], scores.shape[-1]
+        else:
+            continue
+        if isinstance(qlen, torch.SymInt) or not isinstance(klen, torch.SymInt):
+            return False            # a self-attention of one (symbolic) length: specialise and shard it
+        found = True
+    return found
+
+
+_decode_warned: list[bool] = []
+
+
+def _replicated_decode(gm: fx.GraphModule) -> Callable:
+    """The symbolic graph itself, run as it is (eager ops, every rank the whole cache) for every
+    cache length: one Dynamo compile, no seqpar compile per token; said once per process."""
+    import torch.distributed as dist
+    if not _decode_warned and (not dist.is_initialized() or dist.get_rank() == 0):
+        _decode_warned.append(True)
+        warnings.warn("seqpar: decoding (queries of a fixed length attending a KV cache whose length grows every "
+                      "step) is not a self-attention of one length: those steps run replicated on every rank, "
+                      "uncompiled, for every cache length (no compile per token). seqpar shards training, "
+                      "evaluation and prefill", stacklevel=3)
+    log.info("seqpar: dynamic shapes: a decode graph (fixed query length, symbolic key length) runs replicated "
+             "as traced, for every length")
+    return gm.forward
+
+
 def specialise_per_length(gm: fx.GraphModule, example_inputs: Sequence[Any],
                           compile_static: Callable[[fx.GraphModule, list], Callable]) -> Callable:
     """The callable Dynamo gets for a symbolic graph: it compiles ``gm`` once per concrete
-    input sizes with ``compile_static`` (the ordinary seqpar pipeline) and runs that."""
+    input sizes with ``compile_static`` (the ordinary seqpar pipeline) and runs that. A decode
+    graph that takes no ``SequenceShard`` runs replicated as traced instead (``_replicated_decode``)."""
+    from .runtime.sequence_shard import SequenceShard
+    if _attends_a_longer_cache(gm) and not any(isinstance(a, SequenceShard) for a in example_inputs):
+        return _replicated_decode(gm)
     drop = _scalar_placeholders(gm, example_inputs)
     compiled: dict[tuple, Callable] = {}
 
@@ -128,8 +201,10 @@ def specialise_per_length(gm: fx.GraphModule, example_inputs: Sequence[Any],
         fn = compiled.get(key)
         if fn is None:
             log.info("seqpar: dynamic shapes: specialising the graph to sizes %s (%d so far)", key, len(compiled) + 1)
-            static = _specialise(gm, args, drop)
-            fn = compiled[key] = compile_static(static, [a for i, a in enumerate(args) if i not in drop])
+            # this runs inside the user's step, under any saved-tensor hooks they hold
+            with _hidden_saved_tensor_hooks():
+                static = _specialise(gm, args, drop)
+                fn = compiled[key] = compile_static(static, [a for i, a in enumerate(args) if i not in drop])
         return fn(*[a for i, a in enumerate(args) if i not in drop])
     run._seqpar_specialisations = compiled       # for tests: how many lengths were compiled
     return run
