@@ -243,9 +243,8 @@ def prepare(accelerator, *objects, degree: int | None = None):
     prepared = accelerator.prepare(*objects)
     items = prepared if isinstance(prepared, tuple) else (prepared,)
     for item in items:
-        if hasattr(item, "batch_sampler") or hasattr(item, "set_epoch"):
-            if isinstance(item, torch.utils.data.DataLoader):
-                same_batch_per_group(item, degree=degree)
+        if isinstance(item, torch.utils.data.DataLoader):
+            same_batch_per_group(item, degree=degree)
         _reduce_once(item, degree)
     return prepared
 
