@@ -167,7 +167,7 @@ def trainer_client(rank: int, world: int, *, compiled: bool, steps: int = 2, ga:
         else:
             trainer.train()
     metrics = trainer.evaluate()
-    out = {**_history(trainer), "grads": rec.grads, "params": _params(model), "seen": seen,
+    out = {**_history(trainer), "grads": rec.grads, "params": _params(model), "seen": seen, "n_eval": n_eval,
            "eval_loss": metrics["eval_loss"], "eval_samples": metrics.get("eval_samples"),
            "ring_calls": st.attention_forward_calls, "backwards": steps * ga,
            "n_params": sum(p.numel() for p in model.parameters())}
@@ -245,7 +245,8 @@ def plain_loop_client(rank: int, world: int, *, compiled: bool, steps: int = 2, 
     ``data_parallel_group()``. In one process: the groups' batches side by side (``batch`` rows)."""
     from seqpar_compiler import hf as sp_hf
     model = _compile(llama(), compiled)
-    rows = torch.tensor(token_rows(steps * max(1, world // (degree or world)) * batch, 6)["input_ids"])
+    groups = sp_hf.group_data_parallel(degree).num_replicas
+    rows = torch.tensor(token_rows(steps * groups * batch, 6)["input_ids"])
     sampler = torch.utils.data.DistributedSampler(rows, *sp_hf.group_data_parallel(degree), shuffle=True, seed=0)
     loader = torch.utils.data.DataLoader(rows, batch_size=batch, sampler=sampler)
     if compiled and sp_hf.group_data_parallel(degree).num_replicas > 1:
