@@ -14,9 +14,10 @@ backend returned).
             with no source; the symbols aot made for it broke Dynamo's guard building (IndexError in
             produce_guards_verbose); switch ``frames._DYNAMIC_ENTRY_EXAMPLES``
 
-The default run uses models written here in each library's style (2 ranks, aot_eager); the real
-library models (transformers' Falcon, x-transformers 2.31, Mixtral / Qwen3-MoE / DeepSeek-V3 with
-eager experts) are ``slow``.
+The default run checks the fixes on models written here in each library's style (2 ranks,
+aot_eager); ``slow``: the same models under the switches, and the real library models
+(transformers' Falcon, x-transformers 2.31, Mixtral / Qwen3-MoE / DeepSeek-V3 with eager experts)
+both ways.
 """
 import pytest
 
@@ -35,19 +36,23 @@ REAL = {"falcon-mqa": "falcon", "x-transformers-rotary": "device", "mixtral-eage
         "qwen3-moe-eager": "device", "deepseek-v3-mla-eager": "guards"}
 
 
-def _cases(models):
-    return [c for name, fix in models.items()
-            for c in ((name, dict(model=name)), (f"{name} old", dict(model=name, switches=SWITCHES[fix])))]
+def _fixed_cases(models):
+    return [(name, dict(model=name)) for name in models]
+
+
+def _old_cases(models):
+    return [(f"{name} old", dict(model=name, switches=SWITCHES[fix])) for name, fix in models.items()]
 
 
 @pytest.fixture(scope="module")
 def hand_written():
-    return run_ranks(run_crash_cases, 2, _cases(HAND_WRITTEN), timeout=900, pg_timeout=300)
+    return run_ranks(run_crash_cases, 2, _fixed_cases(HAND_WRITTEN), timeout=900, pg_timeout=300)
 
 
 @pytest.fixture(scope="module")
-def real():
-    return run_ranks(run_crash_cases, 2, _cases(REAL), timeout=1800, pg_timeout=900)
+def old_and_real():
+    return run_ranks(run_crash_cases, 2, _old_cases(HAND_WRITTEN) + _fixed_cases(REAL) + _old_cases(REAL),
+                     timeout=2400, pg_timeout=900)
 
 
 def _fixed(results, name, sharded):
@@ -70,18 +75,19 @@ def test_fixed_crash_is_exact_and_sharded(hand_written, name):
     _fixed(hand_written, name, sharded=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(HAND_WRITTEN))
-def test_the_switch_restores_the_old_failure(hand_written, name):
-    _old_fails(hand_written, name, HAND_WRITTEN[name])
+def test_the_switch_restores_the_old_failure(old_and_real, name):
+    _old_fails(old_and_real, name, HAND_WRITTEN[name])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(REAL))
-def test_real_library_model_compiles_and_is_exact(real, name):
-    _fixed(real, name, sharded=False)           # some still run attention replicated (warned), never crash
+def test_real_library_model_compiles_and_is_exact(old_and_real, name):
+    _fixed(old_and_real, name, sharded=False)      # some still run attention replicated (warned), never crash
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(REAL))
-def test_real_library_model_fails_as_before_under_the_switch(real, name):
-    _old_fails(real, name, REAL[name])
+def test_real_library_model_fails_as_before_under_the_switch(old_and_real, name):
+    _old_fails(old_and_real, name, REAL[name])
