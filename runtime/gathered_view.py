@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["GatheredView", "is_view_op", "written_arguments"]
+__all__ = ["GatheredView", "check_detached", "detach_from", "is_view_op", "written_arguments"]
 
 
 def is_view_op(func) -> bool:
@@ -48,14 +48,46 @@ def _version(t: Tensor) -> int | None:
         return None
 
 
+def detach_from(view: Tensor, base: Tensor | tuple) -> Tensor:
+    """Mark ``view`` as holding a copy of what a view of ``base`` would hold (module docstring):
+    a write into it, or a read after ``base`` was written, raises from then on."""
+    view._detached_source = base if isinstance(base, tuple) else (weakref.ref(base), _version(base))
+    return view
+
+
+def check_detached(func, args, kwargs) -> None:
+    """Refuse a read of a detached view whose base was written since, and any write into one."""
+    flat = tree_flatten((args, kwargs))[0]
+    for t in flat:
+        source = getattr(t, "_detached_source", None) if isinstance(t, Tensor) else None
+        if source is None:
+            continue
+        ref, taken_at = source
+        base = ref()
+        now = None if base is None else _version(base)
+        if taken_at is not None and now is not None and now != taken_at:
+            raise RuntimeError(
+                "seqpar: this tensor is a view of a sequence-sharded tensor whose values had to be copied (it "
+                "picks positions of the sequence, or its shard could not be viewed in place); the sharded "
+                "tensor was written after the view was taken, so the view no longer shows it. Take the view "
+                "again after the write, or make a plain copy first (full = x.full_tensor()) and view that")
+    if any(getattr(w, "_detached_source", None) is not None for w in written_arguments(func, args, kwargs)):
+        raise RuntimeError(
+            f"seqpar: {func} writes into a view of a sequence-sharded tensor whose values had to be copied (it "
+            f"picks positions of the sequence, or its shard could not be viewed in place), so the write would "
+            f"not reach the sharded tensor. Write into a plain copy instead (full = x.full_tensor(); "
+            f"full[...] = ...), or write into the sharded tensor with an op that keeps the whole sequence "
+            f"(a mask, torch.where)")
+
+
 class GatheredView(torch.Tensor):
     """The gathered values of a sequence-picking view of a SequenceShard (module docstring).
 
-    ``_full``: the plain values; ``_source``: a weak reference to the shard and its version when
-    the view was made."""
+    ``_full``: the plain values; ``_detached_source``: a weak reference to the shard and its
+    version when the view was made."""
 
     _full: Tensor
-    _source: tuple
+    _detached_source: tuple
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
@@ -63,14 +95,8 @@ class GatheredView(torch.Tensor):
         out = torch.Tensor._make_wrapper_subclass(cls, full.shape, strides=full.stride(), dtype=full.dtype,
                                                   device=full.device, requires_grad=full.requires_grad)
         out._full = full
-        out._source = source if isinstance(source, tuple) else (weakref.ref(source), _version(source))
-        return out
+        return detach_from(out, source)
 
-    def _stale(self) -> bool:
-        ref, taken_at = self._source
-        shard = ref()
-        now = None if shard is None else _version(shard)
-        return taken_at is not None and now is not None and now != taken_at
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"GatheredView({self._full!r})"
@@ -84,22 +110,10 @@ class GatheredView(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        views = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, GatheredView)]
-        if any(v._stale() for v in views):
-            raise RuntimeError(
-                "seqpar: this tensor is a view of a sequence-sharded tensor that picks positions of the "
-                "sequence, computed from the gathered values; the sharded tensor was written after the view "
-                "was taken, so the view no longer shows it. Take the view again after the write, or make a "
-                "plain copy first (full = x.full_tensor()) and take views of that")
-        if any(isinstance(w, GatheredView) for w in written_arguments(func, args, kwargs)):
-            raise RuntimeError(
-                f"seqpar: {func} writes into a view of a sequence-sharded tensor that picks positions of the "
-                f"sequence; the view holds gathered values, so the write would not reach the sharded tensor. "
-                f"Write into a plain copy instead (full = x.full_tensor(); full[...] = ...), or write into the "
-                f"sharded tensor with an op that keeps the whole sequence (a mask, torch.where)")
+        check_detached(func, args, kwargs)
         plain_args, plain_kwargs = tree_map(lambda a: a._full if isinstance(a, GatheredView) else a, (args, kwargs))
         out = func(*plain_args, **plain_kwargs)
         if is_view_op(func) and args and isinstance(args[0], GatheredView):
-            source = args[0]._source
+            source = args[0]._detached_source
             return tree_map(lambda o: GatheredView(o, source) if isinstance(o, Tensor) else o, out)
         return out

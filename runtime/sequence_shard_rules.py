@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .gathered_view import GatheredView, is_view_op, written_arguments
+from .gathered_view import GatheredView, check_detached, detach_from, is_view_op, written_arguments
 from .sequence_shard import (SequenceShard, ShardSpec, _is_fake, all_reduce_sum, gather_local, grad_sum, slice_local,
                              warn_gather)
 
@@ -42,24 +42,29 @@ def _rule(*ops):
 
 
 def dispatch(func, args, kwargs):
-    """The rule of ``func``, else the gather fallback. Aliases stay aliases: a view op's shard
-    result must view the input's local tensor (else it is recomputed by the fallback), and a
-    view the fallback computes from the gathered sequence is a ``GatheredView``, which refuses
-    writes and stale reads instead of silently losing them."""
+    """The rule of ``func``, else the gather fallback. Aliases stay aliases or say they are not:
+    a view op whose shard result could not view the input's local tensor, or that the fallback
+    computed from the gathered sequence (a ``GatheredView``), is marked detached: a write into
+    it, or a read after its base was written, raises instead of silently diverging. While
+    Dynamo traces (fake locals) the values are only examples and nothing is marked."""
     flat, _ = tree_flatten((args, kwargs))
-    spec = next(a.spec for a in flat if isinstance(a, SequenceShard))
+    shards = [a for a in flat if isinstance(a, SequenceShard)]
+    spec = shards[0].spec
+    tracing = any(_is_fake(a._local) for a in shards)
+    if not tracing:
+        check_detached(func, args, kwargs)
     rule = _RULES.get(func)
     result = NotImplemented
-    view = is_view_op(func)
+    view = is_view_op(func) and isinstance(args[0], SequenceShard) and not tracing
     if rule is not None:
         result = rule(func, spec, *args, **kwargs)
     elif torch.Tag.pointwise in func.tags or func in _LIKE:
         result = _pointwise(func, spec, args, kwargs)
     if view and result is not NotImplemented and not _views_local(result, args[0]):
-        result = NotImplemented
+        tree_map(lambda o: detach_from(o, args[0]) if isinstance(o, SequenceShard) else o, result)
     if result is NotImplemented:
         result = _fallback(func, args, kwargs)
-        if view and isinstance(args[0], SequenceShard):
+        if view:
             result = tree_map(lambda o: GatheredView(o, args[0]) if isinstance(o, Tensor)
                               and not isinstance(o, SequenceShard) else o, result)
     return result
