@@ -367,6 +367,9 @@ def _rewrite_once(gm: fx.GraphModule, ctx: ShardingContext, input_dims: dict) ->
             ctx.env[node] = ctx.emit(node.target, _map(lambda a: ctx.env[a], node.args),
                                      _map(lambda a: ctx.env[a], node.kwargs), Replicate(), op=node.op)
             ctx.place[node] = Replicate()
+            d = _derived_sequence_dim(ctx, node)
+            if d is not None:                  # shardable where a rule first needs it, like the input itself
+                ctx.seq_inputs[node] = d
             if writes:
                 ctx.emitted[node] = _nodes_after(before, ctx.graph)
             continue
@@ -405,6 +408,23 @@ def _rewrite_once(gm: fx.GraphModule, ctx: ShardingContext, input_dims: dict) ->
                            for old, new in ctx.env.items()
                            if isinstance(new, fx.Node) and new.name in alive}
     return out
+
+
+def _derived_sequence_dim(ctx: ShardingContext, node: fx.Node) -> int | None:
+    """The sequence dim of a replicated value computed from a user input that carries the
+    sequence (``input_ids.view(-1, S)`` in transformers' wrappers, positions from a cumsum of
+    the attention mask), found as for the inputs themselves: dim 1 when it has length S, else
+    the one dim of length S. Such a value is sharded where a rule first needs it, exactly as an
+    input is (``seed``); without this a model whose wrapper views its ids ran replicated."""
+    if not any(a in ctx.seq_inputs for a in node.all_input_nodes):
+        return None
+    ex = ctx.example(node)
+    if not isinstance(ex, torch.Tensor) or (ctx.facts is not None and ctx.facts.key_of(node) is not None):
+        return None
+    shape = tuple(ex.shape)
+    if len(shape) >= 2 and shape[1] == ctx.S and shape.count(ctx.S) == 1:
+        return 1
+    return shape.index(ctx.S) if shape.count(ctx.S) == 1 else None
 
 
 def _nodes_after(mark: fx.Node, graph: fx.Graph) -> list[fx.Node]:

@@ -118,8 +118,9 @@ def test_chunked_loss_is_cut_locally_and_never_gathered(fake_group):
 
 
 def test_an_op_without_a_part_rule_gathers_the_part_with_a_warning(fake_group):
+    """Four chunks gather at the same op and line: one warning says it (not one per chunk)."""
     gm, falls = _rewrite(_Chunked(extra="cumsum"))
-    assert len(falls) == 4 and all("cumsum" in w for w in falls)
+    assert len(falls) == 1 and "cumsum" in falls[0]
     assert sum("gather_sequence" in t for t in _targets(gm)) == 4
 
 
