@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
-__all__ = ["Shard", "SeqRange", "Replicate", "Placement", "view_placement", "local_view_shape"]
+__all__ = ["Shard", "SeqRange", "Replicate", "Rows", "RowIndex", "RowCount", "TOKEN_LOCAL", "Placement",
+           "view_placement", "local_view_shape"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,50 @@ class Replicate:
         return "Replicate()"
 
 
-Placement = Shard | Replicate
+@dataclass(frozen=True)
+class Rows:
+    """This rank's rows of a token dim (merged (pre, S, post) like ``Shard``), in the order a
+    local permutation chose: a sort over this rank's tokens (``order`` names it). The same rows
+    the shard holds, so row-wise work (routing an expert's tokens) is exact on them; nothing
+    that depends on where a row sits may read them (``token_local.py``)."""
+
+    dim: int
+    pre: int
+    post: int
+    order: str
+
+    def __str__(self) -> str:
+        return f"Rows({self.dim}, pre={self.pre}, post={self.post}, order={self.order})"
+
+
+@dataclass(frozen=True)
+class RowIndex:
+    """Integer values that index this rank's rows of a token dim with merged factors
+    (``pre``, ``post``) in order ``into`` ("" for the layout's order); the index tensor's own
+    positions lie as ``at`` (a ``Shard`` or ``Rows``). What a local sort's indices are."""
+
+    at: Shard | Rows
+    pre: int
+    post: int
+    into: str
+
+    def __str__(self) -> str:
+        return f"RowIndex(at={self.at}, into=({self.pre}, {self.post}, {self.into or 'layout'}))"
+
+
+@dataclass(frozen=True)
+class RowCount:
+    """This rank's part of a count over the rows of order ``order`` (a histogram of its expert
+    ids, its cumulative sum): used as it is by ops on those rows (grouped matmul offsets)."""
+
+    order: str
+
+    def __str__(self) -> str:
+        return f"RowCount({self.order})"
+
+
+TOKEN_LOCAL = (Rows, RowIndex, RowCount)
+Placement = Shard | Replicate | Rows | RowIndex | RowCount
 
 
 def _groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[range, range]]:

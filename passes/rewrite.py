@@ -34,6 +34,7 @@ from seqpar_compiler.runtime.grad_collectives import shard_sequence_partial, sum
 
 from .alias_sets import AliasFacts, check_local_aliasing, eliminate_dead_code, is_write
 from .hop_bodies import copy_region_meta
+from .token_local import Refuted, applies, check_exit, token_local_rule
 from .placement import Replicate, Shard
 
 __all__ = ["ShardingContext", "SeqparFallbackError", "call_arguments", "rewrite_graph"]
@@ -71,6 +72,7 @@ class ShardingContext:
     collectives: list = field(default_factory=list)
     facts: Any = None                               # AliasFacts of the graph (alias_sets.py)
     forced: set = field(default_factory=set)        # written storages computed replicated
+    refuted: dict = field(default_factory=dict)     # local sort orders that failed -> why (token_local.py)
     emitted: dict = field(default_factory=dict)     # old writing node -> the new nodes its rule emitted
     _grad_summed: dict = field(default_factory=dict)
     _gathered: dict = field(default_factory=dict)
@@ -245,7 +247,14 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
     while True:
         ctx.reset(preset)
         ctx.facts, ctx.forced = (facts if facts else None), set(forced)
-        out = _rewrite_once(gm, ctx, input_dims)
+        try:
+            out = _rewrite_once(gm, ctx, input_dims)
+        except Refuted as err:
+            new = err.orders - set(ctx.refuted)
+            if not new:
+                raise RuntimeError(f"seqpar: a token-local order was refuted twice ({err})") from err
+            ctx.refuted.update(dict.fromkeys(new, str(err)))
+            continue
         if not facts:
             break
         bad = check_local_aliasing(out, ctx.env, ctx.emitted, facts, forced, _local_inputs(gm, ctx, preset)) - forced
@@ -253,6 +262,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, ctx: ShardingContext, inpu
             break
         forced |= bad
     _say_forced(ctx, facts, forced)
+    _say_refuted(ctx, gm)
     if ctx.rank == 0:               # every rank of the group compiles the same graph: say it once
         for message in dict.fromkeys(ctx.messages):
             warnings.warn(message, stacklevel=2)
@@ -290,6 +300,15 @@ def _say_forced(ctx: ShardingContext, facts: AliasFacts, forced: set) -> None:
         if ctx.fallback == "error":
             raise SeqparFallbackError(message.replace("(correct, slower)", "SEQPAR_FALLBACK=error forbids it"))
         ctx.messages.append(message)
+
+
+def _say_refuted(ctx: ShardingContext, gm: fx.GraphModule) -> None:
+    """Why a sort over each rank's own tokens (MoE routing) was taken the usual way instead."""
+    names = {n.name: n for n in gm.graph.nodes}
+    for name, why in ctx.refuted.items():
+        if name in names:
+            ctx.messages.append(f"seqpar: the sort at {_source_line(names[name])} cannot run on each rank's own "
+                                f"tokens ({why}); it is computed on the gathered sequence (correct, slower)")
 
 
 def _meets_shards(ctx: ShardingContext, node: fx.Node) -> bool:
@@ -337,10 +356,18 @@ def _rewrite_once(gm: fx.GraphModule, ctx: ShardingContext, input_dims: dict) ->
             continue
         writes = facts is not None and facts.key_of(node) is not None and is_write(node)
         before = ctx.graph._root.prev
+        if applies(ctx, node):                 # MoE routing on each rank's own tokens (token_local.py)
+            result = token_local_rule(ctx, node)
+            if result is not None:
+                ctx.env[node], ctx.place[node] = result
+                if writes:
+                    ctx.emitted[node] = _nodes_after(before, ctx.graph)
+                continue
         if node.op == "get_attr":
             ctx.env[node] = ctx.emit(node.target, (), op="get_attr")
             continue
         if node.op == "output":
+            check_exit(ctx, node.args[0])
             gathered = []
 
             def exit_value(old):
