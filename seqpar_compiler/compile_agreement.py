@@ -157,10 +157,10 @@ def _first_line(err: BaseException) -> str:
 
 
 def compile_in_agreement(gm: fx.GraphModule, example_inputs: Sequence[Any], pg: dist.ProcessGroup, opts: dict,
-                         compile_sharded: Callable[[fx.GraphModule], Callable], frame: str) -> Callable:
+                         compile_sharded: Callable[["Pristine"], Callable], frame: str) -> Callable:
     """``compile_sharded(pristine)`` on every rank, or the replicated frame on every rank (module
-    doc). ``pristine`` is a copy of the Dynamo graph made before any pass changes ``gm``."""
-    pristine = pristine_copy(gm)
+    doc). ``pristine`` keeps the Dynamo graph as it was before any pass changes ``gm``."""
+    pristine = Pristine(gm)
     w = _Window(pg)
     _windows.append(w)
     err: BaseException | None = None
@@ -194,23 +194,32 @@ def compile_in_agreement(gm: fx.GraphModule, example_inputs: Sequence[Any], pg: 
                       f"{what}. The frame runs replicated on all {P} ranks instead (exact, no memory saved). This "
                       f"is a seqpar bug: please report it, with the traceback the failing rank logged (logger "
                       f"'seqpar'); SEQPAR_FALLBACK=error raises instead", stacklevel=4)
-    return compile_replicated(pristine, example_inputs, opts["inner"])
+    return compile_replicated(pristine.module(), example_inputs, opts["inner"])
 
 
-def pristine_copy(gm: fx.GraphModule) -> fx.GraphModule:
+class Pristine:
     """The Dynamo graph as it came, before any pass: the nodes copied (the passes rewrite the
     graph in place), the module's attributes shared (parameters, buffers, bodies: the passes add
-    attributes but never change one)."""
-    out = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    for name, value in vars(gm).items():        # Dynamo's own attributes and meta
-        if name not in vars(out):
-            vars(out)[name] = value
-    for old, new in zip(gm.graph.nodes, out.graph.nodes):
-        for name, value in vars(old).items():   # Dynamo's on nodes (a placeholder's _dynamo_source)
-            if name not in vars(new):
-                setattr(new, name, value)
-    out.meta = dict(getattr(gm, "meta", {}))
-    return out
+    attributes but never change one). The graph module is built only when asked for (a fallback,
+    SEQPAR_VERIFY): building one generates and compiles its code, which would cost every compile."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self._root, self._graph, self._module = gm, copy.deepcopy(gm.graph), None
+        self._attributes = dict(vars(gm))
+        self._meta = dict(getattr(gm, "meta", {}))
+        for old, new in zip(gm.graph.nodes, self._graph.nodes):
+            if old.op == "placeholder" and hasattr(old, "_dynamo_source"):    # Dynamo's, aot reads it
+                new._dynamo_source = old._dynamo_source
+
+    def module(self) -> fx.GraphModule:
+        if self._module is None:
+            out = fx.GraphModule(self._root, self._graph)
+            for name, value in self._attributes.items():     # Dynamo's own attributes
+                if name not in vars(out):
+                    vars(out)[name] = value
+            out.meta = self._meta
+            self._module = out
+        return self._module
 
 
 def compile_replicated(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str) -> Callable:

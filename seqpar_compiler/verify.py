@@ -121,18 +121,16 @@ def parameter_name(placeholder: str) -> str:
 
 
 def _draws_random_numbers(gm: fx.GraphModule) -> str | None:
-    """What in the frame draws random numbers, or None."""
+    """What in the frame draws random numbers, or None (dropout with p = 0 or in eval draws none)."""
     import torch.nn.functional as F
+    dropouts = {F.dropout, torch.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
     randoms = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.bernoulli,
                torch.normal, torch.randperm, torch.multinomial}
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in (F.dropout, torch.dropout, torch.nn.functional.dropout1d,
-                                                    F.dropout2d, F.alpha_dropout, torch._C._nn.scaled_dot_product_attention):
+        if n.op == "call_function" and n.target in dropouts:
             p = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5)
             training = n.kwargs.get("training", n.kwargs.get("train", n.args[2] if len(n.args) > 2 else True))
-            if n.target is torch._C._nn.scaled_dot_product_attention:
-                p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
-            if isinstance(p, (int, float)) and p > 0 and training is not False:
+            if not (isinstance(p, (int, float)) and p == 0) and training is not False:
                 return f"dropout p={p} at node {n.name}"
         elif n.op == "call_function" and n.target in randoms:
             return f"{n.target.__name__} at node {n.name}"

@@ -31,7 +31,8 @@ def fault_case(rank: int, P: int, *, stage: str | None, fail_rank: int = 1, S: i
     model, ref = GPT(cfg), GPT(cfg)
     ref.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(1)
-    idx, tgt = torch.randint(0, cfg.vocab_size, (2, S), generator=g), torch.randint(0, cfg.vocab_size, (2, S), generator=g)
+    idx = torch.randint(0, cfg.vocab_size, (2, S), generator=g)
+    tgt = torch.randint(0, cfg.vocab_size, (2, S), generator=g)
     compile_agreement._FAULTS.clear()
     if stage is not None:
         compile_agreement._FAULTS[stage] = {fail_rank}

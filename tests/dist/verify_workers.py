@@ -90,13 +90,19 @@ class _BrokenGPT(GPT):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
 def _gpt_step(graph_break: bool, S: int):
     cfg = GPTConfig(n_layer=1, block_size=64)
     torch.manual_seed(0)
     model, ref = (_BrokenGPT if graph_break else GPT)(cfg), GPT(cfg)
     ref.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(1)
-    idx, tgt = torch.randint(0, cfg.vocab_size, (2, S), generator=g), torch.randint(0, cfg.vocab_size, (2, S), generator=g)
+    idx = torch.randint(0, cfg.vocab_size, (2, S), generator=g)
+    tgt = torch.randint(0, cfg.vocab_size, (2, S), generator=g)
     return model, ref, (lambda m: m(idx, tgt)[1])
 
 
@@ -136,9 +142,8 @@ def verify_case(rank: int, P: int, *, verify: str = "first", break_rule: str | N
             return {"parity_error": str(cause), "node": cause.node, "parameter": cause.parameter, "error": cause.error}
     ref_loss = loss_of(ref)
     ref_loss.backward()
-    rel = lambda a, b: float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())  # noqa: E731
-    return {"loss": rel(loss, ref_loss),
-            "grad": max(rel(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()) if q.grad is not None),
+    grads = [_rel(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()) if q.grad is not None]
+    return {"loss": _rel(loss, ref_loss), "grad": max(grads),
             "warnings": sorted({f"{w.category.__name__}: {w.message}" for w in caught}),
             "checked_calls": verify_module.checked_calls() - checked}
 
