@@ -85,7 +85,7 @@ def kernel_section(dry: bool) -> dict:
                 ro, rl = reference_attention(q64, k64, v64, scale=128 ** -0.5, causal=kw.get("causal", False),
                                              window=kw.get("window"), doc_ids=qd, k_doc=kd, q_pos=qp, k_pos=kp)
                 ro.backward(dout)
-                mask = BlockMask(q_doc=None if qd is None else qd.to(dev), k_doc=None if kd is None else kd.to(dev),
+                mask = BlockMask.of(q_doc=None if qd is None else qd.to(dev), k_doc=None if kd is None else kd.to(dev),
                                  **kw)
                 qx, kx, vx, dx = (t.to(dev, dtype) for t in (q, k, v, dout))
                 with stats() as s:
@@ -210,8 +210,8 @@ def table_section(dry: bool, S: int = 16384) -> dict:
     dev, D, H = _device(False), 128, 16
     q, k, v, do = (torch.randn(1, H, S, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
     rows = {}
-    for kind, mask, frac in (("full", BlockMask(), 1.0), ("causal", BlockMask(causal=True), 0.5),
-                             ("window4096", BlockMask(causal=True, window=4096), 4096 / S)):
+    for kind, mask, frac in (("full", BlockMask.of(), 1.0), ("causal", BlockMask.of(causal=True), 0.5),
+                             ("window4096", BlockMask.of(causal=True, window=4096), 4096 / S)):
         fl = 4.0 * H * S * S * D * frac
         call = cuda_aten.plan_dense_call(mask, S, S)
         cands = {"triton": (lambda m=mask: triton_attention.triton_block_forward(q, k, v, m, D ** -0.5),

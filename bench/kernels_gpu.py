@@ -59,7 +59,7 @@ def bench_one(S: int, args) -> dict:
     k = torch.randn(B, Hkv, S, D, dtype=dtype, device=dev)                    # (B, Hkv, S, D)
     v = torch.randn(B, Hkv, S, D, dtype=dtype, device=dev)
     dout = torch.randn_like(q)
-    mask = BlockMask(causal=True)
+    mask = BlockMask.of(causal=True)
 
     out, lse = triton_block_forward(q, k, v, mask, scale)
     row = {"S": S}

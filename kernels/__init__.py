@@ -2,7 +2,8 @@
 
 No communication and no knowledge of rings or graphs lives here (DESIGN §1b). The ring calls
 ``block_attention_forward`` / ``block_attention_backward`` with a ``BlockMask`` that states the
-block's global positions and mask kinds; the kernel decides how to evaluate it.
+block's global positions, its ``AttentionSpec`` and its per-token data; the kernel decides how
+to evaluate it.
 
 Kernels (``SEQPAR_KERNEL``):
   aten    ATen's CPU flash kernel (CPU tensors; fp32, fp64, bf16, fp16)
@@ -26,6 +27,7 @@ import os
 
 import torch
 
+from .attention_spec import AttentionSpec
 from .aten_cpu import ATEN_DTYPES, aten_block_backward, aten_block_forward
 from .cuda_aten import aten_cuda_backward, aten_cuda_forward
 from .cuda_dispatch import choose_cuda_block_kernel
@@ -34,6 +36,7 @@ from .math_attention import math_block_backward, math_block_forward
 
 __all__ = [
     "AUTO_CUDA",
+    "AttentionSpec",
     "BlockKind",
     "BlockMask",
     "KERNELS",

@@ -4,27 +4,22 @@ The ring never builds an S×S mask. A block is one query chunk against one key c
 global position of every row is affine (``start + i * stride``: contiguous chunks for the
 ``ring``/``zigzag``/``distflash`` layouts, stride P for ``striped``), so the visible key range
 of each query row, and whether a whole block is empty, full or partial, follow from integer
-arithmetic. Packed-document ids are per-token data and are compared only where needed.
+arithmetic. Per-token data (document ids, key validity) is compared only where needed.
 
-Mask kinds (DESIGN §3), combined by conjunction:
-  causal   key visible iff k_pos <= q_pos
-  window   key visible iff q_pos - W < k_pos <= q_pos   (a window is always causal)
-  doc ids  key visible iff q_doc == k_doc
+What is visible and how scores are formed is the block's ``AttentionSpec`` (``attention_spec``:
+a band ``-behind <= k_pos - q_pos <= ahead``, same document, valid key; soft-cap, ALiBi). Score
+semantics change scores, not visibility: block kinds and tiles depend on visibility only.
 
-Score semantics carried the same way, as data evaluated per block from global positions
-(issue 12), never as an S×S tensor:
-  softcap  s ← cap · tanh(s / cap)                        (Gemma 2), applied before the bias
-  alibi    s ← s + slopes[h] · (k_pos − q_pos)            (ALiBi, signed form)
-They change scores, not visibility: block kinds and tiles depend on the mask kinds only.
-
-Shape legend: B batch, M query rows of the block, N key rows of the block.
+Shape legend: B batch, M query rows of the block, N key rows of the block, Hq query heads.
 """
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from .attention_spec import AttentionSpec
 
 __all__ = ["BlockMask", "BlockKind", "classify_block", "visible_key_range", "TilePlan", "plan_tiles",
            "dense_visibility", "alibi_bias", "split_tiles"]
@@ -38,52 +33,85 @@ class BlockKind(enum.Enum):
 
 @dataclass(frozen=True)
 class BlockMask:
-    """The mask of one block as data.
+    """The mask of one block as data: its spec, the global positions of its rows and the
+    per-token data of those rows.
 
     Query row i sits at global position ``q_start + i * q_stride``, key row j at
-    ``k_start + j * k_stride`` (strides > 0). ``q_doc [B, M]`` and ``k_doc [B, N]`` are integer
-    document ids or both None. ``alibi_slopes [Hq]`` (float, no grad) adds
-    ``slopes[h] · (k_pos − q_pos)`` to the scores of head h; ``softcap`` (> 0) caps the scores
-    as ``cap · tanh(s / cap)`` before the bias.
+    ``k_start + j * k_stride`` (strides > 0). ``q_doc [B or 1, M]`` and ``k_doc [B or 1, N]``
+    are integer document ids (both or neither, with ``spec.docs``); ``k_valid [B or 1, N]`` bool
+    marks the keys that may be seen (``spec.key_padding``; None when every key of the block is
+    valid: the ring drops an all-true one so kernels keep their unmasked fast paths);
+    ``alibi_slopes [Hq]`` (float, no grad) with ``spec.alibi``.
     """
 
     q_start: int = 0
     q_stride: int = 1
     k_start: int = 0
     k_stride: int = 1
-    causal: bool = False
-    window: int | None = None
+    spec: AttentionSpec = field(default_factory=AttentionSpec)
     q_doc: torch.Tensor | None = None
     k_doc: torch.Tensor | None = None
+    k_valid: torch.Tensor | None = None
     alibi_slopes: torch.Tensor | None = None
-    softcap: float | None = None
+
+    @classmethod
+    def of(cls, *, causal: bool = False, window: int | None = None, softcap: float | None = None,
+           alibi_slopes: torch.Tensor | None = None, **fields) -> BlockMask:
+        """A block mask from the classic arguments (``AttentionSpec.of``), the rest as fields."""
+        spec = AttentionSpec.of(causal=causal, window=window, softcap=softcap, alibi=alibi_slopes is not None,
+                                docs=fields.get("q_doc") is not None,
+                                key_padding=fields.get("k_valid") is not None)
+        return cls(spec=spec, alibi_slopes=alibi_slopes, **fields)
+
+    @property
+    def causal(self) -> bool:
+        return self.spec.causal
+
+    @property
+    def window(self) -> int | None:
+        return self.spec.window
+
+    @property
+    def softcap(self) -> float | None:
+        return self.spec.softcap
 
     @property
     def positional(self) -> bool:
-        """True when positions matter (causal or window)."""
-        return self.causal or self.window is not None
+        """True when positions matter (a band bounded on some side)."""
+        return self.spec.positional
 
     @property
     def has_docs(self) -> bool:
         return self.q_doc is not None
 
     @property
+    def has_padding(self) -> bool:
+        return self.k_valid is not None
+
+    @property
+    def per_token(self) -> bool:
+        """Visibility reads per-token data (documents or key padding): tiles are dense."""
+        return self.has_docs or self.has_padding
+
+    @property
     def plain_scores(self) -> bool:
         """True when scores are ``scale · q kᵀ`` as they are (no ALiBi bias, no soft-capping):
         what kernels without a bias or cap input (ATen flash) compute exactly."""
-        return self.alibi_slopes is None and self.softcap is None
+        return self.alibi_slopes is None and self.spec.softcap is None
 
 
 def _positional_kind(mask: BlockMask, M: int, N: int) -> BlockKind:
-    if not mask.positional:
+    spec = mask.spec
+    if not spec.positional:
         return BlockKind.FULL
     q_lo, q_hi = mask.q_start, mask.q_start + (M - 1) * mask.q_stride
     k_lo, k_hi = mask.k_start, mask.k_start + (N - 1) * mask.k_stride
-    if q_hi < k_lo:                                    # every key is in the future
+    if spec.ahead is not None and k_lo - q_hi > spec.ahead:       # every key is too far ahead
         return BlockKind.EMPTY
-    if mask.window is not None and q_lo - k_hi >= mask.window:   # every key is too old
+    if spec.behind is not None and q_lo - k_hi > spec.behind:     # every key is too far behind
         return BlockKind.EMPTY
-    full = q_lo >= k_hi and (mask.window is None or q_hi - k_lo < mask.window)
+    full = ((spec.ahead is None or k_hi - q_lo <= spec.ahead)
+            and (spec.behind is None or q_hi - k_lo <= spec.behind))
     return BlockKind.FULL if full else BlockKind.PARTIAL
 
 
@@ -101,36 +129,45 @@ def _doc_kind(mask: BlockMask) -> BlockKind:
     return BlockKind.PARTIAL
 
 
+def _padding_kind(mask: BlockMask) -> BlockKind:
+    if not mask.has_padding:
+        return BlockKind.FULL
+    if not bool(mask.k_valid.any()):
+        return BlockKind.EMPTY
+    return BlockKind.FULL if bool(mask.k_valid.all()) else BlockKind.PARTIAL
+
+
 def classify_block(mask: BlockMask, M: int, N: int) -> BlockKind:
     """Empty, full or partial, before any kernel runs (cheap: integer arithmetic and, with
-    document ids, one min/max per batch row)."""
+    per-token data, one min/max or any/all per batch row)."""
     if M == 0 or N == 0:
         return BlockKind.EMPTY
-    pos = _positional_kind(mask, M, N)
-    if pos is BlockKind.EMPTY:
-        return pos
-    doc = _doc_kind(mask)
-    if doc is BlockKind.EMPTY:
-        return doc
-    return BlockKind.FULL if pos is doc is BlockKind.FULL else BlockKind.PARTIAL
+    kinds = []
+    for kind_of in (lambda: _positional_kind(mask, M, N), lambda: _doc_kind(mask), lambda: _padding_kind(mask)):
+        kind = kind_of()
+        if kind is BlockKind.EMPTY:
+            return kind
+        kinds.append(kind)
+    return BlockKind.FULL if all(k is BlockKind.FULL for k in kinds) else BlockKind.PARTIAL
 
 
 def visible_key_range(mask: BlockMask, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query row, the half-open range ``[lo, hi)`` of key rows visible by position.
 
     Positions increase along both chunks, so the visible keys of a row are contiguous.
-    Document ids are not considered here. Returns two int64 tensors of shape [M]; a row with
-    ``hi <= lo`` sees no key.
+    Per-token data (documents, key padding) is not considered here. Returns two int64 tensors
+    of shape [M]; a row with ``hi <= lo`` sees no key.
     """
+    spec = mask.spec
     q_pos = mask.q_start + torch.arange(M, dtype=torch.int64) * mask.q_stride
-    if mask.positional:
-        # last key with k_pos <= q_pos
-        hi = torch.div(q_pos - mask.k_start, mask.k_stride, rounding_mode="floor") + 1
+    if spec.ahead is not None:
+        # last key with k_pos <= q_pos + ahead
+        hi = torch.div(q_pos + spec.ahead - mask.k_start, mask.k_stride, rounding_mode="floor") + 1
     else:
         hi = torch.full((M,), N, dtype=torch.int64)
-    if mask.window is not None:
-        # first key with k_pos > q_pos - window
-        lo = torch.div(q_pos - mask.window - mask.k_start, mask.k_stride, rounding_mode="floor") + 1
+    if spec.behind is not None:
+        # first key with k_pos >= q_pos - behind
+        lo = torch.div(q_pos - spec.behind - 1 - mask.k_start, mask.k_stride, rounding_mode="floor") + 1
     else:
         lo = torch.zeros(M, dtype=torch.int64)
     return lo.clamp(0, N), hi.clamp(0, N)
@@ -151,8 +188,8 @@ class TilePlan:
     mode: str
 
 
-def _tile_mode(lo: torch.Tensor, hi: torch.Tensor, k0: int, k1: int, has_docs: bool) -> str:
-    if has_docs:
+def _tile_mode(lo: torch.Tensor, hi: torch.Tensor, k0: int, k1: int, per_token: bool) -> str:
+    if per_token:
         return "dense"
     if bool((lo == k0).all()) and bool((hi == k1).all()):
         return "full"
@@ -177,7 +214,7 @@ def plan_tiles(mask: BlockMask, M: int, N: int, tile_rows: int) -> list[TilePlan
     first = int(alive.to(torch.int8).argmax())
     if bool(alive[first:].all()):
         k0, k1 = int(lo[first:].min()), int(hi[first:].max())
-        mode = _tile_mode(lo[first:], hi[first:], k0, k1, mask.has_docs)
+        mode = _tile_mode(lo[first:], hi[first:], k0, k1, mask.per_token)
         if mode != "dense":
             return [TilePlan(first, M, k0, k1, mode)]
     tiles = []
@@ -188,26 +225,30 @@ def plan_tiles(mask: BlockMask, M: int, N: int, tile_rows: int) -> list[TilePlan
             continue
         t_lo, t_hi = lo[q0:q1], hi[q0:q1]
         k0, k1 = int(t_lo[a].min()), int(t_hi[a].max())
-        mode = _tile_mode(t_lo, t_hi, k0, k1, mask.has_docs) if bool(a.all()) else "dense"
+        mode = _tile_mode(t_lo, t_hi, k0, k1, mask.per_token) if bool(a.all()) else "dense"
         tiles.append(TilePlan(q0, q1, k0, k1, mode))
     return tiles
 
 
 def dense_visibility(mask: BlockMask, tile: TilePlan, device: torch.device) -> torch.Tensor:
-    """Boolean visibility of one tile: ``[T, K]`` by position, or ``[B, T, K]`` with documents
-    (T = q1 - q0, K = k1 - k0)."""
+    """Boolean visibility of one tile: ``[T, K]`` by position, or ``[B or 1, T, K]`` with
+    per-token data (T = q1 - q0, K = k1 - k0)."""
+    spec = mask.spec
     q_pos = mask.q_start + torch.arange(tile.q0, tile.q1, dtype=torch.int64, device=device) * mask.q_stride
     k_pos = mask.k_start + torch.arange(tile.k0, tile.k1, dtype=torch.int64, device=device) * mask.k_stride
-    diff = q_pos[:, None] - k_pos[None, :]
-    visible = torch.ones(diff.shape, dtype=torch.bool, device=device)
-    if mask.positional:
-        visible &= diff >= 0
-    if mask.window is not None:
-        visible &= diff < mask.window
+    ahead = k_pos[None, :] - q_pos[:, None]                           # k_pos - q_pos  [T, K]
+    visible = torch.ones(ahead.shape, dtype=torch.bool, device=device)
+    if spec.ahead is not None:
+        visible &= ahead <= spec.ahead
+    if spec.behind is not None:
+        visible &= -ahead <= spec.behind
     if mask.has_docs:
         q_doc = mask.q_doc[:, tile.q0:tile.q1].to(device)
         k_doc = mask.k_doc[:, tile.k0:tile.k1].to(device)
         visible = visible[None] & (q_doc[:, :, None] == k_doc[:, None, :])
+    if mask.has_padding:
+        k_valid = mask.k_valid[:, tile.k0:tile.k1].to(device=device, dtype=torch.bool)
+        visible = (visible if visible.dim() == 3 else visible[None]) & k_valid[:, None, :]
     return visible
 
 

@@ -82,9 +82,9 @@ def _unit_strides(mask: BlockMask) -> bool:
 
 
 def _window_call(mask: BlockMask, M: int, N: int) -> DenseCall | None:
-    """A window block as one FA2 call on the span of rows and keys it can see, if FA2's
+    """A band block as one FA2 call on the span of rows and keys it can see, if FA2's
     bottom-right-aligned window reproduces every row's visible range exactly."""
-    if not _unit_strides(mask) or mask.has_docs:
+    if not _unit_strides(mask) or mask.per_token:
         return None
     lo, hi = visible_key_range(mask, M, N)
     alive = (hi > lo).nonzero().flatten()
@@ -96,30 +96,34 @@ def _window_call(mask: BlockMask, M: int, N: int) -> DenseCall | None:
     k0, k1 = int(lo[q0:q1].min()), int(hi[q0:q1].max())
     d = (mask.q_start + q0) - (mask.k_start + k0)          # query row 0 sits d past key row 0
     c = (k1 - k0) - (q1 - q0)
-    right, left = d - c, c - d + mask.window - 1
-    if right < 0 or left < 0:
+    # key j visible to row i iff i + d - behind <= j <= i + d + ahead (sub-block coordinates);
+    # FA2: i + c - left <= j <= i + c + right, None (unbounded) where the band is
+    spec = mask.spec
+    right = None if spec.ahead is None else d - c + spec.ahead
+    left = None if spec.behind is None else c - d + spec.behind
+    if (right is not None and right < 0) or (left is not None and left < 0):
         return None
     i = torch.arange(q1 - q0)
-    fa_lo = (i + c - left).clamp(0, k1 - k0) + k0
-    fa_hi = (i + c + right + 1).clamp(0, k1 - k0) + k0
+    fa_lo = (i + c - (left if left is not None else q1 + k1)).clamp(0, k1 - k0) + k0
+    fa_hi = (i + c + (right if right is not None else q1 + k1) + 1).clamp(0, k1 - k0) + k0
     if not (torch.equal(fa_lo, lo[q0:q1]) and torch.equal(fa_hi, hi[q0:q1])):
         return None                                          # never a wrong answer: Triton does it
     return DenseCall(q0, q1, k0, k1, False, left, right)
 
 
 def plan_dense_call(mask: BlockMask, M: int, N: int) -> DenseCall | None:
-    """The one cuDNN/FA2 call that computes this block exactly, or None (no documents).
+    """The one cuDNN/FA2 call that computes this block exactly, or None (no per-token data).
 
     Unmasked and causal blocks (after dropping rows that see nothing, as in a striped block
-    whose keys start one step later) come from ``plan_tiles``; windows from FA2's window sizes.
+    whose keys start one step later) come from ``plan_tiles``; bands from FA2's window sizes.
     """
-    if mask.has_docs:
+    if mask.per_token:
         return None
     tiles = plan_tiles(mask, M, N, max(M, 1))
     if len(tiles) == 1 and tiles[0].mode != "dense":
         t = tiles[0]
         return DenseCall(t.q0, t.q1, t.k0, t.k1, t.mode == "causal")
-    if mask.window is not None:
+    if mask.positional:
         return _window_call(mask, M, N)
     return None
 
@@ -146,7 +150,8 @@ def plan_varlen_call(mask: BlockMask, B: int, M: int, N: int) -> VarlenCall | No
     (same positions for queries and keys, so each pair is a square causal block). A window
     and documents together (a conjunction) go to Triton.
     """
-    if not mask.has_docs or mask.window is not None or not _unit_strides(mask):
+    if not mask.has_docs or mask.has_padding or not _unit_strides(mask) or (
+            mask.positional and not mask.causal) or mask.window is not None:
         return None
     lo, hi = visible_key_range(mask, M, N)
     positional_full = bool((lo == 0).all()) and bool((hi == N).all())

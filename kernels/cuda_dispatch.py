@@ -8,11 +8,11 @@ Decision table (first row that applies):
 
   | block                                                 | kernel                          |
   |-------------------------------------------------------|---------------------------------|
-  | ALiBi, soft-capping or Dv ≠ D                         | Triton if it computes them, else math |
+  | ALiBi, soft-capping, Dv ≠ D or key padding            | Triton if it computes them, else math |
   | fp32 (FA2 and cuDNN take fp16/bf16 only), D % 8 ≠ 0   | Triton (math for D > 256)       |
   | packed documents as runs, no window (varlen pairs)    | FA2 varlen                      |
   | full or causal (one call, rows that see nothing cut)  | cuDNN (Hq = Hkv, D ≤ 128), else FA2 |
-  | sliding window that FA2's window sizes reproduce      | FA2                             |
+  | a band (window) that FA2's window sizes reproduce      | FA2                             |
   | anything else (striped windows, documents × window)   | Triton                          |
 
 A GPU older than sm_80, or a torch without the kernel, drops the row to the next kernel.
@@ -50,20 +50,22 @@ def cuda_aten_kernels(device: torch.device) -> tuple[bool, bool]:
     return _available(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _needed_mods(mask: BlockMask, D: int, Dv: int) -> set[str]:
+    """What of this block ATen's cuDNN/FA2 kernels cannot compute: ALiBi, soft-capping, Dv ≠ D,
+    key padding."""
+    return {name for name, on in (("alibi", mask.alibi_slopes is not None), ("softcap", mask.softcap is not None),
+                                  ("dv", Dv != D), ("key_padding", mask.has_padding)) if on}
+
+
 def _triton_computes(mask: BlockMask, D: int, Dv: int) -> bool:
-    """Whether our Triton kernels compute this block's score semantics (ALiBi, soft-capping,
-    Dv ≠ D); they declare what they compute in ``SCORE_MODS``."""
+    """Whether our Triton kernels compute this block's extras; they declare what they compute
+    in ``SCORE_MODS``."""
     from . import triton_attention
-    mods = set(getattr(triton_attention, "SCORE_MODS", ()))
-    needed = {name for name, on in (("alibi", getattr(mask, "alibi_slopes", None) is not None),
-                                    ("softcap", getattr(mask, "softcap", None) is not None),
-                                    ("dv", Dv != D)) if on}
-    return needed <= mods
+    return _needed_mods(mask, D, Dv) <= set(getattr(triton_attention, "SCORE_MODS", ()))
 
 
 def _has_score_mods(mask: BlockMask, D: int, Dv: int) -> bool:
-    return (getattr(mask, "alibi_slopes", None) is not None or getattr(mask, "softcap", None) is not None
-            or Dv != D)
+    return bool(_needed_mods(mask, D, Dv))
 
 
 def choose_cuda_block_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> BlockChoice:

@@ -6,9 +6,10 @@ interpreter (``TRITON_INTERPRET=1`` set before this module is imported: ``triton
 interpreted vs compiled when it decorates), which is how the test suite checks them here.
 
 The mask is never materialised. Every program evaluates the ``BlockMask`` itself from scalars
-(affine global positions ``start + row * stride``, causal, window) and, for packed documents,
-from the per-row id vectors, and it loops only over the tiles that positions allow, so the
-key tiles of a causal or windowed block that no row can see are never loaded.
+(affine global positions ``start + row * stride``, the band ``-behind <= k - q <= ahead``) and,
+for packed documents and key padding, from the per-row vectors (ids, key validity), and it
+loops only over the tiles that positions allow, so the key tiles of a causal or windowed block
+that no row can see are never loaded; a tile that documents or padding leave empty is skipped.
 
 Forward, one program per (query tile, batch·query head): online softmax over key tiles in
 base 2 (``exp2`` is the hardware instruction; ``exp(x) = exp2(x·log2 e)``), the lse converted
@@ -48,8 +49,9 @@ from .triton_configs import TritonConfigs, triton_configs
 __all__ = ["triton_block_forward", "triton_block_backward", "TRITON_DTYPES", "SCORE_MODS"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The score semantics these kernels compute (``cuda_dispatch`` reads it).
-SCORE_MODS = ("alibi", "softcap", "dv")
+# What these kernels compute beyond ATen's cuDNN/FA2 kernels: score semantics and per-key
+# visibility (``cuda_dispatch`` reads it).
+SCORE_MODS = ("alibi", "softcap", "dv", "key_padding")
 
 _LOG2E = math.log2(math.e)           # exp(x) = exp2(x * log2 e): scales fold into one multiply
 _LOG2E_TL = tl.constexpr(_LOG2E)
@@ -60,15 +62,16 @@ _LN2_TL = tl.constexpr(math.log(2.0))
 
 
 @triton.jit
-def _visible(q_pos, k_pos, q_doc, k_doc, q_ok, k_ok, window,
-             POSITIONAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+def _visible(q_pos, k_pos, q_doc, k_doc, q_ok, k_ok, ahead, behind,
+             HAS_AHEAD: tl.constexpr, HAS_BEHIND: tl.constexpr, HAS_DOCS: tl.constexpr):
     """BlockMask visibility of a tile; arguments come broadcast to the tile's shape, in either
-    orientation ([BLOCK_M, BLOCK_N] forward/dq, [BLOCK_N, BLOCK_M] dk/dv)."""
+    orientation ([BLOCK_M, BLOCK_N] forward/dq, [BLOCK_N, BLOCK_M] dk/dv). ``k_ok`` is False
+    past the block's last key and, with key padding, on invalid keys."""
     vis = q_ok & k_ok
-    if POSITIONAL:
-        vis = vis & (k_pos <= q_pos)
-    if HAS_WINDOW:
-        vis = vis & (q_pos - k_pos < window)
+    if HAS_AHEAD:
+        vis = vis & (k_pos - q_pos <= ahead)
+    if HAS_BEHIND:
+        vis = vis & (q_pos - k_pos <= behind)
     if HAS_DOCS:
         vis = vis & (q_doc == k_doc)
     return vis
@@ -91,37 +94,37 @@ def _scores2(raw, kq_diff, slope2, scale, scale2, cap, HAS_ALIBI: tl.constexpr, 
 
 
 @triton.jit
-def _key_rows_seen(q_first, q_last, k_start, k_stride, N, window,
-                   POSITIONAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_rows_seen(q_first, q_last, k_start, k_stride, N, ahead, behind,
+                   HAS_AHEAD: tl.constexpr, HAS_BEHIND: tl.constexpr, BLOCK_N: tl.constexpr):
     """[lo, hi) of the key rows that queries at positions q_first..q_last can see by position.
 
     Numerators are tested for sign before dividing: integer division truncates on the GPU but
     floors in the interpreter, and the two agree only on non-negative numbers.
     """
     hi = N
-    if POSITIONAL:                                   # last key with k_pos <= q_last
-        num = q_last - k_start
+    if HAS_AHEAD:                                    # last key with k_pos <= q_last + ahead
+        num = q_last + ahead - k_start
         hi = tl.minimum(tl.where(num >= 0, num // k_stride + 1, 0), N)
     lo = 0
-    if HAS_WINDOW:                                   # first key with k_pos > q_first - window
-        num = q_first - window - k_start
+    if HAS_BEHIND:                                   # first key with k_pos >= q_first - behind
+        num = q_first - behind - 1 - k_start
         lo = tl.minimum(tl.where(num >= 0, num // k_stride + 1, 0), N)
         lo = lo // BLOCK_N * BLOCK_N
     return lo, hi
 
 
 @triton.jit
-def _query_rows_seeing(k_first, k_last, q_start, q_stride, M, window,
-                       POSITIONAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr):
+def _query_rows_seeing(k_first, k_last, q_start, q_stride, M, ahead, behind,
+                       HAS_AHEAD: tl.constexpr, HAS_BEHIND: tl.constexpr, BLOCK_M: tl.constexpr):
     """[lo, hi) of the query rows that can see some key at positions k_first..k_last."""
     lo = 0
-    if POSITIONAL:                                   # first query with q_pos >= k_first
-        num = k_first - q_start
+    if HAS_AHEAD:                                    # first query with q_pos >= k_first - ahead
+        num = k_first - ahead - q_start
         lo = tl.minimum(tl.where(num > 0, (num + q_stride - 1) // q_stride, 0), M)
         lo = lo // BLOCK_M * BLOCK_M
     hi = M
-    if HAS_WINDOW:                                   # last query with q_pos < k_last + window
-        num = k_last + window - 1 - q_start
+    if HAS_BEHIND:                                   # last query with q_pos <= k_last + behind
+        num = k_last + behind - q_start
         hi = tl.minimum(tl.where(num >= 0, num // q_stride + 1, 0), M)
     return lo, hi
 
@@ -130,9 +133,17 @@ def _query_rows_seeing(k_first, k_last, q_start, q_stride, M, window,
 
 
 @triton.jit
-def _load_key_tile(k_base, v_base, kdoc_base, n0, offs_n, offs_d, d_ok, sk_n, sv_n, N, k_start, k_stride,
-                   q_pos, q_doc, m_ok, window, BLOCK_N: tl.constexpr, POSITIONAL: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+def _live_keys(kvalid_base, cols, n_ok, HAS_PAD: tl.constexpr):
+    """Keys of a tile that exist (below N) and, with key padding, are valid."""
+    if HAS_PAD:
+        return n_ok & (tl.load(kvalid_base + cols, mask=n_ok, other=0) != 0)
+    return n_ok
+
+
+@triton.jit
+def _load_key_tile(k_base, v_base, kdoc_base, kvalid_base, n0, offs_n, offs_d, d_ok, sk_n, sv_n, N, k_start,
+                   k_stride, q_pos, q_doc, m_ok, ahead, behind, BLOCK_N: tl.constexpr, HAS_AHEAD: tl.constexpr,
+                   HAS_BEHIND: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PAD: tl.constexpr):
     """K and V rows [n0, n0 + BLOCK_N) (masked past N and past the head dim) and the
     visibility of this query tile against them: [BLOCK_N, D_PAD] ×2, [BLOCK_M, BLOCK_N]."""
     cols = n0 + offs_n
@@ -144,9 +155,10 @@ def _load_key_tile(k_base, v_base, kdoc_base, n0, offs_n, offs_d, d_ok, sk_n, sv
     k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
     if HAS_DOCS:
         k_doc = tl.load(kdoc_base + cols, mask=n_ok, other=0)
+    k_live = _live_keys(kvalid_base, cols, n_ok, HAS_PAD)
     vis = _visible(q_pos[:, None], (k_start + cols * k_stride)[None, :], q_doc[:, None],
-                   k_doc[None, :], m_ok[:, None], n_ok[None, :], window,
-                   POSITIONAL, HAS_WINDOW, HAS_DOCS)
+                   k_doc[None, :], m_ok[:, None], k_live[None, :], ahead, behind,
+                   HAS_AHEAD, HAS_BEHIND, HAS_DOCS)
     return k, v, vis
 
 
@@ -168,10 +180,11 @@ def _fwd_tile(acc, m_i, l_i, q, k, v, vis, kq_diff, slope2, scale, scale2, cap, 
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, QDoc, KDoc, Slopes,
-                sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sqd_b, skd_b,
-                M, N, D, Hq, G, scale, scale2, cap, q_start, q_stride, k_start, k_stride, window,
-                POSITIONAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+def _fwd_kernel(Q, K, V, Out, Lse, QDoc, KDoc, Slopes, KValid,
+                sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sqd_b, skd_b, skv_b,
+                M, N, D, Hq, G, scale, scale2, cap, q_start, q_stride, k_start, k_stride, ahead, behind,
+                HAS_AHEAD: tl.constexpr, HAS_BEHIND: tl.constexpr, HAS_DOCS: tl.constexpr,
+                HAS_PAD: tl.constexpr, PER_TOKEN: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 D_PAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -197,7 +210,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, QDoc, KDoc, Slopes,
     m0 = pid_m * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, M) - 1
     lo, hi = _key_rows_seen(q_start + m0 * q_stride, q_start + m_last * q_stride, k_start, k_stride,
-                            N, window, POSITIONAL, HAS_WINDOW, BLOCK_N)
+                            N, ahead, behind, HAS_AHEAD, HAS_BEHIND, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
@@ -205,11 +218,11 @@ def _fwd_kernel(Q, K, V, Out, Lse, QDoc, KDoc, Slopes,
     if HAS_ALIBI:
         slope2 = tl.load(Slopes + h).to(tl.float32) * _LOG2E_TL
     for n0 in range(lo, hi, BLOCK_N):
-        k, v, vis = _load_key_tile(k_base, v_base, KDoc + b * skd_b, n0, offs_n, offs_d, d_ok, sk_n, sv_n,
-                                   N, k_start, k_stride, q_pos, q_doc, m_ok, window, BLOCK_N,
-                                   POSITIONAL, HAS_WINDOW, HAS_DOCS)
+        k, v, vis = _load_key_tile(k_base, v_base, KDoc + b * skd_b, KValid + b * skv_b, n0, offs_n, offs_d,
+                                   d_ok, sk_n, sv_n, N, k_start, k_stride, q_pos, q_doc, m_ok, ahead, behind,
+                                   BLOCK_N, HAS_AHEAD, HAS_BEHIND, HAS_DOCS, HAS_PAD)
         kq_diff = (k_start + (n0 + offs_n) * k_stride)[None, :] - q_pos[:, None]
-        if HAS_DOCS:    # positions already bound the loop; documents can still empty a tile
+        if PER_TOKEN:   # positions already bound the loop; documents or padding can still empty a tile
             if tl.max(vis.to(tl.int32)) > 0:
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k, v, vis, kq_diff, slope2, scale, scale2, cap,
                                           PRECISION, HAS_ALIBI, HAS_SOFTCAP)
@@ -270,11 +283,12 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, vis_t, kq_diff_t, slope2, scale
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, DK, DV, QDoc, KDoc, Slopes,
+def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, DK, DV, QDoc, KDoc, Slopes, KValid,
                      sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m,
-                     sqd_b, skd_b, M, N, D, Hq, Hkv, G, scale, scale2, cap,
-                     q_start, q_stride, k_start, k_stride, window,
-                     POSITIONAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                     sqd_b, skd_b, skv_b, M, N, D, Hq, Hkv, G, scale, scale2, cap,
+                     q_start, q_stride, k_start, k_stride, ahead, behind,
+                     HAS_AHEAD: tl.constexpr, HAS_BEHIND: tl.constexpr, HAS_DOCS: tl.constexpr,
+                     HAS_PAD: tl.constexpr, PER_TOKEN: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      D_PAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -294,11 +308,12 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, DK, DV, QDoc, KDoc, Slopes,
     k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
     if HAS_DOCS:
         k_doc = tl.load(KDoc + b * skd_b + cols, mask=n_ok, other=0)
+    k_live = _live_keys(KValid + b * skv_b, cols, n_ok, HAS_PAD)
 
     n0 = pid_n * BLOCK_N
     n_last = tl.minimum(n0 + BLOCK_N, N) - 1
     lo, hi = _query_rows_seeing(k_start + n0 * k_stride, k_start + n_last * k_stride, q_start, q_stride,
-                                M, window, POSITIONAL, HAS_WINDOW, BLOCK_M)
+                                M, ahead, behind, HAS_AHEAD, HAS_BEHIND, BLOCK_M)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     for g in range(G):                               # the query heads that read this kv head
@@ -322,10 +337,10 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, DK, DV, QDoc, KDoc, Slopes,
             if HAS_DOCS:
                 q_doc = tl.load(QDoc + b * sqd_b + rows, mask=m_ok, other=0)
             vis_t = _visible((q_start + rows * q_stride)[None, :], k_pos[:, None], q_doc[None, :],
-                             k_doc[:, None], m_ok[None, :], n_ok[:, None], window,
-                             POSITIONAL, HAS_WINDOW, HAS_DOCS)
+                             k_doc[:, None], m_ok[None, :], k_live[:, None], ahead, behind,
+                             HAS_AHEAD, HAS_BEHIND, HAS_DOCS)
             kq_diff_t = k_pos[:, None] - (q_start + rows * q_stride)[None, :]
-            if HAS_DOCS:
+            if PER_TOKEN:
                 if tl.max(vis_t.to(tl.int32)) > 0:
                     dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, vis_t, kq_diff_t, slope2, scale, scale2,
                                         cap, PRECISION, HAS_ALIBI, HAS_SOFTCAP)
@@ -354,11 +369,12 @@ def _dq_tile(dq, q, do, k, v, lse2, delta, vis, kq_diff, slope2, scale, scale2, 
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, DQ, QDoc, KDoc, Slopes,
+def _bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, DQ, QDoc, KDoc, Slopes, KValid,
                    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m,
-                   sqd_b, skd_b, M, N, D, Hq, G, scale, scale2, cap,
-                   q_start, q_stride, k_start, k_stride, window,
-                   POSITIONAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                   sqd_b, skd_b, skv_b, M, N, D, Hq, G, scale, scale2, cap,
+                   q_start, q_stride, k_start, k_stride, ahead, behind,
+                   HAS_AHEAD: tl.constexpr, HAS_BEHIND: tl.constexpr, HAS_DOCS: tl.constexpr,
+                   HAS_PAD: tl.constexpr, PER_TOKEN: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    D_PAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -389,17 +405,17 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, DQ, QDoc, KDoc, Slopes,
     m0 = pid_m * BLOCK_M
     m_last = tl.minimum(m0 + BLOCK_M, M) - 1
     lo, hi = _key_rows_seen(q_start + m0 * q_stride, q_start + m_last * q_stride, k_start, k_stride,
-                            N, window, POSITIONAL, HAS_WINDOW, BLOCK_N)
+                            N, ahead, behind, HAS_AHEAD, HAS_BEHIND, BLOCK_N)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Slopes + h).to(tl.float32) * _LOG2E_TL
     for n0 in range(lo, hi, BLOCK_N):
-        k, v, vis = _load_key_tile(k_base, v_base, KDoc + b * skd_b, n0, offs_n, offs_d, d_ok, sk_n, sv_n,
-                                   N, k_start, k_stride, q_pos, q_doc, m_ok, window, BLOCK_N,
-                                   POSITIONAL, HAS_WINDOW, HAS_DOCS)
+        k, v, vis = _load_key_tile(k_base, v_base, KDoc + b * skd_b, KValid + b * skv_b, n0, offs_n, offs_d,
+                                   d_ok, sk_n, sv_n, N, k_start, k_stride, q_pos, q_doc, m_ok, ahead, behind,
+                                   BLOCK_N, HAS_AHEAD, HAS_BEHIND, HAS_DOCS, HAS_PAD)
         kq_diff = (k_start + (n0 + offs_n) * k_stride)[None, :] - q_pos[:, None]
-        if HAS_DOCS:
+        if PER_TOKEN:
             if tl.max(vis.to(tl.int32)) > 0:
                 dq = _dq_tile(dq, q, do, k, v, lse2, delta, vis, kq_diff, slope2, scale, scale2, cap, PRECISION,
                               HAS_ALIBI, HAS_SOFTCAP)
@@ -448,23 +464,28 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def _mask_args(mask: BlockMask, q: torch.Tensor, B: int, M: int, N: int) -> dict:
-    """Kernel arguments for the mask: scalars, constexpr flags and the document-id vectors
-    (a [1, L] id vector broadcasts over the batch with batch stride 0)."""
-    has_docs = mask.has_docs
+    """Kernel arguments for the mask: scalars, constexpr flags and the per-token vectors
+    (document ids, key validity as int8; a [1, L] vector broadcasts over the batch with batch
+    stride 0)."""
+    spec, has_docs, has_pad = mask.spec, mask.has_docs, mask.has_padding
     if has_docs:
         q_doc = mask.q_doc.to(q.device, torch.int64).contiguous().expand(B, M)
         k_doc = mask.k_doc.to(q.device, torch.int64).contiguous().expand(B, N)
     else:
         q_doc = k_doc = torch.zeros(1, dtype=torch.int64, device=q.device)   # never read
+    k_valid = (mask.k_valid.to(q.device, torch.int8).contiguous().expand(B, N) if has_pad
+               else torch.zeros(1, dtype=torch.int8, device=q.device))      # never read without padding
     has_alibi, has_softcap = mask.alibi_slopes is not None, mask.softcap is not None
     slopes = (mask.alibi_slopes.to(q.device, torch.float32).contiguous() if has_alibi
               else torch.zeros(1, dtype=torch.float32, device=q.device))    # never read without ALiBi
     return dict(
-        docs=(q_doc, k_doc, slopes),
+        docs=(q_doc, k_doc, slopes, k_valid),
         cap=float(mask.softcap) if has_softcap else 1.0,
-        doc_strides=(q_doc.stride(0) if has_docs else 0, k_doc.stride(0) if has_docs else 0),
-        scalars=(mask.q_start, mask.q_stride, mask.k_start, mask.k_stride, mask.window or 0),
-        flags=dict(POSITIONAL=mask.positional, HAS_WINDOW=mask.window is not None, HAS_DOCS=has_docs,
+        doc_strides=(q_doc.stride(0) if has_docs else 0, k_doc.stride(0) if has_docs else 0,
+                     k_valid.stride(0) if has_pad else 0),
+        scalars=(mask.q_start, mask.q_stride, mask.k_start, mask.k_stride, spec.ahead or 0, spec.behind or 0),
+        flags=dict(HAS_AHEAD=spec.ahead is not None, HAS_BEHIND=spec.behind is not None, HAS_DOCS=has_docs,
+                   HAS_PAD=has_pad, PER_TOKEN=has_docs or has_pad,
                    # fp32 stays fp32 on a GPU too (no TF32); fp16/bf16 take the backend default
                    PRECISION="ieee" if q.dtype == torch.float32 else None,
                    HAS_ALIBI=has_alibi, HAS_SOFTCAP=has_softcap),

@@ -5,14 +5,14 @@ Reads Dynamo's ``node.meta["example_value"]``; may insert ``permute`` / ``view``
 q [B, Hq, S, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] and returns [B, Hq, S, Dv].
 
 Scores ``q kᵀ`` (before scale, soft-capping, biases and masks):
-  * ``q @ k.transpose(-2, -1)`` (nanoGPT, Llama, most HF models);
+  * ``q @ k.transpose(-2, -1)`` or ``q @ k.mT`` (nanoGPT, Llama, most HF models; litgpt);
   * ``torch.einsum("bhid,bhjd->bhij", q, k)`` and any relabelling or operand layout, e.g.
     ``"bihd,bjhd->bhij"`` (x-transformers, einops code);
   * ``torch.baddbmm(zeros, q3, k3ᵀ, beta=·, alpha=scale).view(B, H, S, S)`` and ``torch.bmm``
     on [B·H, S, D] (GPT-NeoX, Bloom); ``alpha`` is the scale; a non-zero ``input`` with
     ``beta`` ≠ 0 is an additive score term (Bloom's ALiBi), returned for the caller to prove.
-Output ``probs @ v``: ``matmul`` or ``einsum("bhij,bhjd->bhid")`` (any relabelling / v or output
-layout). K/V repeated for GQA (``x[:, :, None].expand(...).reshape(...)`` or
+Output ``probs @ v``: ``matmul``, ``einsum("bhij,bhjd->bhid")`` (any relabelling / v or output
+layout), or ``torch.bmm(probs.view(B·H, S, S), v3).view(B, H, S, Dv)`` on [B·H, S, Dv] (Bloom). K/V repeated for GQA (``x[:, :, None].expand(...).reshape(...)`` or
 ``repeat_interleave(n, dim=1)``) are folded away: the ring sends the small K/V.
 """
 from __future__ import annotations
@@ -55,13 +55,15 @@ class ScoresForm:
 
 @dataclass
 class ValueForm:
-    """``probs @ v`` with v [B, H, S, Dv] once ``v_perm`` is applied; ``out_perm`` takes the
-    canonical [B, H, S, Dv] result to the layout the model's product returned."""
+    """``probs @ v`` with v [B, H, S, Dv] once viewed to ``v_shape`` (bmm form) and/or
+    ``v_perm`` is applied; ``out_perm`` takes the canonical [B, H, S, Dv] result to the layout
+    the model's product returned."""
 
     probs: fx.Node
     v: fx.Node
     v_perm: tuple | None = None
     out_perm: tuple | None = None
+    v_shape: tuple | None = None          # view [B·H, S, Dv] → [B, H, S, Dv] (bmm form)
 
 
 def _einsum_parts(node):
@@ -111,9 +113,10 @@ def _einsum_scores(node):
 
 
 def _is_transpose_last_two(node, rank: int) -> bool:
+    """``x.transpose(-2, -1)`` (any spelling of the last two dims) or ``x.mT`` (litgpt)."""
     if is_call(node, fns={torch.transpose}, methods={"transpose"}):
         return sorted(d % rank for d in node.args[1:3]) == [rank - 2, rank - 1]
-    return False
+    return is_call(node, fns={getattr}) and node.args[1] == "mT"
 
 
 def _bmm_scores(node):
@@ -169,10 +172,32 @@ def match_scores(logits) -> ScoresForm | None:
     return _einsum_scores(logits) or _bmm_scores(logits)
 
 
+def _bmm_value_product(node) -> ValueForm | None:
+    """``bmm(probs.view(B·H, S, S), v3).view(B, H, S, Dv)``: the [B, H, S, Dv] view is the node."""
+    if not is_call(node, methods={"view", "reshape"}) or not is_call(node.args[0], fns={torch.bmm}, methods={"bmm"}):
+        return None
+    out, bmm = example(node), node.args[0]
+    if out is None or out.dim() != 4 or len(bmm.args) != 2 or bmm.kwargs:
+        return None
+    probs3, v3 = bmm.args
+    if not is_call(probs3, methods={"view", "reshape"}):
+        return None
+    probs, ep, ev = probs3.args[0], example(probs3.args[0]), example(v3)
+    B, H, S, Dv = out.shape
+    if ep is None or ev is None or ep.dim() != 4 or tuple(ep.shape[:3]) != (B, H, S) or \
+            tuple(ev.shape) != (B * H, ep.shape[-1], Dv):
+        return None
+    return ValueForm(probs, v3, v_shape=(B, H, ep.shape[-1], Dv))
+
+
 def match_value_product(node) -> ValueForm | None:
-    """``probs @ v`` (matmul or einsum) with probs [B, H, S, S] over keys on the last dim."""
+    """``probs @ v`` (matmul, einsum or a viewed bmm) with probs [B, H, S, S] over keys on the
+    last dim."""
     if is_call(node, fns=_MATMUL, methods={"matmul"}):
         return ValueForm(*node.args[:2])
+    bmm = _bmm_value_product(node)
+    if bmm is not None:
+        return bmm
     parts = _einsum_parts(node)
     if parts is None:
         return None

@@ -9,16 +9,23 @@ Reads Dynamo's ``node.meta["example_value"]``; rewrites the graph in place: the 
     probs  = softmax(scores, -1) [.to(dtype)] [dropout(p=0)]
     out    = probs @ v                           (matmul or einsum)
 
-becomes ``canonical_attention(q, k, v, causal, window, doc_ids, scale[, alibi_slopes, softcap])``
-(GQA's repeated K/V folded away: the ring sends the small K/V). ``F.scaled_dot_product_attention``
-with an explicit ``attn_mask`` (what transformers passes for sliding windows; an additive ALiBi
-bias) goes the same way; ``F.multi_head_attention_forward`` is decomposed first
-(``mha_attention``).
+becomes ``canonical_attention(q, k, v, spec, doc_ids, key_padding, alibi_slopes)`` with ``spec``
+an encoded ``AttentionSpec`` (GQA's repeated K/V folded away: the ring sends the small K/V).
+``F.scaled_dot_product_attention`` with an explicit ``attn_mask`` (what transformers passes for
+padding and sliding windows; an additive ALiBi bias) goes the same way;
+``F.multi_head_attention_forward`` is decomposed first (``mha_attention``).
 
 Masks and biases are proved, never guessed: each term is evaluated once at the global sequence
-length (``mask_proof``) and must equal the ring's data — causal / window / same-document
-visibility and per-head ALiBi slopes over global positions (``score_bias``). Anything else is
-left alone, so the graph falls back to the gather path.
+length (``mask_proof``) and must equal the spec's data — a band of visible positions,
+same-document and key-padding factors carried as per-token tensors, per-head ALiBi slopes over
+global positions (``score_bias``). Anything else is left alone, so the graph falls back to the
+gather path.
+
+One thing a spec does not say: a query whose every key is hidden. SDPA with a boolean mask
+gives it 0 (the spec's contract); a float mask or ``masked_fill`` with a finite fill
+(``finfo.min``) gives it the mean of all values in eager. Only key padding can hide every key
+of a query (bands hold the diagonal, a token is in its own document), so key padding hidden by a
+finite fill is refused.
 """
 from __future__ import annotations
 
@@ -28,51 +35,73 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from dataclasses import dataclass, field
+
+from seqpar_compiler.kernels import AttentionSpec
+
 from .attention_forms import emit, match_scores, match_value_product, peel_softcap, to_bhsd, unrepeat_kv
-from .mask_proof import evaluate, evaluate_mask_term, example, is_call, is_hidden_value, user_dependent
+from .mask_proof import ProvedTerm, evaluate, evaluate_mask_term, example, is_call, is_hidden_value, user_dependent
 from .score_bias import prove_score_terms
+from .token_masks import CARRIER
 
-__all__ = ["canonical_attention", "canonicalize_handwritten_attention"]
+__all__ = ["UNPROVED", "canonical_attention", "canonical_spec", "canonicalize_handwritten_attention"]
+
+# ``node.meta`` key: why an attention of a known form was left alone (the fallback warning says it)
+UNPROVED = "seqpar_unproved"
 
 
-def canonical_attention(q, k, v, causal: bool, window: int | None, doc_ids, scale: float,
-                        alibi_slopes=None, softcap: float | None = None):
-    """Single-device meaning of the canonical node.
+def canonical_attention(q, k, v, spec: str, doc_ids=None, key_padding=None, alibi_slopes=None):
+    """Single-device meaning of the canonical node: the ``AttentionSpec`` that ``spec`` encodes.
 
-    scores = scale · q kᵀ; ← softcap · tanh(scores / softcap) if softcap; += slopes[h] · (j − i)
-    if alibi_slopes; keys hidden by the mask (causal: j ≤ i; window W: i − W < j ≤ i; doc_ids:
-    same document) get −inf; softmax over keys; @ v. k/v are broadcast over query-head groups.
+    scores = scale · q kᵀ; ← softcap · tanh(scores / softcap) with a softcap; += slopes[h] ·
+    (j − i) with ALiBi; keys outside the band ``-behind <= j - i <= ahead``, of another document
+    or invalid (``key_padding`` False) get −inf; softmax over keys (a query with no visible key
+    gets 0); @ v. k/v are broadcast over query-head groups.
 
     Shapes: q [B, Hq, S, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], doc_ids [B, S] or None,
-    alibi_slopes [Hq] (fp32) or None; returns [B, Hq, S, Dv]. Nothing is sharded here: this is
-    the replicated meaning the ring op must reproduce.
+    key_padding [B, S] bool or None, alibi_slopes [Hq] (fp32) or None; returns [B, Hq, S, Dv].
+    Nothing is sharded here: this is the replicated meaning the ring op must reproduce.
     """
+    sp = AttentionSpec.decode(spec)
     S = q.shape[-2]
     mask = None
     i = torch.arange(S, device=q.device)
-    if causal or window is not None:
-        diff = i[:, None] - i[None, :]
-        mask = diff >= 0
-        if window is not None:
-            mask &= diff < window
+    ahead = i[None, :] - i[:, None]                                          # j − i
+    if sp.ahead is not None:
+        mask = ahead <= sp.ahead
+    if sp.behind is not None:
+        mask = (-ahead <= sp.behind) if mask is None else mask & (-ahead <= sp.behind)
     if doc_ids is not None:
         same = (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
         mask = same if mask is None else mask & same
-    if alibi_slopes is None and softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+    if key_padding is not None:
+        valid = key_padding[:, None, None, :]
+        mask = valid if mask is None else mask & valid
+    if sp.softcap is None:
+        # SDPA: GQA without repeating K/V, and 0 for a query with no visible key
+        attn_mask = mask
+        if alibi_slopes is not None:
+            attn_mask = alibi_slopes.to(q.dtype)[:, None, None] * ahead.to(q.dtype)
+            if mask is not None:
+                attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=sp.scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     groups = q.shape[1] // k.shape[1]
     k, v = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (k, v))
     compute = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
+    scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * sp.scale
+    scores = sp.softcap * torch.tanh(scores / sp.softcap)
     if alibi_slopes is not None:
-        rel = (i[None, :] - i[:, None]).to(compute)                          # j − i
-        scores = scores + alibi_slopes.to(compute)[:, None, None] * rel
+        scores = scores + alibi_slopes.to(compute)[:, None, None] * ahead.to(compute)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (torch.softmax(scores, -1) @ v.to(compute)).to(v.dtype)
+    probs = torch.ops.aten._safe_softmax(scores, -1)                    # no visible key: 0, not NaN
+    return (probs @ v.to(compute)).to(v.dtype)
+
+
+def canonical_spec(node: fx.Node) -> AttentionSpec:
+    """The ``AttentionSpec`` of a ``canonical_attention`` node."""
+    return AttentionSpec.decode(node.args[3])
 
 
 _SOFTMAX = {F.softmax, torch.softmax}
@@ -81,9 +110,13 @@ _ADD = {operator.add, torch.add}
 
 
 def _strip_probs(node):
-    """Walk back from the second product's probs through casts and p=0 dropout."""
+    """Walk back from the second product's probs through casts, p=0 dropout and
+    ``nan_to_num(0)`` (what a query with no visible key gets: 0, as the spec says)."""
     while True:
         if is_call(node, methods=_CASTS):
+            node = node.args[0]
+        elif is_call(node, fns={torch.nan_to_num}, methods={"nan_to_num"}) and \
+                node.kwargs.get("nan", node.args[1] if len(node.args) > 1 else 0.0) == 0.0:
             node = node.args[0]
         elif is_call(node, fns={F.dropout}):
             p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
@@ -106,37 +139,72 @@ def _hides(value, dtype, gm, values, static_inputs) -> bool:
     return isinstance(value, (int, float)) and value <= torch.finfo(dtype).min / 2
 
 
-def _peel_terms(scores, gm, values, static_inputs):
-    """Peel masks and additive terms off the scores: (logits, terms, doc) or None, with
-    ``terms`` as ``score_bias.prove_score_terms`` takes them."""
-    n, terms, docs = scores, [], set()
-    dtype = example(scores).dtype
+@dataclass
+class _Peeled:
+    """What ``_peel_terms`` took off the scores: the score terms (as ``prove_score_terms`` takes
+    them) and the per-token factors their masks read."""
 
-    def add_term(kind, node, negated=False):
-        found = evaluate_mask_term(node, gm, values, static_inputs, negated)
-        if found is None:
+    logits: fx.Node
+    terms: list = field(default_factory=list)
+    docs: list = field(default_factory=list)
+    paddings: list = field(default_factory=list)     # (node, hides)
+    finite_fill: bool = False                       # a key-padding factor hidden by a finite fill
+
+    def add(self, term: ProvedTerm, kind: str, negated: bool = False) -> None:
+        self.terms.append((kind, ~term.value if negated else term.value))
+        if term.doc is not None and term.doc not in self.docs:
+            self.docs.append(term.doc)
+        if term.key_padding is not None:
+            self.paddings.append((term.key_padding, term.key_padding_hides, term.key_source))
+            self.finite_fill |= term.finite_fill
+
+    def merge(self, other: _Peeled) -> None:
+        self.terms += other.terms
+        self.docs += [d for d in other.docs if d not in self.docs]
+        self.paddings += other.paddings
+        self.finite_fill |= other.finite_fill
+
+    def tokens(self):
+        """(doc node, (key-padding node, hides)) or None when the factors are more than one
+        of each (two document ids or two padding masks: the spec carries one)."""
+        if len(self.docs) > 1 or len(self.paddings) > 1:
+            return None
+        return (self.docs[0] if self.docs else None), (self.paddings[0] if self.paddings else None)
+
+
+def _peel_terms(scores, gm, values, static_inputs) -> _Peeled | None:
+    """Peel casts, masks and additive terms off the scores (``_Peeled``), or None when a mask or
+    term is not provable."""
+    dtype = example(scores).dtype
+    peeled = _Peeled(scores)
+    n = scores
+
+    def add_term(kind, node, negated=False, fill=None):
+        term = evaluate_mask_term(node, gm, values, static_inputs, negated, at=n)
+        if term is None:
             return False
-        value, doc = found
-        if negated:
-            value = ~value
-        terms.append((kind, value))
-        if doc is not None:
-            docs.add(doc)
+        if term.key_padding is not None and fill is not None and fill != float("-inf"):
+            term.finite_fill = True
+        peeled.add(term, kind, negated)
         return True
-    for _ in range(4):
+    for _ in range(6):
+        if is_call(n, methods=_CASTS - {"contiguous"}) and example(n) is not None and example(n).is_floating_point():
+            n = n.args[0]                                   # scores upcast before the softmax (MPT)
+            continue
         if is_call(n, fns={torch.masked_fill}, methods={"masked_fill"}):
             logits, mask, fill = n.args[:3]
             if not _hides(fill, dtype, gm, values, static_inputs) or not isinstance(mask, fx.Node):
                 return None
+            fill = _constant_fill(fill, gm, values)
             if is_call(mask, fns={operator.invert, torch.logical_not}, methods={"logical_not", "__invert__"}):
-                ok = add_term("visible", mask.args[0])
+                ok = add_term("visible", mask.args[0], fill=fill)
             else:
-                ok = add_term("visible", mask, negated=True)
+                ok = add_term("visible", mask, negated=True, fill=fill)
         elif is_call(n, fns={torch.where}) and len(n.args) == 3:
             mask, logits, fill = n.args
             if not _hides(fill, dtype, gm, values, static_inputs):
                 return None
-            ok = add_term("visible", mask)
+            ok = add_term("visible", mask, fill=_constant_fill(fill, gm, values))
         elif is_call(n, fns=_ADD, methods={"add", "__add__"}) and len(n.args) == 2 and not n.kwargs:
             a, b = n.args
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
@@ -152,9 +220,12 @@ def _peel_terms(scores, gm, values, static_inputs):
         if not ok:
             return None
         n = logits
-    if len(docs) > 1:
-        return None
-    return n, terms, next(iter(docs), None)
+    peeled.logits = n
+    return peeled
+
+
+def _constant_fill(fill, gm, values) -> float:
+    return float(evaluate(gm, fill, values)) if isinstance(fill, fx.Node) else float(fill)
 
 
 def _scale_of(node):
@@ -174,9 +245,45 @@ def _scaled_term(kind: str, value: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.where(is_hidden_value(value), float("-inf"), value * scale)
 
 
+@dataclass
+class _Proof:
+    """A proved attention: its operands (old graph nodes), its spec, the per-token factor nodes
+    and the ALiBi slopes (a tensor) or None."""
+
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    spec: AttentionSpec
+    doc: fx.Node | None = None
+    padding: tuple | None = None          # (per-key factor node, hides, its [B, S] source or None)
+    slopes: torch.Tensor | None = None
+
+
+_FINITE_FILL = ("a padding mask hidden by a finite fill (finfo.min): a query whose every key is padding "
+                "averages all values in eager, which the ring does not reproduce; hide keys with -inf or "
+                "use F.scaled_dot_product_attention with a boolean mask")
+
+
+def _prove(peeled: _Peeled, shape: tuple, scale: float, cap: float | None):
+    """(spec, doc, padding, slopes) of peeled terms, None when they prove no spec, or a reason
+    string when they are a known form the ring does not carry."""
+    tokens = peeled.tokens()
+    if tokens is None:
+        return None
+    doc, padding = tokens
+    if padding is not None and peeled.finite_fill:
+        return _FINITE_FILL
+    proved = prove_score_terms(peeled.terms, shape, shape[-1])
+    if proved is None:
+        return None
+    band, slopes = proved
+    spec = band.with_(scale=float(scale), docs=doc is not None, key_padding=padding is not None,
+                      alibi=slopes is not None, softcap=cap)
+    return spec, doc, padding, slopes
+
+
 def _match(node, gm, values, static_inputs):
-    """The canonical arguments (q, k, v, causal, window, doc, scale, slopes, cap) of
-    ``out = probs @ v`` and the permutes to apply first, or None."""
+    """(scores form, value form, proof) of ``out = probs @ v``, or None."""
     vf = match_value_product(node)
     if vf is None:
         return None
@@ -191,16 +298,14 @@ def _match(node, gm, values, static_inputs):
     peeled = _peel_terms(scores, gm, values, static_inputs)
     if peeled is None:
         return None
-    logits, terms, doc = peeled
-    logits, cap = peel_softcap(logits)
+    logits, cap = peel_softcap(peeled.logits)
     logits, scale = _scale_of(logits)
     if cap is None and scale > 0 and match_scores(logits) is None:
         inner = _peel_terms(logits, gm, values, static_inputs)   # (q kᵀ + bias) · s: terms before the scale
-        if inner is not None and inner[1]:
-            if doc is not None and inner[2] is not None and inner[2] is not doc:
-                return None
-            logits, doc = inner[0], doc if doc is not None else inner[2]
-            terms += [(kind, _scaled_term(kind, value, scale)) for kind, value in inner[1]]
+        if inner is not None and inner.terms:
+            inner.terms = [(kind, _scaled_term(kind, value, scale)) for kind, value in inner.terms]
+            peeled.merge(inner)
+            logits = inner.logits
     sf = match_scores(logits)
     if sf is None:
         return None
@@ -209,22 +314,19 @@ def _match(node, gm, values, static_inputs):
         if cap is not None or user_dependent(sf.bias, static_inputs):
             return None
         B, H, S, _ = ex.shape
-        bias = evaluate(gm, sf.bias, values).broadcast_to(B * H, S, S).reshape(B, H, S, S)
-        terms.append(("additive", bias * (sf.bias_beta * scale / sf.scale)))
-    proved = prove_score_terms(terms, tuple(ex.shape), ex.shape[-1])
-    if proved is None:
-        return None
-    causal, window, slopes = proved
-    return sf, vf, causal, window, doc, scale, slopes, cap
+        bias = evaluate(gm, sf.bias, values, at=logits).broadcast_to(B * H, S, S).reshape(B, H, S, S)
+        peeled.terms.append(("additive", bias * (sf.bias_beta * scale / sf.scale)))
+    proved = _prove(peeled, tuple(ex.shape), scale, cap)
+    return proved if proved is None or isinstance(proved, str) else (sf, vf, proved)
 
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
 
-def _match_sdpa(node, gm, values, static_inputs):
-    """SDPA with an explicit ``attn_mask`` that is provably causal / a window / nothing (plus an
-    ALiBi bias when it is float), or with K/V repeated for GQA (folded, so the ring sends Hkv
-    heads): (q, k, v, causal, window, doc, scale, slopes) or None."""
+def _match_sdpa(node, gm, values, static_inputs) -> _Proof | None:
+    """SDPA with an explicit ``attn_mask`` that is provably a spec (a band, documents, key
+    padding, plus an ALiBi bias when it is float), or with K/V repeated for GQA (folded, so the
+    ring sends Hkv heads), or None."""
     if not is_call(node, fns=_SDPA):
         return None
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
@@ -237,25 +339,20 @@ def _match_sdpa(node, gm, values, static_inputs):
         return None
     S = q.shape[-2]
     k, v = unrepeat_kv(a["key"]), unrepeat_kv(a["value"])
-    slopes = None
+    scale = a.get("scale") if a.get("scale") is not None else q.shape[-1] ** -0.5
     if a.get("attn_mask") is None:
         if k is a["key"] and v is a["value"]:
             return None                                    # plain SDPA: handled as it is
-        causal, window, doc = bool(a.get("is_causal")), None, None
-    elif a.get("is_causal"):
+        return _Proof(a["query"], k, v, AttentionSpec.of(causal=bool(a.get("is_causal")), scale=float(scale)))
+    if a.get("is_causal"):
         return None
-    else:
-        found = evaluate_mask_term(a["attn_mask"], gm, values, static_inputs)
-        if found is None:
-            return None
-        value, doc = found
-        proved = prove_score_terms([("visible" if value.dtype == torch.bool else "additive", value)],
-                                   (*q.shape[:-1], S), S)
-        if proved is None:
-            return None
-        causal, window, slopes = proved
-    scale = a.get("scale") if a.get("scale") is not None else q.shape[-1] ** -0.5
-    return a["query"], k, v, causal, window, doc, scale, slopes
+    term = evaluate_mask_term(a["attn_mask"], gm, values, static_inputs, at=node)
+    if term is None:
+        return None
+    peeled = _Peeled(a["attn_mask"])
+    peeled.add(term, "visible" if term.value.dtype == torch.bool else "additive")
+    proved = _prove(peeled, (*q.shape[:-1], S), scale, None)
+    return proved if proved is None or isinstance(proved, str) else _Proof(a["query"], k, v, *proved)
 
 
 def _slopes_node(gm: fx.GraphModule, slopes: torch.Tensor, like: fx.Node) -> fx.Node:
@@ -269,13 +366,32 @@ def _slopes_node(gm: fx.GraphModule, slopes: torch.Tensor, like: fx.Node) -> fx.
     return node
 
 
-def _canonical_node(gm, node, q, k, v, causal, window, doc, scale, slopes=None, cap=None) -> fx.Node:
-    """Emit the canonical node before ``node`` (the old two trailing arguments only when used,
-    so graphs without ALiBi or soft-capping look as they always did)."""
-    args = (q, k, v, causal, window, doc, float(scale))
-    if slopes is not None or cap is not None:
-        args += (None if slopes is None else _slopes_node(gm, slopes, q), cap)
-    return emit(gm.graph, canonical_attention, args)
+def _key_validity(graph: fx.Graph, padding: tuple, B: int, S: int) -> fx.Node:
+    """Nodes taking a per-key factor ([B or 1, 1, 1, S] bool, visible keys or hidden ones; or the
+    [B or 1, S] tensor it reads) to the canonical node's ``key_padding`` [B, S] bool (True =
+    visible)."""
+    factor, hides, source = padding
+    if source is not None:
+        valid = source if example(source).dtype == torch.bool else emit(graph, "to", (source, torch.bool),
+                                                                          op="call_method")
+    else:
+        valid = emit(graph, "reshape", (factor, (example(factor).shape[0], S)), op="call_method")
+        valid.meta[CARRIER] = True
+    Bf = example(valid).shape[0]
+    if hides:
+        valid = emit(graph, operator.invert, (valid,))
+    if Bf != B:
+        valid = emit(graph, "expand", (valid, B, S), op="call_method")
+    return valid
+
+
+def _canonical_node(gm, proof: _Proof) -> fx.Node:
+    """Emit the canonical node of ``proof`` (operands already [B, H, S, D]) at the insertion point."""
+    q, k, v = proof.q, proof.k, proof.v
+    B, _, S, _ = example(q).shape
+    padding = None if proof.padding is None else _key_validity(gm.graph, proof.padding, B, S)
+    slopes = None if proof.slopes is None else _slopes_node(gm, proof.slopes, q)
+    return emit(gm.graph, canonical_attention, (q, k, v, proof.spec.encode(), proof.doc, padding, slopes))
 
 
 def _check_operands(q, k, v) -> None:
@@ -293,23 +409,29 @@ class _NotAttention(Exception):
 
 def _rewrite_one(gm, node, values, static_inputs) -> bool:
     found = _match(node, gm, values, static_inputs)
+    if isinstance(found, str):
+        node.meta[UNPROVED] = found
+        return False
     with gm.graph.inserting_before(node):
         if found is not None:
-            sf, vf, causal, window, doc, scale, slopes, cap = found
+            sf, vf, (spec, doc, padding, slopes) = found
             q = to_bhsd(gm.graph, sf.q, sf.q_perm, sf.q_shape)
             k = sf.k if sf.k_perm is not None or sf.k_shape is not None else unrepeat_kv(sf.k)
             k = to_bhsd(gm.graph, k, sf.k_perm, sf.k_shape)
-            v = to_bhsd(gm.graph, vf.v if vf.v_perm is not None else unrepeat_kv(vf.v), vf.v_perm)
+            v = vf.v if vf.v_perm is not None or vf.v_shape is not None else unrepeat_kv(vf.v)
+            v = to_bhsd(gm.graph, v, vf.v_perm, vf.v_shape)
             _check_operands(q, k, v)
-            new = _canonical_node(gm, node, q, k, v, causal, window, doc, scale, slopes, cap)
+            new = _canonical_node(gm, _Proof(q, k, v, spec, doc, padding, slopes))
             if vf.out_perm is not None:
                 new = emit(gm.graph, "permute", (new, vf.out_perm), op="call_method")
         else:
-            found = _match_sdpa(node, gm, values, static_inputs)
-            if found is None:
+            proof = _match_sdpa(node, gm, values, static_inputs)
+            if isinstance(proof, str):
+                node.meta[UNPROVED] = proof
+            if proof is None or isinstance(proof, str):
                 return False
-            _check_operands(*found[:3])
-            new = _canonical_node(gm, node, *found)
+            _check_operands(proof.q, proof.k, proof.v)
+            new = _canonical_node(gm, proof)
     new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
     node.replace_all_uses_with(new)
     _erase_dead(gm.graph, node)

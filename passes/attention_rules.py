@@ -2,10 +2,11 @@
 
 q, k, v must all be Shard(2) ([B, H, S, D] / v [B, H, S, Dv] with the sequence sharded); under
 autocast the inputs are cast to the dtype the traced attention produced (the ring op is not
-autocast-aware). The canonical node's score semantics (ALiBi slopes [Hq], softcap) are passed to
-the ring op as they are: the ring evaluates them per block from global positions, so the slopes
-must be replicated (every rank holds all heads) and must not need a gradient (the ring op has
-none for them).
+autocast-aware). The canonical node's ``AttentionSpec`` goes to the ring op as it is (encoded);
+its per-token data (document ids, key validity, [B, S]) is taken in the layout like any
+replicated value (``ctx.local``: this rank's tokens, which then travel with their K/V), and its
+ALiBi slopes [Hq] must be replicated (every rank holds all heads) and must not need a gradient
+(the ring op has none for them): the ring evaluates the bias per block from global positions.
 """
 from __future__ import annotations
 
@@ -16,28 +17,29 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import seqpar_compiler.runtime  # noqa: F401  (registers the seqpar ops)
+from seqpar_compiler.kernels import AttentionSpec
 
+from .attention_patterns import UNPROVED
 from .placement import Replicate, Shard
 from .rewrite import _source_line, call_arguments
 
 __all__ = ["sdpa_rule", "canonical_attention_rule"]
 
 
-def _ring(ctx, node, q, k, v, doc_local, scale: float, causal: bool, window, alibi=None, softcap=None):
+def _ring(ctx, node, q, k, v, spec: AttentionSpec, doc_local=None, valid_local=None, alibi=None):
     """Emit the ring op for attention ``node`` of (old) q, k, v → (new node, Shard(2)).
 
-    ``alibi`` is the new graph's slopes node (or None). The two score arguments are emitted only
-    when used, so graphs without them read as before."""
+    ``doc_local``, ``valid_local``, ``alibi``: the new graph's per-token data and slopes, or None."""
     dtype = ctx.example(node).dtype
     qkv = [ctx.env[t] if ctx.example(t).dtype == dtype else
            ctx.emit("to", (ctx.env[t], dtype), op="call_method", placement=Shard(2)) for t in (q, k, v)]
-    extra = () if alibi is None and softcap is None else (alibi, None if softcap is None else float(softcap))
     # the all-to-all layouts (issue 15) take the Ulysses op, which has the ring op's arguments
     op = torch.ops.seqpar.ulysses_attention if ctx.schedule.startswith(("ulysses", "hybrid")) else \
         torch.ops.seqpar.ring_attention
-    out = ctx.emit(op.default,
-                   (*qkv, doc_local, float(scale), bool(causal), window, ctx.schedule, ctx.group_name,
-                    ctx.overlap, ctx.kernel, *extra))
+    tensors = (doc_local, valid_local, alibi)
+    while tensors and tensors[-1] is None:          # graphs without per-token data read as before
+        tensors = tensors[:-1]
+    out = ctx.emit(op.default, (*qkv, spec.encode(), ctx.schedule, ctx.group_name, ctx.overlap, ctx.kernel, *tensors))
     return ctx.emit(operator.getitem, (out, 0), placement=Shard(2)), Shard(2)
 
 
@@ -79,9 +81,10 @@ def sdpa_rule(ctx, node):
     if not _all_sharded(ctx, a["query"], a["key"], a["value"]):
         return "attention whose q/k/v are not all [B, H, S, D] sharded along the sequence"
     if a["attn_mask"] is not None:
-        return "an explicit attention mask that is not provably causal, a window or documents"
+        return node.meta.get(UNPROVED) or "an explicit attention mask that is not provably a band, documents or padding"
     scale = a["scale"] if a["scale"] is not None else ctx.example(a["query"]).shape[-1] ** -0.5
-    return _ring(ctx, node, a["query"], a["key"], a["value"], None, scale, a["is_causal"], None)
+    spec = AttentionSpec.of(causal=bool(a["is_causal"]), scale=float(scale))
+    return _ring(ctx, node, a["query"], a["key"], a["value"], spec)
 
 
 def _slopes(ctx, slopes, q):
@@ -99,24 +102,33 @@ def _slopes(ctx, slopes, q):
     return new
 
 
+def _per_token(ctx, node, what: str, x, q):
+    """The new graph's local part of per-token data ``x`` [B, S] (document ids, key validity), or
+    a reason string why it cannot go to the ring."""
+    if ctx.example(x).shape[0] != ctx.example(q).shape[0]:
+        return f"{what} with another batch size than the queries"
+    if ctx.shard_of(x) not in (None, Shard(1)):
+        return f"{what} sharded unlike the queries"
+    return ctx.local(x, 1)
+
+
 def canonical_attention_rule(ctx, node):
-    """canonical_attention(q, k, v, causal, window, doc_ids, scale[, alibi_slopes, softcap]) from a
-    proved mask (passes/attention_patterns.py)."""
-    q, k, v, causal, window, doc, scale, *rest = node.args
-    alibi, softcap = (list(rest) + [None, None])[:2]
+    """canonical_attention(q, k, v, spec, doc_ids, key_padding, alibi_slopes) from a proved mask
+    (passes/attention_patterns.py)."""
+    q, k, v, spec, *rest = node.args
+    doc, valid, alibi = (list(rest) + [None] * 3)[:3]
+    spec = AttentionSpec.decode(spec)
     if not _all_sharded(ctx, q, k, v):
         return "attention whose q/k/v are not all [B, H, S, D] sharded along the sequence"
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        return f"a softcap that is not a constant > 0 ({softcap!r})"
-    if doc is not None:
-        if ctx.example(doc).shape[0] != ctx.example(q).shape[0]:
-            return "document ids with another batch size than the queries"
-        if ctx.shard_of(doc) not in (None, Shard(1)):
-            return "document ids sharded unlike the queries"
+    local = []
+    for what, x in (("document ids", doc), ("key padding", valid)):
+        part = None if x is None else _per_token(ctx, node, what, x, q)
+        if isinstance(part, str):
+            return part
+        local.append(part)
     alibi_new = None
     if alibi is not None:
         alibi_new = _slopes(ctx, alibi, q)
         if isinstance(alibi_new, str):
             return alibi_new
-    doc_local = None if doc is None else ctx.local(doc, 1)
-    return _ring(ctx, node, q, k, v, doc_local, scale, causal, window, alibi_new, softcap)
+    return _ring(ctx, node, q, k, v, spec, *local, alibi_new)

@@ -9,8 +9,8 @@ indices (b, h, q_idx, kv_idx broadcast to [B, H, S, S]) with its captured buffer
 
 * ``mask_mod``: static buffers are evaluated; a buffer computed from user input may appear only
   as a same-document factor ``doc[b, q_idx] == doc[b, kv_idx]`` reached through conjunctions
-  (``doc`` [B, S], a user input or computed from one). The rest must be exactly no mask, causal
-  or a sliding window; the document factor becomes ``doc_ids``.
+  (``doc`` [B, S], a user input or computed from one). The rest must be exactly a band of
+  positions (no mask, causal, a sliding or local window); the document factor becomes ``doc_ids``.
 * ``score_mod``: ``score``, or ``cap · tanh(score / cap)`` (Gemma 2's soft-cap → ``softcap``),
   plus terms that do not read the score, evaluated on the global indices and proved an ALiBi
   bias (per-head slopes times ``kv_idx − q_idx``, up to a per-row constant → ``alibi_slopes``).
@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from .attention_forms import peel_softcap
-from .mask_proof import ancestors, evaluate, evaluate_mask_term, example, is_call, mask_kind, user_dependent
+from .mask_proof import ancestors, band_of, evaluate, evaluate_mask_term, example, is_call, user_dependent
 from .score_bias import prove_score_terms
 
 __all__ = ["canonicalize_flex_attention"]
@@ -78,29 +78,29 @@ def _result(sub: fx.GraphModule):
 
 
 def _mask_mod_kind(gm, mask_mod: fx.GraphModule, buffers, values, static_inputs, shape):
-    """(causal, window, doc node or None, visible [B, H, S, S]) of a ``mask_mod``, or None.
+    """(band ``AttentionSpec``, doc node or None, visible [B, H, S, S]) of a ``mask_mod``, or None.
 
     Proved like every mask (``mask_proof.evaluate_mask_term``): the subgraph is evaluated on the
     global indices with its static buffers; a buffer computed from user input may appear only
     as the same-document factor ``doc[b, q_idx] == doc[b, kv_idx]`` reached by conjunctions
     (that factor is evaluated as all-true and ``doc`` becomes the node's ``doc_ids``)."""
     ph, sub_values, static, outer = _sub_values(gm, mask_mod, 4, shape, buffers, values, static_inputs)
-    found = evaluate_mask_term(_result(mask_mod), mask_mod, sub_values, static)
-    if found is None:
+    term = evaluate_mask_term(_result(mask_mod), mask_mod, sub_values, static)
+    if term is None or term.key_padding is not None:
         return None
-    value, doc = found
+    value, doc = term.value, term.doc
     if value.dtype != torch.bool:
         return None
     visible = torch.broadcast_to(value, shape)
-    kind = mask_kind(visible, shape[-1])
-    if kind is None:
+    band = band_of(visible, shape[-1])
+    if band is None:
         return None
     if doc is not None:
         doc = outer.get(doc)                   # the document tensor must be a captured buffer itself
         ex = example(doc)
         if not isinstance(doc, fx.Node) or ex is None or tuple(ex.shape) != (shape[0], shape[-1]):
             return None
-    return kind[0], kind[1], doc, visible
+    return band, doc, visible
 
 
 _ADDS = {operator.add, torch.add}
@@ -150,6 +150,8 @@ def _score_mod_terms(gm, score_mod: fx.GraphModule, buffers, values, static_inpu
 
 
 def _match(gm, node, values, static_inputs):
+    """The ``_Proof`` of a ``flex_attention`` call whose mods are provable, else None."""
+    from .attention_patterns import _Proof
     q, k, v, score_mod, block_mask, scale, *rest = node.args
     score_buffers = rest[1] if len(rest) > 1 else ()
     mask_buffers = rest[2] if len(rest) > 2 else ()
@@ -168,7 +170,7 @@ def _match(gm, node, values, static_inputs):
     masked = _mask_mod_kind(gm, getattr(gm, mask_mod.target), mask_buffers, values, static_inputs, shape)
     if masked is None:
         return None
-    causal, window, doc, visible = masked
+    band, doc, visible = masked
     terms = _score_mod_terms(gm, getattr(gm, score_mod.target), score_buffers, values, static_inputs, shape)
     if terms is None:
         return None
@@ -176,10 +178,12 @@ def _match(gm, node, values, static_inputs):
     slopes = None
     if bias is not None:
         proved = prove_score_terms([("visible", visible), ("additive", bias)], shape, S)
-        if proved is None or proved[:2] != (causal, window):
+        if proved is None or proved[0] != band:
             return None
-        slopes = proved[2]
-    return q, k, v, causal, window, doc, float(scale if scale is not None else eq.shape[-1] ** -0.5), slopes, cap
+        slopes = proved[1]
+    scale = float(scale if scale is not None else eq.shape[-1] ** -0.5)
+    spec = band.with_(scale=scale, docs=doc is not None, alibi=slopes is not None, softcap=cap)
+    return _Proof(q, k, v, spec, doc, None, slopes)
 
 
 def _remove_dead_block_mask(gm: fx.GraphModule) -> None:
@@ -210,7 +214,7 @@ def _remove_dead_block_mask(gm: fx.GraphModule) -> None:
 
 def canonicalize_flex_attention(gm: fx.GraphModule, values: dict, static_inputs: set) -> int:
     """Rewrite every provable ``flex_attention`` call in ``gm``; return how many."""
-    from .attention_patterns import _canonical_node   # one place registers ALiBi slopes as buffers
+    from .attention_patterns import _canonical_node   # one place emits the node (and ALiBi slopes as buffers)
     if _FLEX is None:
         return 0
     count = 0
@@ -224,7 +228,7 @@ def canonicalize_flex_attention(gm: fx.GraphModule, values: dict, static_inputs:
         if found is None:
             continue
         with gm.graph.inserting_before(node):
-            new = _canonical_node(gm, node, *found)
+            new = _canonical_node(gm, found)
         new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
         for user in list(node.users):
             if user.args[1] == 0:

@@ -1,27 +1,30 @@
-"""Masks proved by evaluation: which of the ring's mask kinds a traced mask is.
+"""Masks proved by evaluation: which visibility (an ``AttentionSpec``'s band, documents, key
+padding) a traced mask is.
 
 Reads Dynamo's ``node.meta["example_value"]``; writes nothing (pure analysis, used by
 ``attention_patterns`` and the other attention-form recognisers).
 
 A mask whose inputs are all static (positions from ``arange``, buffers; no user data) is
-evaluated once, at the global sequence length, and compared with the exact causal and
-sliding-window patterns (and "no mask"). Two kinds of user data are understood: a
-same-document factor ``doc[b, q] == doc[b, kv]`` (becomes ``doc_ids``), and — when ``doc`` is
-numbered from position ids that restart, as transformers packs sequences — shift-invariant
-comparisons of those position ids (``pos[b, kv] <= pos[b, q]``), which equal index comparisons
-inside a document. A mask that depends on the batch in any other way (a padding
-attention_mask, a comparison with a constant) or matches no kind proves nothing, so the graph
-falls back to the gather path — never treated as causal unless it is.
+evaluated once, at the global sequence length, and compared with the exact band of positions
+it must then be (``band_of``: "no mask", causal, a causal sliding window, a bidirectional local
+window). User data is understood only as the per-token factors of ``token_masks`` — a
+same-document factor (becomes ``doc_ids``, with shift-invariant comparisons of the position ids
+transformers numbers packed documents from), a key-padding factor (becomes ``key_padding``) —
+which are evaluated as all-visible and carried as tensors. A mask that depends on the batch in
+any other way (a comparison with a constant, a per-query factor) or matches no band proves
+nothing, so the graph falls back to the gather path — never treated as causal unless it is.
 """
 from __future__ import annotations
 
-import operator
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.fx as fx
 
-__all__ = ["is_call", "example", "ancestors", "user_dependent", "evaluate", "mask_kind",
+from seqpar_compiler.kernels import AttentionSpec
+
+__all__ = ["is_call", "example", "ancestors", "user_dependent", "evaluate", "band_of", "ProvedTerm",
            "evaluate_mask_term", "is_hidden_value", "static_mask_kind"]
 
 
@@ -50,31 +53,13 @@ def user_dependent(node: fx.Node, static_inputs: set, stop: frozenset = frozense
     return any(n.op == "placeholder" and n not in static_inputs for n in ancestors(node, stop))
 
 
-def _gather_side(gather: fx.Node, B: int, S: int, gm, values, static_inputs) -> str | None:
-    """"q" or "kv" if ``gather`` is ``X[b, i]`` with b = arange(B) over the batch dim and i an
-    arange(S) over the query (dim 2) or key (dim 3) dim of a [B, H, S, S] mask, else None."""
-    idx = gather.args[1]
-    if not (isinstance(idx, tuple) and len(idx) == 2 and all(isinstance(i, fx.Node) for i in idx)):
-        return None
-    if any(user_dependent(i, static_inputs) for i in idx):
-        return None
-    try:
-        bi, si = (evaluate(gm, i, values) for i in idx)
-    except Exception:  # noqa: BLE001 - an index we cannot evaluate proves nothing
-        return None
-    r = torch.arange
-    if not torch.equal(bi, r(B).view(B, 1, 1, 1)):
-        return None
-    if torch.equal(si, r(S).view(1, 1, S, 1)):
-        return "q"
-    return "kv" if torch.equal(si, r(S).view(1, 1, 1, S)) else None
-
-
-def evaluate(gm: fx.GraphModule, node: fx.Node, values: dict, substitute: dict | None = None):
+def evaluate(gm: fx.GraphModule, node: fx.Node, values: dict, substitute: dict | None = None, at=None):
     """The value of ``node`` computed from its ancestors only (placeholders from ``values``,
-    nodes in ``substitute`` replaced by the given values)."""
+    nodes in ``substitute`` replaced by the given values), as node ``at`` reads it (default
+    ``node`` itself): with the in-place writes into it that come before ``at``."""
     substitute = substitute or {}
     needed = set(ancestors(node, frozenset(substitute))) | set(substitute)
+    needed |= _writes_before(gm, node if at is None else at, needed, frozenset(substitute))
     env: dict = {}
     with torch.no_grad():
         for n in gm.graph.nodes:                   # topological order
@@ -96,216 +81,128 @@ def evaluate(gm: fx.GraphModule, node: fx.Node, values: dict, substitute: dict |
     return env[node]
 
 
-def mask_kind(visible: torch.Tensor, S: int):
-    """(causal, window) if ``visible`` [.., S, S] is exactly no mask / causal / a sliding window."""
+def _writes_before(gm: fx.GraphModule, node: fx.Node, needed: set, stop: frozenset) -> set:
+    """The in-place writes before ``node`` into the storage of a needed value (``mask[i, :j] =
+    False`` in a Python loop, ``mask.masked_fill_(...)``), with their own inputs: FX edges do not
+    order a write before a later read of the tensor it wrote, so the ancestors alone would read
+    the value before its writes. Storage identity of the (fake) example values is the alias
+    relation (``alias_sets``), so writes through a view count too."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from .alias_sets import written_inputs
+
+    def key(n):
+        ex = n.meta.get("example_value") if isinstance(n, fx.Node) else None
+        try:
+            return StorageWeakRef(ex.untyped_storage()) if isinstance(ex, torch.Tensor) else None
+        except Exception:  # noqa: BLE001 - a tensor without storage has no aliases
+            return None
+    extra: set = set()
+    while True:
+        keys = {k for k in map(key, needed | extra) if k is not None}
+        found = set()
+        for n in gm.graph.nodes:
+            if n is node:
+                break
+            if n not in needed and n not in extra and any(key(t) in keys for t in written_inputs(n)):
+                found |= set(ancestors(n, stop))
+        if found <= extra:
+            return extra
+        extra |= found
+
+
+def band_of(visible: torch.Tensor, S: int) -> AttentionSpec | None:
+    """The band ``-behind <= kv - q <= ahead`` that ``visible`` [.., S, S] is exactly (the same
+    for every leading index), as an ``AttentionSpec`` with only ``behind``/``ahead`` set (None:
+    unbounded); None if it is no band or a query sees no key (every band here holds the
+    diagonal, so no row is empty: a row with no key has no single meaning across encodings)."""
     flat = visible.reshape(-1, S, S)
     if not bool((flat == flat[:1]).all()):
         return None
     vis = flat[0].cpu()
     if bool(vis.all()):
-        return False, None
-    if torch.equal(vis, _band(S, None)):
-        return True, None
-    W = int(vis[-1].sum())
-    if W >= 1 and torch.equal(vis, _band(S, W)):
-        return True, W
-    return None
+        return AttentionSpec()
+    if not bool(vis.any(-1).all()):
+        return None
+    i = torch.arange(S)
+    first = vis.to(torch.int8).argmax(-1)
+    last = S - 1 - vis.flip(-1).to(torch.int8).argmax(-1)
+    ahead, behind = int((last - i).max()), int((i - first).max())
+    band = AttentionSpec(behind=None if behind >= S - 1 else behind, ahead=None if ahead >= S - 1 else ahead)
+    return band if torch.equal(vis, _band(S, band.behind, band.ahead)) else None
 
 
 @lru_cache(maxsize=16)
-def _band(S: int, W: int | None) -> torch.Tensor:
-    """The causal (W None) or sliding-window [S, S] visibility, built once per (S, W): every
-    layer of a model proves against the same one (compile time stays linear in the layers)."""
-    tril = torch.ones(S, S, dtype=torch.bool).tril()
-    return tril if W is None else tril & ~torch.ones(S, S, dtype=torch.bool).tril(-W)
+def _band(S: int, behind: int | None, ahead: int | None) -> torch.Tensor:
+    """The [S, S] visibility of a band, built once per (S, band): every layer of a model proves
+    against the same one (compile time stays linear in the layers)."""
+    d = torch.arange(S)[None, :] - torch.arange(S)[:, None]           # kv - q
+    vis = torch.ones(S, S, dtype=torch.bool)
+    if ahead is not None:
+        vis &= d <= ahead
+    if behind is not None:
+        vis &= -d <= behind
+    return vis
 
 
-_CONJUNCTION_PATH = {"to", "expand", "and_", "logical_and", "__and__", "bool"}
+@dataclass
+class ProvedTerm:
+    """A mask or score term proved by ``evaluate_mask_term``.
+
+    ``value``: the term evaluated at the global length with its per-token factors as
+    all-visible; ``doc``: the [B, S] document-id node, or None; ``key_padding``: the per-key
+    factor node ([B or 1, 1, 1, S] bool), or None, marking visible keys (hidden ones when
+    ``key_padding_hides``); ``key_source``: the [B or 1, S] tensor that factor reads, or None
+    (``token_masks.key_source``); ``finite_fill``: a factor was hidden by a finite fill (``finfo.min``)
+    on its way, so where it hides every key of a query, eager attention averages all values
+    instead of giving 0."""
+
+    value: torch.Tensor
+    doc: fx.Node | None = None
+    key_padding: fx.Node | None = None
+    key_padding_hides: bool = False
+    key_source: fx.Node | None = None
+    finite_fill: bool = False
 
 
-def _doc_term(mask: fx.Node, gm, values, static_inputs):
-    """A same-document factor of ``mask``: ``X[b, q] == X[b, kv]`` over index aranges, reaching
-    the mask through conjunctions only (and, casts, expands). Returns (eq node, X) or None.
-
-    transformers builds packed-sequence masks this way from position ids that restart."""
-    for n in ancestors(mask):
-        if not (is_call(n, fns={operator.eq, torch.eq}, methods={"eq", "__eq__"}) and len(n.args) == 2):
-            continue
-        a, b = n.args
-        if not (is_call(a, fns={operator.getitem}) and is_call(b, fns={operator.getitem}) and a.args[0] is b.args[0]):
-            continue
-        X = a.args[0]
-        ex = example(X)
-        if ex is None or ex.dim() != 2 or not user_dependent(X, static_inputs):
-            continue
-        B, S = ex.shape
-        if {_gather_side(g, B, S, gm, values, static_inputs) for g in (a, b)} != {"q", "kv"}:
-            continue
-        u = n                                          # eq must reach the mask by conjunctions only
-        while u is not mask:
-            if len(u.users) != 1:
-                break
-            prev, u = u, next(iter(u.users))
-            name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
-            if u is not mask and name not in _CONJUNCTION_PATH and not _identity_slice(u, prev) \
-                    and not _hiding_where(u, prev):
-                break
-        else:
-            return n, X
-    return None
-
-
-def _identity_slice(node, prev) -> bool:
-    """``prev[:, :, :, :k]`` that keeps every element (a slice to the full length, as
-    transformers cuts its mask to the key length): the same values, so still a conjunction."""
-    if not (is_call(node, fns={operator.getitem}) and node.args[0] is prev):
-        return False
-    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    a, b = example(prev), example(node)
-    return (all(isinstance(i, slice) or i is Ellipsis for i in idx) and a is not None and b is not None
-            and tuple(a.shape) == tuple(b.shape))
-
-
-def _hiding_where(node, prev) -> bool:
-    """``where(prev, visible, fill)`` with a constant ``fill`` that hides a key: a False of the
-    conjunction (another document) becomes hidden, as a False of the rest does (transformers'
-    float masks). The proved value is then checked to be 0 or hidden everywhere."""
-    if not (is_call(node, fns={torch.where}) and len(node.args) == 3 and node.args[0] is prev):
-        return False
-    fill, ex = node.args[2], example(node)
-    return (isinstance(fill, (int, float)) and not isinstance(fill, bool) and ex is not None
-            and ex.is_floating_point() and fill <= torch.finfo(ex.dtype).min / 2)
-
-
-_COMPARISONS = {operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne,
-                torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne}
-_COMPARISON_METHODS = {"lt", "le", "gt", "ge", "eq", "ne", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"}
-_SHIFTS = {operator.add, operator.sub, torch.add, torch.sub}
-_SHAPE_ONLY = {"new_ones", "new_zeros", "new_empty"}     # transformers' and_masks starts from new_ones
-
-
-def _strip_views(node):
-    """``x.expand(B, -1)`` / ``x.contiguous()`` of a [B, S] tensor to the same shape is ``x``."""
-    while (is_call(node, methods={"expand", "contiguous"}) and example(node) is not None
-           and example(node.args[0]) is not None and example(node).shape == example(node.args[0]).shape):
-        node = node.args[0]
-    return node
-
-
-def _position_base(node):
-    """``node`` with views and batch broadcasts stripped: ``pos.expand(B, -1)`` of a [1, S]
-    ``pos`` is ``pos`` (every row holds the same ids), so the documents numbered from one expand
-    and the gathers from another compare the same position ids."""
-    node = _strip_views(node)
-    while is_call(node, methods={"expand"}) and example(node) is not None and example(node.args[0]) is not None:
-        inner, outer = example(node.args[0]).shape, example(node).shape
-        if len(inner) != len(outer) or any(i != o and i != 1 for i, o in zip(inner, outer)) or inner[-1] != outer[-1]:
-            break
-        node = _strip_views(node.args[0])
-    return node
-
-
-def _packed_positions(doc: fx.Node):
-    """``pos`` if ``doc`` is ``(diff(pos, dim=-1) != 1).cumsum(-1)`` (how transformers numbers
-    packed documents from position ids that restart), else None.
-
-    Why this matters: inside one such document every step of ``pos`` is exactly +1, so
-    ``pos[i] - pos[j] == i - j`` for any two tokens of the same document (whatever ``prepend``
-    is). A comparison of shifted positions is then the same comparison of token indices."""
-    if not (is_call(doc, fns={torch.cumsum}, methods={"cumsum"}) and len(doc.args) >= 1):
-        return None
-    dim = doc.kwargs.get("dim", doc.args[1] if len(doc.args) > 1 else None)
-    ne = doc.args[0]
-    if dim not in (-1, 1) or not (is_call(ne, fns={operator.ne, torch.ne}, methods={"ne", "__ne__"})
-                                  and len(ne.args) == 2 and ne.args[1] == 1):
-        return None
-    diff = ne.args[0]
-    if not (is_call(diff, fns={torch.diff}, methods={"diff"})
-            and diff.kwargs.get("dim", diff.args[2] if len(diff.args) > 2 else -1) in (-1, 1)
-            and diff.kwargs.get("n", diff.args[1] if len(diff.args) > 1 else 1) == 1
-            and diff.kwargs.get("append") is None and isinstance(diff.args[0], fx.Node)):
-        return None
-    pos = _position_base(diff.args[0])
-    ex = example(pos)
-    return pos if ex is not None and ex.dim() == 2 and not ex.is_floating_point() else None
-
-
-def _shift_base(node):
-    """(base, offset) for ``base [+|- int]...`` (``node`` itself, offset 0, for anything else)."""
-    offset = 0
-    while is_call(node, fns=_SHIFTS, methods={"add", "sub", "__add__", "__sub__"}) and \
-            isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
-        offset += node.args[1] if node.target in (operator.add, torch.add, "add", "__add__") else -node.args[1]
-        node = node.args[0]
-    return node, offset
-
-
-def _packed_position_terms(mask, eq, doc, gm, values, static_inputs):
-    """Substitutes proving a mask that compares position ids of packed documents.
-
-    transformers builds causality (and windows) of packed sequences as ``pos[b, kv] <= pos[b, q]``
-    (``pos[b, kv] > pos[b, q] - W``) next to the document factor ``doc[b, q] == doc[b, kv]``,
-    with ``doc`` numbered from ``pos`` itself. Within a document the two gathers differ from the
-    token indices by one common constant, so every comparison between (shifted) ``pos[b, q]``
-    and ``pos[b, kv]`` equals the comparison of the indices: substituting the index aranges for
-    the gathers gives the exact mask wherever the document factor holds, and the factor itself
-    is a conjunct. Anything else that reads ``pos`` (a comparison with a constant, arithmetic
-    other than integer shifts) is not shift-invariant, and the mask stays unproved.
-    Returns {gather node: index values} or None.
-    """
-    pos = _packed_positions(doc)
-    if pos is None:
-        return None
-    gathers = {}
-    for n in ancestors(mask, frozenset([eq])):
-        if is_call(n, fns={operator.getitem}) and _position_base(n.args[0]) is pos:
-            B, S = example(n.args[0]).shape            # the gathered (maybe batch-broadcast) ids
-            gathers[n] = _gather_side(n, B, S, gm, values, static_inputs)
-            if gathers[n] is None:
-                return None
-    if set(gathers.values()) != {"q", "kv"}:
-        return None
-    for g in gathers:                              # every use: a comparison of two gathers
-        frontier = list(g.users)
-        while frontier:
-            u = frontier.pop()
-            if u not in gathers and _shift_base(u)[0] in gathers:       # gather ± int: look further
-                frontier.extend(u.users)
-            elif is_call(u, methods=_SHAPE_ONLY):      # reads the gather's shape and dtype, not its values
-                continue
-            elif not (is_call(u, fns=_COMPARISONS, methods=_COMPARISON_METHODS) and len(u.args) == 2
-                      and all(isinstance(a, fx.Node) and _shift_base(a)[0] in gathers for a in u.args)):
-                return None
-    index = {"q": torch.arange(S).view(1, 1, S, 1), "kv": torch.arange(S).view(1, 1, 1, S)}
-    return {g: index[side].expand(example(g).shape).to(example(g).dtype) for g, side in gathers.items()}
-
-
-def evaluate_mask_term(mask, gm, values, static_inputs, negated: bool = False):
-    """(value, doc node or None): the value of a mask or score term whose value depends on no user
-    input except through a same-document factor (only where visibility is a conjunction, so not
-    ``negated``) and, when the documents are derived from position ids, through shift-invariant
-    comparisons of those position ids (see ``_packed_position_terms``); None otherwise. The
-    document factor is evaluated as all-true: the caller passes ``doc`` on as ``doc_ids``."""
+def evaluate_mask_term(mask, gm, values, static_inputs, negated: bool = False, at=None) -> ProvedTerm | None:
+    """The ``ProvedTerm`` of a mask or score term whose value depends on no user input except
+    through the per-token factors of ``token_masks`` (documents only where visibility is a
+    conjunction, so not ``negated``); None otherwise. ``at``: the node that reads the term (its
+    in-place writes up to there count: a mask filled row by row in a loop)."""
+    from .token_masks import document_factor, key_source, packed_position_terms, padding_factor
     if not isinstance(mask, fx.Node):
         return None
-    doc = None
+    term = ProvedTerm(value=None)
     substitute = {}
-    if user_dependent(mask, static_inputs):
-        if negated:
-            return None
-        found = _doc_term(mask, gm, values, static_inputs)
-        if found is None:
-            return None
-        eq, doc = found
-        substitute[eq] = torch.ones(example(eq).shape, dtype=torch.bool, device=example(eq).device)
-        if user_dependent(mask, static_inputs, frozenset(substitute)):
-            positions = _packed_position_terms(mask, eq, doc, gm, values, static_inputs)
+
+    def dependent():
+        return user_dependent(mask, static_inputs, frozenset(substitute))
+    if dependent():
+        found = None if negated else document_factor(mask, gm, values, static_inputs)
+        if found is not None:
+            eq, term.doc, fill = found
+            term.finite_fill |= fill is not None
+            substitute[eq] = torch.ones(example(eq).shape, dtype=torch.bool, device=example(eq).device)
+        if dependent():
+            found = padding_factor(mask, static_inputs, negated, frozenset(substitute))
+            if found is not None:
+                term.key_padding, fill = found
+                term.key_padding_hides = negated
+                term.key_source = key_source(term.key_padding, gm, values, static_inputs)
+                term.finite_fill |= fill is not None
+                ex = example(term.key_padding)
+                fill_value = torch.zeros if negated else torch.ones
+                substitute[term.key_padding] = fill_value(ex.shape, dtype=torch.bool, device=ex.device)
+        if dependent() and term.doc is not None:
+            positions = packed_position_terms(mask, eq, term.doc, gm, values, static_inputs)
             if positions is None:
                 return None
             substitute.update(positions)
-            if user_dependent(mask, static_inputs, frozenset(substitute)):
-                return None
-    return evaluate(gm, mask, values, substitute), doc
+        if dependent():
+            return None
+    term.value = evaluate(gm, mask, values, substitute, at=at)
+    return term
 
 
 def is_hidden_value(m: torch.Tensor) -> torch.Tensor:
@@ -314,18 +211,19 @@ def is_hidden_value(m: torch.Tensor) -> torch.Tensor:
     return m <= torch.finfo(m.dtype).min / 2
 
 
-def static_mask_kind(mask, gm, values, static_inputs, shape, S, negated: bool = False):
-    """(causal, window, doc_ids node or None) of a mask tensor (bool: True = visible, or True =
-    hidden with ``negated``; float: 0 / very negative), proved by ``evaluate_mask_term``."""
-    found = evaluate_mask_term(mask, gm, values, static_inputs, negated)
-    if found is None:
+def static_mask_kind(mask, gm, values, static_inputs, shape, S, negated: bool = False, at=None):
+    """(band ``AttentionSpec``, doc_ids node or None) of a mask tensor without key padding
+    (bool: True = visible, or True = hidden with ``negated``; float: 0 / very negative), proved
+    by ``evaluate_mask_term``."""
+    term = evaluate_mask_term(mask, gm, values, static_inputs, negated, at=at)
+    if term is None or term.key_padding is not None:
         return None
-    m, doc = found
+    m = term.value
     if m.dtype == torch.bool:
         visible = ~m if negated else m
     elif m.is_floating_point() and bool(((m == 0) | is_hidden_value(m)).all()):
         visible = m == 0
     else:
         return None
-    kind = mask_kind(torch.broadcast_to(visible, shape), S)
-    return None if kind is None else (*kind, doc)
+    band = band_of(torch.broadcast_to(visible, shape), S)
+    return None if band is None else (band, term.doc)

@@ -8,15 +8,17 @@ options is rewritten to what it computes:
 
     q, k, v = linear(x, W_q, b_q), linear(x, W_k, b_k), linear(x, W_v, b_v)   # [S, B, E]
     q, k, v → view(S, B, H, E/H).permute(1, 2, 0, 3)                            # [B, H, S, E/H]
-    o = canonical_attention(q, k, v, causal, window, None, (E/H)^-½)            # [B, H, S, E/H]
+    o = canonical_attention(q, k, v, spec, None, key_padding)                   # [B, H, S, E/H]
     out = linear(o.permute(2, 0, 1, 3).reshape(S, B, E), W_o, b_o)              # [S, B, E]
 
 The mask follows torch's own rules: ``is_causal=True`` without ``need_weights`` or a key padding
 mask *is* causal attention (torch passes it to SDPA as ``is_causal`` and ignores
 ``attn_mask``); otherwise ``attn_mask`` (bool: True = hidden; float: additive) must be proved
-a mask kind by evaluation. Anything else — cross-attention, ``bias_k``/``add_zero_attn``, a key
-padding mask, attention weights that are read, unbatched input — is left as it is (and falls
-back). Attention dropout in training is refused as everywhere else (no per-block RNG).
+a band by evaluation. A boolean ``key_padding_mask`` [B, S] (True = ignore the key) becomes the
+node's key validity; torch turns it into an additive -inf mask for SDPA, which gives a query
+with no visible key 0, as the spec says. Anything else — cross-attention,
+``bias_k``/``add_zero_attn``, a float key padding mask, attention weights that are read,
+unbatched input — is left as it is (and falls back). Attention dropout in training is refused as everywhere else (no per-block RNG).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .attention_forms import emit
+from seqpar_compiler.kernels import AttentionSpec
+
 from .mask_proof import example, is_call, static_mask_kind
 
 __all__ = ["decompose_multi_head_attention"]
@@ -53,18 +57,18 @@ def _weights_unused(node) -> bool:
     return all(is_call(u, fns={operator.getitem}) and (u.args[1] == 0 or not u.users) for u in node.users)
 
 
-def _mask(a, gm, values, static_inputs, shape, S):
-    """(causal, window) of the call's mask, or None when it cannot be proved."""
+def _mask(node, a, gm, values, static_inputs, shape, S):
+    """The band ``AttentionSpec`` of the call's mask, or None when it cannot be proved."""
     if a["is_causal"] and not a["need_weights"] and a["key_padding_mask"] is None:
-        return True, None
+        return AttentionSpec.of(causal=True)
     mask = a["attn_mask"]
     if mask is None:
-        return False, None
+        return AttentionSpec()
     ex = example(mask)
     if ex is None or ex.dim() != 2:
         return None                      # a [B·H, S, S] mask: per-head masks are no kind we carry
-    kind = static_mask_kind(mask, gm, values, static_inputs, shape, S, negated=ex.dtype == torch.bool)
-    return None if kind is None or kind[2] is not None else kind[:2]
+    kind = static_mask_kind(mask, gm, values, static_inputs, shape, S, negated=ex.dtype == torch.bool, at=node)
+    return None if kind is None or kind[1] is not None else kind[0]
 
 
 def _projections(g, a, x, E):
@@ -86,8 +90,10 @@ def _rewrite(gm, node, values, static_inputs) -> bool:
     ex = example(x)
     if not (a["key"] is x and a["value"] is x and ex is not None and ex.dim() == 3 and _weights_unused(node)):
         return False
-    if any(a[n] is not None for n in ("bias_k", "bias_v", "key_padding_mask", "static_k", "static_v")) \
-            or a["add_zero_attn"]:
+    if any(a[n] is not None for n in ("bias_k", "bias_v", "static_k", "static_v")) or a["add_zero_attn"]:
+        return False
+    kpm = a["key_padding_mask"]
+    if kpm is not None and (example(kpm) is None or example(kpm).dtype != torch.bool):
         return False
     if a["dropout_p"] and a["training"]:
         raise ValueError(f"seqpar: attention dropout p={a['dropout_p']} is not supported yet (no per-block RNG); "
@@ -96,14 +102,16 @@ def _rewrite(gm, node, values, static_inputs) -> bool:
     H = a["num_heads"]
     if not isinstance(H, int) or E % H:
         return False
-    kind = _mask(a, gm, values, static_inputs, (B, H, S, S), S)
-    if kind is None:
+    band = _mask(node, a, gm, values, static_inputs, (B, H, S, S), S)
+    if band is None or (kpm is not None and tuple(example(kpm).shape) != (B, S)):
         return False
+    spec = band.with_(scale=float((E // H) ** -0.5), key_padding=kpm is not None)
     g = gm.graph
     with g.inserting_before(node):
         heads = [emit(g, "permute", (emit(g, "view", (t, (S, B, H, E // H)), op="call_method"), (1, 2, 0, 3)),
                       op="call_method") for t in _projections(g, a, x, E)]
-        o = emit(g, canonical_attention, (*heads, kind[0], kind[1], None, float((E // H) ** -0.5)))
+        valid = None if kpm is None else emit(g, operator.invert, (kpm,))
+        o = emit(g, canonical_attention, (*heads, spec.encode(), None, valid))
         o = emit(g, "reshape", (emit(g, "permute", (o, (2, 0, 1, 3)), op="call_method"), (S, B, E)),
                  op="call_method")
         out = emit(g, F.linear, (o, a["out_proj_weight"], a["out_proj_bias"]))

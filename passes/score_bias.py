@@ -4,10 +4,10 @@ Reads nothing from the graph: works on the values ``mask_proof.evaluate_mask_ter
 for every mask or additive term peeled off the scores. Writes nothing.
 
 Why by value: the ring cannot take an S×S tensor, only data it evaluates per block from global
-positions (causal, window W, ALiBi slopes). So a term is accepted only if, at the global
-sequence length, it *equals* such data:
+positions (a band of visible positions, ALiBi slopes). So a term is accepted only if, at the
+global sequence length, it *equals* such data:
   * visibility (bool masks, and the -inf / ``finfo.min`` entries of float terms) must be
-    exactly no mask, causal or a sliding window (``mask_proof.mask_kind``);
+    exactly a band: no mask, causal, a sliding window, a local window (``mask_proof.band_of``);
   * the finite part of the float terms, on the visible pairs, must be ``slope_h · (j − i) +
     c(b, h, i)`` for one slope per head, the same for every batch row (``fit_alibi``). The
     per-row constant ``c`` is free because softmax over keys is invariant to it: that is what
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .mask_proof import is_hidden_value, mask_kind
+from seqpar_compiler.kernels import AttentionSpec
+
+from .mask_proof import band_of, is_hidden_value
 
 __all__ = ["fit_alibi", "prove_score_terms"]
 
@@ -47,15 +49,16 @@ def fit_alibi(bias: torch.Tensor, visible: torch.Tensor) -> torch.Tensor | None:
     return slopes[0].float()
 
 
-def prove_score_terms(terms: list[tuple[str, torch.Tensor]], shape: tuple, S: int):
-    """(causal, window, slopes [H] or None) of the masks and additive terms of one attention.
+def prove_score_terms(terms: list[tuple[str, torch.Tensor]], shape: tuple, S: int
+                      ) -> tuple[AttentionSpec, torch.Tensor | None] | None:
+    """(band, slopes [H] or None) of the masks and additive terms of one attention.
 
     Args:
         terms: ``("visible", bool)`` for masks (True = the key is visible) and
             ``("additive", float)`` for terms added to the scores (hidden where -inf or at most
             half the dtype's lowest value); each broadcastable to ``shape``.
         shape: the scores' shape [B, H, S, S].
-    Returns None if the visibility is no mask kind or the finite part is no ALiBi.
+    Returns None if the visibility is no band or the finite part is no ALiBi.
     """
     visible = torch.ones(shape, dtype=torch.bool)
     bias = None
@@ -72,10 +75,9 @@ def prove_score_terms(terms: list[tuple[str, torch.Tensor]], shape: tuple, S: in
         visible = visible & ~hidden
         finite = value.masked_fill(hidden, 0.0)
         bias = finite if bias is None else bias + finite
-    found = mask_kind(visible, S)
-    if found is None:
+    band = band_of(visible, S)
+    if band is None:
         return None
-    causal, window = found
     slopes = None
     if bias is not None and bool((bias.masked_fill(~visible, 0.0) != 0).any()):
         slopes = fit_alibi(bias, visible)
@@ -83,4 +85,4 @@ def prove_score_terms(terms: list[tuple[str, torch.Tensor]], shape: tuple, S: in
             return None
         if not bool(slopes.ne(0).any()):
             slopes = None                  # a per-row constant: softmax does not see it
-    return causal, window, slopes
+    return band, slopes

@@ -42,7 +42,7 @@ class RingCommError(RuntimeError):
 _TAG_STRIDE = 32
 TAGS = {name: i for i, name in enumerate(
     ["k", "v", "doc", "q", "q_doc", "dout", "out", "lse", "dlse", "res_out", "res_lse",
-     "acc_dk", "acc_dv", "home_dk", "home_dv", "res_dq"])}
+     "acc_dk", "acc_dv", "home_dk", "home_dv", "res_dq", "kvalid"])}
 
 
 def in_wire_layout(x: torch.Tensor) -> bool:

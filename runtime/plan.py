@@ -1,6 +1,7 @@
 """The ring schedule as data: which (query owner, KV owner) blocks each rank computes at each step,
 and which transfers that needs. Every rank builds the same plan from the same static facts
-(P, layout, local length, causal, window), so sends and receives always pair up.
+(P, layout, local length, the spec's band of visible positions), so sends and receives always
+pair up.
 
 Blocks and steps (P ranks; "block (i, j)" = queries of rank i against keys/values of rank j):
   * KV blocks travel the ring one hop per step: at step t rank r holds rank (r−t) mod P's block.
@@ -20,14 +21,15 @@ Blocks and steps (P ranks; "block (i, j)" = queries of rank i against keys/value
   rank 2   (2,2)         (2,1)                (2,0)
   rank 3   (3,3)         (3,2)                (3,1)
 
-Emptiness by document ids is data-dependent and is decided when a block is computed.
+Emptiness by per-token data (document ids, key padding) is data-dependent and is decided when
+a block is computed; the plan sends every block that positions do not rule out.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
 
-from seqpar_compiler.kernels import BlockKind, BlockMask, classify_block
+from seqpar_compiler.kernels import AttentionSpec, BlockKind, BlockMask, classify_block
 
 from .layout import local_segments
 
@@ -70,29 +72,37 @@ class RingPlan:
         return len(self.steps)
 
 
-def segment_mask(q_seg, k_seg, causal: bool, window: int | None, q_doc=None, k_doc=None,
-                 alibi_slopes=None, softcap: float | None = None) -> BlockMask:
-    """The block mask of one (query segment, key segment) pair, with the score semantics
-    (ALiBi slopes, softcap) that kernels evaluate from the segments' global positions. The plan
-    itself needs visibility only: ALiBi and soft-capping never make a block empty."""
+def segment_mask(q_seg, k_seg, spec: AttentionSpec, q_doc=None, k_doc=None, k_valid=None,
+                 alibi_slopes=None) -> BlockMask:
+    """The block mask of one (query segment, key segment) pair: the spec, the segments' global
+    positions and the per-token data of their rows (documents [B, M] / [B, N], key validity
+    [B, N]), with the ALiBi slopes the kernels evaluate over those positions."""
     return BlockMask(q_start=q_seg.start, q_stride=q_seg.stride, k_start=k_seg.start,
-                     k_stride=k_seg.stride, causal=causal, window=window, q_doc=q_doc, k_doc=k_doc,
-                     alibi_slopes=alibi_slopes, softcap=softcap)
+                     k_stride=k_seg.stride, spec=spec, q_doc=q_doc, k_doc=k_doc, k_valid=k_valid,
+                     alibi_slopes=alibi_slopes)
 
 
-def _needed(schedule: str, P: int, S_local: int, causal: bool, window: int | None) -> list[list[bool]]:
+def _needed(schedule: str, P: int, S_local: int, band: AttentionSpec) -> list[list[bool]]:
     segs = [local_segments(schedule, r, P, S_local) for r in range(P)]
-    return [[any(classify_block(segment_mask(qs, ks, causal, window), qs.count, ks.count)
+    return [[any(classify_block(segment_mask(qs, ks, band), qs.count, ks.count)
                  is not BlockKind.EMPTY for qs in segs[i] for ks in segs[j])
              for j in range(P)] for i in range(P)]
 
 
+def build_plan(schedule: str, P: int, S_local: int, spec: AttentionSpec) -> RingPlan:
+    """The plan of one attention: only the spec's band matters (per-token data is decided per
+    block, scores never empty a block), so every spec with one band shares one cached plan."""
+    return _build_plan(schedule, P, S_local, AttentionSpec(behind=spec.behind, ahead=spec.ahead))
+
+
 @lru_cache(maxsize=256)
-def build_plan(schedule: str, P: int, S_local: int, causal: bool, window: int | None) -> RingPlan:
-    needed = _needed(schedule, P, S_local, causal, window)
+def _build_plan(schedule: str, P: int, S_local: int, band: AttentionSpec) -> RingPlan:
+    needed = _needed(schedule, P, S_local, band)
     own: dict[tuple[int, int], int] = {}        # (step, rank) -> kv owner
     helps: dict[tuple[int, int], int] = {}      # (step, helper rank) -> query owner
-    if schedule == "distflash" and (causal or window is not None):
+    # DistFlashAttn's help tasks assume no key after its query is needed (block (r, j) with
+    # j > r is empty in a contiguous layout): causal bands only
+    if schedule == "distflash" and band.ahead is not None and band.ahead <= 0:
         for t in range(P // 2 + 1):
             for r in range(P):
                 if r >= t:

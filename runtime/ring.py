@@ -5,11 +5,16 @@ Shape legend (local shards; the sequence dim is sharded in the schedule's layout
   out, dout     [B, Hq, S_local, Dv]  (Hq % Hkv == 0; Dv may differ from D, as in MLA)
   lse           [B, Hq, S_local] fp32 (fp64 for fp64 inputs)
   doc           [B, S_local] integer document ids, or None
+  kvalid        [B, S_local] bool key validity (a padding mask), or None
   alibi_slopes  [Hq] float (``RingConfig``), or None
 
-Score semantics (ALiBi bias over global positions, soft-capping) travel as data in every
-block's ``BlockMask``, like the mask kinds: each block's kernel evaluates them from the global
-positions of its rows, so no S×S bias exists anywhere and the slopes never travel.
+What is computed is the ``AttentionSpec`` (``RingConfig.spec``): each block's ``BlockMask``
+holds it with the global positions of the block's rows and their per-token data, and the
+block's kernel evaluates visibility and score semantics (ALiBi bias, soft-capping) from those,
+so no S×S mask or bias exists anywhere. Per-key data (document ids, key validity) travels
+around the ring with its K/V block; the slopes never travel. A block whose keys are all
+invalid is skipped; a block whose keys are all valid runs without the padding (the kernels'
+unmasked fast paths).
 
 Forward, at every step of the plan (``plan.py``): post the transfers for the next step (the
 next KV block from the previous rank, queries for a help task), compute this step's blocks,
@@ -33,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar_compiler.kernels import (BlockKind, block_attention_backward, block_attention_forward,
-                                     classify_block, visible_key_range)
+from seqpar_compiler.kernels import (AttentionSpec, BlockKind, block_attention_backward,
+                                     block_attention_forward, classify_block, visible_key_range)
 
 from .comm import Pending, RingComm, Transfer, empty_wire, empty_wire_like, in_wire_layout, to_wire_layout
 from .layout import Segment, local_segments
@@ -46,14 +51,17 @@ __all__ = ["RingConfig", "ring_forward", "ring_backward", "merge_partial_attenti
 
 @dataclass(frozen=True)
 class RingConfig:
+    """One ring call: what it computes (``spec``, with its scale) and how (layout, kernel)."""
+
     schedule: str
-    causal: bool
-    window: int | None
-    scale: float
+    spec: AttentionSpec
     kernel: str          # resolved kernel name
     overlap: bool
-    alibi_slopes: torch.Tensor | None = None   # [Hq]: scores += slopes[h] · (k_pos − q_pos)
-    softcap: float | None = None               # scores ← cap · tanh(scores / cap)
+    alibi_slopes: torch.Tensor | None = None   # [Hq] with ``spec.alibi``: scores += slopes[h] · (k_pos − q_pos)
+
+    @property
+    def scale(self) -> float:
+        return self.spec.scale
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -143,13 +151,26 @@ def _flops(q: torch.Tensor, v: torch.Tensor, mask, M: int, N: int, kind: BlockKi
 
 
 def _pairs(mask, M: int, N: int, kind: BlockKind) -> int:
+    """Visible pairs by position (per-token data is not counted out: an estimate of the work
+    the kernels do, which skip only whole tiles)."""
     if kind is BlockKind.FULL or not mask.positional:
         return M * N
     lo, hi = visible_key_range(mask, M, N)
     return int((hi - lo).clamp(min=0).sum())
 
 
-def _blocks(q_segs, kv_segs, cfg: RingConfig, q_doc, k_doc):
+def _rows(x: torch.Tensor | None, seg: Segment) -> torch.Tensor | None:
+    return None if x is None else x[:, seg.offset:seg.offset + seg.count]
+
+
+def _key_validity(kvalid: torch.Tensor | None, seg: Segment) -> torch.Tensor | None:
+    """This segment's key validity [B, N], or None when every key is valid (kernels then run
+    unmasked: a right-padded batch has padding in a few blocks only)."""
+    part = _rows(kvalid, seg)
+    return None if part is None or bool(part.all()) else part
+
+
+def _blocks(q_segs, kv_segs, cfg: RingConfig, q_doc, k_doc, kvalid):
     """The kernel calls of one (queries, KV block) pair: (q segment, kv segment, mask, kind).
 
     Segment pairs that are empty are skipped. Pairs that one kernel call can do together are
@@ -160,12 +181,12 @@ def _blocks(q_segs, kv_segs, cfg: RingConfig, q_doc, k_doc):
       * a rank's own block under a plain causal mask → one causal call in local coordinates
         (positions increase along the local rows, so k_pos <= q_pos iff k_local <= q_local).
     """
+    spec = cfg.spec
     pairs = []
     for qs in q_segs:
         for ks in kv_segs:
-            qd = None if q_doc is None else q_doc[:, qs.offset:qs.offset + qs.count]
-            kd = None if k_doc is None else k_doc[:, ks.offset:ks.offset + ks.count]
-            mask = segment_mask(qs, ks, cfg.causal, cfg.window, qd, kd, cfg.alibi_slopes, cfg.softcap)
+            mask = segment_mask(qs, ks, spec, _rows(q_doc, qs), _rows(k_doc, ks), _key_validity(kvalid, ks),
+                                cfg.alibi_slopes)
             kind = classify_block(mask, qs.count, ks.count)
             if kind is not BlockKind.EMPTY:
                 pairs.append((qs, ks, mask, kind))
@@ -174,10 +195,10 @@ def _blocks(q_segs, kv_segs, cfg: RingConfig, q_doc, k_doc):
     if all(kind is BlockKind.FULL for *_, kind in pairs):
         rows, keys = _span({qs for qs, *_ in pairs}), _span({ks for _, ks, *_ in pairs})
         if rows and keys and len(pairs) == len({qs for qs, *_ in pairs}) * len({ks for _, ks, *_ in pairs}):
-            return [(rows, keys, segment_mask(rows, keys, False, None, softcap=cfg.softcap), BlockKind.FULL)]
-    if q_segs == kv_segs and cfg.causal and cfg.window is None:
+            return [(rows, keys, segment_mask(rows, keys, spec.with_(behind=None, ahead=None)), BlockKind.FULL)]
+    if q_segs == kv_segs and spec.causal and spec.window is None:
         local = Segment(0, 0, sum(seg.count for seg in q_segs))
-        return [(local, local, segment_mask(local, local, True, None, q_doc, k_doc, softcap=cfg.softcap),
+        return [(local, local, segment_mask(local, local, spec, q_doc, k_doc, _key_validity(kvalid, local)),
                  BlockKind.PARTIAL)]
     return pairs
 
@@ -191,9 +212,9 @@ def _span(segs) -> Segment | None:
     return Segment(segs[0].offset, 0, sum(seg.count for seg in segs))
 
 
-def _attend(q, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig, partial: _Partial) -> None:
+def _attend(q, q_segs, q_doc, k, v, k_doc, kvalid, kv_segs, cfg: RingConfig, partial: _Partial) -> None:
     """Merge attention of queries against one KV block into ``partial``."""
-    for qs, ks, mask, kind in _blocks(q_segs, kv_segs, cfg, q_doc, k_doc):
+    for qs, ks, mask, kind in _blocks(q_segs, kv_segs, cfg, q_doc, k_doc, kvalid):
         rows, keys = slice(qs.offset, qs.offset + qs.count), slice(ks.offset, ks.offset + ks.count)
         o_b, lse_b = block_attention_forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], mask,
                                              cfg.scale, cfg.kernel)
@@ -202,10 +223,10 @@ def _attend(q, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig, partial: _P
             record(block_kernel_calls=1, attention_flops=_flops(q, v, mask, qs.count, ks.count, kind))
 
 
-def _attend_backward(dout, q, out, lse, q_segs, q_doc, k, v, k_doc, kv_segs, cfg: RingConfig,
+def _attend_backward(dout, q, out, lse, q_segs, q_doc, k, v, k_doc, kvalid, kv_segs, cfg: RingConfig,
                      dq: _Accumulator, dk: _Accumulator, dv: _Accumulator, dlse) -> None:
     """Accumulate gradients of queries against one KV block into dq, dk, dv (fp32)."""
-    for qs, ks, mask, kind in _blocks(q_segs, kv_segs, cfg, q_doc, k_doc):
+    for qs, ks, mask, kind in _blocks(q_segs, kv_segs, cfg, q_doc, k_doc, kvalid):
         rows, keys = slice(qs.offset, qs.offset + qs.count), slice(ks.offset, ks.offset + ks.count)
         dq_b, dk_b, dv_b = block_attention_backward(
             dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
@@ -218,17 +239,20 @@ def _attend_backward(dout, q, out, lse, q_segs, q_doc, k, v, k_doc, kv_segs, cfg
 
 
 def _kv_transfers(send: bool, block, peer: int, step: int) -> list[Transfer]:
-    k, v, doc = block
+    """A KV block travels with its per-key data: (k, v, doc ids or None, key validity or None)."""
+    k, v, doc, kvalid = block
     out = [Transfer(send, k, peer, "k", step), Transfer(send, v, peer, "v", step)]
     if doc is not None:
         out.append(Transfer(send, doc, peer, "doc", step))
+    if kvalid is not None:
+        out.append(Transfer(send, kvalid, peer, "kvalid", step))
     return out
 
 
 def _kv_prefetch(st, held, own, comm: RingComm, t: int):
     """The transfers that move KV blocks one hop for step t+1, and the buffer of the incoming one.
 
-    ``held`` is (k, v, doc) of the block held now (None if none); ``own`` is this rank's block,
+    ``held`` is (k, v, doc, kvalid) of the block held now (None if none); ``own`` is this rank's block,
     whose shapes every block shares."""
     transfers, nxt = [], None
     if st.forward_kv:
@@ -242,11 +266,11 @@ def _kv_prefetch(st, held, own, comm: RingComm, t: int):
 class _Loop:
     """State shared by the forward and backward loops of one call."""
 
-    def __init__(self, q, doc, cfg: RingConfig, comm: RingComm):
+    def __init__(self, q, cfg: RingConfig, comm: RingComm):
         self.comm, self.cfg = comm, cfg
         self.P, self.rank = comm.size, comm.rank
         self.S = q.shape[2]
-        self.plan: RingPlan = build_plan(cfg.schedule, self.P, self.S, cfg.causal, cfg.window)
+        self.plan: RingPlan = build_plan(cfg.schedule, self.P, self.S, cfg.spec)
         self.sent: list[tuple[int, Pending]] = []   # (step, end-of-step sends still in flight)
 
     def segs(self, owner: int) -> tuple[Segment, ...]:
@@ -280,8 +304,14 @@ def _wire_q(q, doc):
     return to_wire_layout(q), None if doc is None else doc.contiguous()
 
 
+def _kv_data(x: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-key data as it travels: contiguous; key validity as bool."""
+    return None if x is None else x.contiguous()
+
+
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor | None,
-                 cfg: RingConfig, comm: RingComm) -> tuple[torch.Tensor, torch.Tensor]:
+                 cfg: RingConfig, comm: RingComm, kvalid: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of the local queries over the whole group's keys → (out, lse).
 
     q, k, v may have any strides; K/V travel in the wire layout (a copy only if they are not
@@ -290,15 +320,15 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.T
     """
     if comm.size > 1:                          # a group of one sends nothing
         k, v = to_wire_layout(k), to_wire_layout(v)
-    doc = None if doc is None else doc.contiguous()
-    L = _Loop(q, doc, cfg, comm)
+    doc, kvalid = _kv_data(doc), _kv_data(kvalid)
+    L = _Loop(q, cfg, comm)
     r, plan = L.rank, L.plan
     Dv = v.shape[-1]
     partial = _Partial(q, Dv)
     helper_of = dict(plan.helpers[r])            # step -> the rank that computes some of our rows then
     results: list[tuple[torch.Tensor, torch.Tensor]] = []
     late: list[Pending] = []
-    held, help_q, sent_q = (k, v, doc), None, None
+    held, help_q, sent_q = (k, v, doc, kvalid), None, None
 
     def receive_results(step: int) -> None:
         if step in helper_of:
@@ -312,7 +342,7 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.T
     for t, steps in enumerate(plan.steps):
         st = steps[r]
         receive_results(t - 1)        # sent at the end of step t-1 (posted first: module docstring)
-        transfers, nxt = _kv_prefetch(st, held, (k, v, doc), comm, t)
+        transfers, nxt = _kv_prefetch(st, held, (k, v, doc, kvalid), comm, t)
         nxt_q = None
         if st.q_to is not None:
             sent_q = sent_q or _wire_q(q, doc)
@@ -328,12 +358,12 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.T
         if not cfg.overlap:
             pending.wait()
         if st.compute_own:
-            hk, hv, hdoc = held
-            _attend(q, L.segs(r), doc, hk, hv, hdoc, L.segs(st.holds), cfg, partial)
+            hk, hv, hdoc, hvalid = held
+            _attend(q, L.segs(r), doc, hk, hv, hdoc, hvalid, L.segs(st.holds), cfg, partial)
         if st.help_q is not None:
             fq, fdoc = help_q
             helped = _Partial(fq, Dv)
-            _attend(fq, L.segs(st.help_q), fdoc, k, v, doc, L.segs(r), cfg, helped)
+            _attend(fq, L.segs(st.help_q), fdoc, k, v, doc, kvalid, L.segs(r), cfg, helped)
             h_out, h_lse = helped.result()
             L.send(t, comm.post([Transfer(True, to_wire_layout(h_out), st.help_q, "res_out", t),
                                  Transfer(True, h_lse.contiguous(), st.help_q, "res_lse", t)],
@@ -353,7 +383,7 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.T
 
 def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, doc: torch.Tensor | None, cfg: RingConfig,
-                  comm: RingComm, dlse: torch.Tensor | None = None
+                  comm: RingComm, dlse: torch.Tensor | None = None, kvalid: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the ring attention → (dq, dk, dv) in the inputs' dtypes, laid out as
     [B, S_local, H, D] in memory (the wire layout; ``ring_op``'s fake says the same).
@@ -367,8 +397,8 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     if comm.size > 1:                          # a group of one sends nothing
         k, v = to_wire_layout(k), to_wire_layout(v)
     lse = lse.contiguous()
-    doc = None if doc is None else doc.contiguous()
-    L = _Loop(q, doc, cfg, comm)
+    doc, kvalid = _kv_data(doc), _kv_data(kvalid)
+    L = _Loop(q, cfg, comm)
     r, plan = L.rank, L.plan
     acc = _acc_dtype(q.dtype)
     dq = _Accumulator(q.shape, acc, q.device)
@@ -380,7 +410,7 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     own_last = max(t for t in range(plan.num_steps) if plan.steps[t][(r + t) % L.P].holds == r)
     home_buf = None
     late_done: list[Pending] = []
-    held, help_in, bundle = (k, v, doc), None, None
+    held, help_in, bundle = (k, v, doc, kvalid), None, None
     # what a helper needs of the queries it computes for us (at step t+1, sent at step t)
     help_kinds = [(kind, x) for kind, x in (("q", q), ("dout", dout), ("out", out), ("lse", lse),
                                             ("dlse", dlse), ("q_doc", doc)) if x is not None]
@@ -412,7 +442,7 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             late += receive_home_and_dq(t - 1)
         late_pending = comm.post(late, f"dK/dV accumulators and dQ results of step {t - 1}")
         # 2. Prefetch the next step's KV block and help bundle.
-        transfers, nxt = _kv_prefetch(st, held, (k, v, doc), comm, t)
+        transfers, nxt = _kv_prefetch(st, held, (k, v, doc, kvalid), comm, t)
         nxt_help = None
         if st.q_to is not None:
             bundle = bundle or [(kind, to_wire_layout(x)) for kind, x in help_kinds]
@@ -425,14 +455,14 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             pending.wait()
         # 3. Own block: dQ locally, dK/dV into the travelling accumulator.
         if st.holds is not None:
-            hk, hv, hdoc = held
+            hk, hv, hdoc, hvalid = held
             # accumulate straight into the incoming accumulator (one pair of KV-sized fp32
             # buffers per step less); it was sent at the end of step t-1, so it is (nearly) here
             late_pending.wait()
             dk_b = _Accumulator(k.shape, acc, q.device, None if acc_in is None else acc_in[0])
             dv_b = _Accumulator(v.shape, acc, q.device, None if acc_in is None else acc_in[1])
             if st.compute_own:
-                _attend_backward(dout, q, out, lse, L.segs(r), doc, hk, hv, hdoc, L.segs(st.holds), cfg,
+                _attend_backward(dout, q, out, lse, L.segs(r), doc, hk, hv, hdoc, hvalid, L.segs(st.holds), cfg,
                                  dq, dk_b, dv_b, dlse)
             if st.forward_kv:
                 L.send(t, comm.post([Transfer(True, dk_b.tensor(), comm.next, "acc_dk", t),
@@ -451,7 +481,7 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             f = help_in
             f_dq = _Accumulator(f["q"].shape, acc, q.device)
             _attend_backward(f["dout"], f["q"], f["out"], f["lse"], L.segs(st.help_q), f.get("q_doc"), k, v,
-                             doc, L.segs(r), cfg, f_dq, home_dk, home_dv, f.get("dlse"))
+                             doc, kvalid, L.segs(r), cfg, f_dq, home_dk, home_dv, f.get("dlse"))
             L.send(t, comm.post([Transfer(True, f_dq.tensor(), st.help_q, "res_dq", t)], "sending dQ results"))
         pending.wait()
         L.release(t)

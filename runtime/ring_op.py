@@ -8,20 +8,20 @@ gradients with the kernels' backward. The process group travels by name (a strin
 op argument; a ProcessGroup is not); ``""`` means a group of one.
 
 Shape legend: q [B,Hq,S_local,D], k [B,Hkv,S_local,D], v [B,Hkv,S_local,Dv] (Dv may differ
-from D), doc_ids [B,S_local] or None, alibi_slopes [Hq] float or None, out [B,Hq,S_local,Dv],
-lse [B,Hq,S_local] fp32 (fp64 for fp64 inputs). S_local is sharded in the schedule's layout.
-out, dq, dk, dv are laid out as [B, S_local, H, D] in memory (the ring's wire layout,
-``comm.py``), and both the real ops and the fakes say so: inductor plans the consumers'
-strides from the fakes.
+from D), doc_ids [B,S_local] integer or None, key_padding [B,S_local] bool (True = a key that
+may be seen) or None, alibi_slopes [Hq] float or None, out [B,Hq,S_local,Dv], lse [B,Hq,S_local]
+fp32 (fp64 for fp64 inputs). S_local is sharded in the schedule's layout. out, dq, dk, dv are
+laid out as [B, S_local, H, D] in memory (the ring's wire layout, ``comm.py``), and both the
+real ops and the fakes say so: inductor plans the consumers' strides from the fakes.
 
-Score semantics (issue 12): ``alibi_slopes`` adds ``slopes[h] · (k_pos − q_pos)`` over global
-positions, ``softcap`` caps scores as ``cap · tanh(s / cap)`` (before the bias). Both are the
-last two arguments, defaulting to None, so graphs made before them still run; the slopes get
-no gradient (ALiBi's are fixed; ``ring_attention`` refuses slopes that require one).
+What the attention computes is one ``AttentionSpec`` (``kernels/attention_spec.py``), passed
+encoded as ``spec`` (a custom op takes no dataclass; the string is also what the dump shows);
+the tensors it names (document ids, key validity, ALiBi slopes) follow as the last, optional
+arguments. The slopes get no gradient (ALiBi's are fixed; ``ring_attention`` refuses slopes
+that require one); key validity and document ids are integer data.
 """
 from __future__ import annotations
 
-import math
 import struct
 import zlib
 
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seqpar_compiler.kernels import KERNELS, resolve_kernel
+from seqpar_compiler.kernels import KERNELS, AttentionSpec, resolve_kernel
 
 from .comm import RingComm, check_agreement, empty_wire
 from .layout import SCHEDULES, check_sequence_length
@@ -55,9 +55,9 @@ def _group_size(group_name: str) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def check_ring_inputs(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, window: int | None,
-                      schedule: str, kernel: str, P: int, alibi_slopes: Tensor | None = None,
-                      softcap: float | None = None) -> None:
+def check_ring_inputs(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, schedule: str, kernel: str, P: int,
+                      doc_ids: Tensor | None = None, key_padding: Tensor | None = None,
+                      alibi_slopes: Tensor | None = None) -> None:
     """Clear errors for inputs the ring cannot take, naming what is allowed."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
@@ -82,21 +82,29 @@ def check_ring_inputs(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, w
         raise ValueError(f"ring_attention needs floating-point inputs; got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be an int >= 1 (keys with q - window < k <= q are visible); got {window}")
-    if doc_ids is not None:
-        if doc_ids.shape != (q.shape[0], q.shape[2]) or doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
-            raise ValueError(f"doc_ids must be an integer tensor of shape [B, S_local] = "
-                             f"{[q.shape[0], q.shape[2]]}; got {doc_ids.dtype} {tuple(doc_ids.shape)}")
-        if doc_ids.device != q.device:
-            raise ValueError(f"doc_ids must be on q's device {q.device}; got {doc_ids.device}")
+    if spec.scale is None:
+        raise ValueError("the attention spec passed to the ring must have a scale")
+    per_token = (("doc_ids", doc_ids, spec.docs, "an integer"), ("key_padding", key_padding, spec.key_padding,
+                                                                  "a bool (True = the key may be seen)"))
+    for name, t, flagged, kind in per_token:
+        if (t is not None) != flagged:
+            raise ValueError(f"{name} {'given' if t is not None else 'missing'} for an attention spec "
+                             f"{'without' if t is not None else 'with'} it ({spec.describe()})")
+        if t is None:
+            continue
+        ok = t.dtype == torch.bool if name == "key_padding" else not (t.dtype.is_floating_point or t.dtype == torch.bool)
+        if t.shape != (q.shape[0], q.shape[2]) or not ok:
+            raise ValueError(f"{name} must be {kind} tensor of shape [B, S_local] = {[q.shape[0], q.shape[2]]}; "
+                             f"got {t.dtype} {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
+    if (alibi_slopes is not None) != spec.alibi:
+        raise ValueError(f"alibi_slopes {'given' if alibi_slopes is not None else 'missing'} for an attention "
+                         f"spec {'without' if alibi_slopes is not None else 'with'} ALiBi ({spec.describe()})")
     if alibi_slopes is not None and (alibi_slopes.shape != (q.shape[1],) or not alibi_slopes.dtype.is_floating_point
                                      or alibi_slopes.device != q.device):
         raise ValueError(f"alibi_slopes must be a float tensor of shape [Hq] = [{q.shape[1]}] on q's device "
                          f"{q.device}; got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)} on {alibi_slopes.device}")
-    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be a finite float > 0 (scores become softcap * tanh(s / softcap)); "
-                         f"got {softcap}")
     check_sequence_length(q.shape[2] * P, schedule, P, what="global sequence length")
 
 
@@ -111,20 +119,25 @@ def _slopes_crc(alibi_slopes: Tensor | None) -> int:
     return zlib.crc32(alibi_slopes.detach().to("cpu", torch.float64).numpy().tobytes())
 
 
-def _agree(q, k, v, doc_ids, scale, causal, window, schedule, kernel, group, alibi_slopes, softcap) -> None:
+def spec_fields(spec: AttentionSpec) -> dict[str, int]:
+    """The spec as agreement fields, one per thing a user sets (an error names the one that
+    differs): causal, window, the band, scale, documents, key padding, ALiBi, soft-cap."""
+    return {"causal": int(spec.causal), "window": -1 if spec.window is None else spec.window,
+            "band": zlib.crc32(repr((spec.behind, spec.ahead)).encode()), "scale": _float_bits(spec.scale),
+            "doc_ids": int(spec.docs), "key_padding": int(spec.key_padding), "alibi": int(spec.alibi),
+            "softcap": _float_bits(spec.softcap)}
+
+
+def _agree(q, k, v, spec: AttentionSpec, schedule, kernel, group, alibi_slopes) -> None:
     """Once per new configuration, check every rank of the group passed the same one."""
     fields = {
         "q_shape": zlib.crc32(str(tuple(q.shape)).encode()),
         "kv_shape": zlib.crc32(str((tuple(k.shape), tuple(v.shape))).encode()),
         "dtype": zlib.crc32(str(q.dtype).encode()),
         "schedule": SCHEDULES.index(schedule),
-        "causal": int(causal),
-        "window": -1 if window is None else window,
-        "doc_ids": int(doc_ids is not None),
-        "scale": _float_bits(scale),
+        **spec_fields(spec),
         "kernel": KERNELS.index(kernel),
         "alibi_slopes": _slopes_crc(alibi_slopes),
-        "softcap": _float_bits(softcap),
     }
     key = (id(group), tuple(fields.values()))
     if key in _checked_configs:
@@ -133,33 +146,37 @@ def _agree(q, k, v, doc_ids, scale, causal, window, schedule, kernel, group, ali
     _checked_configs.add(key)
 
 
-def _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel, alibi_slopes, softcap):
+def _setup(q, k, v, spec_text, schedule, group_name, overlap, kernel, doc_ids, key_padding, alibi_slopes):
     group = resolve_group(group_name)
     P = 1 if group is None else dist.get_world_size(group)
-    check_ring_inputs(q, k, v, doc_ids, window, schedule, kernel, P, alibi_slopes, softcap)
+    spec = AttentionSpec.decode(spec_text)
+    check_ring_inputs(q, k, v, spec, schedule, kernel, P, doc_ids, key_padding, alibi_slopes)
     if group is not None:
-        _agree(q, k, v, doc_ids, scale, causal, window, schedule, kernel, group, alibi_slopes, softcap)
-    cfg = RingConfig(schedule=schedule, causal=causal, window=window, scale=scale,
-                     kernel=resolve_kernel(kernel, q.device, q.dtype), overlap=overlap,
-                     alibi_slopes=alibi_slopes, softcap=softcap)
+        _agree(q, k, v, spec, schedule, kernel, group, alibi_slopes)
+    cfg = RingConfig(schedule=schedule, spec=spec, kernel=resolve_kernel(kernel, q.device, q.dtype), overlap=overlap,
+                     alibi_slopes=alibi_slopes)
     return cfg, RingComm(group)
 
 
+def wire_validity(key_padding: Tensor | None) -> Tensor | None:
+    """Key validity as it travels (between ranks and through the all-to-all): uint8, which every
+    backend sends (gloo has no bool)."""
+    return None if key_padding is None else key_padding.to(torch.uint8).contiguous()
+
+
 @torch.library.custom_op("seqpar::ring_attention", mutates_args=())
-def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, scale: float, causal: bool,
-                      window: int | None, schedule: str, group_name: str, overlap: bool,
-                      kernel: str, alibi_slopes: Tensor | None = None,
-                      softcap: float | None = None) -> tuple[Tensor, Tensor]:
-    cfg, comm = _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel,
-                       alibi_slopes, softcap)
+def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, spec: str, schedule: str, group_name: str, overlap: bool,
+                      kernel: str, doc_ids: Tensor | None = None, key_padding: Tensor | None = None,
+                      alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    cfg, comm = _setup(q, k, v, spec, schedule, group_name, overlap, kernel, doc_ids, key_padding, alibi_slopes)
     record(attention_forward_calls=1)
-    return ring_forward(q, k, v, doc_ids, cfg, comm)
+    return ring_forward(q, k, v, doc_ids, cfg, comm, wire_validity(key_padding))
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel, alibi_slopes=None,
-      softcap=None):
-    check_ring_inputs(q, k, v, doc_ids, window, schedule, kernel, _group_size(group_name), alibi_slopes, softcap)
+def _(q, k, v, spec, schedule, group_name, overlap, kernel, doc_ids=None, key_padding=None, alibi_slopes=None):
+    check_ring_inputs(q, k, v, AttentionSpec.decode(spec), schedule, kernel, _group_size(group_name), doc_ids,
+                      key_padding, alibi_slopes)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     # the real op returns out [B, Hq, S_local, Dv] laid out as [B, S_local, Hq, Dv] in memory (the
     # ring's wire layout, also ATen flash's): the model's following transpose + reshape is then free
@@ -169,43 +186,40 @@ def _(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, ke
 
 @torch.library.custom_op("seqpar::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                               doc_ids: Tensor | None, dlse: Tensor | None, scale: float, causal: bool,
-                               window: int | None, schedule: str, group_name: str, overlap: bool,
-                               kernel: str, alibi_slopes: Tensor | None = None,
-                               softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    cfg, comm = _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel,
-                       alibi_slopes, softcap)
+                               dlse: Tensor | None, spec: str, schedule: str, group_name: str, overlap: bool,
+                               kernel: str, doc_ids: Tensor | None = None, key_padding: Tensor | None = None,
+                               alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    cfg, comm = _setup(q, k, v, spec, schedule, group_name, overlap, kernel, doc_ids, key_padding, alibi_slopes)
     record(attention_backward_calls=1)
     # A gradient on the lse is rare (the compiler never makes one) and only the math kernel
     # takes it; drop an all-zero one. Decided here, on real data, not in the traced formula.
     if dlse is not None and not bool(dlse.ne(0).any()):
         dlse = None
-    return ring_backward(dout, q, k, v, out, lse, doc_ids, cfg, comm, dlse)
+    return ring_backward(dout, q, k, v, out, lse, doc_ids, cfg, comm, dlse, wire_validity(key_padding))
 
 
 @ring_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, doc_ids, dlse, scale, causal, window, schedule, group_name, overlap, kernel,
-      alibi_slopes=None, softcap=None):
+def _(dout, q, k, v, out, lse, dlse, spec, schedule, group_name, overlap, kernel, doc_ids=None, key_padding=None,
+      alibi_slopes=None):
     # the real op returns gradients in the wire layout whatever the inputs' strides; say the same here
     return tuple(empty_wire(t.shape, t.dtype, t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel, *rest = inputs
-    alibi_slopes, softcap = (rest + [None, None])[:2]
+    q, k, v, spec, schedule, group_name, overlap, kernel, *rest = inputs
+    doc_ids, key_padding, alibi_slopes = (list(rest) + [None] * 3)[:3]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, doc_ids, alibi_slopes)
-    ctx.options = (scale, causal, window, schedule, group_name, overlap, kernel)
-    ctx.softcap = softcap
+    ctx.save_for_backward(q, k, v, out, lse, doc_ids, key_padding, alibi_slopes)
+    ctx.options = (spec, schedule, group_name, overlap, kernel)
     ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, doc_ids, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, doc_ids, key_padding, alibi_slopes = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    extra = () if alibi_slopes is None and ctx.softcap is None else (alibi_slopes, ctx.softcap)
-    dq, dk, dv = ring_attention_backward_op(dout, q, k, v, out, lse, doc_ids, dlse, *ctx.options, *extra)
+    dq, dk, dv = ring_attention_backward_op(dout, q, k, v, out, lse, dlse, *ctx.options, doc_ids, key_padding,
+                                            alibi_slopes)
     return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 

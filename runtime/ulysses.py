@@ -191,7 +191,8 @@ def _heads_to_rows(lse: torch.Tensor, group, u: int) -> torch.Tensor:
 
 
 def _gather_docs(doc: torch.Tensor | None, group, u: int) -> torch.Tensor | None:
-    """doc [B, S_l] → [B, u·S_l]: the group's document ids in the group's row order."""
+    """doc [B, S_l] → [B, u·S_l]: the group's per-token data (document ids, key validity) in
+    the group's row order."""
     if doc is None or u == 1:
         return doc
     record(a2a_bytes_sent=doc.numel() * doc.element_size() * (u - 1),
@@ -231,9 +232,8 @@ def _inner(cfg: RingConfig, groups: UlyssesGroups, Hq: int) -> tuple[RingConfig,
     if slopes is not None:
         Hu = Hq // groups.u
         slopes = slopes[groups.index * Hu:(groups.index + 1) * Hu].contiguous()
-    inner = RingConfig(schedule="zigzag" if groups.G > 1 else "ring", causal=cfg.causal, window=cfg.window,
-                       scale=cfg.scale, kernel=cfg.kernel, overlap=cfg.overlap, alibi_slopes=slopes,
-                       softcap=cfg.softcap)
+    inner = RingConfig(schedule="zigzag" if groups.G > 1 else "ring", spec=cfg.spec, kernel=cfg.kernel,
+                       overlap=cfg.overlap, alibi_slopes=slopes)
     return inner, RingComm(groups.ring)
 
 
@@ -267,7 +267,7 @@ def _owned_wire(x: torch.Tensor, u: int) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
-def ulysses_forward(q, k, v, doc, cfg: RingConfig, groups: UlyssesGroups
+def ulysses_forward(q, k, v, doc, cfg: RingConfig, groups: UlyssesGroups, kvalid=None
                     ) -> tuple[torch.Tensor, torch.Tensor, Saved]:
     """Exact attention of the local queries over the whole sequence → (out, lse, saved): out
     and lse of the local rows, and the head-sharded tensors the backward needs (``Saved``)."""
@@ -277,15 +277,16 @@ def ulysses_forward(q, k, v, doc, cfg: RingConfig, groups: UlyssesGroups
     q_g = heads_to_sequence(q, g, u)
     k_g = heads_to_sequence(_replicate_kv(k, R), g, u)
     v_g = heads_to_sequence(_replicate_kv(v, R), g, u)
-    doc_g = _gather_docs(doc, g, u)
+    doc_g, kvalid_g = _gather_docs(doc, g, u), _gather_docs(kvalid, g, u)
     inner, comm = _inner(cfg, groups, Hq)
-    out_g, lse_g = ring_forward(q_g, k_g, v_g, doc_g, inner, comm)
+    out_g, lse_g = ring_forward(q_g, k_g, v_g, doc_g, inner, comm, kvalid_g)
     out, lse = sequence_to_heads(out_g, g, u, q.dtype), _rows_to_heads(lse_g, g, u)
     saved = Saved(*(_owned_wire(t, u) for t in (q_g, k_g, v_g, out_g)), _owned_wire(lse_g, u))
     return out, lse, saved
 
 
-def ulysses_backward(dout, saved: Saved, doc, kv_heads: int, cfg: RingConfig, groups: UlyssesGroups, dlse=None):
+def ulysses_backward(dout, saved: Saved, doc, kv_heads: int, cfg: RingConfig, groups: UlyssesGroups, dlse=None,
+                     kvalid=None):
     """Gradients (dq, dk, dv) of ``ulysses_forward`` from its ``saved`` tensors: only dout (and
     dlse) travel in, the gradients back; in the inputs' dtypes and the wire layout. ``kv_heads``
     is k's head count Hkv (the replicas' gradients are summed back to it)."""
@@ -293,9 +294,10 @@ def ulysses_backward(dout, saved: Saved, doc, kv_heads: int, cfg: RingConfig, gr
     q_g, k_g, v_g, out_g, lse_g = saved
     dout_g = heads_to_sequence(dout, g, u)
     dlse_g = None if dlse is None else _heads_to_rows(dlse, g, u)
-    doc_g = _gather_docs(doc, g, u)       # [B, S_l] int64: 1/(H·D) of a head tensor's bytes, not worth saving
+    # [B, S_l] per-token data: 1/(H·D) of a head tensor's bytes, not worth saving
+    doc_g, kvalid_g = _gather_docs(doc, g, u), _gather_docs(kvalid, g, u)
     inner, comm = _inner(cfg, groups, q_g.shape[1] * u)
-    dq_g, dk_g, dv_g = ring_backward(dout_g, q_g, k_g, v_g, out_g, lse_g, doc_g, inner, comm, dlse_g)
+    dq_g, dk_g, dv_g = ring_backward(dout_g, q_g, k_g, v_g, out_g, lse_g, doc_g, inner, comm, dlse_g, kvalid_g)
     dq = sequence_to_heads(dq_g, g, u, q_g.dtype)
     dk = _sum_replicas(sequence_to_heads(dk_g, g, u), kv_heads, k_g.dtype)
     dv = _sum_replicas(sequence_to_heads(dv_g, g, u), kv_heads, v_g.dtype)

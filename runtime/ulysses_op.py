@@ -13,11 +13,12 @@ dout in and the gradients out by all-to-all (the forward's inputs need not trave
 The remat-aware partitioner policy saves every output of the op (its getitems).
 
 Shape legend: q [B,Hq,S_local,D], k [B,Hkv,S_local,D], v [B,Hkv,S_local,Dv], doc_ids [B,S_local]
-or None, alibi_slopes [Hq] or None; out [B,Hq,S_local,Dv] in the wire layout ([B,S_local,Hq,Dv]
-memory, like the ring's), lse [B,Hq,S_local] fp32 (fp64 for fp64 inputs); saved: q_g
-[B,Hq/u,S_g,D], k_g/v_g [B,R/u,S_g,D|Dv], out_g [B,Hq/u,S_g,Dv] (wire layout), lse_g
-[B,Hq/u,S_g] (S_g = u·S_local, R = KV heads on the wire). S_local is sharded in the schedule's
-layout (``layout.py``).
+or None, key_padding [B,S_local] bool or None, alibi_slopes [Hq] or None; out [B,Hq,S_local,Dv]
+in the wire layout ([B,S_local,Hq,Dv] memory, like the ring's), lse [B,Hq,S_local] fp32 (fp64 for
+fp64 inputs); saved: q_g [B,Hq/u,S_g,D], k_g/v_g [B,R/u,S_g,D|Dv], out_g [B,Hq/u,S_g,Dv] (wire
+layout), lse_g [B,Hq/u,S_g] (S_g = u·S_local, R = KV heads on the wire). S_local is sharded in the
+schedule's layout (``layout.py``). What is computed is the encoded ``AttentionSpec`` ``spec``, as
+for the ring op.
 """
 from __future__ import annotations
 
@@ -27,12 +28,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seqpar_compiler.kernels import KERNELS, resolve_kernel
+from seqpar_compiler.kernels import KERNELS, AttentionSpec, resolve_kernel
 
 from .comm import check_agreement, empty_wire
 from .layout import check_sequence_length, split_schedule
 from .ring import RingConfig
-from .ring_op import _float_bits, _slopes_crc, check_ring_inputs, resolve_group
+from .ring_op import _slopes_crc, check_ring_inputs, resolve_group, spec_fields, wire_validity
 from .stats import record
 from .ulysses import Saved, check_heads, saved_shapes, ulysses_backward, ulysses_forward, ulysses_groups
 
@@ -52,40 +53,38 @@ def ulysses_degree_of(schedule: str, P: int) -> int:
                      f"dividing the group size {P}); got {schedule!r}")
 
 
-def check_ulysses_inputs(q, k, v, doc_ids, window, schedule: str, kernel: str, P: int,
-                         alibi_slopes=None, softcap=None) -> int:
+def check_ulysses_inputs(q, k, v, spec: AttentionSpec, schedule: str, kernel: str, P: int, doc_ids=None,
+                         key_padding=None, alibi_slopes=None) -> int:
     """Clear errors for inputs the all-to-all attention cannot take; returns the degree u."""
     u = ulysses_degree_of(schedule, P)
     # the ring's checks of shapes, dtypes, masks and score options hold here too ("ring": any length
     # that is a multiple of P; the layout's own multiple is checked next)
-    check_ring_inputs(q, k, v, doc_ids, window, "ring", kernel, P, alibi_slopes, softcap)
+    check_ring_inputs(q, k, v, spec, "ring", kernel, P, doc_ids, key_padding, alibi_slopes)
     check_heads(q.shape[1], k.shape[1], u, P)
     check_sequence_length(q.shape[2] * P, schedule, P, what="global sequence length")
     return u
 
 
-def _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel, alibi_slopes, softcap):
+def _setup(q, k, v, spec_text, schedule, group_name, overlap, kernel, doc_ids, key_padding, alibi_slopes):
     group = resolve_group(group_name)
     P = 1 if group is None else dist.get_world_size(group)
-    u = check_ulysses_inputs(q, k, v, doc_ids, window, schedule, kernel, P, alibi_slopes, softcap)
+    spec = AttentionSpec.decode(spec_text)
+    u = check_ulysses_inputs(q, k, v, spec, schedule, kernel, P, doc_ids, key_padding, alibi_slopes)
     if group is not None:
         fields = {"q_shape": zlib.crc32(str(tuple(q.shape)).encode()),
                   "kv_shape": zlib.crc32(str((tuple(k.shape), tuple(v.shape))).encode()),
-                  "dtype": zlib.crc32(str(q.dtype).encode()), "degree": u, "causal": int(causal),
-                  "window": -1 if window is None else window, "doc_ids": int(doc_ids is not None),
-                  "scale": _float_bits(scale), "kernel": KERNELS.index(kernel),
-                  "alibi_slopes": _slopes_crc(alibi_slopes), "softcap": _float_bits(softcap)}
+                  "dtype": zlib.crc32(str(q.dtype).encode()), "degree": u, **spec_fields(spec),
+                  "kernel": KERNELS.index(kernel), "alibi_slopes": _slopes_crc(alibi_slopes)}
         key = (id(group), tuple(fields.values()))
         if key not in _checked:
             check_agreement(group, fields, "ulysses_attention")
             _checked.add(key)
-    return _config(q, scale, causal, window, group, u, overlap, kernel, alibi_slopes, softcap)
+    return _config(q, spec, group, u, overlap, kernel, alibi_slopes)
 
 
-def _config(q, scale, causal, window, group, u, overlap, kernel, alibi_slopes, softcap):
-    cfg = RingConfig(schedule="ring", causal=causal, window=window, scale=scale,
-                     kernel=resolve_kernel(kernel, q.device, q.dtype), overlap=overlap,
-                     alibi_slopes=alibi_slopes, softcap=softcap)
+def _config(q, spec: AttentionSpec, group, u, overlap, kernel, alibi_slopes):
+    cfg = RingConfig(schedule="ring", spec=spec, kernel=resolve_kernel(kernel, q.device, q.dtype), overlap=overlap,
+                     alibi_slopes=alibi_slopes)
     return cfg, ulysses_groups(group, u if group is not None else 1)
 
 
@@ -95,23 +94,20 @@ def _group_size(group_name: str) -> int:
 
 
 @torch.library.custom_op("seqpar::ulysses_attention", mutates_args=())
-def ulysses_attention_op(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, scale: float, causal: bool,
-                         window: int | None, schedule: str, group_name: str, overlap: bool,
-                         kernel: str, alibi_slopes: Tensor | None = None,
-                         softcap: float | None = None
+def ulysses_attention_op(q: Tensor, k: Tensor, v: Tensor, spec: str, schedule: str, group_name: str, overlap: bool,
+                         kernel: str, doc_ids: Tensor | None = None, key_padding: Tensor | None = None,
+                         alibi_slopes: Tensor | None = None
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    cfg, groups = _setup(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel,
-                         alibi_slopes, softcap)
+    cfg, groups = _setup(q, k, v, spec, schedule, group_name, overlap, kernel, doc_ids, key_padding, alibi_slopes)
     record(attention_forward_calls=1)
-    out, lse, saved = ulysses_forward(q, k, v, doc_ids, cfg, groups)
+    out, lse, saved = ulysses_forward(q, k, v, doc_ids, cfg, groups, wire_validity(key_padding))
     return (out, lse, *saved)
 
 
 @ulysses_attention_op.register_fake
-def _(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel, alibi_slopes=None,
-      softcap=None):
-    u = check_ulysses_inputs(q, k, v, doc_ids, window, schedule, kernel, _group_size(group_name), alibi_slopes,
-                             softcap)
+def _(q, k, v, spec, schedule, group_name, overlap, kernel, doc_ids=None, key_padding=None, alibi_slopes=None):
+    u = check_ulysses_inputs(q, k, v, AttentionSpec.decode(spec), schedule, kernel, _group_size(group_name), doc_ids,
+                             key_padding, alibi_slopes)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_g, k_g, v_g, out_g, lse_g = saved_shapes(q.shape, k.shape[1], v.shape[-1], u)
     return (empty_wire((*q.shape[:3], v.shape[-1]), q.dtype, q.device),
@@ -122,25 +118,26 @@ def _(q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, ke
 
 @torch.library.custom_op("seqpar::ulysses_attention_backward", mutates_args=())
 def ulysses_attention_backward_op(dout: Tensor, q_g: Tensor, k_g: Tensor, v_g: Tensor, out_g: Tensor, lse_g: Tensor,
-                                  doc_ids: Tensor | None, dlse: Tensor | None, kv_heads: int, scale: float,
-                                  causal: bool, window: int | None, schedule: str, group_name: str, overlap: bool,
-                                  kernel: str, alibi_slopes: Tensor | None = None,
-                                  softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                                  dlse: Tensor | None, kv_heads: int, spec: str, schedule: str, group_name: str,
+                                  overlap: bool, kernel: str, doc_ids: Tensor | None = None,
+                                  key_padding: Tensor | None = None, alibi_slopes: Tensor | None = None
+                                  ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) from dout [B,Hq,S_local,Dv] and the forward's saved head-sharded tensors;
     the inputs were checked (and agreed on) by the forward."""
     group = resolve_group(group_name)
     u = 1 if group is None else ulysses_degree_of(schedule, dist.get_world_size(group))
-    cfg, groups = _config(q_g, scale, causal, window, group, u, overlap, kernel, alibi_slopes, softcap)
+    cfg, groups = _config(q_g, AttentionSpec.decode(spec), group, u, overlap, kernel, alibi_slopes)
     record(attention_backward_calls=1)
     # as the ring: an all-zero lse gradient (decided on real data) is dropped
     if dlse is not None and not bool(dlse.ne(0).any()):
         dlse = None
-    return ulysses_backward(dout, Saved(q_g, k_g, v_g, out_g, lse_g), doc_ids, kv_heads, cfg, groups, dlse)
+    return ulysses_backward(dout, Saved(q_g, k_g, v_g, out_g, lse_g), doc_ids, kv_heads, cfg, groups, dlse,
+                            wire_validity(key_padding))
 
 
 @ulysses_attention_backward_op.register_fake
-def _(dout, q_g, k_g, v_g, out_g, lse_g, doc_ids, dlse, kv_heads, scale, causal, window, schedule, group_name,
-      overlap, kernel, alibi_slopes=None, softcap=None):
+def _(dout, q_g, k_g, v_g, out_g, lse_g, dlse, kv_heads, spec, schedule, group_name, overlap, kernel, doc_ids=None,
+      key_padding=None, alibi_slopes=None):
     B, Hq, S_l, _ = dout.shape
     return (empty_wire((B, Hq, S_l, q_g.shape[-1]), q_g.dtype, q_g.device),
             empty_wire((B, kv_heads, S_l, k_g.shape[-1]), k_g.dtype, k_g.device),
@@ -148,26 +145,24 @@ def _(dout, q_g, k_g, v_g, out_g, lse_g, doc_ids, dlse, kv_heads, scale, causal,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, doc_ids, scale, causal, window, schedule, group_name, overlap, kernel, *rest = inputs
-    alibi_slopes, softcap = (rest + [None, None])[:2]
+    q, k, v, spec, schedule, group_name, overlap, kernel, *rest = inputs
+    doc_ids, key_padding, alibi_slopes = (list(rest) + [None] * 3)[:3]
     out, lse, *saved = output
     ctx.mark_non_differentiable(*saved)
-    ctx.save_for_backward(*saved, doc_ids, alibi_slopes)
-    ctx.options = (scale, causal, window, schedule, group_name, overlap, kernel)
-    ctx.softcap = softcap
+    ctx.save_for_backward(*saved, doc_ids, key_padding, alibi_slopes)
+    ctx.options = (spec, schedule, group_name, overlap, kernel)
     ctx.kv_heads = k.shape[1]
     ctx.out_shape = (out.shape, out.dtype, out.device)
     ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, dout, dlse, *_saved_grads):
-    q_g, k_g, v_g, out_g, lse_g, doc_ids, alibi_slopes = ctx.saved_tensors
+    q_g, k_g, v_g, out_g, lse_g, doc_ids, key_padding, alibi_slopes = ctx.saved_tensors
     if dout is None:
         shape, dtype, device = ctx.out_shape
         dout = empty_wire(shape, dtype, device, zero=True)
-    extra = () if alibi_slopes is None and ctx.softcap is None else (alibi_slopes, ctx.softcap)
-    dq, dk, dv = ulysses_attention_backward_op(dout, q_g, k_g, v_g, out_g, lse_g, doc_ids, dlse, ctx.kv_heads,
-                                               *ctx.options, *extra)
+    dq, dk, dv = ulysses_attention_backward_op(dout, q_g, k_g, v_g, out_g, lse_g, dlse, ctx.kv_heads, *ctx.options,
+                                               doc_ids, key_padding, alibi_slopes)
     return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 

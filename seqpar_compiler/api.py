@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from seqpar_compiler.kernels import AttentionSpec
 from seqpar_compiler.runtime import gather_sequence_op, ring_attention_op, shard_sequence_op
 
 from .options import get_option
@@ -27,22 +28,24 @@ def _fixed_schedule(schedule: str | None, ulysses_degree: int | None = None,
     return hybrid_layout(schedule, ulysses_degree, group)
 
 
-def _score_arguments(q, scale, window, alibi_slopes, softcap) -> tuple[float, tuple]:
-    """The scale (default 1/sqrt(D)) and the op's trailing (alibi_slopes, softcap) arguments,
-    empty when neither is given (so graphs without them keep the old schema's arity), with clear
-    errors for values the attention ops cannot take. Shared by ring_attention and ulysses_attention."""
+def attention_arguments(q, *, causal, scale, window, doc_ids, key_padding, alibi_slopes, softcap):
+    """The op's ``spec`` (an encoded ``AttentionSpec``) and trailing tensors (doc_ids,
+    key_padding, alibi_slopes) from the public keyword arguments, with clear errors for values
+    the attention ops cannot take. Shared by ring_attention and ulysses_attention."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
-        raise ValueError(f"window must be an int >= 1; got {window!r}")
-    if alibi_slopes is None and softcap is None:
-        return scale, ()
     if alibi_slopes is not None and alibi_slopes.requires_grad:
         raise ValueError("alibi_slopes must not require grad (no slope gradient is computed); "
                          "pass alibi_slopes.detach()")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
         raise ValueError(f"softcap must be a float > 0; got {softcap!r}")
-    return scale, (alibi_slopes, None if softcap is None else float(softcap))
+    if key_padding is not None and key_padding.dtype != torch.bool:
+        raise ValueError(f"key_padding must be a bool tensor [B, S_local] (True = the key may be seen); "
+                         f"got {key_padding.dtype}")
+    spec = AttentionSpec.of(causal=bool(causal), window=window, scale=float(scale), docs=doc_ids is not None,
+                            key_padding=key_padding is not None, alibi=alibi_slopes is not None,
+                            softcap=None if softcap is None else float(softcap))
+    return spec.encode(), (doc_ids, key_padding, alibi_slopes)
 
 
 def _group_name(group: dist.ProcessGroup | None) -> str:
@@ -60,14 +63,16 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
                    scale: float | None = None, window: int | None = None, doc_ids: torch.Tensor | None = None,
                    schedule: str = "zigzag", group: dist.ProcessGroup | None = None, return_lse: bool = False,
                    overlap: bool | None = None, kernel: str | None = None,
-                   alibi_slopes: torch.Tensor | None = None, softcap: float | None = None):
+                   alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
+                   key_padding: torch.Tensor | None = None):
     """Exact softmax attention of this rank's queries over the whole group's keys, as a ring.
 
     Shape legend (this rank's shard; the sequence dim is split in ``schedule``'s layout, as
     ``shard_sequence`` makes it):
       q [B, Hq, S_local, D]; k [B, Hkv, S_local, D], v [B, Hkv, S_local, Dv] with Hq % Hkv == 0
       (GQA/MQA: K/V travel at Hkv heads; Dv may differ from D, as in MLA); doc_ids [B, S_local]
-      integer; alibi_slopes [Hq] float; out [B, Hq, S_local, Dv]; lse [B, Hq, S_local] fp32.
+      integer; key_padding [B, S_local] bool; alibi_slopes [Hq] float; out [B, Hq, S_local, Dv];
+      lse [B, Hq, S_local] fp32.
 
     Scores are ``s = scale · q kᵀ``; with ``softcap``, ``s ← softcap · tanh(s / softcap)``; with
     ``alibi_slopes``, ``s += slopes[h] · (k_pos − q_pos)`` over global positions; then the mask.
@@ -87,6 +92,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
             evaluated per block from global positions, never materialised as S×S. MPT's key-only
             form ``slopes[h] · k_pos`` differs by a per-query constant, which softmax ignores.
         softcap: attention-logit soft-capping (Gemma 2), a float > 0.
+        key_padding: which local tokens' keys may be seen (True) — a padding mask, sharded like
+            the tokens; it travels with its K/V block (combines with every other mask).
 
     Returns:
         ``out``, or ``(out, lse)`` with ``return_lse``. Differentiable in q, k, v (and lse).
@@ -95,9 +102,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     schedule = _fixed_schedule(schedule)
     overlap = get_option("overlap", overlap)
     kernel = get_option("kernel", kernel)
-    scale, extra = _score_arguments(q, scale, window, alibi_slopes, softcap)
-    out, lse = ring_attention_op(q, k, v, doc_ids, float(scale), bool(causal), window, schedule,
-                                 _group_name(group), overlap, kernel, *extra)
+    spec, tensors = attention_arguments(q, causal=causal, scale=scale, window=window, doc_ids=doc_ids,
+                                        key_padding=key_padding, alibi_slopes=alibi_slopes, softcap=softcap)
+    out, lse = ring_attention_op(q, k, v, spec, schedule, _group_name(group), overlap, kernel, *tensors)
     return (out, lse) if return_lse else out
 
 

@@ -42,12 +42,13 @@ def _spec(q, k, causal: bool, window) -> AttentionSpec | None:
 def attention_specs(attention: list[fx.Node]) -> list[AttentionSpec]:
     """The ring attention calls of the graph, from ``find_attention``'s nodes (SDPA calls with a
     mask are left out: they fall back, the ring never sees them)."""
-    from seqpar_compiler.passes.attention_patterns import canonical_attention
+    from seqpar_compiler.passes.attention_patterns import canonical_attention, canonical_spec
     specs = []
     for node in attention:
         ex = [a.meta.get("example_value") if isinstance(a, fx.Node) else None for a in node.args[:2]]
         if node.target is canonical_attention:
-            spec = _spec(ex[0], ex[1], node.args[3], node.args[4])
+            form = canonical_spec(node)             # the cost model counts causal and window work only
+            spec = _spec(ex[0], ex[1], form.causal, form.window)
         else:
             names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
             args = dict(zip(names, node.args), **node.kwargs)

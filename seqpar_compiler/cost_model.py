@@ -28,6 +28,7 @@ from functools import lru_cache
 from seqpar_compiler.kernels import BlockKind, classify_block, plan_tiles, visible_key_range
 from seqpar_compiler.runtime import SCHEDULES, build_plan, local_segments
 from seqpar_compiler.runtime.layout import required_multiple
+from seqpar_compiler.kernels import AttentionSpec as _Visibility
 from seqpar_compiler.runtime.plan import segment_mask
 
 from .cost_model_a2a import a2a_candidates, predict_a2a
@@ -110,7 +111,7 @@ def _block_cost(schedule: str, P: int, S_local: int, qi: int, kj: int, causal: b
     own_causal = qi == kj and causal and window is None and len(q_segs) > 1
     for qs in q_segs:
         for ks in k_segs:
-            mask = segment_mask(qs, ks, causal, window)
+            mask = segment_mask(qs, ks, _Visibility.of(causal=causal, window=window))
             kind = classify_block(mask, qs.count, ks.count)
             if kind is BlockKind.EMPTY:
                 continue
@@ -160,7 +161,7 @@ def _shared_finish(work: list[float], cores: int | None, threads: int, slowdown:
 def _direction(spec: AttentionSpec, schedule: str, P: int, profile: Profile, overlap: bool,
                backward: bool) -> tuple[StepCost, ...]:
     S_local = spec.S // P
-    plan = build_plan(schedule, P, S_local, spec.causal, spec.window)
+    plan = build_plan(schedule, P, S_local, _Visibility.of(causal=spec.causal, window=spec.window))
     per_pair = 4 * spec.B * spec.Hq * spec.D
     rate = profile.flops_per_second / (profile.backward_ratio if backward else 1.0)
     kv = 2 * spec.B * spec.Hkv * S_local * spec.D

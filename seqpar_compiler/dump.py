@@ -142,7 +142,7 @@ class DumpRecorder:
 
 def _attention_lines(attention: list[fx.Node]) -> list[str]:
     """Each attention node, its shapes and mask, and what it was matched from."""
-    from seqpar_compiler.passes.attention_patterns import canonical_attention
+    from seqpar_compiler.passes.attention_patterns import canonical_attention, canonical_spec
     lines = []
     for n in attention:
         q = n.args[0].meta.get("example_value") if isinstance(n.args[0], fx.Node) else None
@@ -150,9 +150,11 @@ def _attention_lines(attention: list[fx.Node]) -> list[str]:
         shapes = f"q {_shape(q)} k/v {_shape(k)}"
         src = (n.meta.get("source_fn_stack") or [("?", None)])[-1][0]
         if n.target is canonical_attention:
-            causal, window, doc = n.args[3], n.args[4], n.args[5]
-            kinds = [k for k, on in (("causal", causal and window is None), (f"window {window}", window is not None),
-                                     ("same-document", doc is not None)) if on] or ["no mask"]
+            spec = canonical_spec(n)
+            band = (f"window {spec.window}" if spec.window is not None else "causal" if spec.causal
+                    else f"band [-{spec.behind}, {spec.ahead}]" if spec.positional else None)
+            kinds = [k for k, on in ((band, band is not None), ("same-document", spec.docs),
+                                     ("key padding", spec.key_padding)) if on] or ["no mask"]
             origin = ("F.scaled_dot_product_attention with an explicit mask" if "scaled_dot_product" in str(src)
                       else "hand-written softmax(q·kᵀ·s + mask)·v")
             lines.append(f"%{n.name}: {shapes}, mask proved {' & '.join(kinds)}; matched from {origin} "

@@ -1,20 +1,23 @@
 """Attention masks across frames: built in one frame, proved there, used in another (issue 13).
 
 The frame that builds a mask proves it from the ops that made it (``passes/mask_proof``) and
-hands it out as a ``ProvedMask`` (``runtime/proved_mask.py``): facts plus the document ids, never
-an S×S tensor the next frame would have to re-prove. The frame that receives one rebuilds it in
-its own graph from index ranges (and the document ids), in the very form ``mask_proof``
-recognises, so its attention is proved as if the mask had been built there.
+hands it out as a ``ProvedMask`` (``runtime/proved_mask.py``): facts plus the per-token data
+(document ids, key validity), never an S×S tensor the next frame would have to re-prove. The
+frame that receives one rebuilds it in its own graph from index ranges (and the per-token data),
+in the very form ``mask_proof`` recognises, so its attention is proved as if the mask had been
+built there.
 
   producer (``carry_mask_outputs``)   output mask node ──proof──▶ facts; the output becomes the
-                                      doc-id node (or nothing); the S×S nodes die unused
-  glue (``wrap_mask_frame``)          outputs: facts + docs ──▶ ProvedMask;
-                                      inputs:  ProvedMask ──▶ its docs (the graph's placeholder)
-  consumer (``expand_mask_inputs``)   placeholder (docs) ──▶ arange / compare / gather nodes
+                                      doc-id and key-validity nodes (or nothing); the S×S nodes
+                                      die unused
+  glue (``wrap_mask_frame``)          outputs: facts + per-token data ──▶ ProvedMask (tokens);
+                                      inputs:  ProvedMask ──▶ its tokens (the graph's placeholder)
+  consumer (``expand_mask_inputs``)   placeholder (tokens) ──▶ arange / compare / gather nodes
                                       ──▶ the mask's former users
 
-Every proved output is checked once at compile time: the rebuilt mask (documents all-true, as the
-proof evaluates them) must equal the value the proof evaluated, element for element.
+Every proved output is checked once at compile time: the rebuilt mask (per-token factors
+all-visible, as the proof evaluates them) must equal the value the proof evaluated, element for
+element.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ import torch
 import torch.fx as fx
 
 from .passes.alias_sets import eliminate_dead_code
-from .passes.mask_proof import evaluate_mask_term, example, is_hidden_value, mask_kind
-from .runtime.proved_mask import MaskFacts, ProvedMask, materialize
+from .passes.mask_proof import band_of, evaluate_mask_term, example, is_hidden_value
+from .runtime.proved_mask import MaskFacts, ProvedMask, materialize, token_rows
 from .runtime.sequence_shard import SequenceShard, full_tensor
 
 __all__ = ["MaskExit", "carry_mask_outputs", "expand_mask_inputs", "wrap_mask_frame", "mask_examples"]
@@ -44,8 +47,9 @@ class MaskExit:
     device: torch.device
 
 
-def _prove(node: fx.Node, gm, values, static) -> tuple[MaskFacts, fx.Node | None] | None:
-    """(facts, doc node) of a graph value that is provably a self-attention mask, else None."""
+def _prove(node: fx.Node, gm, values, static):
+    """(facts, doc node or None, key-padding factor (node, hides) or None) of a graph value that is
+    provably a self-attention mask, else None."""
     ex = example(node)
     if (not isinstance(ex, torch.Tensor) or isinstance(ex, (SequenceShard, ProvedMask)) or not 2 <= ex.dim() <= 4
             or ex.requires_grad or ex.shape[-1] != ex.shape[-2] or ex.shape[-1] < 2
@@ -54,12 +58,14 @@ def _prove(node: fx.Node, gm, values, static) -> tuple[MaskFacts, fx.Node | None
     S = int(ex.shape[-1])
     for negated in ((False, True) if ex.dtype == torch.bool else (False,)):
         try:
-            found = evaluate_mask_term(node, gm, values, static, negated)
+            term = evaluate_mask_term(node, gm, values, static, negated, at=_output(gm))
         except Exception:  # noqa: BLE001 - a mask we cannot evaluate proves nothing
-            found = None
-        if found is None:
+            term = None
+        if term is None:
             continue
-        m, doc = found
+        m, doc = term.value, term.doc
+        padding = (None if term.key_padding is None
+                   else (term.key_padding, term.key_padding_hides, term.key_source))
         fill = 0.0
         if m.dtype == torch.bool:
             visible, encoding = (~m if negated else m), ("hidden" if negated else "visible")
@@ -72,27 +78,42 @@ def _prove(node: fx.Node, gm, values, static) -> tuple[MaskFacts, fx.Node | None
                 continue
             visible, encoding = m == 0, "additive"
             fill = float(fills[0]) if fills.numel() else float(torch.finfo(m.dtype).min)
-        kind = mask_kind(torch.broadcast_to(visible, ex.shape), S)
-        if kind is None:
+        band = band_of(torch.broadcast_to(visible, ex.shape), S)
+        if band is None:
             continue
-        facts = MaskFacts(S, kind[0], kind[1], doc is not None, encoding, fill)
-        if doc is not None and (ex.dim() != 4 or example(doc) is None or example(doc).shape[-1] != S
+        if (doc is not None or padding is not None) and ex.dim() != 4:
+            continue
+        if doc is not None and (example(doc) is None or example(doc).shape[-1] != S
                                 or example(doc).is_floating_point()):
             continue
-        # the rebuilt value (documents all-true, as the proof evaluated them) is the proved value
-        no_docs = MaskFacts(S, kind[0], kind[1], False, encoding, fill)
-        rebuilt = materialize(no_docs, torch.empty(0, dtype=torch.long), ex.shape, ex.stride(), ex.dtype)
+        spec = band.with_(docs=doc is not None, key_padding=padding is not None)
+        # the rebuilt value (per-token factors all-visible, as the proof evaluated them) is the proved value
+        rebuilt = materialize(MaskFacts(S, band, encoding, fill), torch.empty(0, dtype=torch.long), ex.shape,
+                              ex.stride(), ex.dtype)
         if not torch.equal(rebuilt, torch.broadcast_to(m.to(ex.dtype), ex.shape).cpu()):
             continue
-        return facts, doc
+        return MaskFacts(S, spec, encoding, fill), doc, padding
     return None
 
 
+def _output(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "output")
+
+
+def _validity_node(gm: fx.GraphModule, padding: tuple, B: int, S: int) -> fx.Node:
+    """The key validity [B, S] bool (True = visible) of a per-key factor, emitted before the output."""
+    from .passes.attention_patterns import _key_validity
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        return _key_validity(gm.graph, padding, B, S)
+
+
 def carry_mask_outputs(gm: fx.GraphModule, example_inputs: Sequence[Any], static: set) -> list | None:
-    """Turn the frame's proved mask outputs into facts: the output becomes the document ids (or
-    is dropped), and the returned layout (per original output: None for a plain output, a
-    ``MaskExit`` for a mask) tells ``wrap_mask_frame`` how to rebuild the outputs. None when the
-    frame returns no provable mask (the graph is untouched)."""
+    """Turn the frame's proved mask outputs into facts: the output becomes its per-token data
+    (document ids, then key validity, each [B, S]; or nothing), and the returned layout (per
+    original output: None for a plain output, a ``MaskExit`` for a mask) tells
+    ``wrap_mask_frame`` how to rebuild the outputs. None when the frame returns no provable mask
+    (the graph is untouched)."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     results = out.args[0]
     if not isinstance(results, (tuple, list)):
@@ -106,11 +127,13 @@ def carry_mask_outputs(gm: fx.GraphModule, example_inputs: Sequence[Any], static
             layout.append(None)
             kept.append(r)
             continue
-        facts, doc = proved
+        facts, doc, padding = proved
         ex = example(r)
         layout.append(MaskExit(facts, tuple(ex.shape), tuple(ex.stride()), ex.dtype, ex.device))
         if doc is not None:
             kept.append(doc)
+        if padding is not None:
+            kept.append(_validity_node(gm, padding, int(ex.shape[0]), facts.S))
     if all(e is None for e in layout):
         return None
     out.args = (type(results)(kept),)
@@ -120,8 +143,8 @@ def carry_mask_outputs(gm: fx.GraphModule, example_inputs: Sequence[Any], static
 
 
 def wrap_mask_frame(fn: Callable, layout: list | None, mask_inputs: Sequence[int]) -> Callable:
-    """The frame at run time: ProvedMask inputs passed as their document ids, mask outputs
-    rebuilt as ProvedMasks from the facts and the document ids the graph returns."""
+    """The frame at run time: ProvedMask inputs passed as their tokens, mask outputs rebuilt as
+    ProvedMasks from the facts and the per-token data the graph returns."""
     if not layout and not mask_inputs:
         return fn
 
@@ -129,7 +152,7 @@ def wrap_mask_frame(fn: Callable, layout: list | None, mask_inputs: Sequence[int
         if mask_inputs:
             args = list(args)
             for i in mask_inputs:
-                args[i] = args[i].docs
+                args[i] = args[i].tokens
         outs = fn(*args)
         if not layout:
             return outs
@@ -138,17 +161,21 @@ def wrap_mask_frame(fn: Callable, layout: list | None, mask_inputs: Sequence[int
             if entry is None:
                 result.append(next(it))
                 continue
-            docs = next(it) if entry.facts.docs else torch.empty(0, dtype=torch.long, device=entry.device)
-            if isinstance(docs, SequenceShard):          # a sharded frame's doc ids: [B, S] integers, small
-                docs = full_tensor(docs)
-            result.append(ProvedMask(docs.detach(), entry.facts, entry.shape, entry.stride, entry.dtype))
+            rows = []
+            for _ in token_rows(entry.facts.spec):
+                x = next(it)
+                if isinstance(x, SequenceShard):          # a sharded frame's [B, S] per-token data: small
+                    x = full_tensor(x)
+                rows.append(x.detach().to(torch.long))
+            tokens = torch.stack(rows) if rows else torch.empty(0, dtype=torch.long, device=entry.device)
+            result.append(ProvedMask(tokens, entry.facts, entry.shape, entry.stride, entry.dtype))
         return tuple(result) if isinstance(outs, tuple) else result
     return run
 
 
 def expand_mask_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[list, list[int]]:
     """Rebuild each ProvedMask input inside the graph (see module doc). Returns the example inputs
-    with each mask replaced by its document ids, and the positions of those inputs."""
+    with each mask replaced by its tokens, and the positions of those inputs."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     positions = [i for i, x in enumerate(example_inputs) if isinstance(x, ProvedMask)]
     if not positions:
@@ -159,8 +186,9 @@ def expand_mask_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tup
     for i in positions:
         node, mask = placeholders[i], example_inputs[i]
         users = list(node.users)
-        node.meta["example_value"] = fake_mode.from_tensor(mask.docs, static_shapes=True) if fake_mode else mask.docs
-        examples[i] = mask.docs
+        node.meta["example_value"] = (fake_mode.from_tensor(mask.tokens, static_shapes=True) if fake_mode
+                                      else mask.tokens)
+        examples[i] = mask.tokens
         with gm.graph.inserting_before(first_op):
             value = _rebuild(gm.graph, node, mask, fake_mode)
         for u in users:
@@ -183,10 +211,12 @@ def _frame_fake_mode(placeholders):
     return ctx.fake_mode if ctx is not None else None
 
 
-def _rebuild(graph: fx.Graph, docs: fx.Node, mask: ProvedMask, fake_mode) -> fx.Node:
-    """Nodes computing the mask from index ranges and ``docs``, in mask_proof's recognised form:
-    ``X[b, q] == X[b, kv]`` with b, q, kv aranges viewed over [B, H, S, S]."""
+def _rebuild(graph: fx.Graph, tokens: fx.Node, mask: ProvedMask, fake_mode) -> fx.Node:
+    """Nodes computing the mask from index ranges and ``tokens``, in mask_proof's recognised form:
+    ``X[b, q] == X[b, kv]`` with b, q, kv aranges viewed over [B, H, S, S] for documents, a
+    [B, 1, 1, S] bool conjunct for key validity."""
     f, shape, dev = mask.facts, tuple(mask.shape), mask.device
+    spec, rows = f.spec, token_rows(f.spec)
     made: list[fx.Node] = []
 
     def call(target, *args, **kwargs):
@@ -198,16 +228,21 @@ def _rebuild(graph: fx.Graph, docs: fx.Node, mask: ProvedMask, fake_mode) -> fx.
     S = f.S
     q = call("view", call(torch.arange, S, device=dev), 1, 1, S, 1)
     kv = call("view", call(torch.arange, S, device=dev), 1, 1, 1, S)
-    visible = (call(operator.le, kv, q) if f.causal
-               else call(torch.ones, (1, 1, S, S), dtype=torch.bool, device=dev))
-    if f.window is not None:
-        visible = call(operator.and_, visible, call(operator.gt, kv, call(operator.sub, q, f.window)))
-    if f.docs:
-        B = int(mask.docs.shape[0])
+    visible = call(torch.ones, (1, 1, S, S), dtype=torch.bool, device=dev)
+    if spec.ahead is not None:
+        visible = call(operator.and_, visible, call(operator.le, call(operator.sub, kv, q), spec.ahead))
+    if spec.behind is not None:
+        visible = call(operator.and_, visible, call(operator.le, call(operator.sub, q, kv), spec.behind))
+    B = int(mask.tokens.shape[1]) if rows else 1
+    if spec.docs:
+        docs = call(operator.getitem, tokens, rows["docs"])
         b = call("view", call(torch.arange, B, device=dev), B, 1, 1, 1)
         same = call(operator.eq, call(operator.getitem, docs, (b, q)), call(operator.getitem, docs, (b, kv)))
         visible = call(operator.and_, same, visible)
-    if len(shape) < 4:                              # an [S, S] or [B, S, S] mask (no documents then)
+    if spec.key_padding:
+        valid = call("view", call("bool", call(operator.getitem, tokens, rows["key_padding"])), B, 1, 1, S)
+        visible = call(operator.and_, visible, valid)
+    if len(shape) < 4:                              # an [S, S] or [B, S, S] mask (no per-token data then)
         visible = call("view", visible, *(1,) * (len(shape) - 2), S, S)
     value = call("expand", visible, *shape)
     if f.encoding == "hidden":
@@ -231,7 +266,7 @@ def _fill_examples(nodes: list[fx.Node], fake_mode) -> None:
 
 
 def mask_examples(examples: list, positions: Sequence[int]) -> list:
-    """The inner compiler's examples: each rebuilt mask's document ids as a static fake tensor."""
+    """The inner compiler's examples: each rebuilt mask's tokens as a static fake tensor."""
     from .frames import _static_example
     examples = list(examples)
     for i in positions:

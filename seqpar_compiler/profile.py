@@ -156,9 +156,9 @@ def _measure_compute(reps: int) -> dict:
 
 def _block(M: int, causal: bool, g: torch.Generator):
     """(forward call of one [1, 8, M, 64] block, its tensors) for timing."""
-    from seqpar_compiler.kernels import BlockMask, block_attention_forward
+    from seqpar_compiler.kernels import AttentionSpec, BlockMask, block_attention_forward
     q, k, v, dout = (torch.randn(1, 8, M, 64, generator=g) for _ in range(4))
-    mask = BlockMask(causal=causal)
+    mask = BlockMask(spec=AttentionSpec.of(causal=causal))
     return (lambda: block_attention_forward(q, k, v, mask, 64 ** -0.5, "aten")), (q, k, v, dout, mask)
 
 

@@ -82,6 +82,8 @@ def hidden_attention_causes(gm: fx.GraphModule) -> list[str]:
                 causes.append(f"attention inside {what} ({name} at {source_line(n)}), a region seqpar cannot see "
                               f"into: remove that wrapper around attention (SEQPAR_CHECKPOINT=remat-aware already "
                               f"chooses what the backward recomputes)")
+        elif _softmax_matmul(n) and n.meta.get("seqpar_unproved"):     # attention_patterns.UNPROVED
+            causes.append(f"hand-written attention at {source_line(n)} with {n.meta['seqpar_unproved']}")
         elif _softmax_matmul(n):
             causes.append(f"hand-written attention at {source_line(n)} whose mask seqpar cannot prove causal, a "
                           f"sliding window or packed documents (built from positions inside the compiled code): "

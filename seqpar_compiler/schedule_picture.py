@@ -10,6 +10,7 @@ rank sends during the step (``kv→1``: its KV block to rank 1; ``q→0``: its q
 """
 from __future__ import annotations
 
+from seqpar_compiler.kernels import AttentionSpec as _Visibility
 from seqpar_compiler.runtime import build_plan, local_segments
 
 from .cost_model import Prediction, _block_cost
@@ -33,7 +34,7 @@ def schedule_cells(pred: Prediction) -> list[list[dict]]:
     "sends": [str], "help": bool, "flops": int, "bytes": int}."""
     spec, P = pred.spec, pred.P
     S_local = spec.S // P
-    plan = build_plan(pred.schedule, P, S_local, spec.causal, spec.window)
+    plan = build_plan(pred.schedule, P, S_local, _Visibility.of(causal=spec.causal, window=spec.window))
     cells = [[None] * plan.num_steps for _ in range(P)]
     for t, row in enumerate(plan.steps):
         for r, st in enumerate(row):

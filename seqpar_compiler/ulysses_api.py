@@ -72,18 +72,21 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
                       schedule: str = "ulysses", ulysses_degree: int | None = None,
                       group: dist.ProcessGroup | None = None, return_lse: bool = False,
                       overlap: bool | None = None, kernel: str | None = None,
-                      alibi_slopes: torch.Tensor | None = None, softcap: float | None = None):
+                      alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
+                      key_padding: torch.Tensor | None = None):
     """Exact softmax attention of this rank's queries over the whole group's keys, by all-to-all.
 
     Shape legend (this rank's shard; the sequence dim is split in ``schedule``'s layout, as
     ``shard_sequence(..., schedule=schedule, ulysses_degree=...)`` makes it):
       q [B, Hq, S_local, D]; k [B, Hkv, S_local, D], v [B, Hkv, S_local, Dv]; doc_ids [B, S_local];
-      alibi_slopes [Hq]; out [B, Hq, S_local, Dv]; lse [B, Hq, S_local] fp32.
+      key_padding [B, S_local] bool; alibi_slopes [Hq]; out [B, Hq, S_local, Dv];
+      lse [B, Hq, S_local] fp32.
     Hq must be divisible by the degree (P for ``ulysses``); Hkv need not be (KV heads are
     replicated to lcm(Hkv, u) before the all-to-all).
 
     Args:
-        causal, scale, window, doc_ids, overlap, kernel, alibi_slopes, softcap: as ``ring_attention``.
+        causal, scale, window, doc_ids, overlap, kernel, alibi_slopes, softcap, key_padding: as
+            ``ring_attention``.
         schedule: ``ulysses`` (all-to-all over the whole group, contiguous layout) or ``hybrid``
             (all-to-all inside groups of ``ulysses_degree`` consecutive ranks, zigzag ring across).
         ulysses_degree: the hybrid's group size u (divides P); default ``SEQPAR_ULYSSES_DEGREE``
@@ -97,13 +100,13 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     if schedule not in ("ulysses", "hybrid") and not schedule.startswith("hybrid:"):
         raise ValueError(f"ulysses_attention takes schedule 'ulysses' or 'hybrid'; got {schedule!r} (the ring "
                          f"schedules run through ring_attention)")
-    from .api import _group_name, _score_arguments
+    from .api import _group_name, attention_arguments
     layout = hybrid_layout(schedule, ulysses_degree, group)
     overlap = get_option("overlap", overlap)
     kernel = get_option("kernel", kernel)
-    scale, extra = _score_arguments(q, scale, window, alibi_slopes, softcap)
-    out, lse, *_saved = ulysses_attention_op(q, k, v, doc_ids, float(scale), bool(causal), window, layout,
-                                             _group_name(group), overlap, kernel, *extra)
+    spec, tensors = attention_arguments(q, causal=causal, scale=scale, window=window, doc_ids=doc_ids,
+                                        key_padding=key_padding, alibi_slopes=alibi_slopes, softcap=softcap)
+    out, lse, *_saved = ulysses_attention_op(q, k, v, spec, layout, _group_name(group), overlap, kernel, *tensors)
     return (out, lse) if return_lse else out
 
 

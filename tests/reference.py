@@ -7,22 +7,32 @@ __all__ = ["reference_attention", "rel_err", "visibility"]
 
 
 def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool = False, window: int | None = None,
-               q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> torch.Tensor:
-    """[B or 1, M, N] boolean: is key j visible to query i (DESIGN §3 mask kinds)."""
+               q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
+               k_valid: torch.Tensor | None = None, behind: int | None = None,
+               ahead: int | None = None) -> torch.Tensor:
+    """[B or 1, M, N] boolean: is key j visible to query i — causal / window W, or a band
+    ``-behind <= k - q <= ahead``; same document; a valid key (``k_valid`` [B, N] bool)."""
     diff = q_pos[:, None] - k_pos[None, :]
     vis = torch.ones(diff.shape, dtype=torch.bool)
     if causal or window is not None:
         vis &= diff >= 0
     if window is not None:
         vis &= diff < window
+    if ahead is not None:
+        vis &= -diff <= ahead
+    if behind is not None:
+        vis &= diff <= behind
     vis = vis[None]
     if q_doc is not None:
         vis = vis & (q_doc[:, :, None] == k_doc[:, None, :])
+    if k_valid is not None:
+        vis = vis & k_valid[:, None, :]
     return vis
 
 
 def reference_attention(q, k, v, *, scale=None, causal=False, window=None, doc_ids=None,
-                        q_pos=None, k_pos=None, k_doc=None, alibi_slopes=None, softcap=None):
+                        q_pos=None, k_pos=None, k_doc=None, alibi_slopes=None, softcap=None, k_valid=None,
+                        behind=None, ahead=None):
     """Plain softmax attention in float64 over full tensors q/k [B,H,S,D], v [B,H,S,Dv] (GQA by
     repeat_interleave), written from the definitions: ``s = scale · q kᵀ``, ``cap · tanh(s / cap)``
     with a softcap, ``+ slopes[h] · (k_pos − q_pos)`` with ALiBi slopes [Hq], then the mask.
@@ -38,7 +48,8 @@ def reference_attention(q, k, v, *, scale=None, causal=False, window=None, doc_i
     q_pos = torch.arange(M) if q_pos is None else q_pos
     k_pos = torch.arange(N) if k_pos is None else k_pos
     k_doc = doc_ids if k_doc is None else k_doc
-    vis = visibility(q_pos, k_pos, causal=causal, window=window, q_doc=doc_ids, k_doc=k_doc)[:, None]
+    vis = visibility(q_pos, k_pos, causal=causal, window=window, q_doc=doc_ids, k_doc=k_doc, k_valid=k_valid,
+                     behind=behind, ahead=ahead)[:, None]
     s = (q @ k.transpose(-1, -2)) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import seqpar_compiler as sp
+from seqpar_compiler.kernels import AttentionSpec
 from seqpar_compiler.passes.attention_patterns import canonical_attention
 
 torch._dynamo.allow_in_graph(canonical_attention)
@@ -39,7 +40,9 @@ class CanonicalAttention(nn.Module):
     def forward(self, x):
         q, k = self.qk(x).view(B, S, 2, H, D).transpose(1, 3).unbind(2)      # [B, H, S, D]
         v = self.v(x).view(B, S, H, self.Dv).transpose(1, 2)                 # [B, H, S, Dv]
-        o = canonical_attention(q, k, v, self.causal, self.window, None, D ** -0.5, self.slopes, self.softcap)
+        spec = AttentionSpec.of(causal=self.causal, window=self.window, scale=D ** -0.5,
+                                alibi=self.slopes is not None, softcap=self.softcap)
+        o = canonical_attention(q, k, v, spec.encode(), None, None, self.slopes)
         return self.out(o.transpose(1, 2).reshape(B, S, H * self.Dv))
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import seqpar_compiler as sp
 from reference import reference_attention
+from seqpar_compiler.kernels import AttentionSpec
 from seqpar_compiler.runtime import local_positions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,21 +46,43 @@ def alibi_slopes(H):
     return torch.tensor([2 ** (-4 * (h + 1) / H) for h in range(H)], dtype=torch.float32)
 
 
+def key_padding(B, S, left=5, right=7):
+    """Key validity [B, S]: row 0 left-padded (its first queries see no key under a causal mask),
+    row 1 right-padded, every later row a scattered pattern."""
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[0, :left] = False
+    valid[1 % B, S - right:] = False
+    for b in range(2, B):
+        valid[b, torch.arange(S) % 3 == 1] = False
+    return valid
+
+
 def accuracy_case(rank, P, *, schedule, causal=False, Hq=4, Hkv=4, D=32, S_local=16, B=2, window=None,
-                  docs=False, dtype="float32", overlap=True, kernel=None, alibi=False, softcap=None, Dv=None):
+                  docs=False, dtype="float32", overlap=True, kernel=None, alibi=False, softcap=None, Dv=None,
+                  padding=False, band=None):
     S = S_local * P
     q64, k64, v64, dout64, doc = _full_inputs(B, Hq, Hkv, S, D, docs, Dv=Dv)
     slopes = alibi_slopes(Hq) if alibi else None
+    valid = key_padding(B, S) if padding else None
+    behind, ahead = band if band is not None else (None, None)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q64, k64, v64))
     ref_out, _ = reference_attention(qr, kr, vr, causal=causal, window=window, doc_ids=doc,
-                                     alibi_slopes=slopes, softcap=softcap)
+                                     alibi_slopes=slopes, softcap=softcap, k_valid=valid, behind=behind, ahead=ahead)
     ref_out.backward(dout64)
     idx = local_positions(schedule, rank, P, S)
     dt = DTYPES[dtype]
     q, k, v = (t[:, :, idx].to(dt).requires_grad_() for t in (q64, k64, v64))
-    out = sp.ring_attention(q, k, v, causal=causal, window=window, schedule=schedule, overlap=overlap,
-                            kernel=kernel, doc_ids=None if doc is None else doc[:, idx],
-                            alibi_slopes=slopes, softcap=softcap)
+    local_doc, local_valid = (None if x is None else x[:, idx] for x in (doc, valid))
+    if band is not None:        # a bidirectional band has no public keyword: the op takes the spec itself
+        spec = AttentionSpec(scale=D ** -0.5, behind=behind, ahead=ahead, docs=docs, key_padding=padding,
+                             alibi=alibi, softcap=softcap)
+        group_name = torch.distributed.group.WORLD.group_name if P > 1 else ""
+        out, _ = torch.ops.seqpar.ring_attention(q, k, v, spec.encode(), schedule, group_name,
+                                                 overlap, kernel or "auto", local_doc, local_valid, slopes)
+    else:
+        out = sp.ring_attention(q, k, v, causal=causal, window=window, schedule=schedule, overlap=overlap,
+                                kernel=kernel, doc_ids=local_doc, alibi_slopes=slopes, softcap=softcap,
+                                key_padding=local_valid)
     out.backward(dout64[:, :, idx].to(dt))
     res = {"out": _sq(out, ref_out[:, :, idx]), "dq": _sq(q.grad, qr.grad[:, :, idx]),
            "dk": _sq(k.grad, kr.grad[:, :, idx]), "dv": _sq(v.grad, vr.grad[:, :, idx])}
@@ -202,6 +225,7 @@ def allocation_case(rank, P, *, schedule, causal=True, Hq=4, Hkv=4, D=16, S_loca
     rank, for inputs laid out as a model's projections make them ([B, S, H, D] in memory)."""
     from allocation_probe import count_new_buffers
     from seqpar_compiler.runtime.comm import RingComm, in_wire_layout
+    from seqpar_compiler.kernels import AttentionSpec
     from seqpar_compiler.runtime.ring import RingConfig, ring_backward, ring_forward
     import torch.distributed as dist
     S = S_local * P
@@ -209,7 +233,8 @@ def allocation_case(rank, P, *, schedule, causal=True, Hq=4, Hkv=4, D=16, S_loca
     idx = local_positions(schedule, rank, P, S)
     q, k, v, dout = (t[:, :, idx].float().transpose(1, 2).contiguous().transpose(1, 2)
                      for t in (q64, k64, v64, dout64))
-    cfg = RingConfig(schedule=schedule, causal=causal, window=None, scale=D ** -0.5, kernel="aten", overlap=True)
+    cfg = RingConfig(schedule=schedule, spec=AttentionSpec.of(causal=causal, scale=D ** -0.5), kernel="aten",
+                     overlap=True)
     comm = RingComm(dist.group.WORLD)
     (out, lse), fwd = count_new_buffers(lambda: ring_forward(q, k, v, None, cfg, comm), k.numel())
     grads, bwd = count_new_buffers(lambda: ring_backward(dout, q, k, v, out, lse, None, cfg, comm), k.numel())

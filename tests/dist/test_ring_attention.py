@@ -22,8 +22,21 @@ def _matrix(P):
         cases.append((f"{s}-window", "accuracy", dict(schedule=s, causal=True, window=5)))
         cases.append((f"{s}-docs-causal", "accuracy", dict(schedule=s, causal=True, docs=True)))
         cases.append((f"{s}-docs", "accuracy", dict(schedule=s, causal=False, docs=True)))
-        cases += _semantics(s)
+        cases += _semantics(s) + _per_token(s)
     return cases
+
+
+def _per_token(s):
+    """Key padding (left-padded rows whose first queries see no key, right-padded rows) alone and
+    with every other kind, and bidirectional local windows (ModernBERT's |q - k| <= r)."""
+    return [
+        (f"{s}-padding-causal", "accuracy", dict(schedule=s, causal=True, padding=True)),
+        (f"{s}-padding-full-4x2", "accuracy", dict(schedule=s, causal=False, padding=True, Hkv=2)),
+        (f"{s}-padding-docs-alibi-window", "accuracy", dict(schedule=s, causal=True, padding=True, docs=True,
+                                                             alibi=True, window=6)),
+        (f"{s}-band", "accuracy", dict(schedule=s, band=(5, 5))),
+        (f"{s}-band-padding-softcap", "accuracy", dict(schedule=s, band=(3, 9), padding=True, softcap=2.0)),
+    ]
 
 
 def _semantics(s):
@@ -69,7 +82,7 @@ def _extra(P):
 def _p8_subset():
     keep = {"zigzag-causal-4x2", "striped-causal-4x4", "distflash-causal-4x4", "ring-full-4x2",
             "ring-window", "zigzag-docs-causal", "zigzag-alibi-causal", "distflash-alibi-softcap-window",
-            "striped-dv48-causal-4x2"}
+            "striped-dv48-causal-4x2", "zigzag-padding-causal", "striped-band"}
     return [c for c in _matrix(8) if c[0] in keep] + [
         c for c in _extra(8) if c[0] in ("stats-zigzag-causal", "stats-striped-causal", "stats-distflash-causal",
                                          "stats-ring-causal", "zigzag-causal-bf16")]

@@ -22,6 +22,8 @@ MASKS = {
     "dv48-causal": dict(causal=True, Dv=48),
     "alibi-softcap-window": dict(causal=True, window=5, alibi=True, softcap=2.0),
     "alibi-dv24-docs-causal": dict(causal=True, docs=True, alibi=True, Dv=24),
+    "padding-causal": dict(causal=True, padding=True),
+    "padding-docs-window": dict(causal=True, padding=True, docs=True, window=7),
 }
 # (Hq, Hkv): Hkv >= P, GQA with Hkv < P (KV heads replicated), MQA, and 6 KV heads on 4 ranks
 HEADS = {"4x4": (4, 4), "8x2": (8, 2), "4x1": (4, 1), "12x6": (12, 6)}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import seqpar_compiler as sp
 from reference import reference_attention
-from ring_workers import DTYPES, _full_inputs, _sq, alibi_slopes
+from ring_workers import DTYPES, _full_inputs, _sq, alibi_slopes, key_padding
 from seqpar_compiler.runtime import local_positions
 
 
@@ -20,13 +20,14 @@ def _layout(schedule: str, u: int | None) -> str:
 
 
 def accuracy_case(rank, P, *, schedule, u=None, causal=False, Hq=4, Hkv=4, D=32, S_local=16, B=2, window=None,
-                  docs=False, dtype="float32", kernel=None, alibi=False, softcap=None, Dv=None):
+                  docs=False, dtype="float32", kernel=None, alibi=False, softcap=None, Dv=None, padding=False):
     S = S_local * P
     q64, k64, v64, dout64, doc = _full_inputs(B, Hq, Hkv, S, D, docs, Dv=Dv)
     slopes = alibi_slopes(Hq) if alibi else None
+    valid = key_padding(B, S) if padding else None
     qr, kr, vr = (t.clone().requires_grad_() for t in (q64, k64, v64))
     ref_out, _ = reference_attention(qr, kr, vr, causal=causal, window=window, doc_ids=doc,
-                                     alibi_slopes=slopes, softcap=softcap)
+                                     alibi_slopes=slopes, softcap=softcap, k_valid=valid)
     ref_out.backward(dout64)
     idx = local_positions(_layout(schedule, u), rank, P, S)
     # the public shard function lays tensors out the same way
@@ -35,7 +36,8 @@ def accuracy_case(rank, P, *, schedule, u=None, causal=False, Hq=4, Hkv=4, D=32,
     q, k, v = (t[:, :, idx].to(dt).requires_grad_() for t in (q64, k64, v64))
     out = sp.ulysses_attention(q, k, v, causal=causal, window=window, schedule=schedule, ulysses_degree=u,
                                kernel=kernel, doc_ids=None if doc is None else doc[:, idx],
-                               alibi_slopes=slopes, softcap=softcap)
+                               alibi_slopes=slopes, softcap=softcap,
+                               key_padding=None if valid is None else valid[:, idx])
     out.backward(dout64[:, :, idx].to(dt))
     res = {"out": _sq(out, ref_out[:, :, idx]), "dq": _sq(q.grad, qr.grad[:, :, idx]),
            "dk": _sq(k.grad, kr.grad[:, :, idx]), "dv": _sq(v.grad, vr.grad[:, :, idx])}

@@ -1,4 +1,6 @@
 """Block kernels (aten, math) against a float64 reference, for every mask kind the ring uses."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -31,7 +33,7 @@ def alibi_slopes(H):
 
 
 def _run_case(kernel, M, N, kw, *, Hq=4, Hkv=2, D=80, Dv=None, dtype=torch.float32, docs=None, alibi=False,
-              softcap=None):
+              softcap=None, k_valid=None, band=None):
     torch.manual_seed(0)
     B = 2
     q = torch.randn(B, Hq, M, D, dtype=dtype)
@@ -41,7 +43,9 @@ def _run_case(kernel, M, N, kw, *, Hq=4, Hkv=2, D=80, Dv=None, dtype=torch.float
     if docs is not None:
         q_doc, k_doc = docs
     slopes = alibi_slopes(Hq) if alibi else None
-    mask = BlockMask(q_doc=q_doc, k_doc=k_doc, alibi_slopes=slopes, softcap=softcap, **kw)
+    mask = BlockMask.of(q_doc=q_doc, k_doc=k_doc, alibi_slopes=slopes, softcap=softcap, k_valid=k_valid, **kw)
+    if band is not None:                                      # a bidirectional band (behind, ahead)
+        mask = dataclasses.replace(mask, spec=mask.spec.with_(behind=band[0], ahead=band[1]))
     scale = 0.3
     out, lse = block_attention_forward(q, k, v, mask, scale, kernel)
     qp = _positions(kw.get("q_start", 0), kw.get("q_stride", 1), M)
@@ -49,7 +53,9 @@ def _run_case(kernel, M, N, kw, *, Hq=4, Hkv=2, D=80, Dv=None, dtype=torch.float
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = reference_attention(q64, k64, v64, scale=scale, causal=kw.get("causal", False),
                                            window=kw.get("window"), doc_ids=q_doc, k_doc=k_doc,
-                                           q_pos=qp, k_pos=kp, alibi_slopes=slopes, softcap=softcap)
+                                           q_pos=qp, k_pos=kp, alibi_slopes=slopes, softcap=softcap,
+                                           k_valid=k_valid, behind=None if band is None else band[0],
+                                           ahead=None if band is None else band[1])
     dout = torch.randn_like(ref_out)
     ref_out.backward(dout)
     dq, dk, dv = block_attention_backward(dout.to(dtype), q, k, v, out, lse, mask, scale, kernel)
@@ -148,13 +154,13 @@ def test_documents_and_fully_masked_rows_give_zero_and_neg_inf(kernel):
 
 
 def test_classify_block_from_global_indices():
-    c = BlockMask(causal=True, q_start=0, k_start=16)
+    c = BlockMask.of(causal=True, q_start=0, k_start=16)
     assert classify_block(c, 16, 16) is BlockKind.EMPTY
-    assert classify_block(BlockMask(causal=True, q_start=32, k_start=0), 16, 16) is BlockKind.FULL
-    assert classify_block(BlockMask(causal=True), 16, 16) is BlockKind.PARTIAL
+    assert classify_block(BlockMask.of(causal=True, q_start=32, k_start=0), 16, 16) is BlockKind.FULL
+    assert classify_block(BlockMask.of(causal=True), 16, 16) is BlockKind.PARTIAL
     # a window of 8 never reaches 24 positions back
-    assert classify_block(BlockMask(causal=True, window=8, q_start=32, k_start=0), 16, 16) is BlockKind.EMPTY
-    docs = BlockMask(q_doc=torch.tensor([[1, 1]]), k_doc=torch.tensor([[2, 2]]))
+    assert classify_block(BlockMask.of(causal=True, window=8, q_start=32, k_start=0), 16, 16) is BlockKind.EMPTY
+    docs = BlockMask.of(q_doc=torch.tensor([[1, 1]]), k_doc=torch.tensor([[2, 2]]))
     assert classify_block(docs, 2, 2) is BlockKind.EMPTY
 
 
@@ -175,3 +181,42 @@ def test_head_dims_up_to_256_including_non_powers_of_two(kernel, D):
         if x.dim() == 3:
             continue
         assert rel_err(x, r) < 1e-5
+
+
+# Key padding (a per-key validity, travelling with its K/V block) and bidirectional bands
+# (ModernBERT's local window |q - k| <= r) on ring-like blocks, alone and with every other kind.
+PADDING = torch.tensor([[True] * 30 + [False] * 10, [False] * 3 + [True] * 37])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", ["full", "causal_offset_partial", "window_offset", "striped_later_keys"])
+@pytest.mark.parametrize("sem", ["plain", "alibi+softcap+dv48"])
+def test_key_padding_matches_float64_reference(kernel, case, sem):
+    _, M, N, kw = next(c for c in CASES if c[0] == case)
+    extra = {} if sem == "plain" else SEMANTICS[sem]
+    _assert_matches(*_run_case(kernel, M, N, kw, k_valid=PADDING[:, :N], **extra))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_key_padding_that_hides_every_key_of_a_row_gives_zero_and_neg_inf(kernel):
+    """Left padding under a causal mask: batch 1's first queries see only padded keys."""
+    k_valid = torch.tensor([[True] * 24, [False] * 6 + [True] * 18])
+    got, ref = _run_case(kernel, 24, 24, dict(causal=True), k_valid=k_valid, docs=None)
+    assert torch.isneginf(got[1][1, :, :6]).all() and (got[0][1, :, :6] == 0).all()
+    assert not torch.isneginf(got[1][0]).any()
+    _assert_matches(got, ref)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("band,q_start,k_start", [((4, 4), 0, 0), ((4, 4), 20, 0), ((0, 3), 10, 12),
+                                                   ((None, 2), 0, 16), ((6, None), 30, 0)])
+def test_bidirectional_bands_match_float64_reference(kernel, band, q_start, k_start):
+    _assert_matches(*_run_case(kernel, 24, 24, dict(q_start=q_start, k_start=k_start), band=band))
+
+
+def test_key_padding_classifies_blocks_empty_partial_or_plain():
+    none = BlockMask.of(causal=True, k_valid=torch.zeros(2, 16, dtype=torch.bool))
+    assert classify_block(none, 16, 16) is BlockKind.EMPTY
+    some = BlockMask.of(k_valid=PADDING[:, :16])
+    assert classify_block(some, 16, 16) is BlockKind.PARTIAL
+    assert classify_block(BlockMask.of(k_valid=torch.ones(2, 16, dtype=torch.bool)), 16, 16) is BlockKind.FULL

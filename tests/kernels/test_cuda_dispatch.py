@@ -170,7 +170,7 @@ def _block(M, N, kw, doc_lens, Hq, Hkv, *, B=2, D=16, dtype=torch.float16):
     if doc_lens is not None:
         q_doc = torch.stack([qp // n for n in doc_lens])
         k_doc = torch.stack([kp // n for n in doc_lens])
-    return q, k, v, BlockMask(q_doc=q_doc, k_doc=k_doc, **kw), (qp, kp, q_doc, k_doc)
+    return q, k, v, BlockMask.of(q_doc=q_doc, k_doc=k_doc, **kw), (qp, kp, q_doc, k_doc)
 
 
 @pytest.mark.parametrize("name,M,N,kw,docs,Hq,Hkv,kernel", CASES, ids=[c[0] for c in CASES])
@@ -220,11 +220,11 @@ def test_score_mods_never_reach_cudnn_or_fa2(cuda_kernels_stubbed, monkeypatch):
     """ALiBi, soft-capping and Dv != D: Triton when it says it computes them, else math."""
     from seqpar_compiler.kernels import triton_attention
     q, k, v, _, _ = _block(16, 16, dict(), None, 2, 2)
-    masks = [BlockMask(causal=True, alibi_slopes=torch.tensor([0.5, 0.25])), BlockMask(causal=True, softcap=20.0)]
+    masks = [BlockMask.of(causal=True, alibi_slopes=torch.tensor([0.5, 0.25])), BlockMask.of(causal=True, softcap=20.0)]
     monkeypatch.setattr(triton_attention, "SCORE_MODS", (), raising=False)
     for mask in masks:
         assert cuda_dispatch.choose_cuda_block_kernel(q, k, v, mask)[0] == "math"
-    assert cuda_dispatch.choose_cuda_block_kernel(q, k, v[..., :8], BlockMask())[0] == "math"
+    assert cuda_dispatch.choose_cuda_block_kernel(q, k, v[..., :8], BlockMask.of())[0] == "math"
     monkeypatch.setattr(triton_attention, "SCORE_MODS", ("alibi", "softcap", "dv"), raising=False)
     for mask in masks:
         assert cuda_dispatch.choose_cuda_block_kernel(q, k, v, mask)[0] == "triton"
@@ -242,10 +242,37 @@ def test_documents_that_are_not_runs_go_to_triton(cuda_kernels_stubbed):
     """A document id that comes back after another (not packed contiguously) has no varlen pairing."""
     q, k, v, _, _ = _block(8, 8, dict(), None, 2, 2)
     ids = torch.tensor([[0, 0, 1, 1, 0, 0, 2, 2]] * 2)
-    assert cuda_dispatch.choose_cuda_block_kernel(q, k, v, BlockMask(q_doc=ids, k_doc=ids))[0] == "triton"
+    assert cuda_dispatch.choose_cuda_block_kernel(q, k, v, BlockMask.of(q_doc=ids, k_doc=ids))[0] == "triton"
 
 
 def test_auto_resolves_per_block_on_cuda_only():
     from seqpar_compiler.kernels import resolve_kernel
     assert resolve_kernel("auto", torch.device("cuda"), torch.bfloat16) == AUTO_CUDA
     assert resolve_kernel("auto", torch.device("cpu"), torch.bfloat16) == "aten"
+
+
+def test_key_padding_never_reaches_cudnn_or_fa2(cuda_kernels_stubbed):
+    """ATen's kernels take no per-key validity: a padded block goes to Triton (which computes it)."""
+    q, k, v, _, _ = _block(16, 16, dict(), None, 2, 2)
+    valid = torch.tensor([[True] * 12 + [False] * 4] * 2)
+    for kw in (dict(), dict(causal=True)):
+        assert cuda_dispatch.choose_cuda_block_kernel(q, k, v, BlockMask.of(k_valid=valid, **kw))[0] == "triton"
+
+
+@pytest.mark.parametrize("band,q_start,k_start", [((4, 4), 0, 0), ((4, 4), 32, 24), ((2, 6), 8, 0),
+                                                   ((None, 3), 0, 0)])
+def test_bidirectional_band_is_one_exact_fa2_call(cuda_kernels_stubbed, band, q_start, k_start):
+    """ModernBERT's local window |q - k| <= r is FA2's window_size_left/right: planned, checked
+    against every row's visible range, and exact against the float64 reference."""
+    import dataclasses
+    q, k, v, mask, (qp, kp, _, _) = _block(24, 24, dict(q_start=q_start, k_start=k_start), None, 2, 2)
+    mask = dataclasses.replace(mask, spec=mask.spec.with_(behind=band[0], ahead=band[1]))
+    assert cuda_dispatch.choose_cuda_block_kernel(q, k, v, mask)[0] == "flash"
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, _ = reference_attention(q64, k64, v64, scale=SCALE, q_pos=qp, k_pos=kp, behind=band[0], ahead=band[1])
+    dout = torch.randn_like(ref_out)
+    ref_out.backward(dout)
+    out, lse = block_attention_forward(q, k, v, mask, SCALE, AUTO_CUDA)
+    grads = block_attention_backward(dout.half(), q, k, v, out, lse, mask, SCALE, AUTO_CUDA)
+    for x, r in [(out, ref_out), (grads[0], q64.grad), (grads[1], k64.grad), (grads[2], v64.grad)]:
+        assert rel_err(x, r) < 5e-3

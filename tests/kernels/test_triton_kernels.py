@@ -14,6 +14,7 @@ still span several tiles and end in a partial one. With a GPU (and TRITON_INTERP
 same tests run compiled on CUDA, plus the bf16/fp16 tests, which are GPU-only because the
 interpreter's bf16 ``tl.dot`` is unreliable (garbage seen in triton 3.9).
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def _positions(start, stride, n):
 
 
 def _run_case(M, N, kw, doc_lens=None, *, B=2, Hq=2, Hkv=1, D=80, dtype=torch.float32,
-              q_doc=None, k_doc=None, tile=TILE, dispatch=False):
+              q_doc=None, k_doc=None, tile=TILE, dispatch=False, k_valid=None, band=None):
     """Triton forward+backward and the float64 reference (out, lse, dq, dk, dv) of one block."""
     torch.manual_seed(0)
     q = torch.randn(B, Hq, M, D, dtype=dtype)
@@ -103,11 +104,15 @@ def _run_case(M, N, kw, doc_lens=None, *, B=2, Hq=2, Hkv=1, D=80, dtype=torch.fl
     if doc_lens is not None:                 # one doc length per batch row; [1, L] broadcasts
         q_doc = torch.stack([_docs(qp, n) for n in doc_lens])
         k_doc = torch.stack([_docs(kp, n) for n in doc_lens])
-    mask = BlockMask(q_doc=q_doc, k_doc=k_doc, **kw)
+    mask = BlockMask.of(q_doc=q_doc, k_doc=k_doc, k_valid=k_valid, **kw)
+    if band is not None:                                      # a bidirectional band (behind, ahead)
+        mask = dataclasses.replace(mask, spec=mask.spec.with_(behind=band[0], ahead=band[1]))
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = reference_attention(q64, k64, v64, scale=SCALE, causal=kw.get("causal", False),
                                            window=kw.get("window"), doc_ids=q_doc, k_doc=k_doc,
-                                           q_pos=qp, k_pos=kp)
+                                           q_pos=qp, k_pos=kp, k_valid=k_valid,
+                                           behind=None if band is None else band[0],
+                                           ahead=None if band is None else band[1])
     dout = torch.randn_like(ref_out)
     ref_out.backward(dout)
     qd, kd, vd, dod = (t.to(DEVICE) for t in (q, k, v, dout.to(dtype)))
@@ -187,7 +192,7 @@ def test_block_gradients_with_merged_lse_add_up_to_full_attention():
     dq = torch.zeros(B, H, M, D)
     dks, dvs = [], []
     for k0, k1 in [(0, split), (split, N)]:
-        mask = BlockMask(causal=True, q_start=16, k_start=k0)
+        mask = BlockMask.of(causal=True, q_start=16, k_start=k0)
         g = triton_attention.triton_block_backward(
             f["dout"], f["q"], f["k"][:, :, k0:k1], f["v"][:, :, k0:k1], f["out"], f["lse"], mask, SCALE,
             block_m=TILE, block_n=TILE)
@@ -204,7 +209,7 @@ def test_strided_views_need_no_copy_of_rows():
     torch.manual_seed(2)
     B, H, S, D = 1, 2, 30, 48
     q, k, v = (torch.randn(B, S, H, D).transpose(1, 2) for _ in range(3))
-    mask = BlockMask(causal=True)
+    mask = BlockMask.of(causal=True)
     out, lse = triton_attention.triton_block_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), mask, SCALE,
                                                      block_m=TILE, block_n=TILE)
     ref_out, ref_lse = reference_attention(q, k, v, scale=SCALE, causal=True)
@@ -237,3 +242,33 @@ def test_low_precision_close_to_reference_on_gpu(dtype, kw):
     for x, r in zip(got, ref):
         finite = ~torch.isneginf(r)
         assert rel_err(x[finite].float(), r[finite]) < 2e-2
+
+
+def _padding(B, N, seed=0):
+    """Random key validity with whole tiles of padding (skipped) and ragged edges."""
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(B, N, generator=g) > 0.3
+    valid[0, :TILE] = False
+    return valid
+
+
+@pytest.mark.parametrize("name", ["full_odd_lengths", "causal_offset_partial", "striped_later_keys",
+                                  "window_offset", "docs_causal"])
+def test_triton_key_padding_matches_float64_reference(name):
+    _, M, N, kw, doc_lens = next(c for c in CASES if c[0] == name)
+    got, ref = _run_case(M, N, kw, doc_lens, k_valid=_padding(2, N))
+    _assert_matches(got, ref)
+
+
+def test_triton_key_padding_hiding_every_key_of_a_row_gives_zero_and_neg_inf():
+    k_valid = torch.tensor([[True] * 40, [False] * 20 + [True] * 20])
+    got, ref = _run_case(40, 40, dict(causal=True), k_valid=k_valid)
+    assert torch.isneginf(got[1][1, :, :20]).all() and (got[0][1, :, :20] == 0).all()
+    _assert_matches(got, ref)
+
+
+@pytest.mark.parametrize("band,q_start,k_start", [((8, 8), 0, 0), ((8, 8), 30, 0), ((0, 5), 10, 30),
+                                                   ((None, 3), 0, 20), ((7, None), 40, 0)])
+def test_triton_bidirectional_band_matches_float64_reference(band, q_start, k_start):
+    got, ref = _run_case(37, 37, dict(q_start=q_start, k_start=k_start), band=band)
+    _assert_matches(got, ref)

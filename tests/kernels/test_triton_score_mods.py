@@ -73,7 +73,7 @@ def _run(M, N, kw, doc_len, *, alibi=False, softcap=None, Dv=32, D=32, B=2, Hq=2
     if doc_len is not None:
         q_doc, k_doc = (qp // doc_len)[None].expand(B, M), (kp // doc_len)[None].expand(B, N)
     slopes = SLOPES if alibi else None
-    mask = BlockMask(q_doc=q_doc, k_doc=k_doc, alibi_slopes=slopes, softcap=softcap, **kw)
+    mask = BlockMask.of(q_doc=q_doc, k_doc=k_doc, alibi_slopes=slopes, softcap=softcap, **kw)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = reference_attention(q64, k64, v64, scale=SCALE, causal=kw.get("causal", False),
                                            window=kw.get("window"), doc_ids=q_doc, k_doc=k_doc, q_pos=qp,

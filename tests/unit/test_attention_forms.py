@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqpar_compiler.kernels import AttentionSpec
 from seqpar_compiler.passes.attention_patterns import canonical_attention, canonicalize_handwritten_attention
 from seqpar_compiler.passes.score_bias import fit_alibi
 
@@ -39,9 +40,13 @@ def _canonicalized(module, x=None):
 
 
 def _only(found):
+    """The one canonical node's arguments by name, its spec's fields among them."""
     assert len(found) == 1, f"{len(found)} canonical attention nodes"
-    args = found[0] + [None] * (9 - len(found[0]))
-    return dict(zip(["q", "k", "v", "causal", "window", "doc", "scale", "slopes", "softcap"], args))
+    args = dict(zip(["q", "k", "v", "spec", "doc", "key_padding", "slopes"], found[0] + [None] * (7 - len(found[0]))))
+    spec = AttentionSpec.decode(args["spec"])
+    assert spec.alibi == (args["slopes"] is not None) and spec.docs == (args["doc"] is not None)
+    return {**args, "causal": spec.causal, "window": spec.window, "scale": spec.scale, "softcap": spec.softcap,
+            "band": (spec.behind, spec.ahead)}
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
@@ -134,7 +139,8 @@ def test_canonical_attention_means_softcapped_alibi_masked_softmax_attention():
     s = 2.0 * torch.tanh(s / 2.0) + slopes.double()[:, None, None] * (i[None, :] - i[:, None])
     vis = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 5)
     ref = torch.softmax(s.masked_fill(~vis, float("-inf")), -1) @ v.repeat_interleave(2, 1)
-    out = canonical_attention(q, k, v, True, 5, None, 0.3, slopes, 2.0)
+    spec = AttentionSpec.of(causal=True, window=5, scale=0.3, alibi=True, softcap=2.0)
+    out = canonical_attention(q, k, v, spec.encode(), None, None, slopes)
     assert out.shape == (2, 4, S, 6) and torch.allclose(out, ref)
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 
 from seqpar_compiler.passes.attention_patterns import canonical_attention, canonicalize_handwritten_attention
-from seqpar_compiler.passes.mask_proof import mask_kind as _mask_kind
+from seqpar_compiler.kernels import AttentionSpec
+from seqpar_compiler.passes.mask_proof import band_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from models import GPT, GPTConfig  # noqa: E402
@@ -17,15 +18,18 @@ def _tril(k=0):
     return torch.ones(S, S, dtype=torch.bool).tril(k)
 
 
-def test_mask_kinds_are_recognised_exactly():
-    assert _mask_kind(torch.ones(1, 1, S, S, dtype=torch.bool), S) == (False, None)
-    assert _mask_kind(_tril()[None, None], S) == (True, None)
-    assert _mask_kind((_tril() & ~_tril(-4))[None], S) == (True, 4)
+def test_bands_are_recognised_exactly():
+    assert band_of(torch.ones(1, 1, S, S, dtype=torch.bool), S) == AttentionSpec()
+    assert band_of(_tril()[None, None], S) == AttentionSpec.of(causal=True)
+    assert band_of((_tril() & ~_tril(-4))[None], S) == AttentionSpec.of(causal=True, window=4)
+    local = _tril(3) & ~_tril(-4)                      # ModernBERT's |q - kv| <= 3
+    assert band_of(local[None], S) == AttentionSpec(behind=3, ahead=3)
     prefix = _tril().clone()
     prefix[:3, :3] = True
-    assert _mask_kind(prefix, S) is None
+    assert band_of(prefix, S) is None
     batch = torch.stack([_tril(), _tril(-1)])          # rows differ across the batch
-    assert _mask_kind(batch, S) is None
+    assert band_of(batch, S) is None
+    assert band_of(_tril(-1)[None], S) is None         # row 0 sees no key: no band
 
 
 def _canonicalized(cfg):
@@ -64,7 +68,8 @@ def test_canonical_attention_means_masked_softmax_attention():
     s = (q @ k.transpose(-1, -2)) * 0.3
     vis = _tril() & ~_tril(-5)
     ref = torch.softmax(s.masked_fill(~vis, float("-inf")), -1) @ v
-    assert torch.allclose(canonical_attention(q, k, v, True, 5, None, 0.3), ref)
+    assert torch.allclose(canonical_attention(q, k, v, AttentionSpec.of(causal=True, window=5, scale=0.3).encode()),
+                          ref)
 
 
 def test_packed_document_mask_is_proved_causal_with_document_ids():
@@ -83,8 +88,9 @@ def test_packed_document_mask_is_proved_causal_with_document_ids():
     torch._dynamo.reset()
     out = torch.compile(model, backend=capture)(x, doc)
     assert found[0] == 1
-    q, k, v, causal, window, doc_node, scale = found[1][0]
-    assert causal is True and window is None and doc_node is not None
+    q, k, v, spec, doc_node, *_ = found[1][0]
+    spec = AttentionSpec.decode(spec)
+    assert spec.causal and spec.window is None and spec.docs and doc_node is not None
     assert torch.allclose(out, model(x, doc), atol=1e-6)
 
 
@@ -137,13 +143,15 @@ def _packed_positions_canonicalized(**kw):
 def test_position_id_comparisons_of_packed_documents_are_proved_causal():
     """Within a document numbered from the position ids they step by +1, so comparing them is
     comparing token indices: causal with document ids."""
-    [(q, k, v, causal, window, doc, scale)] = _packed_positions_canonicalized()
-    assert causal is True and window is None and doc is not None
+    [(q, k, v, spec, doc, *_)] = _packed_positions_canonicalized()
+    spec = AttentionSpec.decode(spec)
+    assert spec.causal and spec.window is None and doc is not None
 
 
 def test_position_id_window_of_packed_documents_is_proved_a_window():
-    [(q, k, v, causal, window, doc, scale)] = _packed_positions_canonicalized(window=3)
-    assert causal is True and window == 3 and doc is not None
+    [(q, k, v, spec, doc, *_)] = _packed_positions_canonicalized(window=3)
+    spec = AttentionSpec.decode(spec)
+    assert spec.causal and spec.window == 3 and doc is not None
 
 
 def test_position_ids_compared_with_a_constant_are_not_proved():

@@ -4,6 +4,7 @@ import itertools
 import pytest
 import torch
 
+from seqpar_compiler.kernels import AttentionSpec
 from seqpar_compiler.runtime import SCHEDULES, build_plan, local_positions
 
 
@@ -35,7 +36,7 @@ CONFIGS = [(s, P, causal, window) for s in SCHEDULES for P in (1, 2, 3, 4, 5, 8)
 
 @pytest.mark.parametrize("schedule,P,causal,window", CONFIGS)
 def test_plan_pairs_every_send_with_a_receive(schedule, P, causal, window):
-    plan = build_plan(schedule, P, 16, causal, window)
+    plan = build_plan(schedule, P, 16, AttentionSpec.of(causal=causal, window=window))
     for t, steps in enumerate(plan.steps):
         for r, st in enumerate(steps):
             assert st.forward_kv == steps[(r + 1) % P].receive_kv or P == 1
@@ -48,8 +49,8 @@ def test_plan_pairs_every_send_with_a_receive(schedule, P, causal, window):
 @pytest.mark.parametrize("schedule,P,causal,window", CONFIGS)
 def test_plan_computes_every_needed_block_exactly_once(schedule, P, causal, window):
     from seqpar_compiler.runtime.plan import _needed
-    plan = build_plan(schedule, P, 16, causal, window)
-    needed = _needed(schedule, P, 16, causal, window)
+    plan = build_plan(schedule, P, 16, AttentionSpec.of(causal=causal, window=window))
+    needed = _needed(schedule, P, 16, AttentionSpec.of(causal=causal, window=window))
     done = []
     for steps in plan.steps:
         for r, st in enumerate(steps):
@@ -62,10 +63,10 @@ def test_plan_computes_every_needed_block_exactly_once(schedule, P, causal, wind
 
 def test_distflash_uses_floor_P_half_plus_one_steps():
     for P in (2, 3, 4, 8):
-        assert build_plan("distflash", P, 16, True, None).num_steps == P // 2 + 1
+        assert build_plan("distflash", P, 16, AttentionSpec.of(causal=True)).num_steps == P // 2 + 1
 
 
 def test_short_window_needs_one_hop_only():
-    plan = build_plan("ring", 4, 16, True, 3)
+    plan = build_plan("ring", 4, 16, AttentionSpec.of(causal=True, window=3))
     assert plan.num_steps == 2
     assert [st.forward_kv for st in plan.steps[0]] == [True, True, True, False]

@@ -6,6 +6,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from seqpar_compiler.runtime.layout import local_positions, local_segments
+from seqpar_compiler.kernels import AttentionSpec
 from seqpar_compiler.runtime.proved_mask import MaskFacts, ProvedMask
 from seqpar_compiler.runtime.sequence_shard import SequenceShard, ShardSpec
 
@@ -32,12 +33,12 @@ def test_shard_context_has_no_length_and_unflatten_reads_it_from_the_size():
 
 
 def test_mask_context_has_no_length():
-    facts = [MaskFacts(S, True, 4, False, "additive", -1.0) for S in (12, 20)]
+    facts = [MaskFacts(S, AttentionSpec.of(causal=True, window=4), "additive", -1.0) for S in (12, 20)]
     masks = [ProvedMask(torch.empty(0), f, (2, 1, f.S, f.S), (f.S * f.S, f.S * f.S, f.S, 1), torch.float32)
              for f in facts]
     (names, c12), (_, c20) = masks[0].__tensor_flatten__(), masks[1].__tensor_flatten__()
     assert c12 == c20
-    again = ProvedMask.__tensor_unflatten__({"docs": masks[1].docs}, c20, masks[1].shape, masks[1].stride())
+    again = ProvedMask.__tensor_unflatten__({"tokens": masks[1].tokens}, c20, masks[1].shape, masks[1].stride())
     assert again.facts == facts[1]
 
 
@@ -45,7 +46,7 @@ def test_symbolic_length_specs_hash_and_segments_compute():
     S = _sym(48)
     spec = ShardSpec(1, S, "zigzag", "g")
     hash(spec)                                        # S is not hashed (a SymInt cannot be)
-    hash(MaskFacts(S, True, None, False, "visible"))
+    hash(MaskFacts(S, AttentionSpec.of(causal=True), "visible"))
     segs = local_segments("zigzag", 1, 2, S // 2)     # not cached: lru_cache would hash the SymInt
     assert [(s.start, s.count) for s in segs] == [(S // 4, S // 4), (2 * (S // 4), S // 4)]
     assert local_segments("zigzag", 1, 2, 24) == local_segments("zigzag", 1, 2, 24)

@@ -9,11 +9,17 @@ import torch
 from seqpar_compiler.backend import _model_state_inputs
 from seqpar_compiler.mask_frames import carry_mask_outputs, expand_mask_inputs
 from seqpar_compiler.passes.mask_proof import evaluate
+from seqpar_compiler.kernels import AttentionSpec
 from seqpar_compiler.runtime.proved_mask import MaskFacts, ProvedMask, materialize
 
 S = 12
 DOCS = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
 MIN = torch.finfo(torch.float32).min
+TOKENS = DOCS[None]                                  # the documents row of a mask's per-token data
+
+
+def _facts(causal, window, docs, encoding, fill=0.0):
+    return MaskFacts(S, AttentionSpec.of(causal=causal, window=window, docs=docs), encoding, fill)
 
 
 def _reference(causal, window, docs, encoding, fill=MIN):
@@ -38,20 +44,20 @@ def _reference(causal, window, docs, encoding, fill=MIN):
 @pytest.mark.parametrize("encoding", ["visible", "hidden", "additive"])
 def test_facts_rebuild_the_exact_mask(causal, window, docs, encoding):
     ref = _reference(causal, window, docs, encoding)
-    facts = MaskFacts(S, causal, window, docs, encoding, MIN)
-    got = materialize(facts, DOCS if docs else torch.empty(0, dtype=torch.long), ref.shape, ref.stride(), ref.dtype)
+    facts = _facts(causal, window, docs, encoding, MIN)
+    got = materialize(facts, TOKENS if docs else torch.empty(0, dtype=torch.long), ref.shape, ref.stride(), ref.dtype)
     assert torch.equal(got, ref)
 
 
 def test_bad_encoding_is_refused():
     with pytest.raises(ValueError, match="encoding must be one of"):
-        MaskFacts(S, True, None, False, "bias")
+        _facts(True, None, False, "bias")
 
 
 def test_eager_reads_materialise_with_a_warning_naming_the_op():
-    facts = MaskFacts(S, True, None, True, "visible")
+    facts = _facts(True, None, True, "visible")
     ref = _reference(True, None, True, "visible")
-    m = ProvedMask(DOCS, facts, ref.shape, ref.stride(), torch.bool)
+    m = ProvedMask(TOKENS, facts, ref.shape, ref.stride(), torch.bool)
     assert isinstance(m.detach(), ProvedMask) and m.detach().facts == facts      # no materialising
     inner, meta = m.__tensor_flatten__()
     again = ProvedMask.__tensor_unflatten__({n: getattr(m, n) for n in inner}, meta, m.shape, m.stride())
@@ -59,7 +65,7 @@ def test_eager_reads_materialise_with_a_warning_naming_the_op():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert torch.equal(m.logical_not(), ~ref)
-    assert any("logical_not" in str(w.message) and "proved causal document" in str(w.message) for w in caught)
+    assert any("logical_not" in str(w.message) and "proved causal documents" in str(w.message) for w in caught)
 
 
 def _capture(fn, *args):
@@ -85,7 +91,7 @@ def test_builder_frame_hands_out_facts_for_a_proved_mask():
     layout = carry_mask_outputs(gm, ex, _model_state_inputs(gm, ex))
     assert layout[0] is None                       # x * 2 stays a plain output
     exit_ = layout[1]
-    assert exit_.facts == MaskFacts(S, True, None, False, "additive", float("-inf"))
+    assert exit_.facts == _facts(True, None, False, "additive", float("-inf"))
     assert exit_.shape == (S, S)
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     assert len(out) == 1                            # the S x S output is gone from the graph
@@ -107,8 +113,8 @@ def _consume(scores, mask):
 @pytest.mark.parametrize("encoding,docs", [("additive", True), ("visible", True), ("hidden", False)])
 def test_receiving_frame_rebuilds_the_same_mask_in_its_graph(encoding, docs):
     ref = _reference(True, 4, docs, encoding)
-    mask = ProvedMask(DOCS if docs else torch.empty(0, dtype=torch.long),
-                      MaskFacts(S, True, 4, docs, encoding, MIN), ref.shape, ref.stride(), ref.dtype)
+    mask = ProvedMask(TOKENS if docs else torch.empty(0, dtype=torch.long),
+                      _facts(True, 4, docs, encoding, MIN), ref.shape, ref.stride(), ref.dtype)
     scores = torch.randn(2, 1, S, S)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                    # the capture runs the frame eagerly too
@@ -116,8 +122,8 @@ def test_receiving_frame_rebuilds_the_same_mask_in_its_graph(encoding, docs):
     examples, positions = expand_mask_inputs(gm, ex)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     (i,) = positions
-    assert examples[i] is mask.docs
+    assert examples[i] is mask.tokens
     slice_node = next(n for n in gm.graph.nodes if n.op == "call_function" and "getitem" in str(n.target)
-                      and n.args[0].op != "placeholder")
+                      and isinstance(n.args[1], tuple) and any(isinstance(i, slice) for i in n.args[1]))
     rebuilt = evaluate(gm, slice_node, dict(zip(placeholders, examples)))
     assert torch.equal(rebuilt, ref)

@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from allocation_probe import count_new_buffers
 from seqpar_compiler.runtime.comm import RingComm
+from seqpar_compiler.kernels import AttentionSpec
 from seqpar_compiler.runtime.ring import RingConfig, ring_backward, ring_forward
 
 B, HQ, HKV, S, D = 2, 4, 2, 48, 16
@@ -33,13 +34,13 @@ def _inputs(layout, dtype=torch.float32):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_real_results_have_the_fake_kernels_strides(layout, dtype):
     q, k, v, dout = _inputs(layout, dtype)
-    opts = (D ** -0.5, True, None, "zigzag", "", True, "auto")
-    out, lse = torch.ops.seqpar.ring_attention(q, k, v, None, *opts)
-    grads = torch.ops.seqpar.ring_attention_backward(dout, q, k, v, out, lse, None, None, *opts)
+    opts = (AttentionSpec.of(causal=True, scale=D ** -0.5).encode(), "zigzag", "", True, "auto")
+    out, lse = torch.ops.seqpar.ring_attention(q, k, v, *opts)
+    grads = torch.ops.seqpar.ring_attention_backward(dout, q, k, v, out, lse, None, *opts)
     with FakeTensorMode() as mode:
         fq, fk, fv, fdout = (mode.from_tensor(t) for t in (q, k, v, dout))
-        f_out, f_lse = torch.ops.seqpar.ring_attention(fq, fk, fv, None, *opts)
-        f_grads = torch.ops.seqpar.ring_attention_backward(fdout, fq, fk, fv, f_out, f_lse, None, None, *opts)
+        f_out, f_lse = torch.ops.seqpar.ring_attention(fq, fk, fv, *opts)
+        f_grads = torch.ops.seqpar.ring_attention_backward(fdout, fq, fk, fv, f_out, f_lse, None, *opts)
     for name, real, fake in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (f_out, f_lse, *f_grads)):
         assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype), name
 
@@ -50,7 +51,8 @@ def test_one_rank_allocates_what_sdpa_does(layout):
     kernel returns another); backward: the kernel's three gradients are the results. No
     contiguous copies of the inputs, no zero-filled accumulators, no merge temporaries."""
     q, k, v, dout = _inputs(layout)
-    cfg = RingConfig(schedule="zigzag", causal=True, window=None, scale=D ** -0.5, kernel="aten", overlap=True)
+    cfg = RingConfig(schedule="zigzag", spec=AttentionSpec.of(causal=True, scale=D ** -0.5), kernel="aten",
+                     overlap=True)
     comm = RingComm(None)
     (out, lse), fwd = count_new_buffers(lambda: ring_forward(q, k, v, None, cfg, comm), k.numel())
     _, bwd = count_new_buffers(lambda: ring_backward(dout, q, k, v, out, lse, None, cfg, comm), k.numel())

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import seqpar_compiler as sp
+from seqpar_compiler.kernels import AttentionSpec
 from reference import reference_attention, rel_err
 from seqpar_compiler.runtime.ring import merge_partial_attention
 
@@ -185,14 +186,14 @@ def test_fake_kernels_say_the_real_shapes_and_strides_with_dv_and_alibi():
     q, k = torch.randn(2, 4, 16, 8, generator=g), torch.randn(2, 2, 16, 8, generator=g)
     v, dout = torch.randn(2, 2, 16, 20, generator=g), torch.randn(2, 4, 16, 20, generator=g)
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
-    opts = (8 ** -0.5, True, None, "zigzag", "", True, "auto", slopes, 2.0)
-    real = torch.ops.seqpar.ring_attention(q, k, v, None, *opts)
-    real_g = torch.ops.seqpar.ring_attention_backward(dout, q, k, v, *real, None, None, *opts)
+    spec = AttentionSpec.of(causal=True, scale=8 ** -0.5, alibi=True, softcap=2.0).encode()
+    opts = (spec, "zigzag", "", True, "auto")
+    real = torch.ops.seqpar.ring_attention(q, k, v, *opts, None, None, slopes)
+    real_g = torch.ops.seqpar.ring_attention_backward(dout, q, k, v, *real, None, *opts, None, None, slopes)
     with FakeTensorMode() as mode:
         fq, fk, fv, fdout, fs = (mode.from_tensor(t) for t in (q, k, v, dout, slopes))
-        fopts = (*opts[:-2], fs, opts[-1])
-        fake = torch.ops.seqpar.ring_attention(fq, fk, fv, None, *fopts)
-        fake_g = torch.ops.seqpar.ring_attention_backward(fdout, fq, fk, fv, *fake, None, None, *fopts)
+        fake = torch.ops.seqpar.ring_attention(fq, fk, fv, *opts, None, None, fs)
+        fake_g = torch.ops.seqpar.ring_attention_backward(fdout, fq, fk, fv, *fake, None, *opts, None, None, fs)
     for r, f in zip((*real, *real_g), (*fake, *fake_g)):
         assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
     assert real[0].shape == (2, 4, 16, 20) and real_g[2].shape == v.shape

@@ -1,0 +1,92 @@
+"""One training step of a real transformers model whose attention is a form the ring carries as
+per-token data or per-head data (key padding, right or left; bidirectional local windows; ALiBi),
+through seqpar on each spawned rank, against the same step in this process.
+
+Models come from ``real_model_zoo`` (tiny configs, random weights); the case sets the attention
+implementation and the padding side. A case never raises: it returns what happened, as
+``real_model_workers.real_model_case`` does, so one spawn reports every case.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))        # tests/step_probes.py
+
+import seqpar_compiler as sp  # noqa: E402
+from real_model_workers import _fallback_kind, _rel  # noqa: E402
+from real_model_zoo import VOCAB, build  # noqa: E402
+
+__all__ = ["attention_form_case", "run_attention_forms"]
+
+
+def _batch(arch: str, padding: str | None, B: int, S: int, pad: int = 7) -> dict:
+    """ids and labels, with a padding mask on the second row (right: its last ``pad`` tokens;
+    left: its first ``pad``, as batched generation pads decoders). Encoders get masked-LM labels."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (B, S), generator=g)
+    kwargs = {"input_ids": ids}
+    if arch not in ("bert", "modernbert"):
+        kwargs["use_cache"] = False
+    labels = ids
+    if padding is not None:
+        mask = torch.ones(B, S, dtype=torch.long)
+        if padding == "right":
+            mask[1, S - pad:] = 0
+        else:
+            mask[1, :pad] = 0
+        kwargs["attention_mask"] = mask
+        labels = torch.where(mask.bool(), ids, -100)
+    kwargs["labels"] = labels
+    return kwargs
+
+
+_ARCH = {"llama": "llama", "bert": "bert-padded", "modernbert": "modernbert-padded", "bloom": "bloom-alibi",
+         "mpt": "mpt-alibi"}
+
+
+def attention_form_case(rank: int, P: int, *, arch: str, padding: str | None = None, impl: str | None = None,
+                        B: int = 2, S: int = 32, inner: str = "aot_eager", **options) -> dict:
+    """``arch`` (llama, bert, modernbert, bloom, mpt) with attention implementation ``impl``
+    (None: the model's default) and ``padding`` (None, "right", "left")."""
+    from step_probes import SequenceGatherCounter
+    result = {}
+    try:
+        model, ref = build(_ARCH[arch]), build(_ARCH[arch])
+        ref.load_state_dict(model.state_dict())
+        if impl is not None:
+            for m in (model, ref):
+                m.set_attn_implementation(impl)
+        kwargs = _batch(arch, padding, B, S)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=sp.backend(inner=inner, **options))
+        with warnings.catch_warnings(record=True) as caught, sp.stats() as st, SequenceGatherCounter() as gathers:
+            warnings.simplefilter("always")
+            out = compiled(**kwargs)
+            out.loss.backward()
+            logits = out.logits.detach().clone()
+            loss = out.loss.detach()
+        r = ref(**kwargs)
+        r.loss.backward()
+        ref_grads = [q.grad for q in ref.parameters() if q.grad is not None]
+        floor = 1e-5 * float(torch.stack([g.double().norm() for g in ref_grads]).norm())
+        grads = {n: _rel(p.grad, q.grad, floor) if p.grad is not None else float("inf")
+                 for (n, p), q in zip(model.named_parameters(), ref.parameters()) if q.grad is not None}
+        messages = [str(w.message) for w in caught if "seqpar" in str(w.message)]
+        worst = max(grads.items(), key=lambda kv: kv[1])
+        result.update(loss=_rel(loss, r.loss), logits=_rel(logits, r.logits), worst_grad=worst,
+                      ring_calls=st.attention_forward_calls, gathers=gathers.calls, warnings=messages,
+                      fallbacks=_fallback_kind(messages), layers=model.config.num_hidden_layers)
+        result["exact"] = result["loss"] <= 1e-5 and result["logits"] <= 1e-5 and worst[1] <= 1e-4
+    except Exception as err:  # noqa: BLE001 - a case reports a crash, it does not stop the spawn
+        result.update(exact=False, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-3000:])
+    return result
+
+
+def run_attention_forms(rank: int, P: int, cases: list[tuple[str, dict]]) -> dict:
+    return {name: attention_form_case(rank, P, **kw) for name, kw in cases}

@@ -1,0 +1,64 @@
+"""Real transformers attention that the ring carries as per-token or per-head data, on 2 ranks:
+padding masks from ``masking_utils`` (Llama right- and left-padded, BERT, ModernBERT with its
+bidirectional local window) and the ALiBi code of BLOOM (``baddbmm`` scores, ``bmm`` values) and
+MPT. Each case: loss, logits and every gradient against single-process eager (fp32: 1e-5 /
+1e-4), the ring once per attention layer on every rank, no seqpar warning about attention.
+
+A padding mask hidden by a finite fill (eager attention's ``finfo.min``) is not carried: there a
+query whose every key is padding averages all values in eager, which the ring does not do, so
+that attention falls back, warned, and stays exact.
+"""
+import pytest
+
+import attention_form_workers as W
+from seqpar_compiler.launch import run_ranks
+
+pytest.importorskip("transformers")
+
+CASES = [
+    ("llama-right-sdpa", dict(arch="llama", padding="right")),
+    ("llama-left-sdpa", dict(arch="llama", padding="left")),
+    ("bert-right", dict(arch="bert", padding="right")),
+    ("modernbert-right-local-window", dict(arch="modernbert", padding="right")),
+    ("bloom-alibi", dict(arch="bloom")),
+    ("mpt-alibi", dict(arch="mpt")),
+    ("llama-left-eager", dict(arch="llama", padding="left", impl="eager")),
+]
+SHARDED = [name for name, _ in CASES if name != "llama-left-eager"]
+
+
+@pytest.fixture(scope="module")
+def res():
+    return run_ranks(W.run_attention_forms, 2, CASES, timeout=900, pg_timeout=300)
+
+
+@pytest.mark.parametrize("name", [name for name, _ in CASES])
+def test_real_model_is_exact(res, name):
+    for rank, r in enumerate(res):
+        rr = r[name]
+        assert rr["exact"], (rank, rr.get("error"), rr.get("loss"), rr.get("logits"), rr.get("worst_grad"),
+                             rr.get("traceback", "")[-1500:])
+
+
+# BLOOM's GELU is a custom autograd.Function (Dynamo's autograd_function_apply), which the
+# sharding rules do not take yet: it is gathered, warned; its attention is the ring
+OTHER_FALLBACKS = {"bloom-alibi": "autograd_function_apply"}
+
+
+@pytest.mark.parametrize("name", SHARDED)
+def test_attention_runs_as_the_ring_once_per_layer_without_fallback(res, name):
+    for r in res:
+        rr = r[name]
+        assert rr["ring_calls"] == rr["layers"], rr
+        other = OTHER_FALLBACKS.get(name)
+        unexpected = [w for w in rr["warnings"] if other is None or other not in w]
+        assert unexpected == [], unexpected
+
+
+def test_padding_hidden_by_a_finite_fill_falls_back_warned(res):
+    """Left padding under eager attention: the padded queries see no key, and eager gives them the
+    mean of every value (``finfo.min`` + score rounds to ``finfo.min`` for all keys)."""
+    for rank, r in enumerate(res):
+        rr = r["llama-left-eager"]
+        if rank == 0:
+            assert any("finite fill" in w for w in rr["warnings"]), rr["warnings"]

@@ -1,0 +1,130 @@
+"""Masks from per-token data and positions, proved in one process: key padding in the forms real
+code writes it (transformers' ``attention_mask[b, kv]`` gathers, hand-written
+``mask[:, None, None, :]`` broadcasts, hidden-key masks), bidirectional local windows, masks
+written in place (litgpt's row-by-row loop, ``masked_fill_``), torchtune's Gemma 2 mask, and
+what is left alone (a per-query factor, padding hidden by a finite fill, a float padding bias).
+
+Each case: the canonical node's spec and tensors, and the canonicalised graph's value against the
+module (the canonical node's single-device meaning), in float64.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqpar_compiler.kernels import AttentionSpec
+from seqpar_compiler.passes.attention_patterns import UNPROVED, canonical_attention, canonicalize_handwritten_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+import library_attention_modules as L  # noqa: E402
+
+S, B = 16, 2
+PAD = torch.tensor([[True] * S, [False] * 5 + [True] * (S - 5)])        # row 1 left-padded
+
+
+class PaddedAttention(nn.Module):
+    """One attention with a key-padding mask written as ``form`` (causal or not)."""
+
+    def __init__(self, form: str, causal: bool = True):
+        super().__init__()
+        self.form, self.causal = form, causal
+        self.qkv = nn.Linear(32, 96)
+
+    def forward(self, x, pad):
+        q, k, v = self.qkv(x).view(B, S, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        i = torch.arange(S)
+        causal = i[None, :] <= i[:, None]
+        if self.form == "gather":                       # transformers' masking_utils
+            b = torch.arange(B)[:, None, None, None]
+            kv = i[None, None, None, :]
+            visible = (kv <= i[None, None, :, None]) & pad.bool()[b, kv]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible.expand(B, 1, S, S))
+        scores = (q @ k.transpose(-2, -1)) * 8 ** -0.5
+        if self.form == "broadcast":                    # x-transformers / hand-written
+            visible = pad[:, None, None, :] & causal if self.causal else pad[:, None, None, :]
+            scores = scores.masked_fill(~visible, float("-inf"))
+        elif self.form == "hidden":                     # hidden keys: padding == 0 or future
+            hidden = (pad[:, None, None, :] == 0) | ~causal
+            scores = scores.masked_fill(hidden, float("-inf"))
+        elif self.form == "finite":                     # eager attention's finfo.min fill
+            scores = scores.masked_fill(~(pad[:, None, None, :] & causal), torch.finfo(scores.dtype).min)
+        elif self.form == "query":                      # a per-query factor: no spec carries it
+            scores = scores.masked_fill(~(pad[:, None, :, None] & causal), float("-inf"))
+        elif self.form == "float-bias":                 # (1 - m) * min: a float per-key term
+            scores = scores + (1.0 - pad[:, None, None, :].to(scores.dtype)) * torch.finfo(scores.dtype).min
+        return scores.softmax(-1).nan_to_num(0.0) @ v
+
+
+def _canonicalized(module, *inputs):
+    """(canonical nodes' args, the attention nodes left with a reason, rel. error vs the module)."""
+    torch.manual_seed(0)
+    module = module.double()
+    found, reasons = [], []
+
+    def capture(gm, ex):
+        static = {n for n in gm.graph.nodes if n.op == "placeholder"
+                  and ("_buffers_" in str(n.target) or "_parameters_" in str(n.target))}
+        canonicalize_handwritten_attention(gm, ex, static)
+        found.extend([a if not isinstance(a, torch.fx.Node) or a.op != "get_attr" else getattr(gm, a.target)
+                      for a in n.args] for n in gm.graph.nodes if n.target is canonical_attention)
+        reasons.extend(n.meta[UNPROVED] for n in gm.graph.nodes if UNPROVED in n.meta)
+        return gm.forward
+    torch._dynamo.reset()
+    out = torch.compile(module, backend=capture)(*inputs)
+    ref = module(*inputs)
+    return found, reasons, float((out - ref).norm() / ref.norm())
+
+
+def _x():
+    return torch.randn(B, S, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("form", ["gather", "broadcast", "hidden"])
+def test_key_padding_is_carried_as_per_key_validity(form):
+    found, _, err = _canonicalized(PaddedAttention(form), _x(), PAD)
+    assert len(found) == 1 and err < 1e-12
+    spec = AttentionSpec.decode(found[0][3])
+    assert spec.causal and spec.key_padding and found[0][5] is not None
+
+
+def test_key_padding_without_causality_is_an_encoder_padding_mask():
+    found, _, err = _canonicalized(PaddedAttention("broadcast", causal=False), _x(), PAD)
+    spec = AttentionSpec.decode(found[0][3])
+    assert not spec.positional and spec.key_padding and err < 1e-12
+
+
+def test_padding_hidden_by_a_finite_fill_is_left_alone_with_the_reason():
+    found, reasons, err = _canonicalized(PaddedAttention("finite"), _x(), PAD)
+    assert found == [] and err < 1e-12
+    assert reasons and "finite fill" in reasons[0]
+
+
+@pytest.mark.parametrize("form", ["query", "float-bias"])
+def test_other_per_token_factors_are_left_alone(form):
+    found, _, err = _canonicalized(PaddedAttention(form), _x(), PAD)
+    assert found == [] and err < 1e-12
+
+
+def _ids():
+    return torch.randint(0, 128, (B, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("variant", ["window", "softcap", "loop"])
+def test_litgpt_masks_are_proved_windows_with_their_in_place_writes(variant):
+    """litgpt builds its window as triu/tril of -inf, its soft-capped mask with masked_fill_, and
+    (older) a window row by row in a Python loop: each write is evaluated where the mask is read."""
+    found, _, err = _canonicalized(L.LitGPTModel(variant), _ids())
+    specs = [AttentionSpec.decode(a[3]) for a in found]
+    assert [s.window for s in specs] == [8, None] and all(s.causal for s in specs)
+    assert err < 1e-6               # the soft-capped path's softmax runs in fp32 (dtype=torch.float)
+    assert all((s.softcap is not None) == (variant == "softcap") for s in specs)
+
+
+def test_torchtune_gemma2_window_on_some_layers_with_softcap():
+    found, _, err = _canonicalized(L.TorchtuneGemma2Model(), _ids())
+    specs = [AttentionSpec.decode(a[3]) for a in found]
+    assert [s.window for s in specs] == [8, None] and all(s.softcap == 50.0 for s in specs)
+    assert err < 1e-6               # softmax(output.float()): fp32 in the module
