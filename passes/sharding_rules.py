@@ -210,6 +210,23 @@ def _cross_entropy(ctx, node):
     return ctx.emit(operator.truediv, (loss_sum, n), placement=Replicate()), Replicate()
 
 
+def _new_like_shard(ctx, node):
+    """``x.new_empty(size)`` / ``new_zeros`` / ``new_ones`` / ``new_full`` shaped like the shard
+    ``x`` (its sequence dim at full length): a fresh buffer of this rank's rows, filled like the
+    whole one (DeepSeek-V3 assembles K in one by copies into its halves). Sharding a buffer is a
+    guess about how it is written: the rewrite's alias check computes it whole when a write into
+    it cannot stay on the shard."""
+    x = ctx.shard_of(node.args[0])
+    ex = ctx.example(node)
+    size = list(ex.shape)
+    if x is None or len(size) != ctx.example(node.args[0]).dim() or size[x.dim] != x.pre * ctx.S * x.post:
+        return "a buffer that is not shaped like the shard it is made from"
+    size[x.dim] //= ctx.P
+    fill = ((node.args[2] if len(node.args) > 2 else node.kwargs["fill_value"]),) if node.target == "new_full" else ()
+    kwargs = {k: v for k, v in node.kwargs.items() if k not in ("size", "fill_value")}
+    return ctx.emit(node.target, (ctx.env[node.args[0]], size, *fill), kwargs, x, op="call_method"), x
+
+
 def is_sequence_arange(ctx, node) -> bool:
     if node.target is not torch.arange:
         return False
@@ -321,6 +338,7 @@ RULES = {
     F.cross_entropy: _cross_entropy,
     F.scaled_dot_product_attention: sdpa_rule, torch._C._nn.scaled_dot_product_attention: sdpa_rule,
     torch.arange: _arange,
+    **{("method", m): _new_like_shard for m in ("new_empty", "new_zeros", "new_ones", "new_full")},
     canonical_attention: canonical_attention_rule,
     **{k: extreme_rule for k in EXTREME_KEYS},
 }

@@ -77,6 +77,19 @@ def _expand(ctx, node):
     return ctx.emit(node.target, (ctx.env[node.args[0]], sizes), op=node.op, placement=pl), pl
 
 
+def _repeat(ctx, node):
+    """``x.repeat(*sizes)``: tiling the sequence dim r times makes it the merged (r·pre, S, post),
+    and the local tile is this rank's rows of every copy in that order (Llama 4's MoE repeats the
+    token batch once per expert); the multipliers do not depend on the length."""
+    x = ctx.shard_of(node.args[0])
+    sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+    if not sizes or not all(isinstance(r, int) for r in sizes):
+        return "repeat with sizes that are not constants"
+    d = x.dim + len(sizes) - ctx.example(node.args[0]).dim()
+    pl = Shard(d, sizes[d] * x.pre, x.post)
+    return ctx.emit(node.target, (ctx.env[node.args[0]], *sizes), op=node.op, placement=pl), pl
+
+
 def _split(ctx, node):
     """chunk / split / tensor_split: along a dim other than the sequence every piece keeps the
     shard; along the sequence every piece is a part of it (``range_rules``)."""
@@ -202,7 +215,7 @@ VIEW_RULES = {
     ("method", "transpose"): _transpose, torch.transpose: _transpose,
     ("method", "permute"): _permute, torch.permute: _permute,
     ("method", "unsqueeze"): _unsqueeze, torch.unsqueeze: _unsqueeze,
-    ("method", "expand"): _expand,
+    ("method", "expand"): _expand, ("method", "repeat"): _repeat,
     ("method", "chunk"): _split, torch.chunk: _split, ("method", "split"): _split, torch.split: _split,
     ("method", "tensor_split"): _tensor_split, torch.tensor_split: _tensor_split,
     ("method", "narrow"): _narrow, torch.narrow: _narrow,

@@ -18,7 +18,8 @@ pytest.importorskip("transformers")
 # embedding (it ran replicated), GPT-2 and Llama as the plain baselines
 FAST = ["opt", "gpt2", "llama"]
 FULLY_SHARDED = ["llama", "llama-packed", "mistral-window", "qwen2", "qwen3", "phi3", "gemma2-softcap-window",
-                 "gpt2", "gpt-neox", "opt"]
+                 "gpt2", "gpt-neox", "opt", "falcon-mqa", "mixtral-grouped_mm", "qwen3-moe-grouped_mm",
+                 "deepseek-v3-mla-grouped_mm"]
 
 
 @pytest.fixture(scope="module")
