@@ -30,15 +30,15 @@ finite fill is refused.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from dataclasses import dataclass, field
-
 from seqpar_compiler.kernels import AttentionSpec
 
+from .alias_sets import eliminate_dead_code
 from .attention_forms import emit, match_scores, match_value_product, peel_softcap, to_bhsd, unrepeat_kv
 from .mask_proof import ProvedTerm, evaluate, evaluate_mask_term, example, is_call, is_hidden_value, user_dependent
 from .score_bias import prove_score_terms
@@ -462,6 +462,10 @@ def canonicalize_handwritten_attention(gm: fx.GraphModule, example_inputs, stati
             for new in reversed(emitted):
                 if not new.users:                         # nodes emitted before the failure
                     gm.graph.erase_node(new)
+    if count:
+        # what only the replaced attention read (the S×S scores, a copy of them a library keeps as an
+        # unused intermediate) would otherwise be sharded by the rewrite, and fall back
+        eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return count

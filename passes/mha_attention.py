@@ -14,9 +14,10 @@ options is rewritten to what it computes:
 The mask follows torch's own rules: ``is_causal=True`` without ``need_weights`` or a key padding
 mask *is* causal attention (torch passes it to SDPA as ``is_causal`` and ignores
 ``attn_mask``); otherwise ``attn_mask`` (bool: True = hidden; float: additive) must be proved
-a band by evaluation. A boolean ``key_padding_mask`` [B, S] (True = ignore the key) becomes the
-node's key validity; torch turns it into an additive -inf mask for SDPA, which gives a query
-with no visible key 0, as the spec says. Anything else — cross-attention,
+a band by evaluation. A boolean ``key_padding_mask`` [B, S] (True = ignore the key; the module
+hands it on as ``zeros_like(m).masked_fill_(m, -inf)``) becomes the node's key validity; torch
+turns it into an additive -inf mask for SDPA, which gives a query with no visible key 0, as the
+spec says. Anything else — cross-attention,
 ``bias_k``/``add_zero_attn``, a float key padding mask, attention weights that are read,
 unbatched input — is left as it is (and falls back). Attention dropout in training is refused as everywhere else (no per-block RNG).
 """
@@ -57,6 +58,23 @@ def _weights_unused(node) -> bool:
     return all(is_call(u, fns={operator.getitem}) and (u.args[1] == 0 or not u.users) for u in node.users)
 
 
+def _hidden_keys(kpm):
+    """The bool [B, S] mask of ignored keys behind a ``key_padding_mask``: itself when bool, or
+    the bool mask that ``nn.MultiheadAttention`` turned into ``zeros_like(m, float).masked_fill_(m,
+    -inf)`` (``F._canonical_mask``); None for anything else (a float mask of the user's)."""
+    if kpm is None:
+        return None
+    ex = example(kpm)
+    if ex is not None and ex.dtype == torch.bool:
+        return kpm
+    if not (is_call(kpm, fns={torch.masked_fill}, methods={"masked_fill", "masked_fill_"}) and len(kpm.args) == 3):
+        return None
+    base, m, fill = kpm.args
+    if not (is_call(base, fns={torch.zeros_like}) and base.args[0] is m and fill == float("-inf")):
+        return None
+    return m if example(m) is not None and example(m).dtype == torch.bool else None
+
+
 def _mask(node, a, gm, values, static_inputs, shape, S):
     """The band ``AttentionSpec`` of the call's mask, or None when it cannot be proved."""
     if a["is_causal"] and not a["need_weights"] and a["key_padding_mask"] is None:
@@ -92,8 +110,8 @@ def _rewrite(gm, node, values, static_inputs) -> bool:
         return False
     if any(a[n] is not None for n in ("bias_k", "bias_v", "static_k", "static_v")) or a["add_zero_attn"]:
         return False
-    kpm = a["key_padding_mask"]
-    if kpm is not None and (example(kpm) is None or example(kpm).dtype != torch.bool):
+    kpm = _hidden_keys(a["key_padding_mask"])
+    if a["key_padding_mask"] is not None and kpm is None:
         return False
     if a["dropout_p"] and a["training"]:
         raise ValueError(f"seqpar: attention dropout p={a['dropout_p']} is not supported yet (no per-block RNG); "

@@ -4,7 +4,9 @@ attention is proved from them. Three styles, each with a break after every block
 
   * ``sdpa-bool``: ``F.scaled_dot_product_attention(q, k, v, attn_mask=visible)`` (bool, True = visible);
   * ``additive-window``: ``softmax(q kᵀ · s + mask)`` with a float sliding-window mask (0 / -inf);
-  * ``fill-hidden``: ``scores.masked_fill(hidden, -inf)`` with a bool mask, True = hidden.
+  * ``fill-hidden``: ``scores.masked_fill(hidden, -inf)`` with a bool mask, True = hidden;
+  * ``padding-bool``: ``sdpa-bool`` with a key-padding factor from the ids (``idx >= 32`` marks the
+    valid keys): the mask crosses the breaks as facts plus the per-token validity.
 
 Each case returns the relative errors of the loss and every parameter gradient against
 single-process eager, the ring-forward count, the step's sequence all-gathers, the full-length
@@ -36,7 +38,7 @@ class _Block(nn.Module):
     def forward(self, x, mask):
         B, S, d = x.shape
         q, k, v = self.qkv(self.norm(x)).view(B, S, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        if self.style == "sdpa-bool":
+        if self.style in ("sdpa-bool", "padding-bool"):
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             scores = q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5
@@ -56,11 +58,13 @@ class MaskedLM(nn.Module):
         self.blocks = nn.ModuleList(_Block(d, heads, style) for _ in range(layers))
         self.head = nn.Linear(d, vocab, bias=False)
 
-    def _mask(self, S: int, device):
+    def _mask(self, S: int, device, idx):
         i = torch.arange(S, device=device)
         visible = i[None, :] <= i[:, None]
         if self.style == "sdpa-bool":
             return visible
+        if self.style == "padding-bool":
+            return visible & (idx >= 32)[:, None, None, :]
         if self.style == "fill-hidden":
             return ~visible
         visible = visible & (i[None, :] > i[:, None] - WINDOW)
@@ -68,7 +72,7 @@ class MaskedLM(nn.Module):
 
     def forward(self, idx, targets):
         h = self.emb(idx)
-        mask = self._mask(idx.shape[1], idx.device)
+        mask = self._mask(idx.shape[1], idx.device, idx)
         for block in self.blocks:
             h = block(h, mask)
             torch._dynamo.graph_break()

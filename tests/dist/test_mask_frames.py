@@ -13,7 +13,7 @@ import hf_break_workers as HW
 import mask_break_workers as W
 from seqpar_compiler.launch import run_ranks
 
-STYLES = ["sdpa-bool", "additive-window", "fill-hidden"]
+STYLES = ["sdpa-bool", "additive-window", "fill-hidden", "padding-bool"]
 
 
 def _run(rank, P, cases):

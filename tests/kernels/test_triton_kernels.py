@@ -252,8 +252,9 @@ def _padding(B, N, seed=0):
     return valid
 
 
-@pytest.mark.parametrize("name", ["full_odd_lengths", "causal_offset_partial", "striped_later_keys",
-                                  "window_offset", "docs_causal"])
+@pytest.mark.parametrize("name", ["causal_offset_partial",
+                                  *(pytest.param(n, marks=pytest.mark.slow) for n in (
+                                      "full_odd_lengths", "striped_later_keys", "window_offset", "docs_causal"))])
 def test_triton_key_padding_matches_float64_reference(name):
     _, M, N, kw, doc_lens = next(c for c in CASES if c[0] == name)
     got, ref = _run_case(M, N, kw, doc_lens, k_valid=_padding(2, N))
@@ -267,8 +268,9 @@ def test_triton_key_padding_hiding_every_key_of_a_row_gives_zero_and_neg_inf():
     _assert_matches(got, ref)
 
 
-@pytest.mark.parametrize("band,q_start,k_start", [((8, 8), 0, 0), ((8, 8), 30, 0), ((0, 5), 10, 30),
-                                                   ((None, 3), 0, 20), ((7, None), 40, 0)])
+@pytest.mark.parametrize("band,q_start,k_start", [((8, 8), 30, 0), *(
+    pytest.param(*c, marks=pytest.mark.slow) for c in (((8, 8), 0, 0), ((0, 5), 10, 30), ((None, 3), 0, 20),
+                                                       ((7, None), 40, 0)))])
 def test_triton_bidirectional_band_matches_float64_reference(band, q_start, k_start):
     got, ref = _run_case(37, 37, dict(q_start=q_start, k_start=k_start), band=band)
     _assert_matches(got, ref)

@@ -1,10 +1,13 @@
-"""One training step of a real transformers model whose attention is a form the ring carries as
-per-token data or per-head data (key padding, right or left; bidirectional local windows; ALiBi),
-through seqpar on each spawned rank, against the same step in this process.
+"""One training step of a real model whose attention is a form the ring carries as per-token,
+per-head or positional data (key padding, right or left; bidirectional local windows; ALiBi;
+windows built in place or on some layers), through seqpar on each spawned rank, against the same
+step in this process.
 
-Models come from ``real_model_zoo`` (tiny configs, random weights); the case sets the attention
-implementation and the padding side. A case never raises: it returns what happened, as
-``real_model_workers.real_model_case`` does, so one spawn reports every case.
+transformers models come from ``real_model_zoo`` (tiny configs, random weights; the case sets the
+attention implementation and the padding side); x-transformers is the installed library;
+litgpt and torchtune are the faithful models of ``library_attention_modules``. A case never
+raises: it returns what happened, as ``real_model_workers.real_model_case`` does, so one spawn
+reports every case.
 """
 from __future__ import annotations
 
@@ -50,6 +53,44 @@ _ARCH = {"llama": "llama", "bert": "bert-padded", "modernbert": "modernbert-padd
          "mpt": "mpt-alibi"}
 
 
+def _library_model(arch: str) -> torch.nn.Module:
+    """A model that maps ids [B, S] to logits [B, S, VOCAB] (not transformers)."""
+    import library_attention_modules as L
+    if arch == "xt-decoder-alibi":               # ALiBi on 2 of 4 heads (alibi_num_heads)
+        import x_transformers as xt
+        return xt.TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=xt.Decoder(
+            dim=64, depth=2, heads=4, alibi_pos_bias=True, alibi_num_heads=2))
+    if arch.startswith("litgpt-"):
+        return L.LitGPTModel(arch.split("-", 1)[1], vocab=VOCAB)
+    if arch == "torchtune-gemma2":
+        return L.TorchtuneGemma2Model(vocab=VOCAB)
+    raise ValueError(f"unknown architecture {arch!r}")
+
+
+class _WithLoss(torch.nn.Module):
+    """ids → an output with ``.logits`` and the next-token ``.loss``, as transformers models return."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels):
+        from types import SimpleNamespace
+        logits = self.model(input_ids)
+        # transformers' ForCausalLMLoss: labels shifted by a pad, logits whole
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1),
+                                                 ignore_index=-100)
+        return SimpleNamespace(logits=logits, loss=loss)
+
+
+def _build(arch: str) -> torch.nn.Module:
+    if arch in _ARCH:
+        return build(_ARCH[arch])
+    torch.manual_seed(0)
+    return _WithLoss(_library_model(arch)).train()
+
+
 def attention_form_case(rank: int, P: int, *, arch: str, padding: str | None = None, impl: str | None = None,
                         B: int = 2, S: int = 32, inner: str = "aot_eager", **options) -> dict:
     """``arch`` (llama, bert, modernbert, bloom, mpt) with attention implementation ``impl``
@@ -57,12 +98,14 @@ def attention_form_case(rank: int, P: int, *, arch: str, padding: str | None = N
     from step_probes import SequenceGatherCounter
     result = {}
     try:
-        model, ref = build(_ARCH[arch]), build(_ARCH[arch])
+        model, ref = _build(arch), _build(arch)
         ref.load_state_dict(model.state_dict())
         if impl is not None:
             for m in (model, ref):
                 m.set_attn_implementation(impl)
         kwargs = _batch(arch, padding, B, S)
+        if arch not in _ARCH:
+            kwargs = {"input_ids": kwargs["input_ids"], "labels": kwargs["labels"]}
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=sp.backend(inner=inner, **options))
         with warnings.catch_warnings(record=True) as caught, sp.stats() as st, SequenceGatherCounter() as gathers:
@@ -81,11 +124,16 @@ def attention_form_case(rank: int, P: int, *, arch: str, padding: str | None = N
         worst = max(grads.items(), key=lambda kv: kv[1])
         result.update(loss=_rel(loss, r.loss), logits=_rel(logits, r.logits), worst_grad=worst,
                       ring_calls=st.attention_forward_calls, gathers=gathers.calls, warnings=messages,
-                      fallbacks=_fallback_kind(messages), layers=model.config.num_hidden_layers)
+                      fallbacks=_fallback_kind(messages), layers=_layers(model))
         result["exact"] = result["loss"] <= 1e-5 and result["logits"] <= 1e-5 and worst[1] <= 1e-4
     except Exception as err:  # noqa: BLE001 - a case reports a crash, it does not stop the spawn
         result.update(exact=False, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-3000:])
     return result
+
+
+def _layers(model) -> int:
+    config = getattr(model, "config", None)
+    return config.num_hidden_layers if config is not None else 2          # the library models have 2
 
 
 def run_attention_forms(rank: int, P: int, cases: list[tuple[str, dict]]) -> dict:

@@ -128,3 +128,24 @@ def test_torchtune_gemma2_window_on_some_layers_with_softcap():
     specs = [AttentionSpec.decode(a[3]) for a in found]
     assert [s.window for s in specs] == [8, None] and all(s.softcap == 50.0 for s in specs)
     assert err < 1e-6               # softmax(output.float()): fp32 in the module
+
+
+class MHAPadding(nn.Module):
+    """``nn.MultiheadAttention`` self-attention with a bool ``key_padding_mask`` (True = ignore)."""
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x, pad):
+        mask = torch.ones(S, S, dtype=torch.bool).triu(1) if self.causal else None
+        return self.mha(x, x, x, key_padding_mask=~pad, attn_mask=mask, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_multihead_attention_key_padding_mask_is_key_validity(causal):
+    pad = torch.tensor([[True] * S, [True] * (S - 4) + [False] * 4])      # right padding: no empty row
+    found, _, err = _canonicalized(MHAPadding(causal), _x(), pad)
+    spec = AttentionSpec.decode(found[0][3])
+    assert len(found) == 1 and spec.key_padding and spec.causal == causal and err < 1e-12
