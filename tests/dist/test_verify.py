@@ -50,3 +50,35 @@ def test_a_broken_gradient_is_caught_naming_the_parameter(results):
         r = res["c_attn weight gradient off by 1%"]
         assert r.get("parameter") == "blocks.0.attn.c_attn.weight" and r.get("node") is None, r
         assert 5e-3 < r["error"] < 2e-2
+
+
+# the aliasing bug of the real-code tier, restored by its test-only switch: VERIFY must catch it
+# (DeepSeek-V3's MLA read an uninitialised K: fx's dead-code elimination dropped the copy_ into
+# it), and pass the fixed real models silently (Llama 4's MoE writes into a repeated batch)
+_PURITY = {"seqpar_compiler.passes.alias_sets": {"_UNSAFE_FX_PURITY": True}}
+REAL = ["deepseek-v3-mla-grouped_mm", "llama4-moe"]
+CAUGHT = ["deepseek-v3-mla-grouped_mm"]
+REAL_CASES = ([(name, dict(zoo=name)) for name in REAL]
+              + [(f"{name} unsafe purity", dict(zoo=name, switches=_PURITY)) for name in CAUGHT])
+
+
+@pytest.fixture(scope="module")
+def real_results():
+    return run_ranks(run_verify_cases, 2, REAL_CASES, timeout=1800, pg_timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REAL)
+def test_fixed_real_models_pass_verify(real_results, name):
+    for res in real_results:
+        r = res[name]
+        assert "raised" not in r and "parity_error" not in r, r
+        assert r["checked_calls"] >= 1 and r["loss"] <= 1e-5 and r["grad"] <= 1e-4, r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CAUGHT)
+def test_verify_catches_the_aliasing_bug_when_its_fix_is_switched_off(real_results, name):
+    for res in real_results:
+        r = res[f"{name} unsafe purity"]
+        assert "parity_error" in r and (r["node"] or r["parameter"]), r
