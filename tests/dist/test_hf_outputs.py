@@ -1,4 +1,5 @@
-"""What leaves a sequence-parallel Hugging Face model (issue 22), one 2-rank spawn (``aot_eager``):
+"""What leaves a sequence-parallel Hugging Face model (issue 22), 2-rank spawns (``aot_eager``; the
+decoding cases in a ``slow`` spawn of their own):
 
   * evaluation (``model.eval()`` + ``no_grad``) is sharded and exact;
   * prefill (``use_cache=True, logits_to_keep=1``) and ``generate(max_new_tokens=1)`` are exact, the
@@ -14,13 +15,22 @@ import hf_outputs_workers as W
 from seqpar_compiler.launch import run_ranks
 
 
-@pytest.fixture(scope="module")
-def results():
-    ranks = run_ranks(W.run_cases, 2, ["eval", "decode", "hooks", "exit"], timeout=900, pg_timeout=300)
+def _spawn(names):
+    ranks = run_ranks(W.run_cases, 2, names, timeout=900, pg_timeout=300)
     for r in ranks:
         for name, case in r.items():
             assert "error" not in case, (name, case.get("error"))
     return ranks
+
+
+@pytest.fixture(scope="module")
+def results():
+    return _spawn(["eval", "hooks", "exit"])          # "exit" destroys the group: last
+
+
+@pytest.fixture(scope="module")
+def decoding():
+    return _spawn(["decode"])
 
 
 def test_eval_forward_under_no_grad_is_sharded_and_exact(results):
@@ -28,27 +38,31 @@ def test_eval_forward_under_no_grad_is_sharded_and_exact(results):
         assert r["eval"]["type"] == "SequenceShard" and r["eval"]["logits"] <= 1e-5 and r["eval"]["ring_calls"] == 2
 
 
-def test_prefill_is_sharded_and_exact_with_the_cache_as_sequence_shards(results):
-    for r in results:
+@pytest.mark.slow
+def test_prefill_is_sharded_and_exact_with_the_cache_as_sequence_shards(decoding):
+    for r in decoding:
         d = r["decode"]
         assert d["prefill_ring"] == 2 and d["prefill_logits"] <= 1e-5
         assert d["cache_types"] == ["SequenceShard"] and d["cache_matches"] <= 1e-5
 
 
-def test_generating_one_and_eight_tokens_gives_eager_tokens(results):
-    assert all(r["decode"]["one_token_equal"] and r["decode"]["tokens_equal"] for r in results)
+@pytest.mark.slow
+def test_generating_one_and_eight_tokens_gives_eager_tokens(decoding):
+    assert all(r["decode"]["one_token_equal"] and r["decode"]["tokens_equal"] for r in decoding)
 
 
-def test_decoding_compiles_nothing_per_token(results):
+@pytest.mark.slow
+def test_decoding_compiles_nothing_per_token(decoding):
     """Eight greedy tokens: the first decode step (cache as SequenceShards) and the second (the
     cache now plain, its length symbolic) are compiled once each; no length is specialised."""
-    for r in results:
+    for r in decoding:
         d = r["decode"]
         assert d["specialised_lengths"] == 0 and d["compiles_while_decoding"] <= 2, d
 
 
-def test_decoding_is_warned_once_by_rank_0(results):
-    assert [r["decode"]["decode_warnings"] for r in results] == [1, 0]
+@pytest.mark.slow
+def test_decoding_is_warned_once_by_rank_0(decoding):
+    assert [r["decode"]["decode_warnings"] for r in decoding] == [1, 0]
 
 
 def test_saved_tensor_hooks_see_no_fake_tensor_at_new_lengths(results):
