@@ -216,8 +216,8 @@ def _compile_frame(gm, example_inputs, pg, opts, pristine) -> Callable:
                                        getattr(sharded, "seqpar_local_exits", None)), mask_exits, mask_inputs)
     if not verify:
         return frame
-    return verifying(frame, compiled, pristine=pristine.module(), sharded=sharded, example_inputs=example_inputs,
-                     pg=pg, opts=opts, frame=_frame_name())
+    return verifying(frame, compiled, pristine=pristine.module(), sharded=sharded, pg=pg, opts=opts,
+                     frame=_frame_name())
 
 
 def _hide_user_saved_tensor_hooks():

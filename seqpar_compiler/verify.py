@@ -177,7 +177,7 @@ class _Recorder:
 
 
 def verifying(compiled: Callable, inner: _Recorder, *, pristine: fx.GraphModule, sharded: fx.GraphModule,
-              example_inputs, pg, opts: dict, frame: str) -> Callable:
+              pg, opts: dict, frame: str) -> Callable:
     """``compiled`` (the frame at run time) checked on its first call or on every call (module
     doc). ``inner`` must be the recorder around the inner compiled function ``compiled`` calls."""
     state = {"calls": 0}
