@@ -177,7 +177,8 @@ def trainer_client(rank: int, world: int, *, compiled: bool, steps: int = 2, ga:
 
 
 def sft_client(rank: int, world: int, *, compiled: bool, packing: bool, steps: int = 2, n_train: int = 16,
-               n_eval: int = 4, gradient_checkpointing: bool = True, old_layer_input_search: bool = False):
+               n_eval: int = 4, gradient_checkpointing: bool = True, old_layer_input_search: bool = False,
+               bf16: bool = False):
     """TRL ``SFTTrainer`` made by ``sequence_parallel(SFTTrainer)``, fp32. Packing: rows of 5-13
     tokens packed best-fit into 32-token bins and flattened padding-free (position ids restart
     per document); no packing: rows of exactly 16 tokens (no padding, so attention stays a ring).
@@ -196,7 +197,7 @@ def sft_client(rank: int, world: int, *, compiled: bool, packing: bool, steps: i
     args = trl.SFTConfig(output_dir=tempfile.mkdtemp(), packing=packing, max_length=32, per_device_train_batch_size=2,
                          per_device_eval_batch_size=2, max_steps=steps, learning_rate=1e-2,
                          lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no",
-                         use_cpu=True, seed=0, bf16=False, dataloader_drop_last=True, disable_tqdm=True,
+                         use_cpu=True, seed=0, bf16=bf16, dataloader_drop_last=True, disable_tqdm=True,
                          gradient_checkpointing=gradient_checkpointing)
     trainer = sp_hf.sequence_parallel(trl.SFTTrainer)(
         model=model, args=args, processing_class=tok, train_dataset=token_rows(n_train, 3, lengths),
@@ -231,7 +232,7 @@ def accelerate_client(rank: int, world: int, *, compiled: bool, steps: int = 3, 
         with accelerator.accumulate(model):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             accelerator.backward(loss)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if accelerator.sync_gradients and not grads:
                 grads = {_name(n): p.grad.detach().clone() for n, p in model.named_parameters()}
             opt.step()
@@ -257,7 +258,7 @@ def plain_loop_client(rank: int, world: int, *, compiled: bool, steps: int = 2, 
         seen.append(int(ids.sum()))
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         grads = grads or {_name(n): p.grad.detach().clone() for n, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()

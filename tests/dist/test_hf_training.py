@@ -20,7 +20,8 @@ DEFAULT = [("trainer", "trainer", dict(count_allreduce=True)),
            ("sft-packing", "sft", dict(packing=True))]
 SLOW = [("sft-no-packing", "sft", dict(packing=False)),
         ("accelerate", "accelerate", {}),
-        ("sft-packing-old-search", "sft", dict(packing=True, steps=1, old_layer_input_search=True))]
+        ("sft-packing-old-search", "sft", dict(packing=True, steps=1, old_layer_input_search=True)),
+        ("sft-packing-bf16", "sft", dict(packing=True, steps=1, bf16=True))]
 # world 4 under SEQPAR_DEGREE=2 (the helpers and the backend both read it): two groups of two
 WORLD4 = [("trainer-dp2", "trainer", dict(steps=2, ga=1, n_train=8, n_eval=5)),
           ("plain-dp2", "plain", dict(steps=2))]
@@ -153,3 +154,20 @@ def test_the_old_layer_input_search_gives_up_on_packed_trl_graphs(runs):
     ranks, ref = runs("sft-packing-old-search")
     assert all(any("not applied" in w for w in r["seqpar_warnings"]) for r in ranks)
     _check_matches_one_process(ranks, ref)
+
+
+@pytest.mark.slow
+def test_under_bf16_autocast_seqpar_is_as_close_to_fp32_as_one_process(runs):
+    """What the trl report of issue 20 measured: SFTConfig's default bf16=True autocasts inside
+    train() only, and step-1 gradients then differ from one process by ~6e-3 (layer 0's k/v
+    projections and input norm worst), while compute_loss + backward outside train() ran in fp32
+    and matched. Against the fp32 run both sides err alike: bf16 rounding, not a sharding error."""
+    ranks, bf16 = runs("sft-packing-bf16")
+    fp32 = W.reference("sft", packing=True, steps=1)
+
+    def worst(grads):
+        return max(_rel(grads[n], g) for n, g in fp32["grads"].items())
+    one_process = worst(bf16["grads"])
+    assert 1e-3 < one_process < 5e-2, one_process            # bf16 rounding is there at all
+    for r in ranks:
+        assert worst(r["grads"]) <= 1.5 * one_process, (worst(r["grads"]), one_process)
