@@ -6,8 +6,8 @@ AdamW steps, evaluation.
 Default run: one 2-rank spawn with ``transformers.Trainer`` (gradient accumulation with
 ``average_tokens_across_devices``, gradient checkpointing, evaluation) and TRL's ``SFTTrainer``
 with packing (the trl bug of issue 20). ``slow``: SFTTrainer without packing, accelerate with a
-plain loop, the trl case under the old remat search, and world 4 with ``SEQPAR_DEGREE=2``
-(Trainer and a plain loop with ``DistributedSampler`` + DDP across groups).
+plain loop, the trl case under the old remat search and under bf16 autocast, and world 4 with
+``SEQPAR_DEGREE=2`` (Trainer and a plain loop with ``DistributedSampler`` + DDP across groups).
 """
 import pytest
 
