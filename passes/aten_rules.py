@@ -1,5 +1,5 @@
-"""The generic sharding rule: an op with no hand-written rule, decomposed to ATen on its example
-values, each piece sharded by DTensor's strategy for it (issue 12, design (b)).
+"""The generic sharding rule of the compiled path: an op with no torch-level rule, decomposed to
+ATen on its example values, each piece planned by the sharding core and emitted.
 
 Reads ``node.meta["example_value"]`` of the node and its inputs, and the placements the rewrite
 has given its inputs (``ShardingContext.place``). Writes, into the new graph, the ATen pieces of
@@ -9,17 +9,15 @@ placement of the op's result like any rule (``sharding_rules.py``).
 Why a per-node decomposition (not a whole ATen-level graph): the torch-level graph is what the
 rest of seqpar reads (attention patterns, the FFN and checkpointing passes, the dump), and almost
 every op of a real model already has a rule there; only an op without one pays for a ``make_fx``
-of one call on meta tensors (milliseconds). See docs/how_it_works.md "Where rules come from".
+of one call on fake tensors (milliseconds).
 
-What stays seqpar's (never taken from DTensor): DTensor's ``Shard`` means contiguous chunks, and
-zigzag / striped are not contiguous. An ATen piece is taken from DTensor only when it keeps the
-sequence on a dim of the same size and is equivariant under any permutation of the sequence
-positions (``_LAYOUT_OPS`` lists the ATen ops whose result depends on where a position sits:
-scans, rolls, flips, triangles, slices, index ops along the sequence). Views go through seqpar's
-own view rule (``placement.view_placement``: merged batch×sequence dims, and a view that splits
-the sequence is refused). A reduction over the sequence comes back ``Partial``: sum, mean (equal
-shares) and max/min are permutation invariant and become one all-reduce; ``nll_loss`` (whose mean
-counts ignored targets) keeps seqpar's cross-entropy rule.
+Each piece's plan comes from ``runtime/sharding/ops.py`` — the same core ``SequenceShard``'s
+eager dispatch uses — so an op shards alike inside a frame and between frames: seqpar's own
+rules where the layout matters (views of merged dims, advanced indexing, position-aware ops
+along the sequence), DTensor's strategy elsewhere. Here the plan becomes graph nodes: a
+replicated operand sliced in the layout (``seqpar::shard_sequence``: its gradient is gathered),
+a replicated operand that requires grad and meets shards gets its gradient summed over the group,
+and a partial result one all-reduce.
 """
 from __future__ import annotations
 
@@ -31,8 +29,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated, sum_grad_over_group
 
-from .dtensor_compat import TENSOR, ArgSpec, NoStrategy, propagate
-from .placement import Replicate, Shard, local_view_shape, view_placement
+from seqpar_compiler.runtime.sharding.dtensor_bridge import TENSOR, NoStrategy
+from seqpar_compiler.runtime.sharding.ops import Refusal, TensorArg, plan_op
+from seqpar_compiler.runtime.sharding.placements import Partial, Replicate, Shard
 
 __all__ = ["decomposed_rule", "DECOMPOSITIONS"]
 
@@ -58,27 +57,6 @@ def _polar(abs_, angle):
 
 
 DECOMPOSITIONS[aten.polar.default] = _polar
-
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-# position-aware ATen ops: their result depends on where a position sits in the dim
-_LAYOUT_OPS = {aten.roll.default, aten.flip.default, aten.cumsum.default, aten.cumprod.default,
-               aten.logcumsumexp.default, aten.cummax.default, aten.cummin.default, aten.sort.default,
-               aten.sort.stable, aten.topk.default, aten.tril.default, aten.triu.default, aten.diff.default,
-               aten.slice.Tensor, aten.narrow.default, aten.unfold.default, aten.constant_pad_nd.default,
-               aten.nll_loss_forward.default, aten.nll_loss2d_forward.default, aten.index_select.default,
-               aten.gather.default, aten.scatter.src, aten.scatter_add.default, aten.index.Tensor,
-               aten.select.int, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
-               aten.as_strided.default, aten.diagonal.default}
-# of those, the ones that are permutation-equivariant when the sequence dim is not the dim they act on
-_DIM_ARG = {aten.roll.default: 2, aten.flip.default: 1, aten.cumsum.default: 1, aten.cumprod.default: 1,
-            aten.logcumsumexp.default: 1, aten.cummax.default: 1, aten.cummin.default: 1, aten.sort.default: 1,
-            aten.topk.default: 3, aten.diff.default: 2, aten.slice.Tensor: 1, aten.narrow.default: 1,
-            aten.unfold.default: 1, aten.index_select.default: 1, aten.gather.default: 1, aten.select.int: 1,
-            aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.unbind.int: 1,
-            aten.scatter.src: 1, aten.scatter_add.default: 1}
-_DIM_DEFAULT = {aten.sort.default: -1, aten.topk.default: -1, aten.diff.default: -1, aten.slice.Tensor: 0,
-                aten.split.Tensor: 0, aten.split_with_sizes.default: 0, aten.unbind.int: 0}
-
 
 class _Refuse(Exception):
     pass
@@ -199,48 +177,44 @@ def _constant_piece(ctx, gm: fx.GraphModule, p: fx.Node) -> fx.Node:
 
 
 def _piece(ctx, p: fx.Node, vals, place, olds):
-    tensor_args = p.all_input_nodes
-    shards = {a: place[a] for a in tensor_args if isinstance(place.get(a), Shard)}
+    """One ATen piece: its plan from the sharding core (``runtime/sharding/ops.py``), emitted."""
+    tensor_args = tensor_args_in_order(p)
 
-    def plain(a):
-        return vals[a]
-    if not shards:
+    def as_arg(a):
+        pl = place.get(a)
+        return TensorArg(_shape(a), a.meta["val"].dtype, pl if isinstance(pl, Shard) else Replicate())
+    args, kwargs = fx.node.map_arg((p.args, p.kwargs), as_arg)
+    vals_out = p.meta["val"] if isinstance(p.meta["val"], (list, tuple)) else [p.meta["val"]]
+    out_shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals_out)
+    try:
+        plan = plan_op(p.target, args, kwargs, S=ctx.S, P=ctx.P, group_name=ctx.group_name, out_shapes=out_shapes)
+    except Refusal as err:
+        raise _Refuse(str(err)) from err
+    if not any(isinstance(place.get(a), Shard) for a in tensor_args):
         if any(a in olds for a in tensor_args):
             olds[p] = None                     # needs a gradient sum where it meets shards
+        plain = lambda a: vals[a]              # noqa: E731
         return ctx.emit(p.target, fx.node.map_arg(p.args, plain), fx.node.map_arg(p.kwargs, plain),
                         Replicate()), Replicate()
-    kinds = {(s.pre, s.post) for s in shards.values()}
-    if len(kinds) > 1:
-        raise _Refuse(f"{p.target}: operands merged with the sequence differently")
-    pre, post = kinds.pop()
-    full = pre * ctx.S * post
-    if p.target in _VIEWS:
-        return _view_piece(ctx, p, vals, place)
-    if p.target is aten.index.Tensor:
-        return _index_piece(ctx, p, vals, place, shards)
-    if p.target in _LAYOUT_OPS:
-        _check_layout_op(ctx, p, shards)
-    arg_specs = fx.node.map_arg((p.args, p.kwargs), lambda a: ArgSpec(
-        _shape(a), a.meta["val"].dtype, place[a].dim if isinstance(place.get(a), Shard) else None))
-    prop = propagate(p.target, arg_specs[0], arg_specs[1], ctx.P, ctx.group_name)
-    filled = iter(tensor_args_in_order(p))
-    wanted = iter(prop.inputs)
+    pre, post = plan.merged
+    operands = iter(zip(tensor_args, plan.operands))
 
     def fill(v):
         if v is TENSOR:
-            a = next(filled)
-            want = next(wanted)
-            return _operand(ctx, a, want, vals, place, olds, pre, post, full, p)
+            a, how = next(operands)
+            return _operand(ctx, a, how, vals, olds, pre, post)
         if isinstance(v, (list, tuple)):
             return type(v)(fill(x) for x in v)
         return v
-    args = tuple(fill(v) for v in prop.args)
-    kwargs = {k: fill(v) for k, v in prop.kwargs.items()}
-    outs = _output_placements(ctx, p, prop.outputs, pre, post, full)
+    new_args = tuple(fill(v) for v in plan.args)
+    new_kwargs = {k: fill(v) for k, v in plan.kwargs.items()}
     single = not isinstance(p.meta["val"], (list, tuple))
-    new = ctx.emit(p.target, args, kwargs, outs[0] if single else outs)
-    if single and isinstance(prop.outputs[0], tuple) and prop.outputs[0][0] == "partial":
-        return _reduce_partial(ctx, new, prop.outputs[0][1], p), Replicate()
+    outs = plan.outputs
+    if any(isinstance(o, Partial) for o in outs) and not single:
+        raise _Refuse(f"{p.target}: a partial result among several outputs")
+    new = ctx.emit(p.target, new_args, new_kwargs, outs[0] if single else outs)
+    if single and isinstance(outs[0], Partial):
+        return _reduce_partial(ctx, new, outs[0].reduce, p), Replicate()
     return new, (outs[0] if single else outs)
 
 
@@ -250,13 +224,12 @@ def tensor_args_in_order(p: fx.Node) -> list[fx.Node]:
     return found
 
 
-def _operand(ctx, a, want, vals, place, olds, pre, post, full, p):
-    pl = place.get(a)
-    if isinstance(pl, Shard):
-        if want != ("shard", pl.dim):
-            raise _Refuse(f"DTensor's rule for {p.target} needs the sequence gathered")
+def _operand(ctx, a, how, vals, olds, pre, post):
+    """One tensor argument as the plan wants it: a shard as it is, a replicated value whole
+    (its gradient summed over the group where it meets shards) or sliced in the layout."""
+    if how == "local":
         return vals[a]
-    if want[0] == "replicate":
+    if how == "whole":
         if a not in olds or ctx.grad_reduce == "none":
             return vals[a]
         if olds[a] is not None:
@@ -266,9 +239,7 @@ def _operand(ctx, a, want, vals, place, olds, pre, post, full, p):
             vals[key] = ctx.emit(sum_grad_over_group, (vals[a], ctx.group_name), placement=Replicate())
             ctx.collectives.append(f"grad all-reduce {a.name}")
         return vals[key]
-    if want[0] == "shard" and _shape(a)[want[1]] == full:
-        return _slice(ctx, vals[a], _shape(a), want[1], pre, post)
-    raise _Refuse(f"{p.target}: a replicated operand would have to be sharded as {want}")
+    return _slice(ctx, vals[a], _shape(a), how[1], pre, post)
 
 
 def _slice(ctx, new, shape, d, pre, post):
@@ -281,89 +252,6 @@ def _slice(ctx, new, shape, d, pre, post):
     unmerged = ctx.emit(aten.reshape.default, (new, split))
     sliced = ctx.emit(shard_sequence_op, (unmerged, d + 1, ctx.schedule, ctx.group_name))
     return ctx.emit(aten.reshape.default, (sliced, local), placement=Shard(d, pre, post))
-
-
-def _output_placements(ctx, p, outputs, pre, post, full):
-    vals = p.meta["val"] if isinstance(p.meta["val"], (list, tuple)) else [p.meta["val"]]
-    pls = []
-    for o, v in zip(outputs, vals):
-        if o is None or o[0] == "replicate":
-            pls.append(Replicate())
-        elif o[0] == "shard" and v.shape[o[1]] == full:
-            pls.append(Shard(o[1], pre, post))
-        elif o[0] == "partial" and o[1] in ("sum", "avg", "max", "min") and len(vals) == 1:
-            pls.append(Replicate())
-        else:
-            raise _Refuse(f"{p.target}: DTensor places its result as {o}, which the layout cannot carry")
-    return tuple(pls)
-
-
-def _check_layout_op(ctx, p, shards):
-    """A position-aware op is kept only when it acts on a dim that is not the sequence of the
-    tensor it acts on (its index arguments may be sharded: they carry global positions)."""
-    src = p.args[0]
-    if p.target is aten.constant_pad_nd.default:
-        pad, nd = list(p.args[1]), len(_shape(src))
-        touched = [nd - 1 - i // 2 for i, w in enumerate(pad) if w]
-        if src in shards and shards[src].dim in touched:
-            raise _Refuse("padding along the sequence dim")
-        return
-    if p.target is aten.slice.Tensor and src in shards:
-        dim = p.args[1] if len(p.args) > 1 else 0
-        start, end = (p.args[2] if len(p.args) > 2 else None), (p.args[3] if len(p.args) > 3 else None)
-        step = p.args[4] if len(p.args) > 4 else 1
-        size = _shape(src)[dim]
-        if dim % len(_shape(src)) == shards[src].dim and not (
-                (start or 0) == 0 and (end is None or end >= size) and step == 1):
-            raise _Refuse("slicing along the sequence dim")
-        return
-    if p.target not in _DIM_ARG:
-        raise _Refuse(f"{p.target} depends on where a position sits in the layout")
-    if src not in shards:
-        return                       # a replicated table indexed by sharded positions
-    i = _DIM_ARG[p.target]
-    dim = p.args[i] if len(p.args) > i else p.kwargs.get("dim", _DIM_DEFAULT.get(p.target))
-    if dim is None:
-        raise _Refuse(f"{p.target} over every dim, the sequence included")
-    dims = dim if isinstance(dim, (list, tuple)) else [dim]
-    nd = len(_shape(src))
-    if shards[src].dim in [d % nd for d in dims]:
-        raise _Refuse(f"{p.target} along the sequence dim")
-
-
-def _index_piece(ctx, p, vals, place, shards):
-    """``x[..., idx, :]`` (advanced indexing, ``aten.index.Tensor``) of a sharded ``x`` by
-    replicated indices on dims other than the sequence: every sequence position is indexed alike,
-    so the local shard is indexed as it is (Falcon's fused MQA: ``qkv[..., [-2], :]``). DTensor
-    has no usable strategy for it (its index rule rejects the ``None`` slots). Where the sequence
-    lands follows advanced indexing's rule: the broadcast index dims replace the indexed dims in
-    place when those are adjacent, else they come first."""
-    src, indices = p.args[0], list(p.args[1])
-    if src not in shards or any(isinstance(i, fx.Node) and i in shards for i in indices):
-        raise _Refuse("advanced indexing by sharded indices")
-    pl, nd = shards[src], len(_shape(src))
-    indexed = [d for d, i in enumerate(indices) if i is not None]
-    if pl.dim in indexed:
-        raise _Refuse("advanced indexing along the sequence dim")
-    index_nd = len(_shape(p)) - (nd - len(indexed))
-    adjacent = indexed == list(range(indexed[0], indexed[-1] + 1))
-    if adjacent:
-        out = pl.dim if pl.dim < indexed[0] else pl.dim - len(indexed) + index_nd
-    else:
-        out = index_nd + sum(1 for d in range(pl.dim) if d not in indexed)
-    new_indices = [None if i is None else vals[i] for i in indices]
-    result = Shard(out, pl.pre, pl.post)
-    if _shape(p)[out] != pl.pre * ctx.S * pl.post:
-        raise _Refuse("advanced indexing that moves the sequence off its dim")
-    return ctx.emit(p.target, (vals[src], new_indices), placement=result), result
-
-
-def _view_piece(ctx, p, vals, place):
-    src = p.args[0]
-    pl = view_placement(_shape(src), _shape(p), place[src], ctx.S)
-    if pl is None:
-        raise _Refuse(f"view {_shape(src)} -> {_shape(p)} splits the sequence")
-    return ctx.emit(p.target, (vals[src], local_view_shape(_shape(p), pl, ctx.P)), placement=pl), pl
 
 
 def _reduce_partial(ctx, new, op: str, p):

@@ -1,27 +1,31 @@
-"""Eager rules of ``SequenceShard`` ops: what ``__torch_dispatch__`` does with each ATen op.
+"""Eager ops on ``SequenceShard``s: what ``__torch_dispatch__`` does with each ATen op.
 
-The compiler's rules in small (DESIGN §2 "Placements"), for the code between compiled frames
-(FSDP2's eager root, an embedding or loss outside the compiled region) and for the backward of
-those ops. Every rule either keeps the sequence sharded (computing on local shards, slicing a
-plain full-length operand in the layout) or reduces over it (local op + all-reduce, result plain
-and whole); anything it cannot do falls back to gathering the sequence, with a warning naming
-the op. A rule returns ``NotImplemented`` to take the fallback.
+The code between compiled frames (FSDP2's eager root, an embedding or loss outside the compiled
+region, the backward of those ops) runs here. Every op takes its plan from the sharding core
+(``runtime/sharding/ops.py``), the same one the compiled rewrite uses, and runs it on local
+tensors: shards as they are, a plain full-length operand sliced in the layout, a partial result
+summed over the group (``grad_sum``: left partial in the backward under
+``SEQPAR_GRAD_REDUCE=none``). A few eager-only rules stay here: the losses (``nll_loss``, whose
+mean counts the targets that are not ignored) and the 2-norm a user reads. Anything the core
+refuses gathers the sequence and runs replicated, with a warning naming the op; a write lands
+in the shard it writes, a view that cannot stay a view of the shard is marked detached.
 
 Shape legend: S global sequence length, P group size, S_local = S/P; a shard's ``spec.dim`` has
 global size pre·S·post and local size pre·S_local·post.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten, tree_map
 
-from torch.multiprocessing.reductions import StorageWeakRef
-
 from .gathered_view import GatheredView, check_detached, detach_from, is_view_op, written_arguments
+from .sharding.dtensor_bridge import TENSOR
+from .sharding.ops import Refusal, TensorArg, plan_op
+from .sharding.placements import Partial, Replicate, Shard
 from .sequence_shard import (SequenceShard, ShardSpec, _is_fake, all_reduce_sum, gather_local, grad_sum, slice_local,
                              warn_gather)
 
@@ -54,12 +58,8 @@ def dispatch(func, args, kwargs):
     if not tracing:
         check_detached(func, args, kwargs)
     rule = _RULES.get(func)
-    result = NotImplemented
     view = is_view_op(func) and isinstance(args[0], SequenceShard) and not tracing
-    if rule is not None:
-        result = rule(func, spec, *args, **kwargs)
-    elif torch.Tag.pointwise in func.tags or func in _LIKE:
-        result = _pointwise(func, spec, args, kwargs)
+    result = rule(func, spec, *args, **kwargs) if rule is not None else _planned(func, shards, args, kwargs)
     if view and result is not NotImplemented and not _views_local(result, args[0]):
         tree_map(lambda o: detach_from(o, args[0]) if isinstance(o, SequenceShard) else o, result)
     if result is NotImplemented:
@@ -79,30 +79,7 @@ def _views_local(result, source) -> bool:
     return all(StorageWeakRef(o._local.untyped_storage()) == home for o in outs if isinstance(o, SequenceShard))
 
 
-# -- helpers ------------------------------------------------------------------------------------
-def _local_size(spec: ShardSpec) -> int:
-    return spec.global_size // spec.P
-
-
-def _wrap(local, spec: ShardSpec):
-    return SequenceShard(local, spec)
-
-
-def _localize(value, spec: ShardSpec, dim: int | None):
-    """An operand as this rank's part along ``dim`` of ``spec``: a shard as its local tensor
-    (NotImplemented when it lies elsewhere), a plain tensor of full size there sliced, anything
-    else as it is."""
-    if isinstance(value, SequenceShard):
-        if dim is None or value.spec != spec.moved(dim):
-            return NotImplemented
-        return value._local
-    if isinstance(value, Tensor) and dim is not None and 0 <= dim < value.dim() and value.shape[dim] != 1:
-        if value.shape[dim] != spec.global_size:
-            return NotImplemented
-        return slice_local(value, spec.moved(dim))
-    return value
-
-
+# -- the gather fallback ---------------------------------------------------------------------------
 def _fallback(func, args, kwargs):
     flat, _ = tree_flatten((args, kwargs))
     if func not in _READS and any(a.spec.grad_reduce == "none" and not _is_fake(a._local)
@@ -137,238 +114,97 @@ def _in_backward() -> bool:
     return torch._C._current_autograd_node() is not None and not torch.is_grad_enabled()
 
 
-# -- pointwise and *_like -------------------------------------------------------------------------
-_LIKE = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
-         aten.rand_like.default, aten.randn_like.default, aten.clone.default, aten._to_copy.default,
-         aten.detach.default, aten.alias.default, aten.fill_.Scalar, aten.zero_.default}
-
-
-def _pointwise(func, spec: ShardSpec, args, kwargs):
-    """Broadcasting aligns dims from the right: the sequence dim is the same right-offset ``k``
-    in every operand; an operand with size 1 (or no dim) there broadcasts as it is."""
-    shards = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, SequenceShard)]
-    k = shards[0].dim() - spec.dim
-    if any(s.dim() - s.spec.dim != k or s.spec != spec.moved(s.spec.dim) for s in shards):
+# -- the core's plan, run on local tensors ---------------------------------------------------------
+def _planned(func, shards, args, kwargs):
+    """Run ``func`` as the sharding core plans it; NotImplemented where it refuses."""
+    first = shards[0].spec
+    if any((s.spec.S, s.spec.schedule, s.spec.group_name) != (first.S, first.schedule, first.group_name)
+           for s in shards):
+        return NotImplemented                    # shards of different layouts: gathered
+    try:
+        out_shapes = _global_out_shapes(func, args, kwargs)
+    except Exception:  # noqa: BLE001 - no meta kernel (a data-dependent op): the fallback runs it
         return NotImplemented
-    bad = []
-
-    def local(a):
-        if not isinstance(a, Tensor):
-            return a
-        out = _localize(a, spec, a.dim() - k if a.dim() - k >= 0 else None)
-        if out is NotImplemented:
-            bad.append(a)
-        return out
-    if func._schema.is_mutable and not isinstance(args[0], SequenceShard):
-        return NotImplemented          # a write into a plain tensor: the fallback writes the full values into it
-    l_args, l_kwargs = tree_map(local, (args, kwargs))
-    if bad:
+    targs, tkwargs = tree_map(_as_arg, (args, kwargs))
+    try:
+        plan = plan_op(func, targs, tkwargs, S=first.S, P=first.P, group_name=first.group_name,
+                       out_shapes=out_shapes)
+    except Refusal:
         return NotImplemented
-    out = func(*l_args, **l_kwargs)
-    if func._schema.is_mutable:
-        return args[0]
+    pre, post = plan.merged
+    tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)]
+    locals_ = []
+    for t, how in zip(tensors, plan.operands):
+        if how == "local":
+            locals_.append(t._local)
+        elif how == "whole":
+            locals_.append(t)
+        else:
+            locals_.append(slice_local(t, first.moved(how[1], pre, post)))
+    it = iter(locals_)
 
-    def wrap(o):
-        if isinstance(o, Tensor) and o.dim() >= k and o.shape[o.dim() - k] == _local_size(spec):
-            return _wrap(o, spec.moved(o.dim() - k))
-        return o
-    return tree_map(wrap, out)
-
-
-# -- views --------------------------------------------------------------------------------------
-def _view_spec(src, dst, spec: ShardSpec) -> ShardSpec | None:
-    """Where the sequence lies after viewing global shape ``src`` as ``dst`` (None: split across dims)."""
-    pre_total = math.prod(src[:spec.dim]) * spec.pre
-    post_total = spec.post * math.prod(src[spec.dim + 1:])
-    for o in range(len(dst)):
-        before, after = math.prod(dst[:o]), math.prod(dst[o + 1:])
-        if pre_total % before or post_total % after:
-            continue
-        pre_o, post_o = pre_total // before, post_total // after
-        if dst[o] == pre_o * spec.S * post_o:
-            return spec.moved(o, pre_o, post_o)
-    return None
-
-
-@_rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-def _view(func, spec, x, size):
-    if not isinstance(x, SequenceShard):
-        return NotImplemented
-    src = list(x.shape)
-    dst = list(size)
-    if -1 in dst:
-        i = dst.index(-1)
-        dst[i] = math.prod(src) // math.prod(d for j, d in enumerate(dst) if j != i)
-    new = _view_spec(src, dst, spec)
-    if new is None:
-        return NotImplemented
-    dst[new.dim] = _local_size(new)
-    return _wrap(x._local.reshape(dst), new)
+    def fill(v):
+        if v is TENSOR:
+            return next(it)
+        if isinstance(v, (list, tuple)):
+            return type(v)(fill(x) for x in v)
+        return v
+    out = func(*fill(plan.args), **{k: fill(v) for k, v in plan.kwargs.items()})
+    written = [a for a in written_arguments(func, args, kwargs) if isinstance(a, SequenceShard)]
+    if written and func._schema.returns and written[0] is args[0]:
+        return args[0]                           # in place: the shard whose local was written
+    outs = out if isinstance(out, (list, tuple)) else (out,)
+    wrapped = [_placed(o, pl, first) for o, pl in zip(outs, plan.outputs)]
+    return type(out)(wrapped) if isinstance(out, (list, tuple)) else wrapped[0]
 
 
-@_rule(aten.transpose.int)
-def _transpose(func, spec, x, d0, d1):
-    d0, d1 = d0 % x.dim(), d1 % x.dim()
-    new = d1 if spec.dim == d0 else d0 if spec.dim == d1 else spec.dim
-    return _wrap(x._local.transpose(d0, d1), spec.moved(new))
+def _placed(value, placement, spec: ShardSpec):
+    """A local result as the plan places it: a shard, a partial sum made whole, or as it is."""
+    if not isinstance(value, Tensor):
+        return value
+    if isinstance(placement, Shard):
+        return SequenceShard(value, spec.moved(placement.dim, placement.pre, placement.post))
+    if isinstance(placement, Partial):
+        total = grad_sum(value, spec)
+        return total / spec.P if placement.reduce == "avg" else total
+    return value
 
 
-@_rule(aten.t.default)
-def _t(func, spec, x):
-    return _transpose(func, spec, x, 0, x.dim() - 1)
+def _as_arg(v):
+    if isinstance(v, SequenceShard):
+        return TensorArg(tuple(v.shape), v.dtype, Shard(v.spec.dim, v.spec.pre, v.spec.post))
+    if isinstance(v, Tensor):
+        return TensorArg(tuple(v.shape), v.dtype, Replicate())
+    return v
 
 
-@_rule(aten.permute.default)
-def _permute(func, spec, x, dims):
-    dims = [d % x.dim() for d in dims]
-    return _wrap(x._local.permute(dims), spec.moved(dims.index(spec.dim)))
+def _global_out_shapes(func, args, kwargs) -> tuple:
+    """The shapes of ``func``'s outputs on the full values, from meta tensors."""
+    def meta(v):
+        if isinstance(v, Tensor):
+            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+        return v
+    out = func(*tree_map(meta, args), **tree_map(meta, kwargs))
+    outs = out if isinstance(out, (list, tuple)) else (out,)
+    return tuple(tuple(o.shape) if isinstance(o, Tensor) else None for o in outs)
 
 
-@_rule(aten.unsqueeze.default)
-def _unsqueeze(func, spec, x, d):
-    d = d % (x.dim() + 1)
-    return _wrap(x._local.unsqueeze(d), spec.moved(spec.dim + (d <= spec.dim)))
+def _localize(value, spec: ShardSpec, dim: int | None):
+    """An operand as this rank's part along ``dim`` of ``spec``: a shard as its local tensor
+    (NotImplemented when it lies elsewhere), a plain tensor of full size there sliced, anything
+    else as it is."""
+    if isinstance(value, SequenceShard):
+        if dim is None or value.spec != spec.moved(dim):
+            return NotImplemented
+        return value._local
+    if isinstance(value, Tensor) and dim is not None and 0 <= dim < value.dim() and value.shape[dim] != 1:
+        if value.shape[dim] != spec.global_size:
+            return NotImplemented
+        return slice_local(value, spec.moved(dim))
+    return value
 
 
-@_rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
-def _squeeze(func, spec, x, dims=None):
-    dims = range(x.dim()) if dims is None else [dims] if isinstance(dims, int) else dims
-    gone = [d % x.dim() for d in dims if x.shape[d] == 1 and d % x.dim() != spec.dim]
-    local = x._local
-    for d in sorted(gone, reverse=True):
-        local = local.squeeze(d)
-    return _wrap(local, spec.moved(spec.dim - sum(d < spec.dim for d in gone)))
-
-
-@_rule(aten.expand.default)
-def _expand(func, spec, x, size, implicit=False):
-    if not isinstance(x, SequenceShard):
-        return NotImplemented
-    new_dim = len(size) - (x.dim() - spec.dim)
-    size = list(size)
-    size[new_dim] = _local_size(spec)
-    return _wrap(x._local.expand(size), spec.moved(new_dim))
-
-
-@_rule(aten.slice.Tensor)
-def _slice(func, spec, x, dim=0, start=None, end=None, step=1):
-    if dim % x.dim() == spec.dim:
-        return NotImplemented
-    return _wrap(func(x._local, dim, start, end, step), spec)
-
-
-@_rule(aten.select.int)
-def _select(func, spec, x, dim, index):
-    dim = dim % x.dim()
-    if dim == spec.dim:
-        return NotImplemented
-    return _wrap(x._local.select(dim, index), spec.moved(spec.dim - (dim < spec.dim)))
-
-
-@_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int)
-def _split(func, spec, x, *rest, **kw):
-    dim = (rest[1] if len(rest) > 1 else kw.get("dim", 0)) if func != aten.unbind.int else (rest[0] if rest else 0)
-    dim = dim % x.dim()
-    if dim == spec.dim:
-        return NotImplemented
-    new = spec.moved(spec.dim - (dim < spec.dim)) if func == aten.unbind.int else spec
-    return [_wrap(p, new) for p in func(x._local, *rest, **kw)]
-
-
-# -- reductions ---------------------------------------------------------------------------------
-@_rule(aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default)
-def _reduce(func, spec, x, dims=None, keepdim=False, *, dtype=None):
-    all_dims = dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0)
-    dims = list(range(x.dim())) if all_dims else [d % x.dim() for d in dims]
-    mean = func in (aten.mean.dim, aten.mean.default)
-    local = x._local.sum(dims, keepdim=keepdim, dtype=dtype)
-    if spec.dim not in dims:
-        if mean:
-            local = local / math.prod(x.shape[d] for d in dims)
-        return _wrap(local, spec.moved(spec.dim - (0 if keepdim else sum(d < spec.dim for d in dims))))
-    total = grad_sum(local, spec)
-    return total / math.prod(x.shape[d] for d in dims) if mean else total
-
-
-# -- matmuls ------------------------------------------------------------------------------------
-_LABELS = {aten.mm.default: ("mk", "kn", "mn"), aten.bmm.default: ("bmk", "bkn", "bmn")}
-
-
-@_rule(aten.mm.default, aten.bmm.default)
-def _matmul(func, spec, a, b):
-    """Einsum-style: the sequence label either survives into the output (shard there) or is
-    contracted (local product, then an all-reduce: every rank summed only its tokens)."""
-    la, lb, lo = _LABELS[func]
-    labels = {la[a.spec.dim] if isinstance(a, SequenceShard) else None,
-              lb[b.spec.dim] if isinstance(b, SequenceShard) else None} - {None}
-    if len(labels) != 1:
-        return NotImplemented
-    (lab,) = labels
-    a_l = _localize(a, spec, la.index(lab) if lab in la else None)
-    b_l = _localize(b, spec, lb.index(lab) if lab in lb else None)
-    if a_l is NotImplemented or b_l is NotImplemented:
-        return NotImplemented
-    out = func(a_l, b_l)
-    return _wrap(out, spec.moved(lo.index(lab))) if lab in lo else grad_sum(out, spec)
-
-
-@_rule(aten.addmm.default)
-def _addmm(func, spec, bias, a, b, *, beta=1, alpha=1):
-    if beta != 1 or alpha != 1 or isinstance(bias, SequenceShard):
-        return NotImplemented
-    out = _matmul(aten.mm.default, spec, a, b)
-    if out is NotImplemented or not isinstance(out, SequenceShard):
-        return NotImplemented
-    return _pointwise(aten.add.Tensor, out.spec, (out, bias), {})
-
-
-# -- softmax, norms, embedding, loss ----------------------------------------------------------------
-@_rule(aten._log_softmax.default, aten._softmax.default, aten._log_softmax_backward_data.default,
-       aten._softmax_backward_data.default)
-def _softmax(func, spec, *args):
-    x = next(a for a in args if isinstance(a, SequenceShard))
-    dim = args[1] if func in (aten._log_softmax.default, aten._softmax.default) else args[2]
-    if dim % x.dim() == spec.dim:
-        return NotImplemented
-    return _pointwise(func, spec, args, {})
-
-
-@_rule(aten.native_layer_norm.default)
-def _layer_norm(func, spec, x, normalized_shape, weight, bias, eps):
-    if not isinstance(x, SequenceShard) or spec.dim >= x.dim() - len(normalized_shape):
-        return NotImplemented
-    out, mean, rstd = func(x._local, normalized_shape, weight, bias, eps)
-    return _wrap(out, spec), _wrap(mean, spec), _wrap(rstd, spec)
-
-
-@_rule(aten.native_layer_norm_backward.default)
-def _layer_norm_backward(func, spec, grad, x, normalized_shape, mean, rstd, weight, bias, mask):
-    locs = [_localize(t, spec, spec.dim) for t in (grad, x, mean, rstd)]
-    if any(v is NotImplemented for v in locs):
-        return NotImplemented
-    gi, gw, gb = func(*locs[:2], normalized_shape, *locs[2:], weight, bias, mask)
-    return (_wrap(gi, spec) if gi is not None else None,
-            grad_sum(gw, spec) if gw is not None else None,
-            grad_sum(gb, spec) if gb is not None else None)
-
-
-@_rule(aten.embedding.default)
-def _embedding(func, spec, weight, indices, *rest):
-    if isinstance(weight, SequenceShard):
-        return NotImplemented
-    return _wrap(func(weight, indices._local, *rest), spec)
-
-
-@_rule(aten.embedding_dense_backward.default)
-def _embedding_backward(func, spec, grad, indices, num_weights, padding_idx, scale_grad_by_freq):
-    if scale_grad_by_freq or not isinstance(grad, SequenceShard):
-        return NotImplemented
-    idx = _localize(indices, spec, spec.dim)
-    if idx is NotImplemented:
-        return NotImplemented
-    return grad_sum(func(grad._local, idx, num_weights, padding_idx, False), spec)
-
-
+# -- losses and reads ---------------------------------------------------------------------------------
 @_rule(aten.nll_loss_forward.default)
 def _nll_forward(func, spec, x, target, weight, reduction, ignore_index):
     """[N, C] scores sharded over N (the merged batch × sequence): local sums and counts, summed
@@ -380,7 +216,7 @@ def _nll_forward(func, spec, x, target, weight, reduction, ignore_index):
         return NotImplemented
     if reduction == 0:
         out, tw = func(x._local, t, weight, 0, ignore_index)
-        return _wrap(out, spec), tw
+        return SequenceShard(out, spec), tw
     total, count = func(x._local, t, weight, 2, ignore_index)
     count = (t != ignore_index).sum().to(total.dtype)      # aten's total_weight under "sum" is 0
     total, count = all_reduce_sum(torch.stack([total, count]), spec).unbind(0)
@@ -394,24 +230,7 @@ def _nll_backward(func, spec, grad, x, target, weight, reduction, ignore_index, 
     t = _localize(target, spec, 0)
     if t is NotImplemented:
         return NotImplemented
-    return _wrap(func(grad, x._local, t, weight, reduction, ignore_index, total_weight), spec)
-
-
-@_rule(aten.copy_.default)
-def _copy(func, spec, dst, src, non_blocking=False):
-    if not isinstance(dst, SequenceShard):
-        return NotImplemented
-    s = _localize(src, spec.moved(dst.spec.dim), dst.spec.dim)
-    if s is NotImplemented:
-        return NotImplemented
-    dst._local.copy_(s, non_blocking)
-    return dst
-
-
-@_rule(aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
-       aten.new_empty_strided.default)
-def _new(func, spec, x, *rest, **kw):
-    return func(x._local, *rest, **kw)        # a fresh plain tensor of the given size
+    return SequenceShard(func(grad, x._local, t, weight, reduction, ignore_index, total_weight), spec)
 
 
 @_rule(aten.linalg_vector_norm.default)

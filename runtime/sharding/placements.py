@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
-__all__ = ["Shard", "SeqRange", "Replicate", "Rows", "RowIndex", "RowCount", "TOKEN_LOCAL", "Placement",
+__all__ = ["Shard", "SeqRange", "Replicate", "Partial", "Rows", "RowIndex", "RowCount", "TOKEN_LOCAL", "Placement",
            "view_placement", "local_view_shape"]
 
 
@@ -101,6 +101,18 @@ class RowCount:
 
     def __str__(self) -> str:
         return f"RowCount({self.order})"
+
+
+@dataclass(frozen=True)
+class Partial:
+    """This rank's part of a value summed (``"sum"``) or averaged in equal shares (``"avg"``)
+    over the group: the result of contracting or reducing over the sequence, before its
+    all-reduce."""
+
+    reduce: str = "sum"
+
+    def __str__(self) -> str:
+        return f"Partial({self.reduce})"
 
 
 TOKEN_LOCAL = (Rows, RowIndex, RowCount)

@@ -1,0 +1,331 @@
+"""The sharding core: how one ATen op runs when its tensor arguments are sharded over the
+sequence, decided once for the compiled rewrite and for ``SequenceShard``'s eager dispatch.
+
+No FX and no Dynamo here: an op is an ATen ``OpOverload`` and its arguments, with each tensor
+argument described by ``TensorArg`` (global shape, dtype, placement). ``plan_op`` answers with an
+``OpPlan``: what each tensor argument must be locally (this rank's shard as it is, a replicated
+value sliced in the layout, or a replicated value whole), the arguments with shape arguments
+made local, where each result is sharded, and whether the result is a partial sum to reduce
+over the group. The compiled path emits that plan as graph nodes (``passes/aten_rules.py``);
+the eager path runs it on local tensors (``runtime/sequence_shard_rules.py``). One registry, so
+an op shards the same inside a frame and between frames (``tests/unit/test_sharding_core.py``).
+
+Where a plan comes from:
+  * seqpar's own rules (``RULES``, keyed by ATen op) for what depends on the layout: views that
+    merge or split the sequence dim (``placements.view_placement``), advanced indexing;
+  * ops whose result depends on where a position sits (scans, rolls, sorts, slices, gathers,
+    padding: ``LAYOUT_OPS``) only along another dim than the sequence — refused along it;
+  * everything else: DTensor's strategy (``dtensor_bridge.propagate``), whose ``Shard`` means
+    contiguous chunks; taken only where the answer keeps the sequence on a dim of the same size
+    (equivariant under any permutation of positions, so every layout is the same to it).
+A refusal (``Refusal``) says why, and the caller gathers (warned) — never a guess.
+
+Shape legend: S the global sequence length, P the group size; a sharded dim has global size
+pre·S·post and local size pre·(S/P)·post.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .dtensor_bridge import TENSOR, ArgSpec, NoStrategy, propagate
+from .placements import Partial, Replicate, Shard, local_view_shape, view_placement
+
+__all__ = ["TensorArg", "OpPlan", "Refusal", "plan_op", "RULES", "LAYOUT_OPS", "VIEW_OPS"]
+
+aten = torch.ops.aten
+
+
+class Refusal(Exception):
+    """The op cannot run on shards as placed; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorArg:
+    """A tensor argument as the core sees it: global ``shape``, ``dtype``, ``placement``."""
+
+    shape: tuple
+    dtype: torch.dtype
+    placement: Any
+
+
+@dataclass(frozen=True)
+class OpPlan:
+    """How to run one op on this rank.
+
+    Attributes:
+        operands: per tensor argument (flattened, in argument order): ``"local"`` (a shard as it
+            is), ``("slice", dim)`` (a replicated value's part in the layout along ``dim``, merged
+            like the op's shards) or ``"whole"`` (a replicated value as it is).
+        args / kwargs: the arguments with shape arguments made local, ``TENSOR`` where a tensor goes.
+        outputs: per output, its placement (``None`` for a non-tensor output; ``Partial`` for a
+            result to sum or average over the group).
+        merged: the (pre, post) factors of the op's shards.
+    """
+
+    operands: tuple
+    args: tuple
+    kwargs: dict
+    outputs: tuple
+    merged: tuple = (1, 1)
+
+
+VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+# position-aware ATen ops: their result depends on where a position sits in the dim
+LAYOUT_OPS = {aten.roll.default, aten.flip.default, aten.cumsum.default, aten.cumprod.default,
+              aten.logcumsumexp.default, aten.cummax.default, aten.cummin.default, aten.sort.default,
+              aten.sort.stable, aten.topk.default, aten.tril.default, aten.triu.default, aten.diff.default,
+              aten.slice.Tensor, aten.narrow.default, aten.unfold.default, aten.constant_pad_nd.default,
+              aten.nll_loss_forward.default, aten.nll_loss2d_forward.default, aten.index_select.default,
+              aten.gather.default, aten.scatter.src, aten.scatter_add.default, aten.index.Tensor,
+              aten.select.int, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
+              aten.as_strided.default, aten.diagonal.default}
+# of those, the ones that do not depend on positions when the dim they act on is not the sequence
+_DIM_ARG = {aten.roll.default: 2, aten.flip.default: 1, aten.cumsum.default: 1, aten.cumprod.default: 1,
+            aten.logcumsumexp.default: 1, aten.cummax.default: 1, aten.cummin.default: 1, aten.sort.default: 1,
+            aten.topk.default: 3, aten.diff.default: 2, aten.slice.Tensor: 1, aten.narrow.default: 1,
+            aten.unfold.default: 1, aten.index_select.default: 1, aten.gather.default: 1, aten.select.int: 1,
+            aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.unbind.int: 1,
+            aten.scatter.src: 1, aten.scatter_add.default: 1}
+_DIM_DEFAULT = {aten.sort.default: -1, aten.topk.default: -1, aten.diff.default: -1, aten.slice.Tensor: 0,
+                aten.split.Tensor: 0, aten.split_with_sizes.default: 0, aten.unbind.int: 0}
+
+# seqpar's own rules: (op, args, kwargs, context) -> OpPlan
+RULES: dict[Any, Callable] = {}
+
+
+def _rule(*ops):
+    def register(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return register
+
+
+@dataclass(frozen=True)
+class _Context:
+    S: int
+    P: int
+    group_name: str | None
+    pre: int
+    post: int
+    out_shapes: tuple             # global shapes of the outputs (None for a non-tensor output)
+
+    @property
+    def full(self) -> int:
+        return self.pre * self.S * self.post
+
+
+def _flat_tensors(args, kwargs) -> list:
+    found = []
+
+    def visit(v):
+        if isinstance(v, TensorArg):
+            found.append(v)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+    for v in list(args) + list(kwargs.values()):
+        visit(v)
+    return found
+
+
+def _slots(value):
+    """``value`` with every TensorArg replaced by ``TENSOR``."""
+    if isinstance(value, TensorArg):
+        return TENSOR
+    if isinstance(value, (list, tuple)):
+        return type(value)(_slots(v) for v in value)
+    return value
+
+
+def _written_names(op) -> set:
+    """The names of the arguments ``op`` writes (``Tensor(a!)`` in its schema)."""
+    return {a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+
+
+def plan_op(op, args: tuple, kwargs: dict, *, S: int, P: int, group_name: str | None,
+            out_shapes: tuple) -> OpPlan:
+    """The plan of ``op`` with tensor arguments given as ``TensorArg`` (module docstring).
+
+    ``out_shapes``: the global shape of each output (``None`` for a non-tensor), as tracing it on
+    full-size examples gives. Raises ``Refusal``."""
+    tensors = _flat_tensors(args, kwargs)
+    shards = [t for t in tensors if isinstance(t.placement, Shard)]
+    if not shards:
+        return OpPlan(tuple("whole" for _ in tensors), _slots(args), _slots(kwargs),
+                      tuple(None if s is None else Replicate() for s in out_shapes))
+    kinds = {(s.placement.pre, s.placement.post) for s in shards}
+    if len(kinds) > 1:
+        raise Refusal(f"{op}: operands merged with the sequence differently")
+    pre, post = kinds.pop()
+    ctx = _Context(S, P, group_name, pre, post, tuple(out_shapes))
+    rule = RULES.get(op)
+    if rule is not None:
+        plan = rule(op, args, kwargs, ctx)
+    else:
+        if op in LAYOUT_OPS:
+            _check_layout_op(op, args, kwargs)
+        plan = _dtensor_plan(op, args, kwargs, ctx)
+    _check_writes(op, args, kwargs, plan)
+    return plan
+
+
+def _check_writes(op, args, kwargs, plan: OpPlan) -> None:
+    """A written argument must be written where it lives: never a slice made for the op."""
+    names = _written_names(op)
+    if not names:
+        return
+    schema_names = [a.name for a in op._schema.arguments]
+    named = [(schema_names[i] if i < len(schema_names) else None, v) for i, v in enumerate(args)]
+    named += list(kwargs.items())               # the order _flat_tensors counts them in
+    k = 0
+    for name, value in named:
+        count = len(_flat_tensors((value,), {}))
+        if name in names and any(isinstance(how, tuple) for how in plan.operands[k:k + count]):
+            raise Refusal(f"{op} writes into a replicated value that would be sliced for it")
+        k += count
+
+
+def _dtensor_plan(op, args, kwargs, ctx: _Context) -> OpPlan:
+    def spec(v):
+        if isinstance(v, TensorArg):
+            return ArgSpec(tuple(v.shape), v.dtype, v.placement.dim if isinstance(v.placement, Shard) else None)
+        if isinstance(v, (list, tuple)):
+            return type(v)(spec(x) for x in v)
+        return v
+    try:
+        prop = propagate(op, tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()},
+                         ctx.P, ctx.group_name)
+    except NoStrategy as err:
+        raise Refusal(f"DTensor has no usable strategy for {op} ({err})") from err
+    tensors = _flat_tensors(args, kwargs)
+    if len(prop.inputs) != len(tensors):
+        raise Refusal(f"DTensor's answer for {op} does not place every tensor argument")
+    operands = []
+    for t, want in zip(tensors, prop.inputs):
+        if isinstance(t.placement, Shard):
+            if want != ("shard", t.placement.dim):
+                raise Refusal(f"DTensor's rule for {op} needs the sequence gathered")
+            operands.append("local")
+        elif want[0] == "replicate":
+            operands.append("whole")
+        elif want[0] == "shard" and t.shape[want[1]] == ctx.full:
+            operands.append(("slice", want[1]))
+        else:
+            raise Refusal(f"{op}: a replicated operand would have to be sharded as {want}")
+    outputs = []
+    for o, shape in zip(prop.outputs, ctx.out_shapes):
+        if shape is None:
+            outputs.append(None)
+        elif o is None or o[0] == "replicate":
+            outputs.append(Replicate())
+        elif o[0] == "shard" and shape[o[1]] == ctx.full:
+            outputs.append(Shard(o[1], ctx.pre, ctx.post))
+        elif o[0] == "partial" and o[1] in ("sum", "avg"):
+            outputs.append(Partial(o[1]))
+        else:
+            raise Refusal(f"{op}: DTensor places its result as {o}, which the layout cannot carry")
+    return OpPlan(tuple(operands), prop.args, prop.kwargs, tuple(outputs), (ctx.pre, ctx.post))
+
+
+def _check_layout_op(op, args, kwargs) -> None:
+    """A position-aware op is kept only when it acts on a dim that is not the sequence of the
+    tensor it acts on (its index arguments may be sharded: they carry global positions)."""
+    src = args[0]
+    sharded = isinstance(src, TensorArg) and isinstance(src.placement, Shard)
+    if op is aten.constant_pad_nd.default:
+        pad, nd = list(args[1]), len(src.shape)
+        touched = [nd - 1 - i // 2 for i, w in enumerate(pad) if w]
+        if sharded and src.placement.dim in touched:
+            raise Refusal("padding along the sequence dim")
+        return
+    if op is aten.slice.Tensor and sharded:
+        dim = args[1] if len(args) > 1 else 0
+        start, end = (args[2] if len(args) > 2 else None), (args[3] if len(args) > 3 else None)
+        step = args[4] if len(args) > 4 else 1
+        size = src.shape[dim]
+        if dim % len(src.shape) == src.placement.dim and not (
+                (start or 0) == 0 and (end is None or end >= size) and step == 1):
+            raise Refusal("slicing along the sequence dim")
+        return
+    if op not in _DIM_ARG:
+        raise Refusal(f"{op} depends on where a position sits in the layout")
+    if not sharded:
+        return                       # a replicated table indexed by sharded positions
+    i = _DIM_ARG[op]
+    dim = args[i] if len(args) > i else kwargs.get("dim", _DIM_DEFAULT.get(op))
+    if dim is None:
+        raise Refusal(f"{op} over every dim, the sequence included")
+    dims = dim if isinstance(dim, (list, tuple)) else [dim]
+    if src.placement.dim in [d % len(src.shape) for d in dims]:
+        raise Refusal(f"{op} along the sequence dim")
+
+
+@_rule(*VIEW_OPS)
+def _view(op, args, kwargs, ctx: _Context) -> OpPlan:
+    """Views keep merged (batch × sequence) dims local; a view that splits the sequence across
+    dims is refused (zigzag and striped shards are no contiguous chunks)."""
+    src = args[0]
+    if not isinstance(src, TensorArg) or not isinstance(src.placement, Shard):
+        raise Refusal(f"{op} of a replicated value with a sharded size")
+    dst = ctx.out_shapes[0]
+    pl = view_placement(tuple(src.shape), tuple(dst), src.placement, ctx.S)
+    if pl is None:
+        raise Refusal(f"view {tuple(src.shape)} -> {tuple(dst)} splits the sequence")
+    return OpPlan(("local",), (TENSOR, local_view_shape(tuple(dst), pl, ctx.P)), {}, (pl,), (ctx.pre, ctx.post))
+
+
+@_rule(aten.index.Tensor)
+def _index(op, args, kwargs, ctx: _Context) -> OpPlan:
+    """``x[..., idx, :]`` of a sharded ``x`` by replicated indices on dims other than the
+    sequence: every position is indexed alike, so the local shard is indexed as it is (Falcon's
+    fused MQA: ``qkv[..., [-2], :]``). Where the sequence lands follows advanced indexing's
+    rule: the broadcast index dims replace the indexed dims in place when those are adjacent,
+    else they come first."""
+    src, indices = args[0], list(args[1])
+    if not (isinstance(src, TensorArg) and isinstance(src.placement, Shard)) or any(
+            isinstance(i, TensorArg) and isinstance(i.placement, Shard) for i in indices):
+        raise Refusal("advanced indexing by sharded indices")
+    pl, nd = src.placement, len(src.shape)
+    indexed = [d for d, i in enumerate(indices) if i is not None]
+    if pl.dim in indexed:
+        raise Refusal("advanced indexing along the sequence dim")
+    out_shape = ctx.out_shapes[0]
+    index_nd = len(out_shape) - (nd - len(indexed))
+    adjacent = indexed == list(range(indexed[0], indexed[-1] + 1))
+    if adjacent:
+        out = pl.dim if pl.dim < indexed[0] else pl.dim - len(indexed) + index_nd
+    else:
+        out = index_nd + sum(1 for d in range(pl.dim) if d not in indexed)
+    if out_shape[out] != ctx.full:
+        raise Refusal("advanced indexing that moves the sequence off its dim")
+    operands = ("local",) + tuple("whole" for i in indices if isinstance(i, TensorArg))
+    slots = [None if i is None else TENSOR for i in indices]
+    return OpPlan(operands, (TENSOR, slots), {}, (Shard(out, pl.pre, pl.post),), (ctx.pre, ctx.post))
+
+
+_REDUCTIONS = {aten.sum.dim_IntList: "sum", aten.sum.default: "sum", aten.mean.dim: "avg", aten.mean.default: "avg"}
+
+
+@_rule(*_REDUCTIONS)
+def _reduction(op, args, kwargs, ctx: _Context) -> OpPlan:
+    """sum / mean: over other dims the shard stays where it is (moved past the reduced dims);
+    over the sequence the local result is this rank's part of the whole, summed over the group —
+    a mean's local part averages equal shares, so the group averages them."""
+    src = args[0]
+    if not (isinstance(src, TensorArg) and isinstance(src.placement, Shard)):
+        raise Refusal(f"{op} of a replicated value")
+    nd = len(src.shape)
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    dims = list(range(nd)) if not dims else [d % nd for d in ([dims] if isinstance(dims, int) else dims)]
+    pl = src.placement
+    slots = (TENSOR, *args[1:])
+    kw = {k: v for k, v in kwargs.items()}
+    if pl.dim in dims:
+        return OpPlan(("local",), slots, kw, (Partial(_REDUCTIONS[op]),), (ctx.pre, ctx.post))
+    dim = pl.dim if keepdim else pl.dim - sum(1 for d in dims if d < pl.dim)
+    return OpPlan(("local",), slots, kw, (Shard(dim, pl.pre, pl.post),), (ctx.pre, ctx.post))
