@@ -187,7 +187,8 @@ def _piece(ctx, p: fx.Node, vals, place, olds):
     vals_out = p.meta["val"] if isinstance(p.meta["val"], (list, tuple)) else [p.meta["val"]]
     out_shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals_out)
     try:
-        plan = plan_op(p.target, args, kwargs, S=ctx.S, P=ctx.P, group_name=ctx.group_name, out_shapes=out_shapes)
+        plan = plan_op(p.target, args, kwargs, S=ctx.S, P=ctx.P, group_name=ctx.group_name, out_shapes=out_shapes,
+                       schedule=ctx.schedule)
     except Refusal as err:
         raise _Refuse(str(err)) from err
     if not any(isinstance(place.get(a), Shard) for a in tensor_args):
@@ -212,7 +213,7 @@ def _piece(ctx, p: fx.Node, vals, place, olds):
     outs = plan.outputs
     if any(isinstance(o, Partial) for o in outs) and not single:
         raise _Refuse(f"{p.target}: a partial result among several outputs")
-    new = ctx.emit(p.target, new_args, new_kwargs, outs[0] if single else outs)
+    new = ctx.emit(plan.call or p.target, new_args, new_kwargs, outs[0] if single else outs)
     if single and isinstance(outs[0], Partial):
         return _reduce_partial(ctx, new, outs[0].reduce, p), Replicate()
     return new, (outs[0] if single else outs)

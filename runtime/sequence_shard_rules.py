@@ -128,7 +128,7 @@ def _planned(func, shards, args, kwargs):
     targs, tkwargs = tree_map(_as_arg, (args, kwargs))
     try:
         plan = plan_op(func, targs, tkwargs, S=first.S, P=first.P, group_name=first.group_name,
-                       out_shapes=out_shapes)
+                       out_shapes=out_shapes, schedule=first.schedule)
     except Refusal:
         return NotImplemented
     pre, post = plan.merged
@@ -149,7 +149,7 @@ def _planned(func, shards, args, kwargs):
         if isinstance(v, (list, tuple)):
             return type(v)(fill(x) for x in v)
         return v
-    out = func(*fill(plan.args), **{k: fill(v) for k, v in plan.kwargs.items()})
+    out = (plan.call or func)(*fill(plan.args), **{k: fill(v) for k, v in plan.kwargs.items()})
     written = [a for a in written_arguments(func, args, kwargs) if isinstance(a, SequenceShard)]
     if written and func._schema.returns and written[0] is args[0]:
         return args[0]                           # in place: the shard whose local was written

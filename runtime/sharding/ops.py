@@ -63,6 +63,9 @@ class OpPlan:
         outputs: per output, its placement (``None`` for a non-tensor output; ``Partial`` for a
             result to sum or average over the group).
         merged: the (pre, post) factors of the op's shards.
+        call: what runs instead of the op, when a rule needs the group (a scan's carry across
+            ranks, a convolution's halo): a traceable op (``torch.ops.seqpar.*``) called with the
+            filled arguments; None runs the op itself on the local tensors.
     """
 
     operands: tuple
@@ -70,6 +73,7 @@ class OpPlan:
     kwargs: dict
     outputs: tuple
     merged: tuple = (1, 1)
+    call: Any = None
 
 
 VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
@@ -112,6 +116,7 @@ class _Context:
     pre: int
     post: int
     out_shapes: tuple             # global shapes of the outputs (None for a non-tensor output)
+    schedule: str = "zigzag"      # the layout's name (runtime/layout.py)
 
     @property
     def full(self) -> int:
@@ -147,11 +152,11 @@ def _written_names(op) -> set:
 
 
 def plan_op(op, args: tuple, kwargs: dict, *, S: int, P: int, group_name: str | None,
-            out_shapes: tuple) -> OpPlan:
+            out_shapes: tuple, schedule: str = "zigzag") -> OpPlan:
     """The plan of ``op`` with tensor arguments given as ``TensorArg`` (module docstring).
 
     ``out_shapes``: the global shape of each output (``None`` for a non-tensor), as tracing it on
-    full-size examples gives. Raises ``Refusal``."""
+    full-size examples gives; ``schedule``: the layout of the shards. Raises ``Refusal``."""
     tensors = _flat_tensors(args, kwargs)
     shards = [t for t in tensors if isinstance(t.placement, Shard)]
     if not shards:
@@ -161,7 +166,7 @@ def plan_op(op, args: tuple, kwargs: dict, *, S: int, P: int, group_name: str | 
     if len(kinds) > 1:
         raise Refusal(f"{op}: operands merged with the sequence differently")
     pre, post = kinds.pop()
-    ctx = _Context(S, P, group_name, pre, post, tuple(out_shapes))
+    ctx = _Context(S, P, group_name, pre, post, tuple(out_shapes), schedule)
     rule = RULES.get(op)
     if rule is not None:
         plan = rule(op, args, kwargs, ctx)
@@ -329,3 +334,22 @@ def _reduction(op, args, kwargs, ctx: _Context) -> OpPlan:
         return OpPlan(("local",), slots, kw, (Partial(_REDUCTIONS[op]),), (ctx.pre, ctx.post))
     dim = pl.dim if keepdim else pl.dim - sum(1 for d in dims if d < pl.dim)
     return OpPlan(("local",), slots, kw, (Shard(dim, pl.pre, pl.post),), (ctx.pre, ctx.post))
+
+
+_NEW_BUFFERS = {aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default}
+
+
+@_rule(*_NEW_BUFFERS)
+def _new_buffer(op, args, kwargs, ctx: _Context) -> OpPlan:
+    """``x.new_zeros(size)`` and friends shaped like the shard ``x`` (the sequence at full
+    length): a fresh buffer of this rank's rows (a guess about how it is written; the compiled
+    rewrite's alias check makes it whole where a write cannot stay on the shard); any other size
+    is a replicated buffer."""
+    src, size = args[0], list(args[1])
+    pl = src.placement
+    slots = (TENSOR, *args[1:])
+    if isinstance(pl, Shard) and len(size) == len(src.shape) and size[pl.dim] == ctx.full:
+        size[pl.dim] //= ctx.P
+        return OpPlan(("local",), (TENSOR, size, *args[2:]), dict(kwargs), (Shard(pl.dim, pl.pre, pl.post),),
+                      (ctx.pre, ctx.post))
+    return OpPlan(("local",), slots, dict(kwargs), (Replicate(),), (ctx.pre, ctx.post))
