@@ -122,6 +122,10 @@ def propagate(op, args: tuple, kwargs: dict, P: int, group_name: str | None = No
 
     Raises ``NoStrategy`` when DTensor has no rule or its rule raised (a shape it refuses).
     """
+    if not has_strategy(op):
+        # DTensor would otherwise propagate through the op's decomposition: slow (SDPA's runs
+        # for minutes) and, for the ops seqpar cares about, never the layout's answer
+        raise NoStrategy(f"DTensor registers no strategy for {op}")
     _, DTensor, _, Replicate, Shard, DTensorSpec, TensorMeta, OpSchema = _imports()
     mesh = _mesh_for(P, group_name)
 
