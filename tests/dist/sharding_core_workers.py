@@ -1,0 +1,163 @@
+"""The sharding core's registry, walked: one ATen op at a time, run through the compiled rewrite
+(a one-node FX graph, the generic rule emitting the core's plan) and through SequenceShard's
+eager dispatch, on the same shards. Each case returns both placements and both errors against
+the op on the full tensors."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from seqpar_compiler.passes.rewrite import ShardingContext, rewrite_graph
+from seqpar_compiler.runtime.layout import local_positions
+from seqpar_compiler.runtime.sequence_ops import shard_sequence_op
+from seqpar_compiler.runtime.sequence_shard import SequenceShard, ShardSpec, from_local, full_tensor
+from seqpar_compiler.runtime.sharding.placements import Replicate, Shard
+
+aten = torch.ops.aten
+B, S, D, H = 2, 16, 8, 2
+SCHEDULE = "zigzag"
+
+
+def _x(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# name -> (op, args with ("shard", tensor, dim) / ("rep", tensor) / constants, kwargs)
+def cases():
+    x, y = _x(B, S, D), _x(B, S, D, seed=1)
+    w = _x(D, D, seed=2)
+    ids = torch.randint(0, 11, (B, S), generator=torch.Generator().manual_seed(3))
+    table = _x(11, D, seed=4)
+    return {
+        "add-shard-shard": (aten.add.Tensor, [("shard", x, 1), ("shard", y, 1)], {}),
+        "mul-shard-replicated-full": (aten.mul.Tensor, [("shard", x, 1), ("rep", y)], {}),
+        "mul-shard-broadcast": (aten.mul.Tensor, [("shard", x, 1), ("rep", _x(1, 1, D, seed=5))], {}),
+        "mm-projection": (aten.mm.default, [("shard", x.reshape(B * S, D), 0, B), ("rep", w)], {}),
+        "mm-contract-sequence": (aten.mm.default, [("shard", x[0].t().contiguous(), 1), ("shard", y[0], 0)], {}),
+        "bmm-scores": (aten.bmm.default, [("shard", x, 1), ("rep", y.transpose(1, 2).contiguous())], {}),
+        "sum-over-sequence": (aten.sum.dim_IntList, [("shard", x, 1), [1], False], {}),
+        "mean-over-features": (aten.mean.dim, [("shard", x, 1), [-1], True], {}),
+        "sum-all": (aten.sum.default, [("shard", x, 1)], {}),
+        "softmax-features": (aten._softmax.default, [("shard", x, 1), -1, False], {}),
+        "layer-norm": (aten.native_layer_norm.default, [("shard", x, 1), [D], ("rep", _x(D, seed=6)),
+                                                         ("rep", _x(D, seed=7)), 1e-5], {}),
+        "embedding": (aten.embedding.default, [("rep", table), ("shard", ids, 1)], {}),
+        "view-merge-batch": (aten.view.default, [("shard", x, 1), [B * S, D]], {}),
+        "view-split-heads": (aten.view.default, [("shard", x, 1), [B, S, H, D // H]], {}),
+        "transpose": (aten.transpose.int, [("shard", x, 1), 0, 1], {}),
+        "unsqueeze": (aten.unsqueeze.default, [("shard", x, 1), 0], {}),
+        "slice-features": (aten.slice.Tensor, [("shard", x, 1), 2, 0, 4], {}),
+        "select-batch": (aten.select.int, [("shard", x, 1), 0, 1], {}),
+        "cumsum-features": (aten.cumsum.default, [("shard", x, 1), 2], {}),
+        "index-features": (aten.index.Tensor, [("shard", x, 1), [None, None, torch.tensor([0, 3, 5])]], {}),
+        "new-zeros-like-shard": (aten.new_zeros.default, [("shard", x, 1), [B, S, D]], {}),
+        "new-zeros-other": (aten.new_zeros.default, [("shard", x, 1), [3, D]], {}),
+        "new-ones-like-shard": (aten.new_ones.default, [("shard", x, 1), [B, S, D]], {}),
+        "new-full-like-shard": (aten.new_full.default, [("shard", x, 1), [B, S, D], 2.5], {}),
+        "new-empty-like-shard": (aten.new_empty.default, [("shard", x, 1), [B, S, D]], {}),
+        "unsafe-view-merge": (aten._unsafe_view.default, [("shard", x, 1), [B * S, D]], {}),
+        "reshape-merge": (aten.reshape.default, [("shard", x, 1), [B, S * D]], {}),
+        "mean-all": (aten.mean.default, [("shard", x, 1)], {}),
+        "cat-features": (aten.cat.default, [[("shard", x, 1), ("shard", y, 1)], -1], {}),
+        # refused along the sequence by both paths (gathered): the same placement, Replicate
+        "cumsum-sequence": (aten.cumsum.default, [("shard", x, 1), 1], {}),
+    }
+
+
+def _spec(dim, pre=1, post=1):
+    return ShardSpec(dim, S, SCHEDULE, "0", pre=pre, post=post)
+
+
+def _local(t, dim, pre=1):
+    if pre == 1:
+        return shard_sequence_op(t, dim, SCHEDULE, "0")
+    shape = list(t.shape)
+    split = shape[:dim] + [pre, S] + shape[dim + 1:]
+    local = shard_sequence_op(t.reshape(split), dim + 1, SCHEDULE, "0")
+    return local.reshape(shape[:dim] + [-1] + shape[dim + 1:])
+
+
+def _map_args(args, leaf):
+    out = []
+    for a in args:
+        if isinstance(a, list) and a and isinstance(a[0], tuple) and a[0] and a[0][0] in ("shard", "rep"):
+            out.append([leaf(x) for x in a])
+        elif isinstance(a, tuple) and a and a[0] in ("shard", "rep"):
+            out.append(leaf(a))
+        else:
+            out.append(a)
+    return out
+
+
+def _eager(op, args):
+    def leaf(a):
+        if a[0] == "shard":
+            pre = a[3] if len(a) > 3 else 1
+            return from_local(_local(a[1], a[2], pre), _spec(a[2], pre))
+        return a[1]
+    out = op(*_map_args(args, leaf))
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    placement = (Shard(first.spec.dim, first.spec.pre, first.spec.post) if isinstance(first, SequenceShard)
+                 else Replicate())
+    return full_tensor(first), placement
+
+
+def _compiled(op, args, rank, P):
+    """``op`` as a one-node graph through the rewrite: its first output's placement and value."""
+    graph = fx.Graph()
+    leaves, local_inputs, preset = [], [], {}
+
+    def leaf(a):
+        node = graph.placeholder(f"in{len(leaves)}")
+        node.meta["example_value"] = a[1]
+        leaves.append((node, a))
+        if a[0] == "shard":
+            pre = a[3] if len(a) > 3 else 1
+            preset[node] = Shard(a[2], pre, 1)
+            local_inputs.append(_local(a[1], a[2], pre))
+        else:
+            local_inputs.append(a[1])
+        return node
+    call_args = _map_args(args, leaf)
+    node = graph.call_function(op, tuple(call_args))
+    node.meta["example_value"] = op(*_map_args(args, lambda a: a[1]))
+    first = graph.call_function(__import__("operator").getitem, (node, 0)) if isinstance(
+        node.meta["example_value"], (tuple, list)) else node
+    if first is not node:
+        first.meta["example_value"] = node.meta["example_value"][0]
+    graph.output(first)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    ctx = ShardingContext(S=S, P=P, rank=rank, schedule=SCHEDULE, group_name="0", fallback="gather",
+                          output="local", kernel="auto", overlap=False)
+    ctx.place.update(preset)
+    out_gm = rewrite_graph(gm, [a[1] for _, a in leaves], ctx, {})
+    placement = ctx.place.get(first, Replicate())
+    local = out_gm(*local_inputs)
+    if isinstance(placement, Shard):
+        value = full_tensor(from_local(local, _spec(placement.dim, placement.pre, placement.post)))
+    else:
+        value = local
+    return value, placement
+
+
+# ops whose values are unspecified (uninitialised memory): only shape and placement compare
+SHAPE_ONLY = {"new-empty-like-shard"}
+
+
+def run_registry(rank: int, P: int) -> dict:
+    out = {}
+    for name, (op, args, _) in cases().items():
+        ref = op(*_map_args(args, lambda a: a[1]))
+        ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+        try:
+            e_val, e_pl = _eager(op, args)
+            c_val, c_pl = _compiled(op, args, rank, P)
+            if name in SHAPE_ONLY:
+                rel = lambda v: 0.0 if v.shape == ref.shape else float("inf")  # noqa: E731
+            else:
+                rel = lambda v: float((v.double() - ref.double()).norm() / max(ref.double().norm(), 1e-30))  # noqa: E731
+            out[name] = {"eager": str(e_pl), "compiled": str(c_pl), "eager_err": rel(e_val),
+                         "compiled_err": rel(c_val)}
+        except Exception as err:  # noqa: BLE001 - reported per case
+            out[name] = {"error": f"{type(err).__name__}: {err}"}
+    return out
