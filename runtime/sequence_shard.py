@@ -154,6 +154,26 @@ class SequenceShard(torch.Tensor):
         spec = ShardSpec(dim, outer_size[dim] // (pre * post), schedule, group_name, pre, post, grad_reduce)
         return SequenceShard(inner["_local"], spec, shape=outer_size, stride=outer_stride)
 
+    def __coerce_same_metadata_as_tangent__(self, expected_metadata, expected_type=None):
+        """A gradient arriving at a compiled frame in another form than the frame guessed.
+
+        AOT autograd guesses each tangent's type from the forward output; a frame that ran
+        replicated (no attention in it, or a fallback) guesses a plain tensor, while the next
+        frame's backward hands back a SequenceShard. The value is the same either way: gather it
+        for a plain tensor, re-slice it for a shard of another layout."""
+        if expected_type is not None and not issubclass(expected_type, SequenceShard):
+            return gather_local(self._local, self.spec)
+        if expected_metadata == self.__tensor_flatten__()[1]:
+            return self
+        dim, schedule, group_name, pre, post, grad_reduce = expected_metadata
+        if dim != self.spec.dim or group_name != self.spec.group_name:
+            return None                          # not the same value's layout: AOT reports it
+        if (pre, post) != (self.spec.pre, self.spec.post):
+            return None
+        spec = ShardSpec(dim, self.spec.S, schedule, group_name, pre, post, grad_reduce)
+        return SequenceShard(slice_local(gather_local(self._local, self.spec), spec), spec,
+                             shape=self.shape, stride=self.stride())
+
     def full_tensor(self) -> Tensor:
         return _reading(self, lambda: full_tensor(self))
 
