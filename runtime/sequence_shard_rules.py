@@ -149,13 +149,29 @@ def _planned(func, shards, args, kwargs):
         if isinstance(v, (list, tuple)):
             return type(v)(fill(x) for x in v)
         return v
-    out = (plan.call or func)(*fill(plan.args), **{k: fill(v) for k, v in plan.kwargs.items()})
+    out = (plan.call or _viewable(func))(*fill(plan.args), **{k: fill(v) for k, v in plan.kwargs.items()})
     written = [a for a in written_arguments(func, args, kwargs) if isinstance(a, SequenceShard)]
     if written and func._schema.returns and written[0] is args[0]:
         return args[0]                           # in place: the shard whose local was written
     outs = out if isinstance(out, (list, tuple)) else (out,)
     wrapped = [_placed(o, pl, first) for o, pl in zip(outs, plan.outputs)]
     return type(out)(wrapped) if isinstance(out, (list, tuple)) else wrapped[0]
+
+
+def _viewable(func):
+    """``aten.view`` that copies where the local tensor cannot be viewed as asked. The wrapper's
+    own strides are contiguous, so ``reshape`` of an expanded or transposed shard decomposes to
+    ``view`` above this dispatch (HF's ``repeat_kv``: ``k[:, :, None].expand(...).reshape(...)``)
+    while its local tensor needs a copy; ``dispatch`` marks such a result as no view of its input."""
+    if func is not aten.view.default:
+        return func
+
+    def view_or_copy(local, shape):
+        try:
+            return local.view(shape)
+        except (RuntimeError, ValueError):
+            return local.reshape(shape)
+    return view_or_copy
 
 
 def _placed(value, placement, spec: ShardSpec):

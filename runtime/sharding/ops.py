@@ -336,6 +336,18 @@ def _reduction(op, args, kwargs, ctx: _Context) -> OpPlan:
     return OpPlan(("local",), slots, kw, (Shard(dim, pl.pre, pl.post),), (ctx.pre, ctx.post))
 
 
+# binary elementwise ops DTensor registers no strategy for: planned as the multiplication they
+# broadcast like (Llama 4's rotary table: ``torch.polar(ones, freqs)`` over positions)
+_ELEMENTWISE_AS_MUL = {aten.complex.default, aten.polar.default}
+
+
+@_rule(*_ELEMENTWISE_AS_MUL)
+def _elementwise_as_mul(op, args, kwargs, ctx: _Context) -> OpPlan:
+    """Elementwise in its two operands with broadcasting: every position is computed from the
+    same position of its operands, so the layout does not matter; DTensor's answer for ``mul``."""
+    return _dtensor_plan(aten.mul.Tensor, args, kwargs, ctx)
+
+
 _NEW_BUFFERS = {aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default}
 
 
