@@ -1,7 +1,7 @@
 """One measured training step of the example GPT on a spawned rank: time, activation memory and
 ring counters. Shared by bench/checkpointing.py and bench/memory.py (issue 4).
 
-"Activation memory" is the peak RSS during the step minus the RSS before it (DESIGN §4), with the
+"Activation memory" is the peak RSS during the step minus the RSS before it (docs/architecture.md), with the
 window covering forward + backward: parameter gradients already exist before it (zeroed, not
 freed, between steps) and the optimizer step runs after it (timed, not in the window), so the
 figure is the activations and their gradients, not model state; with gradients freed and AdamW's

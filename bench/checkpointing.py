@@ -1,4 +1,4 @@
-"""Benchmark: SEQPAR_CHECKPOINT policies on one training step (issue 4, DESIGN §4).
+"""Benchmark: SEQPAR_CHECKPOINT policies on one training step (docs/architecture.md).
 
     python bench/checkpointing.py               # GPT 4 layers, width 256, S = 8192, P = 2
     python bench/checkpointing.py --quick       # S = 1024, 2 layers, aot_eager: a smoke run (~1 min)

@@ -7,7 +7,7 @@ ranks against plain single-process inductor, over sequence lengths S.
                                            # baseline); no check run (~1-2 min)
     python bench/memory.py --S 4096 8192 --P 2 4 --budget-gib 4 --ffn-chunks 4
 
-Activation memory = peak RSS during the step minus RSS before it (DESIGN §4; bench/_step_memory.py).
+Activation memory = peak RSS during the step minus RSS before it (docs/architecture.md; bench/_step_memory.py).
 The compiled step returns the loss only (``--logits``: the logits too, which with the default
 SEQPAR_OUTPUT=gather puts the full [S, vocab] logits on every rank).
 A least-squares line a + b·S through each P's seqpar points gives the longest S whose activations

@@ -6,7 +6,7 @@ process (issue 3).
     python bench/train_step.py --quick    # S = 1024, 2048 (alias --small)
 
 Prints time, speedup and memory per rank, writes bench/results/train_step.json.
-"Activation memory" is the peak RSS during the step minus the RSS before it (DESIGN §4); the
+"Activation memory" is the peak RSS during the step minus the RSS before it (docs/architecture.md); the
 peak is reset before the step through /proc/self/clear_refs.
 """
 from __future__ import annotations

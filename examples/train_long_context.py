@@ -86,7 +86,7 @@ def lr_at(step: int, steps: int, peak: float = 1e-2, warmup: int = 10) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 
-# -- memory (DESIGN §4: activation memory = peak RSS during the step minus RSS before it) ----------
+# -- memory (docs/architecture.md: activation memory = peak RSS during the step minus RSS before it) ----------
 
 
 def measured(fn, device):

@@ -1,6 +1,6 @@
 """Block attention kernels: one (query chunk, key chunk) block → (out, lse), and its backward.
 
-No communication and no knowledge of rings or graphs lives here (DESIGN §1b). The ring calls
+No communication and no knowledge of rings or graphs lives here (docs/architecture.md). The ring calls
 ``block_attention_forward`` / ``block_attention_backward`` with a ``BlockMask`` that states the
 block's global positions, its ``AttentionSpec`` and its per-token data; the kernel decides how
 to evaluate it.
@@ -15,7 +15,7 @@ Kernels (``SEQPAR_KERNEL``):
 
 Every block-kernel call is reported to a hook (``set_kernel_call_hook``) with the concrete
 kernel and direction: ``runtime/stats.py`` counts them (``stats().kernel_calls``). A hook,
-because this layer sits below the runtime and may not import it (DESIGN §1b).
+because this layer sits below the runtime and may not import it (docs/architecture.md).
 
 Shape legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), M query rows,
 N key rows, D head dim. ``lse`` is [B, Hq, M] in fp32 (fp64 for fp64 inputs), natural log;

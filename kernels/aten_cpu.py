@@ -3,12 +3,12 @@
 ``aten._scaled_dot_product_flash_attention_for_cpu`` is a tiled flash kernel (no S×S score
 matrix), returns the log-sum-exp, supports GQA natively (key head = query head // G) and has a
 matching backward that takes a saved (out, lse): exactly the block interface the ring needs.
-Two quirks are fixed here (DESIGN §3):
+Two quirks are fixed here (docs/architecture.md):
   * it rejects boolean masks (the mask must have the query's dtype), so visibility becomes an
     additive 0 / -inf mask, built per tile, never for the whole block;
   * a row that sees no key comes back with lse = 0; the contract is out = 0, lse = -inf.
 
-Score semantics beyond ``scale · q kᵀ`` (issue 12):
+Score semantics beyond ``scale · q kᵀ``:
   * ALiBi: the kernel's only bias input is its additive mask, so the bias is materialised per
     query tile (``TILE_ROWS`` × N, never M × N) in fp32 (a bf16 mask would round a bias of a few
     hundred by whole units; the kernel takes an fp32 mask with bf16/fp16 inputs, checked), with

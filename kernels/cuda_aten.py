@@ -1,10 +1,10 @@
-"""Block attention on CUDA through ATen's cuDNN and FlashAttention-2 kernels (issue 14).
+"""Block attention on CUDA through ATen's cuDNN and FlashAttention-2 kernels.
 
 Both return the log-sum-exp a ring needs and have a backward that takes a saved (out, lse), so
 a block can be computed by them and its gradients from the *merged* (out, lse) of the whole
 attention, as torch's own context parallelism does (``torch/distributed/tensor/experimental/
 _context_parallel/_attention.py``). They are 2-3.5× faster than our Triton kernels on an H200
-(issue 14: cuDNN 636, FA2 306, Triton 185 TFLOP/s, bf16 causal D=128 S=16k), but each computes
+(cuDNN 636, FA2 306, Triton 185 TFLOP/s, bf16 causal D=128 S=16k), but each computes
 only some masks exactly, so a block is *planned* first (pure integer arithmetic on the
 ``BlockMask``, testable on CPU) and handed to them only when the plan reproduces its visibility:
 

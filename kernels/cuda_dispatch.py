@@ -1,5 +1,5 @@
 """``SEQPAR_KERNEL=auto`` on CUDA: each block goes to the fastest kernel that computes its mask
-exactly, forward and backward alike (issue 14).
+exactly, forward and backward alike.
 
 The decision is a pure function of the block (its ``BlockMask``, shapes, dtype, device), so
 the backward of a block, which sees the same mask and shapes, takes the kernel its forward took.

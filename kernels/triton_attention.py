@@ -1,6 +1,6 @@
 """Triton flash-attention kernels for one attention block: forward → (out, lse), and backward.
 
-The ring op (DESIGN §3) reaches these through ``block_attention_forward`` /
+The ring op (docs/architecture.md) reaches these through ``block_attention_forward`` /
 ``block_attention_backward`` on CUDA tensors. On CPU tensors they run under the Triton
 interpreter (``TRITON_INTERPRET=1`` set before this module is imported: ``triton.jit`` decides
 interpreted vs compiled when it decorates), which is how the test suite checks them here.
@@ -22,7 +22,7 @@ Backward, atomic-free (the FlashAttention-2 split, as in Triton's tutorial 06):
      G query heads of its group and the query tiles that can see its keys;
   3. dq: one program per (query tile, batch·query head) owns its dq rows and loops over keys.
 
-Score semantics (issue 12), evaluated per tile from positions like the mask: soft-capping
+Score semantics, evaluated per tile from positions like the mask: soft-capping
 ``s ← cap · tanh(s / cap)`` (tanh as ``2·sigmoid(2x) − 1``; the backward multiplies dS by
 ``1 − tanh²``), then ALiBi ``s += slopes[h] · (k_pos − q_pos)`` (one slope per program's head).
 Dv ≠ D is zero-padded on the host to one head width (exact: zero value columns give zero output

@@ -7,10 +7,10 @@ shard length pays the search. The ring calls these kernels with many block shape
 here is a pure function of (GPU generation, padded head dim, dtype, which pass), cached, and the
 same on every rank and every run. ``candidate_configs`` is the search space to time on a GPU
 when one is at hand, so the table can be checked against measurement there (not done yet: no
-GPU session so far; issue 14).
+GPU session so far).
 
 Where the entries come from (published practice, not our own tuning — no GPU session is long
-enough to search; issue 14):
+enough to search):
   * forward, fp16/bf16: FlexAttention's per-GPU defaults (``h100_default_flex_config`` and
     ``a100_default_flex_config`` in ``torch/_inductor/template_heuristics/triton.py``);
   * backward, fp16/bf16: FlexAttention's backward defaults (sm90: (64, 128, 128, 64), 3 stages,

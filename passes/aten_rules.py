@@ -128,7 +128,7 @@ def _shard_pieces(ctx, node, gm, inputs):
     vals: dict[fx.Node, object] = {}
     place: dict[fx.Node, object] = {}
     # replicated pieces computed from a replicated input that requires grad: where one meets a
-    # sharded piece, its gradient is partial and must be summed over the group (DESIGN §1)
+    # sharded piece, its gradient is partial and must be summed over the group (docs/architecture.md)
     olds: dict[fx.Node, object] = {}
     placeholders = [p for p in gm.graph.nodes if p.op == "placeholder"]
     for p, old in zip(placeholders, inputs):

@@ -33,7 +33,7 @@ def _ring(ctx, node, q, k, v, spec: AttentionSpec, doc_local=None, valid_local=N
     dtype = ctx.example(node).dtype
     qkv = [ctx.env[t] if ctx.example(t).dtype == dtype else
            ctx.emit("to", (ctx.env[t], dtype), op="call_method", placement=Shard(2)) for t in (q, k, v)]
-    # the all-to-all layouts (issue 15) take the Ulysses op, which has the ring op's arguments
+    # the all-to-all layouts take the Ulysses op, which has the ring op's arguments
     op = torch.ops.seqpar.ulysses_attention if ctx.schedule.startswith(("ulysses", "hybrid")) else \
         torch.ops.seqpar.ring_attention
     tensors = (doc_local, valid_local, alibi)

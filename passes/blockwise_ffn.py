@@ -1,4 +1,4 @@
-"""Blockwise FFN (BPT, DESIGN §5): run per-token MLP blocks over slices of the local sequence.
+"""Blockwise FFN (BPT, docs/architecture.md): run per-token MLP blocks over slices of the local sequence.
 
 Reads: a torch-level FX graph (Dynamo's, or the sharded graph from ``rewrite``), matching ops by
 their targets, never by module names. Writes: each matched block replaced by one

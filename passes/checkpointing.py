@@ -1,4 +1,4 @@
-"""Rematerialization-aware checkpointing: a partitioner policy for aot_autograd (DESIGN §4).
+"""Rematerialization-aware checkpointing: a partitioner policy for aot_autograd (docs/architecture.md).
 
 Reads the *joint* forward/backward graph that aot_autograd hands its partitioner; writes
 ``node.meta["recompute"]`` (a ``torch.utils.checkpoint.CheckpointPolicy``) on forward nodes, the

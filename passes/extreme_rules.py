@@ -6,7 +6,7 @@ two kinds of max differentiate differently, and seqpar must match each:
   * ``amax`` / ``amin`` and ``max()`` / ``min()`` over all dims spread the gradient evenly over
     every position that ties for the extreme. Here each rank marks its ties, the tie count is
     all-reduced, and the value is rebuilt as ``all_reduce_sum(sum(x at ties) / count)``, whose
-    backward (identity, DESIGN §1) gives each tie ``grad / count`` on the rank that holds it.
+    backward (identity, docs/architecture.md) gives each tie ``grad / count`` on the rank that holds it.
   * ``max(dim)`` / ``min(dim)`` return the first index that attains the extreme and send the
     whole gradient there. Here the winner is the smallest global position among the ties (an
     all-reduce MIN over the positions the layout gives this rank's rows, ``runtime/layout.py``);

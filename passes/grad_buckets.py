@@ -1,4 +1,4 @@
-"""Bucket the parameter-gradient sums of a sharded graph (issue 13).
+"""Bucket the parameter-gradient sums of a sharded graph.
 
 ``rewrite`` puts one ``sum_grad_over_group(param)`` (identity forward, all-reduce backward) on
 every parameter that meets shards: a real model then issues hundreds of small all-reduces per

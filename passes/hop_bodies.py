@@ -1,4 +1,4 @@
-"""Open the higher-order-op bodies Dynamo wraps around the user's checkpointed code (issue 13).
+"""Open the higher-order-op bodies Dynamo wraps around the user's checkpointed code.
 
 ``torch.utils.checkpoint(block, x, use_reentrant=False)`` (and Hugging Face's
 ``gradient_checkpointing_enable()``) reaches the backend as one

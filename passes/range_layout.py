@@ -1,5 +1,5 @@
 """Which local rows hold a part of the global sequence, and the graph pieces that move between a
-part, the whole shard and a replicated value (issue 12 follow-up: chunked losses).
+part, the whole shard and a replicated value (chunked losses).
 
 A ``SeqRange(dim, pre, post, start, stop)`` value (``placement.py``) holds this rank's tokens
 whose global positions fall in [start, stop), in layout order. Which positions a rank holds comes

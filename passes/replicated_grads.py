@@ -1,4 +1,4 @@
-"""Make replicated-use gradients partial under ``SEQPAR_GRAD_REDUCE=none`` (issue 13).
+"""Make replicated-use gradients partial under ``SEQPAR_GRAD_REDUCE=none``.
 
 The README's recipe for ``none`` (a data-parallel wrapper over dp × sp ranks sums every
 gradient; the sequence loss is multiplied by sp) needs every gradient partial on every rank.

@@ -179,7 +179,7 @@ class ShardingContext:
     def fall_back(self, node: fx.Node, reason: str) -> None:
         line = _source_line(node)
         self.fallbacks.append((_op_name(node), line, reason))
-        node.meta["seqpar_fallback"] = reason     # read by the replicated-attention report (issue 16)
+        node.meta["seqpar_fallback"] = reason     # read by the replicated-attention report
         message = (f"seqpar: cannot shard {_op_name(node)} ({reason}) at {line}; gathering the sequence "
                    f"and computing it replicated (correct, slower)")
         if self.fallback == "error":
@@ -464,6 +464,6 @@ def _nodes_after(mark: fx.Node, graph: fx.Graph) -> list[fx.Node]:
 
 def _creates_sequence(ctx: ShardingContext, node: fx.Node) -> bool:
     """A replicated op that makes a full-sequence value from nothing (``arange(S)``): computed
-    locally at its source instead (DESIGN §2 "Compute locally at the source")."""
+    locally at its source instead (docs/architecture.md, "Compute locally at the source")."""
     from .sharding_rules import is_sequence_arange
     return is_sequence_arange(ctx, node)

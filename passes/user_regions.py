@@ -1,4 +1,4 @@
-"""The user's checkpoint regions in the joint graph: their policy, with seqpar's ops in mind (issue 13).
+"""The user's checkpoint regions in the joint graph: their policy, with seqpar's ops in mind.
 
 ``hop_bodies.py`` inlined each ``torch.utils.checkpoint`` body with torch's own tags
 (``meta["recompute"] = PREFER_RECOMPUTE``, ``meta["ac_graph_id"]``); aot_autograd copied them

@@ -1,6 +1,6 @@
 """The ring at run time: layouts and schedules, communication, the custom op pair, stats.
 
-Knows nothing of graphs (DESIGN §1b); the passes import op handles and layout math from here.
+Knows nothing of graphs (docs/architecture.md); the passes import op handles and layout math from here.
 """
 from .layout import SCHEDULES, Segment, check_sequence_length, local_positions, local_segments
 from .plan import RingPlan, build_plan

@@ -1,7 +1,7 @@
 """Point-to-point traffic of the ring and the agreement check, on ``torch.distributed``.
 
 All ring transfers are posted with ``batch_isend_irecv`` and waited on later, so the next KV
-block is in flight while the current one is computed (DESIGN §3). Sends and receives carry a
+block is in flight while the current one is computed (docs/architecture.md). Sends and receives carry a
 tag that names what they are and at which step; each side posts its operations for a pair of
 ranks in the same order (what NCCL, which ignores tags, relies on).
 
@@ -14,7 +14,7 @@ Other tensors travel contiguous.
 Host staging: gloo cannot move CUDA tensors between processes that share one GPU, so without
 NCCL the ring's CUDA tensors travel through pinned host buffers (copied out before a send is
 posted, copied in when a receive is waited on). NCCL stays the fast path; this one lets 2–4
-processes check the multi-rank GPU path on a single GPU (issue 14).
+processes check the multi-rank GPU path on a single GPU.
 
 A failure on the wire (a peer that died or stopped calling the op, a timeout) is re-raised as
 ``RingCommError`` saying which rank waited for what, at which step.
@@ -141,7 +141,7 @@ def set_host_staging(mode: bool | None) -> None:
 
 def _needs_host_staging(group: dist.ProcessGroup, device: torch.device) -> bool:
     """gloo cannot send CUDA tensors between processes that share a GPU (``writev … Bad
-    address``, issue 14): without NCCL, CUDA tensors travel through pinned host memory."""
+    address``): without NCCL, CUDA tensors travel through pinned host memory."""
     if _host_staging is not None:
         return _host_staging
     return device.type == "cuda" and "nccl" not in str(dist.get_backend(group))

@@ -1,8 +1,8 @@
 """Control collectives: the small all-gathers, all-reduces, broadcasts and barriers that keep
-the ranks of a group in agreement (DESIGN §3 "Control traffic"), on the group's device.
+the ranks of a group in agreement (docs/architecture.md, "Control traffic"), on the group's device.
 
 NCCL serves only CUDA tensors, so a control value built on the CPU fails there at the first
-call ("No backend type associated with device type cpu", issue 14). Every control collective of
+call ("No backend type associated with device type cpu"). Every control collective of
 seqpar goes through this module, which moves the few numbers to ``control_device(group)`` and
 the result back to the CPU, where the callers compare them.
 """

@@ -1,4 +1,4 @@
-"""Blockwise FFN (BPT, DESIGN §5): the op pair ``seqpar::blockwise_ffn`` → out and
+"""Blockwise FFN (BPT, docs/architecture.md): the op pair ``seqpar::blockwise_ffn`` → out and
 ``seqpar::blockwise_ffn_backward`` → gradients, placed in graphs by ``passes/blockwise_ffn.py``.
 
 A per-token block ``out = W_out(act(W_act x + b_act) [* (W_mul x + b_mul)]) + b_out`` (a GELU

@@ -1,4 +1,4 @@
-"""The two collectives of DESIGN §1's gradient convention, as autograd functions over
+"""The two collectives of the gradient convention (docs/architecture.md), as autograd functions over
 functional collectives (traceable, so aot_autograd puts them in the forward/backward graphs).
 
 ``sum_grad_over_group``    identity forward, all-reduce(sum) backward: where a replicated value
@@ -9,14 +9,14 @@ functional collectives (traceable, so aot_autograd puts them in the forward/back
 ``shard_sequence_partial``  ``seqpar::shard_sequence`` whose backward leaves the gradient partial:
                            this rank's slice scattered into zeros, no all-gather. Under
                            ``SEQPAR_GRAD_REDUCE=none`` every gradient leaves the backward partial,
-                           the entry shard's too, so one sum over dp × sp is exact (issue 13).
+                           the entry shard's too, so one sum over dp × sp is exact.
 ``shard_entry_activation``  a frame's entry shard of a plain full-length activation (the eager
                            root's embedding output under per-block compile / FSDP2): the backward
                            hands the gradient back as a ``SequenceShard``, never building it at
                            full length; the eager code that made the activation runs its backward
                            with the shard rules (an embedding: local rows, one sum of the table's
-                           gradient, or partial under ``GRAD_REDUCE=none``; issue 13).
-``sum_grads_over_group``   ``sum_grad_over_group`` for a bucket of parameters at once (issue 13):
+                           gradient, or partial under ``GRAD_REDUCE=none``).
+``sum_grads_over_group``   ``sum_grad_over_group`` for a bucket of parameters at once:
                            one all-reduce of their flattened gradients instead of one per tensor,
                            as DDP buckets; autograd runs it once every gradient of the bucket is
                            ready, so buckets filled in backward order reduce while the rest of the

@@ -1,4 +1,4 @@
-"""``share_grad_over_group``: identity forward, gradient ÷ P backward (issue 13, GRAD_REDUCE=none).
+"""``share_grad_over_group``: identity forward, gradient ÷ P backward (GRAD_REDUCE=none).
 
 Under ``SEQPAR_GRAD_REDUCE=none`` every gradient must leave the backward *partial*: one sum over
 the group's ranks is the single-device gradient. Gradients that reach a parameter through

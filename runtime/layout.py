@@ -3,7 +3,7 @@
 Both the ring (global positions of the local query and key rows) and the graph passes
 (slicing replicated tensors into a rank's part) use these functions, so they cannot disagree.
 
-Layouts (S global length, P ranks, chunks of S/(2P) tokens; DESIGN §1):
+Layouts (S global length, P ranks, chunks of S/(2P) tokens; docs/architecture.md):
   ring, distflash  rank r holds [r·S/P, (r+1)·S/P)
   zigzag           rank r holds chunk r followed by chunk 2P−1−r
   striped          rank r holds r, r+P, r+2P, …
@@ -27,7 +27,7 @@ __all__ = ["SCHEDULES", "A2A_SCHEDULES", "Segment", "local_segments", "local_pos
            "required_multiple", "split_schedule"]
 
 SCHEDULES = ("ring", "zigzag", "striped", "distflash")
-# layouts of the all-to-all attention (issue 15); the hybrid's name carries its Ulysses degree u
+# layouts of the all-to-all attention; the hybrid's name carries its Ulysses degree u
 A2A_SCHEDULES = ("ulysses", "hybrid")
 
 

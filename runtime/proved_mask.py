@@ -1,4 +1,4 @@
-"""``ProvedMask``: an attention mask that crosses a frame boundary as proved facts (issue 13).
+"""``ProvedMask``: an attention mask that crosses a frame boundary as proved facts.
 
 Why: transformers builds its mask in one place (``create_causal_mask``) and uses it in every
 decoder layer. When a graph break puts the builder and the layers in different frames, the
@@ -18,7 +18,7 @@ The value (a wrapper tensor subclass, traced by Dynamo through ``__tensor_flatte
     True = hidden, or an additive float mask, 0 where visible and one ``fill`` value where
     hidden). Dynamo guards on the flatten context, which is the facts less the length S: S is
     read back from the mask's last size, so a new length does not recompile the frames the mask
-    crosses (issue 13).
+    crosses.
 
 A compiled frame that receives it rebuilds the mask in its graph from index ranges and ``tokens``
 (``seqpar_compiler/mask_frames.py``): the attention rules prove that as they prove a mask built

@@ -1,5 +1,5 @@
 """The op pair the compiler places in graphs: ``seqpar::ring_attention`` → (out, lse) and
-``seqpar::ring_attention_backward`` → (dq, dk, dv) (DESIGN §3).
+``seqpar::ring_attention_backward`` → (dq, dk, dv) (docs/architecture.md).
 
 Both are ``torch.library.custom_op``s with fake kernels, so Dynamo and aot_autograd see opaque
 nodes of known shapes; the forward's registered backward just calls the backward op, so the

@@ -3,7 +3,7 @@
 ``seqpar::shard_sequence`` takes this rank's part of a full (replicated) tensor: no
 communication; its backward gathers, so every rank holds the same full gradient.
 ``seqpar::gather_sequence`` is the inverse: an all-gather back to natural order; its backward
-takes this rank's slice, with no communication (DESIGN §1 "Gradient convention": a
+takes this rank's slice, with no communication (docs/architecture.md, "Gradient convention": a
 replicated value made from shards has no communication in its backward).
 Both are custom ops so they can sit in compiled graphs.
 """

@@ -1,4 +1,4 @@
-"""``SequenceShard``: a full tensor that lives split over the sequence-parallel group (issue 13).
+"""``SequenceShard``: a full tensor that lives split over the sequence-parallel group.
 
 Why a value and not a graph rewrite: real training compiles block by block, breaks graphs and
 runs eager code between frames (FSDP2's root, the embedding, the loss). A frame cannot know
@@ -26,7 +26,7 @@ Where a sequence is split and joined:
     printing, ``full_tensor()``). A reduction to a scalar (the loss) is a local reduction plus an
     all-reduce, never a gather.
 
-Autograd (DESIGN §1 gradient convention): autograd runs on the logical (full) values, so the
+Autograd (docs/architecture.md gradient convention): autograd runs on the logical (full) values, so the
 gradient of a SequenceShard is the full gradient, itself held as a SequenceShard; the gradient
 of a plain replicated tensor comes out plain and whole (a contraction over the sequence, e.g.
 a weight's gradient, is a local matmul plus an all-reduce). ``from_local`` / ``to_local`` are
@@ -141,7 +141,7 @@ class SequenceShard(torch.Tensor):
 
     def __tensor_flatten__(self):
         # the length is left out: Dynamo guards on this context by equality, and a length in it
-        # would recompile every frame at every new length (recompile limit after 8; issue 13)
+        # would recompile every frame at every new length (recompile limit after 8)
         s = self.spec
         return ["_local"], (s.dim, s.schedule, s.group_name, s.pre, s.post, s.grad_reduce)
 
@@ -368,7 +368,7 @@ _gather_warned: set = set()
 
 def warn_gather(op: str, why: str, spec: ShardSpec | None = None) -> None:
     """Said once per op name and group, by the group's rank 0, as the compiler's fallbacks are
-    (every rank runs the same code: P copies of one message say nothing more; issue 16)."""
+    (every rank runs the same code: P copies of one message say nothing more)."""
     if spec is not None:
         if (spec.group_name, op) in _gather_warned or spec.rank != 0:
             return

@@ -1,4 +1,4 @@
-"""Counters of this rank's attention work: ``with stats() as s: ...`` (DESIGN §1).
+"""Counters of this rank's attention work: ``with stats() as s: ...`` (docs/architecture.md).
 
 Counting is cheap (a few integer additions per ring step) and only happens while a block is
 open, so the ring pays nothing outside one. Nested blocks all count.
@@ -92,7 +92,7 @@ def record_kernel(kernel: str, direction: str) -> None:
             s.kernel_calls[key] = s.kernel_calls.get(key, 0) + 1
 
 
-# The kernels layer sits below this one (DESIGN §1b) and cannot import it: it calls a hook.
+# The kernels layer sits below this one (docs/architecture.md) and cannot import it: it calls a hook.
 from seqpar_compiler.kernels import set_kernel_call_hook  # noqa: E402
 
 set_kernel_call_hook(record_kernel)

@@ -1,4 +1,4 @@
-"""All-to-all (Ulysses) attention and the Ulysses × ring hybrid: the algorithm (issue 15).
+"""All-to-all (Ulysses) attention and the Ulysses × ring hybrid: the algorithm.
 
 Ulysses (DeepSpeed-Ulysses): an all-to-all over u ranks turns sequence shards of all heads into
 the whole (group's) sequence for 1/u of the heads, one local attention runs there, and the

@@ -1,5 +1,5 @@
 """The all-to-all op pair: ``seqpar::ulysses_attention`` → (out, lse, *saved) and
-``seqpar::ulysses_attention_backward`` → (dq, dk, dv) (issue 15; algorithm in ``ulysses.py``).
+``seqpar::ulysses_attention_backward`` → (dq, dk, dv) (algorithm in ``ulysses.py``).
 
 The same design as the ring's pair (``ring_op.py``): ``torch.library.custom_op``s with fake
 kernels, the forward's registered backward calls the backward op, so aot_autograd saves what the

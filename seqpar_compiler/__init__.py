@@ -1,6 +1,6 @@
 """seqpar: run an unmodified transformer sequence-parallel with ring attention.
 
-The face of the project (DESIGN §1b): the public API, the options registry and the backend
+The face of the project (docs/architecture.md): the public API, the options registry and the backend
 entry. Everything below (passes, runtime, kernels) is reached through here.
 """
 import torch._dynamo
@@ -10,7 +10,7 @@ from .options import check_environment
 # Every SEQPAR_* value is checked here, when the package is imported (by the user or by torch's
 # entry point at `torch.compile(..., backend="seqpar")`), so a bad value fails in the first
 # second with the registry's message rather than 20 s into tracing inside Dynamo's
-# BackendCompilerFailed; unknown SEQPAR_* names warn with the closest option (issue 16).
+# BackendCompilerFailed; unknown SEQPAR_* names warn with the closest option.
 check_environment()
 
 from .api import gather_sequence, ring_attention, shard_sequence, ulysses_attention

@@ -1,5 +1,5 @@
 """The public runtime functions: ring attention on local shards, and moving tensors between
-their full form and a rank's shard (DESIGN §1). Options left as ``None`` take the registry's
+their full form and a rank's shard (docs/architecture.md). Options left as ``None`` take the registry's
 value (``SEQPAR_*`` env or default).
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         window: sliding window W >= 1: key visible iff q - W < k <= q (a window is causal).
         doc_ids: packed-document ids of the local tokens: keys visible only within the same
             document (combines with ``causal``/``window``).
-        schedule: ``ring``, ``zigzag``, ``striped`` or ``distflash`` (DESIGN §3).
+        schedule: ``ring``, ``zigzag``, ``striped`` or ``distflash`` (docs/architecture.md).
         group: the sequence-parallel process group; default the whole default group.
         return_lse: also return the log-sum-exp (natural log).
         overlap: post the next KV block's transfer before computing (``SEQPAR_OVERLAP``).

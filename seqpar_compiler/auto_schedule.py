@@ -1,5 +1,5 @@
 """``SEQPAR_SCHEDULE=auto``: the cost model picks a graph's schedule on group rank 0, which
-broadcasts it, so every rank shards the same way (DESIGN §3, §8).
+broadcasts it, so every rank shards the same way (docs/architecture.md).
 
 The attention calls of the graph become ``AttentionSpec``s (global shapes from Dynamo's
 ``example_value``); rank 0 loads the profile (``SEQPAR_PROFILE``; with none cached, the whole
@@ -28,7 +28,7 @@ log = logging.getLogger("seqpar")
 class AutoDecision(dict):
     """What ``auto`` chose and why: schedule, overlap, profile name, predicted seconds per candidate
     (``candidates``: {"zigzag/overlap": s, ...}; rank 0 only), and ``why``: one line naming the
-    choice, its all-to-all / attention split and the runner-up (issue 15)."""
+    choice, its all-to-all / attention split and the runner-up."""
 
 
 def _spec(q, k, causal: bool, window) -> AttentionSpec | None:

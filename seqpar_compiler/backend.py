@@ -1,6 +1,6 @@
 """The ``seqpar`` torch.compile backend.
 
-Stage diagram (DESIGN §2). Each stage is one module; a graph with no self-attention, or a
+Stage diagram (docs/architecture.md). Each stage is one module; a graph with no self-attention, or a
 world of one rank, skips the sharding stages (warned / logged once).
 
 ```
@@ -84,8 +84,8 @@ def _frame_name() -> str:
 
 
 def _warn_at_recompile_limit(example_inputs: Sequence[Any]) -> None:
-    """Warn when this compile is the last one Dynamo's recompile limit allows for the frame
-    (issue 13): every later new input shape then runs eagerly, on the whole sequence on every
+    """Warn when this compile is the last one Dynamo's recompile limit allows for the frame:
+    every later new input shape then runs eagerly, on the whole sequence on every
     rank, and Dynamo's own log line does not say that. Counted from Dynamo's cache entries of
     the frame's code object, which is what its limit counts."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -152,7 +152,7 @@ def backend(*, group: dist.ProcessGroup | None = None, mesh: Any = None, mesh_di
     check_environment()          # every SEQPAR_* value at once, and unknown names, before any tracing
     opts = resolve_options(**options)
     if opts["output"] == "local" and opts["schedule"] == "auto":
-        # local outputs are in the schedule's layout; the user must know it (DESIGN §6)
+        # local outputs are in the schedule's layout; the user must know it (docs/architecture.md)
         raise ValueError("SEQPAR_OUTPUT=local needs a fixed schedule, not 'auto': the local outputs are laid out "
                          "by it. Set SEQPAR_SCHEDULE (or backend(schedule=)) to one of ring, zigzag, striped, "
                          "distflash")
@@ -164,7 +164,7 @@ def backend(*, group: dist.ProcessGroup | None = None, mesh: Any = None, mesh_di
         P = 1 if pg is None else dist.get_world_size(pg)
         if _lead(pg):
             _warn_at_recompile_limit(example_inputs)
-        from .fsdp_reduction import warn_fsdp_reduces_twice     # issue 13: FSDP2 would reduce again
+        from .fsdp_reduction import warn_fsdp_reduces_twice     # FSDP2 would reduce again
         warn_fsdp_reduces_twice(example_inputs, pg if P > 1 else None, opts["grad_reduce"])
         if P == 1:
             _log_once("single", "seqpar: no process group or a group of one rank: compiling with "
@@ -191,7 +191,7 @@ def _compile_frame(gm, example_inputs, pg, opts, pristine) -> Callable:
     from .compile_agreement import stage
     from .dump import DumpRecorder     # lazily: `python -m seqpar_compiler.dump` runs that module as __main__
     dump = DumpRecorder.maybe(opts, dist.get_rank(pg), dist.get_world_size(pg))
-    from .frames import frame_shard_inputs, local_examples, wrap_frame   # issue 13: shards across frames
+    from .frames import frame_shard_inputs, local_examples, wrap_frame   # shards across frames
     from .mask_frames import carry_mask_outputs, expand_mask_inputs, mask_examples, wrap_mask_frame
     with stage("frame edges"):
         example_inputs, mask_inputs = expand_mask_inputs(gm, example_inputs)    # masks cross frames as facts
@@ -226,7 +226,7 @@ def _hide_user_saved_tensor_hooks():
     Why: the passes evaluate example values with autograd on; saved-tensor hooks the user has
     active around the compiled call (``save_on_cpu``, a hook counting saves) would pack those
     fake values, and an exception there left a provable attention unproved: HF training calls
-    ran replicated under a test's counting hook (issue 13 follow-up). Only the innermost hooks
+    ran replicated under a test's counting hook. Only the innermost hooks
     apply, so identity hooks hide the user's; the compiled step's own saves still reach them.
     Pushed only when the user has hooks: without any, compilation is exactly as before."""
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
@@ -274,7 +274,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     from seqpar_compiler.passes.hop_bodies import inline_hop_bodies
     from .compile_agreement import agreement_checkpoint, refusal, stage
     with stage("canonicalize"):
-        inline_hop_bodies(gm)        # issue 13: attention inside torch.utils.checkpoint bodies is sharded too
+        inline_hop_bodies(gm)        # attention inside torch.utils.checkpoint bodies is sharded too
         static = _model_state_inputs(gm, example_inputs)
         if dump:
             dump.graph("dynamo", gm)
@@ -292,7 +292,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         S, opts = first.S, {**opts, "schedule": first.schedule}
     from .replicated import hidden_attention_causes, replicated_attention_causes
     # a graph break no longer leaves attention replicated: the sequence crosses it as a
-    # SequenceShard and the code at the break runs sharded (frames.py, issue 13); a function
+    # SequenceShard and the code at the break runs sharded (frames.py); a function
     # Dynamo was told not to compile (torch.compiler.disable) is still a region it cannot see
     hidden = hidden_attention_causes(gm) + _new_disabled_regions()
     piece_S = None
@@ -327,7 +327,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
             decision = decide_schedule(attention, S, pg, opts["profile"],
                                        (True, False) if opts.get("auto_overlap") else (overlap,))
         schedule, overlap = decision["schedule"], decision["overlap"]
-    from .ulysses_api import hybrid_layout        # "hybrid" → "hybrid:u", u from SEQPAR_ULYSSES_DEGREE (issue 15)
+    from .ulysses_api import hybrid_layout        # "hybrid" → "hybrid:u", u from SEQPAR_ULYSSES_DEGREE
     with refusal(ValueError):
         schedule = hybrid_layout(schedule, opts["ulysses_degree"], pg, strict=False)
         check_sequence_length(S, schedule, P, what="the model's sequence length")
@@ -341,7 +341,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         already = seed_shard_inputs(ctx, gm, {**(shards or {}), **entry})
         dims = {k: v for k, v in _user_input_dims(gm, example_inputs, S).items() if k not in already}
         out = rewrite_graph(gm, example_inputs, ctx, dims)
-        if opts["grad_reduce"] == "none":          # issue 13: replicated uses' gradients partial too
+        if opts["grad_reduce"] == "none":          # replicated uses' gradients partial too
             from seqpar_compiler.passes.replicated_grads import share_replicated_gradients
             share_replicated_gradients(out, pg.group_name)
         # outputs that carry the sequence leave as SequenceShards (gathered only when read), or local

@@ -1,4 +1,4 @@
-"""A roofline model of ring attention per schedule, and the ``auto`` schedule built on it (DESIGN §8).
+"""A roofline model of ring attention per schedule, and the ``auto`` schedule built on it (docs/architecture.md).
 
 From the ring plan (``runtime/plan.py``: which block each rank computes at each step and what it
 sends) and a machine profile (``profile.py``) it predicts, per rank and step:
@@ -237,7 +237,7 @@ def choose_schedule(specs: list[AttentionSpec], P: int, profile: Profile,
     if not candidates:
         raise ValueError(f"sequence length {S} cannot be split over {P} ranks by any schedule: it must be a "
                          f"multiple of {P}; pad the sequence to a multiple of {2 * P}")
-    # all-to-all schedules (issue 15) when every attention's heads split over their degree
+    # all-to-all schedules when every attention's heads split over their degree
     candidates = candidates + a2a_candidates(S, P, math.gcd(*(sp.Hq for sp in specs)))
     totals = {(s, o): sum(predict(sp, s, P, profile, overlap=o).seconds for sp in specs)
               for s in candidates for o in overlaps}

@@ -1,4 +1,4 @@
-"""The cost model's all-to-all terms: Ulysses and the Ulysses × ring hybrid (issue 15).
+"""The cost model's all-to-all terms: Ulysses and the Ulysses × ring hybrid.
 
 An all-to-all schedule of degree u on P ranks (G = P/u groups) costs
   * the all-to-all: each rank sends (u−1)/u of what it exchanges (forward: q, k, v at the KV

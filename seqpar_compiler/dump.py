@@ -1,4 +1,4 @@
-"""See what the compiler did: ``python -m seqpar_compiler.dump SCRIPT [ARGS...]`` (DESIGN §7).
+"""See what the compiler did: ``python -m seqpar_compiler.dump SCRIPT [ARGS...]`` (docs/architecture.md).
 
 Runs the user's script (as ``python SCRIPT ARGS``, so scripts that spawn ranks work unchanged)
 with ``SEQPAR_DUMP=DIR``; the backend then writes, per compiled frame, for group rank 0 (every

@@ -1,4 +1,4 @@
-"""Frames and the training stack: shard values in and out of compiled frames (issue 13).
+"""Frames and the training stack: shard values in and out of compiled frames.
 
 A compiled frame is one piece of the user's step: the whole model, one block under per-block
 compile (torchtitan), the part before or after a graph break, a piece of DDP's split. The
@@ -252,7 +252,7 @@ def proof_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], static
 
 
 def ddp_piece_length(attention: list) -> int | None:
-    """The sequence length of a DDPOptimizer piece that has no attention of its own (issue 13).
+    """The sequence length of a DDPOptimizer piece that has no attention of its own.
 
     Why: ``optimize_ddp`` splits the frame's graph at DDP's bucket boundaries and compiles each
     piece alone; the pieces before the first attention (embedding, first norm) cannot prove a

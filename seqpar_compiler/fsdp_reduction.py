@@ -1,4 +1,4 @@
-"""Say when FSDP2 reduces the gradients seqpar has already summed (issue 13).
+"""Say when FSDP2 reduces the gradients seqpar has already summed.
 
 Under ``SEQPAR_GRAD_REDUCE=sum`` (the default) seqpar all-reduces every parameter gradient over
 the sequence group inside the backward. When the frame's parameters are managed by FSDP2

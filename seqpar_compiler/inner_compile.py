@@ -53,7 +53,7 @@ def inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inner
     with stage("inner compile"), torch._functorch.config.patch(**patches):
         if inner == "aot_eager":
             from torch._dynamo.backends.debugging import aot_eager
-            if checkpoint == "none" and not has_user_regions(gm):     # issue 13: the user's regions need the policy
+            if checkpoint == "none" and not has_user_regions(gm):     # the user's regions need the policy
                 return aot_eager(gm, example_inputs)
             from functorch.compile import make_boxed_func
             from torch._dynamo.backends.common import aot_autograd

@@ -1,4 +1,4 @@
-"""Check that every rank of a sequence-parallel group passes the same batch (DESIGN §1).
+"""Check that every rank of a sequence-parallel group passes the same batch (docs/architecture.md).
 
 Transparent mode is only right if all ranks compute on the same inputs; a ``DistributedSampler``
 over the sequence group is the usual way to break that. Per call: a few numbers per input
@@ -26,19 +26,19 @@ class InputMismatchError(ValueError):
 
 def _real_view(t: torch.Tensor) -> torch.Tensor:
     """Both parts of a complex tensor (``freqs_cis``) as a real one; casting a complex tensor to
-    float64 would warn on every call and drop the imaginary part (issue 12)."""
+    float64 would warn on every call and drop the imaginary part."""
     return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
 
 def _has_no_data(t: torch.Tensor) -> bool:
     """Fake or meta tensors (DDPOptimizer calls the backend on graph pieces whose example
-    inputs are fake, issue 13): no values to fingerprint, and reading one would fail."""
+    inputs are fake): no values to fingerprint, and reading one would fail."""
     from torch._subclasses.fake_tensor import is_fake
     return t.is_meta or is_fake(t)
 
 
 # elements summed at a time: a per-block frame's input is a full-length activation (FSDP2's eager
-# root, issue 13), and float64 copies of all of it were 6x its fp32 size at the step's peak
+# root), and float64 copies of all of it were 6x its fp32 size at the step's peak
 _CHUNK = 1 << 18
 
 

@@ -1,4 +1,4 @@
-"""Attention masks across frames: built in one frame, proved there, used in another (issue 13).
+"""Attention masks across frames: built in one frame, proved there, used in another.
 
 The frame that builds a mask proves it from the ops that made it (``passes/mask_proof``) and
 hands it out as a ``ProvedMask`` (``runtime/proved_mask.py``): facts plus the per-token data

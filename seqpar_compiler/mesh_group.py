@@ -1,4 +1,4 @@
-"""The sequence-parallel group named by a DeviceMesh: ``backend(mesh=..., mesh_dim=...)`` (issue 13).
+"""The sequence-parallel group named by a DeviceMesh: ``backend(mesh=..., mesh_dim=...)``.
 
 torchtitan and FSDP2 users build one ``DeviceMesh`` with named dims (``("dp", "cp")``,
 ``("dp_shard", "cp")``) and hand each parallelism its dim; this lets seqpar take its group the

@@ -1,4 +1,4 @@
-"""Every ``SEQPAR_*`` option, declared once: name, type, default, allowed values, help (DESIGN §6).
+"""Every ``SEQPAR_*`` option, declared once: name, type, default, allowed values, help (docs/architecture.md).
 
 Options are read here, at the face, from ``SEQPAR_<NAME>`` environment variables or from
 keyword arguments (lower-case names), and passed down as plain values; nothing below the face
@@ -7,7 +7,7 @@ table is generated from this registry (``python -m seqpar_compiler.options``).
 
 ``check_environment()`` validates every ``SEQPAR_*`` variable at once: ``import seqpar_compiler``
 and ``seqpar_compiler.backend(...)`` call it, so a bad value fails before Dynamo traces anything
-(issue 16: a typo found 20 s into tracing, wrapped in ``BackendCompilerFailed``, is a typo found
+(a typo found 20 s into tracing, wrapped in ``BackendCompilerFailed``, is a typo found
 too late), and a ``SEQPAR_*`` name that is no option (a misspelt one) is a warning naming
 the closest option instead of being silently ignored.
 """

@@ -1,4 +1,4 @@
-"""This process's memory, as the benchmarks and the demo measure it (DESIGN §4).
+"""This process's memory, as the benchmarks and the demo measure it (docs/architecture.md).
 
 "Activation memory" = peak RSS during a step minus RSS before it. Linux keeps the peak (VmHWM)
 and lets a process reset it by writing 5 to /proc/self/clear_refs; elsewhere the readings are 0

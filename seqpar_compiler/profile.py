@@ -1,4 +1,4 @@
-"""Cost-model profiles: what one rank computes per second and what a ring hop moves (DESIGN §8).
+"""Cost-model profiles: what one rank computes per second and what a ring hop moves (docs/architecture.md).
 
 A profile is either *shipped* (GPU clusters, ``profiles/gpu_clusters.toml``, sources in its
 comments), a JSON file, or *calibrated* on this machine by ``calibrate()`` and cached under the

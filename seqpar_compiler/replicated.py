@@ -1,4 +1,4 @@
-"""Why attention in a compiled frame runs replicated, in words a user can act on (issue 16).
+"""Why attention in a compiled frame runs replicated, in words a user can act on.
 
 Attention that is not a ring runs on the whole sequence on every rank: correct, but it costs
 P times the compute and the memory seqpar exists to save. A user must be told plainly, once per

@@ -1,5 +1,5 @@
 """The ring schedule drawn for people: a text table and a PNG, one row per rank, one column per
-step (DESIGN §7). Built from the same plan the ring runs (``runtime/plan.py``) and the cost
+step (docs/architecture.md). Built from the same plan the ring runs (``runtime/plan.py``) and the cost
 model's per-step figures, so the picture cannot disagree with what runs.
 
 Each cell says which block the rank computes: ``q2·kv0`` = the queries rank 2 holds against

@@ -1,4 +1,4 @@
-"""Dynamic shapes: one Dynamo graph, one seqpar specialisation per concrete length (issue 13).
+"""Dynamic shapes: one Dynamo graph, one seqpar specialisation per concrete length.
 
 ``torch.compile(model, backend="seqpar", dynamic=True)``, or a model called at a second length
 (Dynamo then marks the length dynamic by default), hands the backend a graph whose sizes are

@@ -1,6 +1,6 @@
 """Every private torch internal seqpar relies on, and every torch 2.11-vs-2.13 difference, in one place.
 
-GPU machines run torch 2.11, the CI 2.13 (issue 14). Callers import what they need from here
+GPU machines run torch 2.11, the CI 2.13. Callers import what they need from here
 and never reach into ``torch.distributed.distributed_c10d`` or compare versions themselves, so a
 torch upgrade that moves an internal breaks one small module, not every caller.
 

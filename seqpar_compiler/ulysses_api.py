@@ -1,4 +1,4 @@
-"""The public all-to-all attention (issue 15): ``ulysses_attention`` on local shards, and the
+"""The public all-to-all attention: ``ulysses_attention`` on local shards, and the
 naming of the hybrid's layout (``hybrid`` + a Ulysses degree u → the layout ``hybrid:u``).
 
 Choosing between the ring and Ulysses (README "All-to-all attention"): Ulysses gives every rank

@@ -4,7 +4,7 @@
 flattening of (pre, sequence, post) — pre = post = 1 for a plain sequence dim; a view that
 merges batch and sequence (``logits.view(-1, V)``) gives pre = B. Locally the dim has size
 pre·(S/P)·post in the same order, so flatten → pointwise → reduce stays local when both sides
-are flattened alike (DESIGN §2 "Merged dims").
+are flattened alike (docs/architecture.md, "Merged dims").
 ``SeqRange(dim, pre, post, start, stop)``: the part of the global sequence range [start, stop)
 that this rank holds, in layout order (a chunk of a chunked loss: ``h.split(n, dim=1)``). Its
 local size differs between ranks and may be 0; the rewrite knows its rank, so each rank's graph
