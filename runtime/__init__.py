@@ -6,6 +6,8 @@ from .layout import SCHEDULES, Segment, check_sequence_length, local_positions, 
 from .plan import RingPlan, build_plan
 from .ring_op import ring_attention_backward_op, ring_attention_op
 from .sequence_ops import gather_sequence_op, shard_sequence_op
+from .sequence_fetch import sequence_fetch_op
+from .sequence_mixing import padded_conv1d_op
 from .stats import Stats, stats
 from .ulysses_op import ulysses_attention_backward_op, ulysses_attention_op
 
@@ -22,6 +24,8 @@ __all__ = [
     "ring_attention_backward_op",
     "ring_attention_op",
     "shard_sequence_op",
+    "sequence_fetch_op",
+    "padded_conv1d_op",
     "stats",
     "ulysses_attention_backward_op",
     "ulysses_attention_op",

@@ -280,6 +280,8 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
             dump.graph("dynamo", gm)
         from .frames import proof_values        # a DDPOptimizer piece's fake buffers: the real ones prove masks
         canonicalize_handwritten_attention(gm, proof_values(gm, example_inputs, static), static)
+        from seqpar_compiler.passes.causal_conv import fuse_padded_convolutions
+        fuse_padded_convolutions(gm)     # pad + conv1d, conv1d + slice: one op that keeps the length
         attention = find_attention(gm)
         if dump:
             dump.graph("canonicalize", gm)

@@ -13,8 +13,10 @@ an op shards the same inside a frame and between frames (``tests/unit/test_shard
 Where a plan comes from:
   * seqpar's own rules (``RULES``, keyed by ATen op) for what depends on the layout: views that
     merge or split the sequence dim (``placements.view_placement``), advanced indexing;
-  * ops whose result depends on where a position sits (scans, rolls, sorts, slices, gathers,
-    padding: ``LAYOUT_OPS``) only along another dim than the sequence — refused along it;
+  * ops that mix the sequence — convolutions over time, rolls, flips, scans — through an op that
+    knows the group (a halo exchange, a carry across ranks: ``mixing_rules.py``, ``OpPlan.call``);
+  * other ops whose result depends on where a position sits (sorts, slices, gathers, padding:
+    ``LAYOUT_OPS``) only along another dim than the sequence — refused along it;
   * everything else: DTensor's strategy (``dtensor_bridge.propagate``), whose ``Shard`` means
     contiguous chunks; taken only where the answer keeps the sequence on a dim of the same size
     (equivariant under any permutation of positions, so every layout is the same to it).
@@ -365,3 +367,7 @@ def _new_buffer(op, args, kwargs, ctx: _Context) -> OpPlan:
         return OpPlan(("local",), (TENSOR, size, *args[2:]), dict(kwargs), (Shard(pl.dim, pl.pre, pl.post),),
                       (ctx.pre, ctx.post))
     return OpPlan(("local",), slots, dict(kwargs), (Replicate(),), (ctx.pre, ctx.post))
+
+
+# the rules for ops that mix the sequence (they need the group: a halo, a carry) live beside
+from . import mixing_rules  # noqa: E402,F401  (registers into RULES)
