@@ -42,7 +42,6 @@ sequence and runs replicated, with a warning naming the op (correct, slower).
 """
 from __future__ import annotations
 
-import math
 import pickle
 import warnings
 from dataclasses import dataclass, field
@@ -50,7 +49,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 from .layout import local_positions
 from .ring_op import resolve_group
@@ -353,14 +351,6 @@ class _Full(torch.autograd.Function):
 def full_tensor(x):
     """The plain full tensor (an all-gather for a SequenceShard; differentiable)."""
     return _Full.apply(x) if isinstance(x, SequenceShard) else x
-
-
-def map_shards(fn, tree):
-    return tree_map(lambda v: fn(v) if isinstance(v, SequenceShard) else v, tree)
-
-
-def prod(xs) -> int:
-    return math.prod(xs)
 
 
 _gather_warned: set = set()

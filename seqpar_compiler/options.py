@@ -118,8 +118,10 @@ OPTIONS: dict[str, Option] = _opts(
                 "bench/memory.py --P 1 --ffn-chunks 1 and 8 (GPT 4 layers, width 256) measured 21% less activation "
                 "memory with 8 chunks (S=8192: 165 vs 210 MiB) at a step 4% slower (12.9 vs 12.4 s)."),
     Option(name="kernel", kind="choice", default="auto", choices=("auto", "aten", "triton", "math"),
-           help="Block attention kernel: aten (CPU flash), triton (CUDA; CPU only under TRITON_INTERPRET=1), "
-                "math (any device), auto (aten on CPU, triton on CUDA)."),
+           help="Block attention kernel: aten (ATen's CPU flash kernel), triton (our Triton kernels; CUDA, or CPU "
+                "under TRITON_INTERPRET=1), math (any device and dtype), auto (aten on CPU; on CUDA per "
+                "(query chunk, key chunk) block cuDNN, FlashAttention-2 or Triton, whichever computes the "
+                "block's mask exactly, see kernels/cuda_dispatch.py; math for other dtypes)."),
     Option(name="output", kind="choice", default="gather", choices=("gather", "local"),
            help="gather: outputs equal the single-device outputs; local: outputs stay this rank's shard."),
     Option(name="fallback", kind="choice", default="gather", choices=("gather", "error"),
