@@ -1,30 +1,31 @@
 """The ``seqpar`` torch.compile backend.
 
-Stage diagram (docs/architecture.md). Each stage is one module; a graph with no self-attention, or a
-world of one rank, skips the sharding stages (warned / logged once).
+Stage diagram (docs/architecture.md, "The stages", and docs/how_it_works.md say the same). Each
+stage is one module; a graph with no self-attention, or a world of one rank, skips the sharding
+stages (warned / logged once).
 
 ```
-Dynamo FX graph (torch-level, one per frame)
-  │ groups + inputs : resolve the sequence-parallel group (default group, SEQPAR_DEGREE, group=,
-  │                   mesh=) and check every rank passes the same batch (input_check.py)
+Dynamo FX graph (torch-level, one per frame, global shapes)
+  │ groups + inputs : the sequence-parallel group; every rank passes the same batch
+  │                   (backend.py, mesh_group.py, input_check.py)
   │ lengths         : a symbolic length → one seqpar compile per concrete length (symbolic_lengths.py)
-  │ frame edges     : ProvedMask inputs rebuilt in the graph, proved mask outputs → facts
-  │                   (mask_frames.py); SequenceShard inputs taken as Shard (frames.py)
-  │ canonicalize    : hand-written attention and masked SDPA → one attention node, masks proved
-  │                   to be causal / window / documents (passes/attention_patterns.py, canonicalize.py)
-  │ seq-dims +      : Shard(dim, merged factors) / Replicate per node, found while walking the
-  │ placements        graph from the inputs (passes/placement.py, sharding_rules.py)
-  │ rewrite         : entry shards, ring attention, reductions → all-reduce, parameter-gradient
-  │                   sums (bucketed), gather fallbacks (passes/rewrite.py, attention_rules.py);
-  │                   sequence outputs leave as SequenceShards (frames.py)
-  │ blockwise FFN   : per-token MLP blocks → seqpar::blockwise_ffn over token chunks
-  │                   (passes/blockwise_ffn.py, SEQPAR_FFN_CHUNKS; also at P = 1)
+  │ frame edges     : ProvedMask inputs rebuilt in the graph; SequenceShard inputs taken as shards
+  │                   (mask_frames.py, frames.py)
+  │ canonicalize    : checkpoint bodies inlined; attention → one canonical node, its mask proved
+  │                   (passes/hop_bodies.py, attention_patterns.py, canonicalize.py)
+  │ placements +    : one walk: every node placed (Shard / Replicate / Partial …) and emitted
+  │ rewrite           locally by a rule; ring or all-to-all attention; all-reduces; gradient sums
+  │                   (bucketed); gather fallbacks; sequence outputs leave as SequenceShards
+  │                   (passes/rewrite.py and its rules, the sharding core runtime/sharding/, frames.py)
+  │ blockwise FFN   : per-token MLP blocks → seqpar::blockwise_ffn over token chunks (also P = 1)
+  │                   (passes/blockwise_ffn.py)
   ▼
-aot_autograd (joint fw/bw) ── partitioner: SEQPAR_CHECKPOINT tags (passes/checkpointing.py;
-  │                           remat-aware: attention out+lse and layer inputs saved, the rest
-  │                           recomputed; also at P = 1, around ATen's SDPA)
+aot_autograd (joint fw/bw) ── partitioner policy: SEQPAR_CHECKPOINT (also P = 1; passes/checkpointing.py)
   ▼
-compile_fx (inductor), or aot_eager with SEQPAR_INNER=aot_eager      (blockwise FFN to here: inner_compile.py)
+inductor, or aot_eager with SEQPAR_INNER=aot_eager   (the ring op stays one opaque custom op;
+  │                                                  blockwise FFN to here: inner_compile.py)
+  ▼ at run time, inside seqpar::ring_attention / seqpar::ulysses_attention
+layout → plan → batch_isend_irecv ring (or all-to-all), online-softmax merge → block kernels
 ```
 
 Every stage from the frame edges down to the inner compile (its backward included) runs in an

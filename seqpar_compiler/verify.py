@@ -42,7 +42,7 @@ from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, full_t
 __all__ = ["SeqparParityError", "TOLERANCES", "checked_calls", "verifying"]
 
 # (outputs and node values, gradients) by the lowest precision the frame computes in: fp32 as the
-# README's exactness tests; bf16 as the suite's autocast tests (docs/debugging_a_mismatch.md: a ring
+# README's exactness tests; bf16 as the suite's autocast tests (docs/debugging.md: a ring
 # adds attention blocks in another order, and bf16 rounds each block); fp16 from its 8x finer roundoff
 TOLERANCES = {torch.float64: (1e-9, 1e-8), torch.float32: (1e-5, 1e-4), torch.bfloat16: (5e-2, 1e-1),
               torch.float16: (1e-2, 5e-2)}

@@ -8,7 +8,7 @@ value sliced in the layout, or a replicated value whole), the arguments with sha
 made local, where each result is sharded, and whether the result is a partial sum to reduce
 over the group. The compiled path emits that plan as graph nodes (``passes/aten_rules.py``);
 the eager path runs it on local tensors (``runtime/sequence_shard_rules.py``). One registry, so
-an op shards the same inside a frame and between frames (``tests/unit/test_sharding_core.py``).
+an op shards the same inside a frame and between frames (``tests/dist/test_sharding_core.py``).
 
 Where a plan comes from:
   * seqpar's own rules (``RULES``, keyed by ATen op) for what depends on the layout: views that

@@ -1,4 +1,4 @@
-"""The README's two commands are what CI runs and what a newcomer types (issue 16)."""
+"""The README's two commands are what CI runs and what a newcomer types."""
 import pathlib
 import re
 
@@ -7,7 +7,8 @@ ROOT = pathlib.Path(__file__).parents[2]
 
 def _commands() -> list[str]:
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## The two commands"):readme.index("## Usage")]
+    start = readme.index("## The two commands")
+    section = readme[start:readme.index("\n## ", start + 1)]
     return [c.strip() for c in re.findall(r"```bash\n(.*?)```", section, re.S)]
 
 
