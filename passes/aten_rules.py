@@ -22,6 +22,7 @@ and a partial result one all-reduce.
 from __future__ import annotations
 
 import operator
+from math import prod
 
 import torch
 import torch.fx as fx
@@ -31,7 +32,7 @@ from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated, s
 
 from seqpar_compiler.runtime.sharding.dtensor_bridge import TENSOR, NoStrategy
 from seqpar_compiler.runtime.sharding.ops import Refusal, TensorArg, plan_op
-from seqpar_compiler.runtime.sharding.placements import Partial, Replicate, Shard
+from seqpar_compiler.runtime.sharding.placements import Partial, Replicate, Shard, seq_factors
 
 __all__ = ["decomposed_rule", "DECOMPOSITIONS"]
 
@@ -248,8 +249,8 @@ def _slice(ctx, new, shape, d, pre, post):
     if pre == 1 and post == 1:
         return ctx.emit(shard_sequence_op, (new, d, ctx.schedule, ctx.group_name), placement=Shard(d))
     shape = list(shape)
-    split = shape[:d] + [pre, ctx.S, post] + shape[d + 1:]
-    local = shape[:d] + [pre * (ctx.S // ctx.P) * post] + shape[d + 1:]
+    split = shape[:d] + list(seq_factors(pre, post, ctx.S)) + shape[d + 1:]
+    local = shape[:d] + [prod(seq_factors(pre, post, ctx.S // ctx.P))] + shape[d + 1:]
     unmerged = ctx.emit(aten.reshape.default, (new, split))
     sliced = ctx.emit(shard_sequence_op, (unmerged, d + 1, ctx.schedule, ctx.group_name))
     return ctx.emit(aten.reshape.default, (sliced, local), placement=Shard(d, pre, post))

@@ -18,6 +18,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import seqpar_compiler.runtime  # noqa: F401  (registers the seqpar ops)
 from seqpar_compiler.kernels import AttentionSpec
+from seqpar_compiler.runtime.layout import layout_of
 
 from .attention_patterns import UNPROVED
 from .placement import Replicate, Shard
@@ -34,7 +35,7 @@ def _ring(ctx, node, q, k, v, spec: AttentionSpec, doc_local=None, valid_local=N
     qkv = [ctx.env[t] if ctx.example(t).dtype == dtype else
            ctx.emit("to", (ctx.env[t], dtype), op="call_method", placement=Shard(2)) for t in (q, k, v)]
     # the all-to-all layouts take the Ulysses op, which has the ring op's arguments
-    op = torch.ops.seqpar.ulysses_attention if ctx.schedule.startswith(("ulysses", "hybrid")) else \
+    op = torch.ops.seqpar.ulysses_attention if layout_of(ctx.schedule).all_to_all else \
         torch.ops.seqpar.ring_attention
     tensors = (doc_local, valid_local, alibi)
     while tensors and tensors[-1] is None:          # graphs without per-token data read as before

@@ -19,6 +19,7 @@ Walks the graph once in order, keeping for every value its placement (``placemen
 from __future__ import annotations
 
 import warnings
+from math import prod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from seqpar_compiler.runtime import local_positions
+from seqpar_compiler.runtime.sharding.layout import Layout, layout_of
 
 # op handles for graph nodes (a CustomOpDef is not an FX target)
 shard_sequence_op = torch.ops.seqpar.shard_sequence.default
@@ -35,7 +37,7 @@ from seqpar_compiler.runtime.grad_collectives import shard_sequence_partial, sum
 from .alias_sets import AliasFacts, check_local_aliasing, eliminate_dead_code, is_write
 from .hop_bodies import copy_region_meta
 from .token_local import Refuted, applies, check_exit, token_local_rule
-from .placement import Replicate, Shard
+from .placement import Replicate, Shard, seq_factors
 
 __all__ = ["ShardingContext", "SeqparFallbackError", "call_arguments", "rewrite_graph"]
 
@@ -78,6 +80,10 @@ class ShardingContext:
     _gathered: dict = field(default_factory=dict)
 
     # -- values ---------------------------------------------------------------------------
+    @property
+    def layout(self) -> Layout:
+        return layout_of(self.schedule)
+
     def example(self, old: Any):
         return _example(old)
 
@@ -111,9 +117,9 @@ class ShardingContext:
         self.collectives.append(f"all-gather {new.name}")
         if pl.plain:
             return self.emit(gather_sequence_op, (new, pl.dim, self.schedule, self.group_name), placement=Replicate())
-        # unmerge (pre, S/P, post), gather the sequence, merge back
+        # unmerge (pre, S/P, post) (a token grid's band: (pre, rows/P, 1)), gather, merge back
         local = list(global_shape)
-        split = local[:pl.dim] + [pl.pre, self.S // self.P, pl.post] + local[pl.dim + 1:]
+        split = local[:pl.dim] + list(seq_factors(pl.pre, pl.post, self.S // self.P)) + local[pl.dim + 1:]
         unmerged = self.emit("reshape", (new, split), op="call_method")
         full = self.emit(gather_sequence_op, (unmerged, pl.dim + 1, self.schedule, self.group_name))
         return self.emit("reshape", (full, list(global_shape)), op="call_method", placement=Replicate())
@@ -131,8 +137,8 @@ class ShardingContext:
         if pre == 1 and post == 1:
             return self.emit(self._slicer(), (new, dim, self.schedule, self.group_name), placement=Shard(dim))
         shape = list(self.example(old).shape)
-        split = shape[:dim] + [pre, self.S, post] + shape[dim + 1:]
-        local = shape[:dim] + [pre * (self.S // self.P) * post] + shape[dim + 1:]
+        split = shape[:dim] + list(seq_factors(pre, post, self.S)) + shape[dim + 1:]
+        local = shape[:dim] + [prod(seq_factors(pre, post, self.S // self.P))] + shape[dim + 1:]
         unmerged = self.emit("reshape", (new, split), op="call_method")
         sliced = self.emit(self._slicer(), (unmerged, dim + 1, self.schedule, self.group_name))
         return self.emit("reshape", (sliced, local), op="call_method", placement=Shard(dim, pre, post))

@@ -1,7 +1,7 @@
 """Sharding rules of views, indexing, splits and concatenation: where the sequence dim goes when
 a value is viewed, transposed, indexed, split or concatenated (``sharding_rules.py`` registers
-them). Along the sequence itself: a view that splits it is refused (zigzag/striped are no
-contiguous chunks), a split / slice / narrow of it makes parts of the sequence
+them). Along the sequence itself: a view that splits it into rows of a token grid keeps a
+contiguous layout's band of rows sharded (the sharding core's view rule), else is refused; a split / slice / narrow of it makes parts of the sequence
 (``range_rules.py``), concatenation along it is refused.
 
 Rules follow ``sharding_rules``' contract: ``(new node, placement)`` or a string saying why not.
@@ -14,6 +14,8 @@ import torch
 import torch.fx as fx
 
 from .aten_rules import decomposed_rule
+from seqpar_compiler.runtime.sharding.ops import split_refusal
+
 from .placement import SeqRange, Shard, local_view_shape, view_placement
 from .range_rules import getitem_part, slice_part, split_into_parts
 from .rewrite import call_arguments
@@ -25,9 +27,10 @@ def _view(ctx, node):
     x = ctx.shard_of(node.args[0])
     src = tuple(ctx.example(node.args[0]).shape)
     dst = tuple(ctx.example(node).shape)
-    pl = view_placement(src, dst, x, ctx.S)
+    layout = ctx.layout
+    pl = view_placement(src, dst, x, ctx.S, rows_allowed=lambda W: layout.holds_slabs(ctx.S, ctx.P, W))
     if pl is None:
-        return f"view {src} -> {dst} splits the sequence"
+        return split_refusal(src, dst, layout, ctx.S, ctx.P)
     shape = local_view_shape(dst, pl, ctx.P)
     if node.op == "call_method":
         new = ctx.emit(node.target, (ctx.env[node.args[0]], shape), op="call_method", placement=pl)

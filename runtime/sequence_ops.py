@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layout import check_sequence_length, local_positions
+from .layout import check_sequence_length, layout_of
 from .ring_op import resolve_group
 
 __all__ = ["shard_sequence_op", "gather_sequence_op"]
@@ -38,8 +38,7 @@ def shard_sequence_op(x: Tensor, dim: int, schedule: str, group_name: str) -> Te
     dim = _check_dim(x, dim)
     if P == 1:
         return x.clone()
-    index = local_positions(schedule, rank, P, x.shape[dim], device=x.device)
-    return x.index_select(dim, index)
+    return layout_of(schedule).local_part(x, dim, rank, P)
 
 
 @shard_sequence_op.register_fake
@@ -63,9 +62,10 @@ def gather_sequence_op(x: Tensor, dim: int, schedule: str, group_name: str) -> T
     dist.all_gather(parts, x, group=group)
     stacked = torch.cat(parts, dim=dim)               # rank-major: positions of rank 0, rank 1, ...
     S = stacked.shape[dim]
-    if schedule in ("ring", "distflash"):
+    layout = layout_of(schedule)
+    if layout.contiguous:
         return stacked
-    where = torch.cat([local_positions(schedule, r, P, S, device=x.device) for r in range(P)])
+    where = torch.cat([layout.positions(r, P, S, device=x.device) for r in range(P)])
     inverse = torch.empty_like(where)
     inverse[where] = torch.arange(S, device=x.device)
     return stacked.index_select(dim, inverse)

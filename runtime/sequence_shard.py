@@ -50,9 +50,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layout import local_positions
+from .layout import layout_of
 from .ring_op import resolve_group
 from .sequence_ops import gather_sequence_op
+from .sharding.placements import seq_factors
 
 __all__ = ["ShardSpec", "SequenceShard", "from_local", "to_local", "full_tensor", "gather_count", "grad_sum"]
 
@@ -97,7 +98,7 @@ class ShardSpec:
 
     @property
     def global_size(self) -> int:
-        return self.pre * self.S * self.post
+        return int(self.pre * self.S * self.post)     # post = 1/W: a token grid's rows (placements.py)
 
 
 _gathers = [0]
@@ -244,7 +245,7 @@ def _reading(shard: "SequenceShard", read):
 # -- moving between forms (below autograd) ---------------------------------------------------
 def _unmerged(local: Tensor, spec: ShardSpec, S_part: int) -> Tensor:
     shape = list(local.shape)
-    return local.reshape(shape[:spec.dim] + [spec.pre, S_part, spec.post] + shape[spec.dim + 1:])
+    return local.reshape(shape[:spec.dim] + list(seq_factors(spec.pre, spec.post, S_part)) + shape[spec.dim + 1:])
 
 
 def gather_local(local: Tensor, spec: ShardSpec) -> Tensor:
@@ -264,10 +265,9 @@ def slice_local(full: Tensor, spec: ShardSpec) -> Tensor:
     P = spec.P
     if P == 1:
         return full
-    index = local_positions(spec.schedule, spec.rank, P, spec.S, device=full.device)
     shape = list(full.shape)
     shape[spec.dim] = spec.global_size // P
-    return _unmerged(full, spec, spec.S).index_select(spec.dim + 1, index).reshape(shape)
+    return layout_of(spec.schedule).local_part(_unmerged(full, spec, spec.S), spec.dim + 1, spec.rank, P).reshape(shape)
 
 
 def all_reduce_sum(x: Tensor, spec: ShardSpec) -> Tensor:

@@ -31,7 +31,7 @@ from torch import Tensor
 from seqpar_compiler.kernels import KERNELS, AttentionSpec, resolve_kernel
 
 from .comm import check_agreement, empty_wire
-from .layout import check_sequence_length, split_schedule
+from .layout import check_sequence_length, layout_of
 from .ring import RingConfig
 from .ring_op import _slopes_crc, check_ring_inputs, resolve_group, spec_fields, wire_validity
 from .stats import record
@@ -44,13 +44,7 @@ _checked: set = set()
 
 def ulysses_degree_of(schedule: str, P: int) -> int:
     """The all-to-all degree a layout name implies: P for ``ulysses``, u for ``hybrid:u``."""
-    name, u = split_schedule(schedule)
-    if name == "ulysses":
-        return P
-    if name == "hybrid" and u is not None:
-        return u
-    raise ValueError(f"all-to-all attention takes schedule 'ulysses' or 'hybrid:u' (u = the Ulysses degree, "
-                     f"dividing the group size {P}); got {schedule!r}")
+    return layout_of(schedule).ulysses_degree(P)
 
 
 def check_ulysses_inputs(q, k, v, spec: AttentionSpec, schedule: str, kernel: str, P: int, doc_ids=None,

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from seqpar_compiler.kernels import AttentionSpec
 from seqpar_compiler.runtime import gather_sequence_op, ring_attention_op, shard_sequence_op
+from seqpar_compiler.runtime.sharding.layout import Hybrid, layout_of
 
 from .options import get_option
 from .ulysses_api import hybrid_layout, ulysses_attention
@@ -16,11 +17,19 @@ from .ulysses_api import hybrid_layout, ulysses_attention
 __all__ = ["ring_attention", "ulysses_attention", "shard_sequence", "gather_sequence"]
 
 
+def _names_hybrid(schedule) -> bool:
+    """``hybrid:u``: a layout the options registry does not list (its choices name ``hybrid``)."""
+    try:
+        return isinstance(layout_of(schedule), Hybrid)
+    except ValueError:
+        return False
+
+
 def _fixed_schedule(schedule: str | None, ulysses_degree: int | None = None,
                     group: dist.ProcessGroup | None = None) -> str:
     """The layout of tensors the caller already sharded: ``auto`` cannot name one (the compiler
     decides it per graph), so it is refused here. ``hybrid`` becomes ``hybrid:u``."""
-    if not (isinstance(schedule, str) and schedule.startswith("hybrid:")):
+    if not _names_hybrid(schedule):
         schedule = get_option("schedule", schedule)
     if schedule == "auto":
         raise ValueError("schedule 'auto' is chosen by the compiler per graph; the runtime functions work on "

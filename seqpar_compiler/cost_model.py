@@ -27,7 +27,7 @@ from functools import lru_cache
 
 from seqpar_compiler.kernels import BlockKind, classify_block, plan_tiles, visible_key_range
 from seqpar_compiler.runtime import SCHEDULES, build_plan, local_segments
-from seqpar_compiler.runtime.layout import required_multiple
+from seqpar_compiler.runtime.layout import layout_of, required_multiple
 from seqpar_compiler.kernels import AttentionSpec as _Visibility
 from seqpar_compiler.runtime.plan import segment_mask
 
@@ -210,7 +210,7 @@ def _direction(spec: AttentionSpec, schedule: str, P: int, profile: Profile, ove
 def predict(spec: AttentionSpec, schedule: str, P: int, profile: Profile, *, overlap: bool = True) -> Prediction:
     """Predicted time of one attention call of ``spec`` under ``schedule`` on P ranks (an
     all-to-all schedule, ``ulysses`` or ``hybrid:u``, by ``cost_model_a2a``)."""
-    if schedule.startswith(("ulysses", "hybrid")):
+    if layout_of(schedule).all_to_all:
         return predict_a2a(spec, schedule, P, profile, overlap=overlap)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")

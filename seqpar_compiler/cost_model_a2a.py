@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from seqpar_compiler.runtime.layout import required_multiple, split_schedule
+from seqpar_compiler.runtime.layout import layout_of, required_multiple
 
 from .profile import Profile
 
@@ -38,12 +38,10 @@ def a2a_candidates(S: int, P: int, Hq: int) -> list[str]:
 
 
 def degree(schedule: str, P: int) -> int:
-    name, u = split_schedule(schedule)
-    if name == "ulysses":
-        return P
-    if name == "hybrid" and u is not None:
-        return u
-    raise ValueError(f"not an all-to-all schedule: {schedule!r}")
+    layout = layout_of(schedule)
+    if not layout.all_to_all:
+        raise ValueError(f"not an all-to-all schedule: {schedule!r}")
+    return layout.ulysses_degree(P)
 
 
 def a2a_bytes_per_rank(spec, schedule: str, P: int) -> tuple[int, int]:

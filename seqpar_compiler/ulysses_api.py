@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from seqpar_compiler.runtime.layout import split_schedule
+from seqpar_compiler.runtime.sharding.layout import Hybrid, layout_of
 from seqpar_compiler.runtime.ulysses import working_degrees
 from seqpar_compiler.runtime.ulysses_op import ulysses_attention_op
 
@@ -49,9 +49,8 @@ def hybrid_layout(schedule: str, ulysses_degree: int | None, group: dist.Process
     ``shard_sequence`` and ``ulysses_attention`` agree without seeing the heads); any other name
     unchanged. ``strict``: a degree given with another schedule is an error (the backend passes
     ``SEQPAR_ULYSSES_DEGREE`` whatever the schedule, so it is not strict)."""
-    name, u = split_schedule(schedule)
-    if name != "hybrid" or u is not None:
-        if strict and ulysses_degree is not None and name != "hybrid":
+    if schedule != "hybrid":
+        if strict and ulysses_degree is not None and not isinstance(layout_of(schedule), Hybrid):
             raise ValueError(f"ulysses_degree applies to schedule 'hybrid' only; got schedule {schedule!r}")
         return schedule
     u = get_option("ulysses_degree", ulysses_degree)
@@ -65,6 +64,14 @@ def hybrid_layout(schedule: str, ulysses_degree: int | None, group: dist.Process
         raise ValueError(f"ulysses_degree {u} must divide the sequence group's size {P}; allowed: "
                          f"{', '.join(map(str, ok))}")
     return f"hybrid:{u}"
+
+
+def _all_to_all(schedule) -> bool:
+    """Does ``schedule`` name an all-to-all layout (``ulysses``, ``hybrid:u``)?"""
+    try:
+        return layout_of(schedule).all_to_all
+    except ValueError:
+        return False
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -97,7 +104,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     Returns:
         ``out``, or ``(out, lse)`` with ``return_lse``. Differentiable in q, k, v.
     """
-    if schedule not in ("ulysses", "hybrid") and not schedule.startswith("hybrid:"):
+    if schedule != "hybrid" and not _all_to_all(schedule):
         raise ValueError(f"ulysses_attention takes schedule 'ulysses' or 'hybrid'; got {schedule!r} (the ring "
                          f"schedules run through ring_attention)")
     from .api import _group_name, attention_arguments
@@ -113,12 +120,13 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
 def describe_all_to_all(schedule: str, P: int, ulysses_degree: int | None, chosen_by_auto: bool) -> str | None:
     """One line for the dump's summary: how an all-to-all layout splits the group and where its
     degree came from (None for the ring schedules)."""
-    name, u = split_schedule(schedule)
-    if name == "ulysses":
+    layout = layout_of(schedule)
+    if layout.all_to_all and not isinstance(layout, Hybrid):
         return (f"all-to-all over all {P} ranks (heads split {P} ways, each rank attends over the whole "
                 f"sequence), no ring")
-    if name != "hybrid" or u is None:
+    if not isinstance(layout, Hybrid):
         return None
+    u = layout.u
     if chosen_by_auto:
         source = "chosen by auto with the schedule"
     elif ulysses_degree is not None:

@@ -12,7 +12,8 @@ an op shards the same inside a frame and between frames (``tests/dist/test_shard
 
 Where a plan comes from:
   * seqpar's own rules (``RULES``, keyed by ATen op) for what depends on the layout: views that
-    merge or split the sequence dim (``placements.view_placement``), advanced indexing;
+    merge or split the sequence dim (``placements.view_placement``; a token grid's rows stay
+    sharded under a contiguous layout), advanced indexing;
   * ops that mix the sequence — convolutions over time, rolls, flips, scans — through an op that
     knows the group (a halo exchange, a carry across ranks: ``mixing_rules.py``, ``OpPlan.call``);
   * other ops whose result depends on where a position sits (sorts, slices, gathers, padding:
@@ -33,9 +34,10 @@ from typing import Any, Callable
 import torch
 
 from .dtensor_bridge import TENSOR, ArgSpec, NoStrategy, propagate
+from .layout import Layout, layout_of
 from .placements import Partial, Replicate, Shard, local_view_shape, view_placement
 
-__all__ = ["TensorArg", "OpPlan", "Refusal", "plan_op", "RULES", "LAYOUT_OPS", "VIEW_OPS"]
+__all__ = ["TensorArg", "OpPlan", "Refusal", "plan_op", "split_refusal", "RULES", "LAYOUT_OPS", "VIEW_OPS"]
 
 aten = torch.ops.aten
 
@@ -118,11 +120,20 @@ class _Context:
     pre: int
     post: int
     out_shapes: tuple             # global shapes of the outputs (None for a non-tensor output)
-    schedule: str = "zigzag"      # the layout's name (runtime/layout.py)
+    layout: Layout = layout_of("zigzag")
 
     @property
     def full(self) -> int:
         return self.pre * self.S * self.post
+
+    @property
+    def schedule(self) -> str:
+        """The layout's name, as the custom ops that take it carry it."""
+        return self.layout.name
+
+    def rows_allowed(self, W: int) -> bool:
+        """Does the layout keep each rank's shard a band of whole rows of ``W`` positions?"""
+        return self.layout.holds_slabs(self.S, self.P, W)
 
 
 def _flat_tensors(args, kwargs) -> list:
@@ -154,11 +165,12 @@ def _written_names(op) -> set:
 
 
 def plan_op(op, args: tuple, kwargs: dict, *, S: int, P: int, group_name: str | None,
-            out_shapes: tuple, schedule: str = "zigzag") -> OpPlan:
+            out_shapes: tuple, schedule: str | Layout = "zigzag") -> OpPlan:
     """The plan of ``op`` with tensor arguments given as ``TensorArg`` (module docstring).
 
     ``out_shapes``: the global shape of each output (``None`` for a non-tensor), as tracing it on
-    full-size examples gives; ``schedule``: the layout of the shards. Raises ``Refusal``."""
+    full-size examples gives; ``schedule``: the layout of the shards (a name or a ``Layout``).
+    Raises ``Refusal``."""
     tensors = _flat_tensors(args, kwargs)
     shards = [t for t in tensors if isinstance(t.placement, Shard)]
     if not shards:
@@ -168,7 +180,7 @@ def plan_op(op, args: tuple, kwargs: dict, *, S: int, P: int, group_name: str | 
     if len(kinds) > 1:
         raise Refusal(f"{op}: operands merged with the sequence differently")
     pre, post = kinds.pop()
-    ctx = _Context(S, P, group_name, pre, post, tuple(out_shapes), schedule)
+    ctx = _Context(S, P, group_name, pre, post, tuple(out_shapes), layout_of(schedule))
     rule = RULES.get(op)
     if rule is not None:
         plan = rule(op, args, kwargs, ctx)
@@ -273,16 +285,29 @@ def _check_layout_op(op, args, kwargs) -> None:
 
 @_rule(*VIEW_OPS)
 def _view(op, args, kwargs, ctx: _Context) -> OpPlan:
-    """Views keep merged (batch × sequence) dims local; a view that splits the sequence across
-    dims is refused (zigzag and striped shards are no contiguous chunks)."""
+    """Views keep merged (batch × sequence) dims local. A view that splits the sequence into
+    rows (a token grid) keeps a contiguous layout's band of rows sharded when every rank holds
+    whole rows; otherwise (zigzag and striped shards are no band, or rows straddle ranks) it
+    is refused, naming why."""
     src = args[0]
     if not isinstance(src, TensorArg) or not isinstance(src.placement, Shard):
         raise Refusal(f"{op} of a replicated value with a sharded size")
     dst = ctx.out_shapes[0]
-    pl = view_placement(tuple(src.shape), tuple(dst), src.placement, ctx.S)
+    pl = view_placement(tuple(src.shape), tuple(dst), src.placement, ctx.S, rows_allowed=ctx.rows_allowed)
     if pl is None:
-        raise Refusal(f"view {tuple(src.shape)} -> {tuple(dst)} splits the sequence")
+        raise Refusal(split_refusal(tuple(src.shape), tuple(dst), ctx.layout, ctx.S, ctx.P))
     return OpPlan(("local",), (TENSOR, local_view_shape(tuple(dst), pl, ctx.P)), {}, (pl,), (ctx.pre, ctx.post))
+
+
+def split_refusal(src: tuple, dst: tuple, layout: Layout, S: int, P: int) -> str:
+    """Why a view that splits the sequence cannot stay sharded: what to change to keep it."""
+    if not layout.contiguous:
+        why = (f"the {layout.name} layout's shards are no band of rows; a contiguous layout "
+               f"(schedule ring, distflash or ulysses) keeps a token grid sharded")
+    else:
+        why = (f"each rank's {S // P} positions are no whole rows; with rows of W positions, P={P} must "
+               f"divide the number of rows S/W")
+    return f"view {src} -> {dst} splits the sequence ({why})"
 
 
 @_rule(aten.index.Tensor)

@@ -11,14 +11,21 @@ local size differs between ranks and may be 0; the rewrite knows its rank, so ea
 has its own sizes (``range_layout.py`` computes them from ``runtime/layout.py``). It subclasses
 ``Shard`` so the rewrite treats it as sharded, but only ``range_rules.py`` may compute with it.
 ``Replicate()``: the same full value on every rank.
+
+A token grid (``[B, H·W, C] → [B, H, W, C]``, DiT's unpatchify) splits the sequence across dims.
+Under a contiguous layout whose shards are whole rows (W divides S/P) each rank holds a band of
+rows: the row dim is sharded with ``post = Fraction(1, W)`` — global size pre·S/W, local size
+pre·S/(W·P) — and gathering or slicing it is the contiguous layout's, applied to the S/W rows
+(``seq_factors``). Views that merge the grid back give a plain shard again.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from math import prod
 
 __all__ = ["Shard", "SeqRange", "Replicate", "Partial", "Rows", "RowIndex", "RowCount", "TOKEN_LOCAL", "Placement",
-           "view_placement", "local_view_shape"]
+           "view_placement", "local_view_shape", "seq_factors", "is_band"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,22 @@ class Shard:
 
     def __str__(self) -> str:
         return f"Shard({self.dim})" if self.plain else f"Shard({self.dim}, pre={self.pre}, post={self.post})"
+
+
+def is_band(post) -> bool:
+    """A ``post`` below one: the dim holds rows of a token grid (module docstring)."""
+    return isinstance(post, Fraction) and post.denominator > 1
+
+
+def seq_factors(pre, post, S: int) -> tuple[int, int, int]:
+    """The dim of a (pre, S, post)-merged shard as three integer factors (pre, rows, post), its
+    rows in the layout's order: the S positions themselves, or for a band of a token grid
+    (``post = 1/W``) the S/W rows. ``S`` may be the global or the local length."""
+    if is_band(post):
+        if post.numerator != 1 or (S * post).denominator != 1:
+            raise ValueError(f"a token-grid band of {S} positions in rows of {post.denominator}")
+        return pre, int(S * post), 1
+    return pre, S, int(post)
 
 
 @dataclass(frozen=True)
@@ -139,9 +162,15 @@ def _groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[range, ran
     return groups
 
 
-def view_placement(src: tuple[int, ...], dst: tuple[int, ...], shard: Shard, S: int) -> Shard | None:
+def view_placement(src: tuple[int, ...], dst: tuple[int, ...], shard: Shard, S: int, *,
+                   rows_allowed=None) -> Shard | None:
     """Where the sequence lands after viewing a ``src``-shaped value as ``dst``; None if it is
-    split across output dims in a way a shard cannot express."""
+    split across output dims in a way a shard cannot express.
+
+    ``rows_allowed(W)``: whether the layout keeps each rank's shard a band of whole rows of
+    ``W`` positions (``Layout.holds_slabs``); given, a view that splits the sequence into rows
+    of ``W`` (a token grid) shards the row dim (``post = 1/W``). Without it such a view is
+    refused, as for zigzag and striped shards, which are no band of rows."""
     for g_src, g_dst in _groups(tuple(src), tuple(dst)):
         if shard.dim not in g_src:
             continue
@@ -153,12 +182,23 @@ def view_placement(src: tuple[int, ...], dst: tuple[int, ...], shard: Shard, S: 
                 continue
             pre_o, post_o = pre_total // before, post_total // after
             if dst[o] == pre_o * S * post_o:
-                return Shard(o, pre_o, post_o)
+                return Shard(o, int(pre_o), int(post_o))
+        if rows_allowed is None:
+            return None
+        for o in g_dst:
+            before, after = prod(dst[g_dst.start:o]), prod(dst[o + 1:g_dst.stop])
+            if pre_total % before:
+                continue
+            pre_o, post_o = pre_total // before, Fraction(post_total) / after
+            if (post_o < 1 and post_o.numerator == 1 and dst[o] == pre_o * S * post_o
+                    and rows_allowed(post_o.denominator)):
+                return Shard(o, int(pre_o), post_o)
         return None
     return None
 
 
 def local_view_shape(dst: tuple[int, ...], shard: Shard, P: int) -> list[int]:
+    """This rank's shape of a ``dst``-shaped value placed ``shard`` (its dim split P ways)."""
     shape = list(dst)
     shape[shard.dim] //= P
     return shape
