@@ -65,6 +65,7 @@ class ShardingContext:
     overlap: bool
     grad_reduce: str = "sum"
     seq_inputs: dict = field(default_factory=dict)  # old placeholder -> its sequence dim
+    data_inputs: set = field(default_factory=set)   # names of the user's tensor inputs (not model state)
     graph: fx.Graph = field(default_factory=fx.Graph)
     env: dict = field(default_factory=dict)         # old node -> new node
     place: dict = field(default_factory=dict)       # old node -> placement (or tuple of them)
@@ -78,6 +79,7 @@ class ShardingContext:
     emitted: dict = field(default_factory=dict)     # old writing node -> the new nodes its rule emitted
     _grad_summed: dict = field(default_factory=dict)
     _gathered: dict = field(default_factory=dict)
+    _from_data: set = field(default_factory=set)    # replicated values computed from the user's inputs
 
     # -- values ---------------------------------------------------------------------------
     @property
@@ -198,6 +200,7 @@ class ShardingContext:
         self.graph, self.env, self.place = fx.Graph(), {}, dict(preset)
         self.seq_inputs, self.constants, self.fallbacks, self.collectives = {}, {}, [], []
         self.messages, self.emitted, self._grad_summed, self._gathered = [], {}, {}, {}
+        self._from_data = set()
 
 
 def call_arguments(node: fx.Node, names: list[str], defaults: dict) -> dict:
@@ -356,6 +359,8 @@ def _rewrite_once(gm: fx.GraphModule, ctx: ShardingContext, input_dims: dict) ->
                     f"into a gathered copy. Compute it inside one compiled frame, or write out of place")
             if node.name in input_dims and not forced_input:
                 ctx.seq_inputs[node] = input_dims[node.name]
+            if node.name in ctx.data_inputs and not forced_input:
+                ctx._from_data.add(node)
             continue
         if facts is not None and facts.in_sets(node, forced) and node.op in ("call_function", "call_method"):
             ctx.env[node], ctx.place[node] = _replicated(ctx, node), Replicate()
@@ -400,6 +405,8 @@ def _rewrite_once(gm: fx.GraphModule, ctx: ShardingContext, input_dims: dict) ->
             ctx.env[node] = ctx.emit(node.target, _map(lambda a: ctx.env[a], node.args),
                                      _map(lambda a: ctx.env[a], node.kwargs), Replicate(), op=node.op)
             ctx.place[node] = Replicate()
+            if any(a in ctx._from_data for a in node.all_input_nodes):
+                ctx._from_data.add(node)
             d = _derived_sequence_dim(ctx, node)
             if d is not None:                  # shardable where a rule first needs it, like the input itself
                 ctx.seq_inputs[node] = d
@@ -448,12 +455,19 @@ def _derived_sequence_dim(ctx: ShardingContext, node: fx.Node) -> int | None:
     sequence (``input_ids.view(-1, S)`` in transformers' wrappers, positions from a cumsum of
     the attention mask), found as for the inputs themselves: dim 1 when it has length S, else
     the one dim of length S. Such a value is sharded where a rule first needs it, exactly as an
-    input is (``seed``); without this a model whose wrapper views its ids ran replicated."""
-    if not any(a in ctx.seq_inputs for a in node.all_input_nodes):
-        return None
+    input is (``seed``); without this a model whose wrapper views its ids ran replicated.
+
+    A model whose input has no sequence dim (an image, DiT's patchify: ``conv(img).flatten(2)
+    .transpose(1, 2)``) makes its sequence from it: an activation ``[B, S, ...]`` computed from
+    the user's inputs is shardable the same way (the patchify runs replicated, then each rank
+    takes its tokens where the first norm or linear needs them)."""
     ex = ctx.example(node)
     if not isinstance(ex, torch.Tensor) or (ctx.facts is not None and ctx.facts.key_of(node) is not None):
         return None
+    if not any(a in ctx.seq_inputs for a in node.all_input_nodes):
+        made = (node in ctx._from_data and ex.is_floating_point() and ex.dim() >= 3 and ex.shape[1] == ctx.S
+                and tuple(ex.shape).count(ctx.S) == 1)
+        return 1 if made else None
     shape = tuple(ex.shape)
     if len(shape) >= 2 and shape[1] == ctx.S and shape.count(ctx.S) == 1:
         return 1

@@ -28,7 +28,7 @@ def _view(ctx, node):
     src = tuple(ctx.example(node.args[0]).shape)
     dst = tuple(ctx.example(node).shape)
     layout = ctx.layout
-    pl = view_placement(src, dst, x, ctx.S, rows_allowed=lambda W: layout.holds_slabs(ctx.S, ctx.P, W))
+    pl = view_placement(src, dst, x, ctx.S, rows_allowed=lambda post: layout.keeps_band(ctx.S, ctx.P, post))
     if pl is None:
         return split_refusal(src, dst, layout, ctx.S, ctx.P)
     shape = local_view_shape(dst, pl, ctx.P)

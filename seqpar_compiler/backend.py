@@ -265,6 +265,14 @@ def _user_input_dims(gm: torch.fx.GraphModule, example_inputs, S: int) -> dict[s
     return dims
 
 
+def _user_data_inputs(gm: torch.fx.GraphModule, example_inputs) -> set[str]:
+    """Placeholders that are the user's tensor inputs (not parameters or buffers), whatever their
+    shape: a sequence the model makes from them (an image's patches) is shardable too."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {node.name for node, value in zip(placeholders, example_inputs)
+            if isinstance(value, torch.Tensor) and not _is_model_state(node, value)}
+
+
 def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.fx.GraphModule | None:
     """The sequence-parallel graph, or None when the graph has nothing to shard. ``dump`` records
     the graph after each stage (``SEQPAR_DUMP``)."""
@@ -343,6 +351,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
                  if attention else {})
         already = seed_shard_inputs(ctx, gm, {**(shards or {}), **entry})
         dims = {k: v for k, v in _user_input_dims(gm, example_inputs, S).items() if k not in already}
+        ctx.data_inputs = _user_data_inputs(gm, example_inputs) - already
         out = rewrite_graph(gm, example_inputs, ctx, dims)
         if opts["grad_reduce"] == "none":          # replicated uses' gradients partial too
             from seqpar_compiler.passes.replicated_grads import share_replicated_gradients

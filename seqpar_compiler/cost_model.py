@@ -35,9 +35,12 @@ from .cost_model_a2a import a2a_candidates, predict_a2a
 from .profile import Profile, calibrate, load_profile
 
 __all__ = ["AttentionSpec", "StepCost", "Prediction", "predict", "choose_schedule", "allowed_schedules",
-           "PREFERENCE"]
+           "PREFERENCE", "NON_CAUSAL_PREFERENCE"]
 
 PREFERENCE = ("zigzag", "striped", "ring", "distflash")
+# without causal work to balance, zigzag and striped gain nothing, and a contiguous layout keeps
+# a view that splits the sequence into rows (a token grid, DiT's unpatchify) sharded
+NON_CAUSAL_PREFERENCE = ("ring", "distflash", "zigzag", "striped")
 _TILE_ROWS = 256          # kernels/aten_cpu.py TILE_ROWS: masked blocks run in tiles of this many rows
 
 
@@ -242,7 +245,8 @@ def choose_schedule(specs: list[AttentionSpec], P: int, profile: Profile,
     totals = {(s, o): sum(predict(sp, s, P, profile, overlap=o).seconds for sp in specs)
               for s in candidates for o in overlaps}
     best = min(totals.values())
-    for s in PREFERENCE + tuple(c for c in candidates if c not in PREFERENCE):
+    preference = PREFERENCE if any(sp.causal for sp in specs) else NON_CAUSAL_PREFERENCE
+    for s in preference + tuple(c for c in candidates if c not in preference):
         for o in overlaps:
             if (s, o) in totals and totals[s, o] <= best * 1.01:
                 return s, o, totals

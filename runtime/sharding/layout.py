@@ -20,6 +20,7 @@ block masks need: global position of local row i of a segment = start + i·strid
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -111,12 +112,13 @@ class Layout:
             return x.narrow(dim, rank * n, n).clone()
         return x.index_select(dim, self.positions(rank, P, x.shape[dim], device=x.device))
 
-    def holds_slabs(self, S: int, P: int, slab: int) -> bool:
-        """Does every rank hold whole slabs of ``slab`` consecutive positions, in order, as one
-        band (positions ``[r·S/P, (r+1)·S/P)`` with S/P a multiple of ``slab``)? Then a view
-        that splits the sequence into (S/slab, slab) — rows of a token grid — keeps each rank's
-        shard a band of whole rows, ranks in order: a plain shard of the row dim."""
-        return self.contiguous and slab > 0 and S % P == 0 and (S // P) % slab == 0
+    def keeps_band(self, S: int, P: int, per_position) -> bool:
+        """May a dim of ``S · per_position`` elements in position order (rows of a token grid:
+        ``per_position = 1/W``; rows of pixels of patches: ``p/W``) stay sharded? Only when each
+        rank holds one run of positions, ranks in order, and that run ends on an element
+        boundary (``S/P · per_position`` whole): then rank r's elements are the r-th of P equal
+        chunks of the dim, exactly its positions' data."""
+        return self.contiguous and S % P == 0 and (Fraction(S // P) * per_position).denominator == 1
 
 
 @dataclass(frozen=True)

@@ -131,9 +131,9 @@ class _Context:
         """The layout's name, as the custom ops that take it carry it."""
         return self.layout.name
 
-    def rows_allowed(self, W: int) -> bool:
-        """Does the layout keep each rank's shard a band of whole rows of ``W`` positions?"""
-        return self.layout.holds_slabs(self.S, self.P, W)
+    def rows_allowed(self, per_position) -> bool:
+        """May a dim of S·per_position elements in position order stay a band of rows?"""
+        return self.layout.keeps_band(self.S, self.P, per_position)
 
 
 def _flat_tensors(args, kwargs) -> list:

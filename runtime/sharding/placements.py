@@ -10,17 +10,20 @@ that this rank holds, in layout order (a chunk of a chunked loss: ``h.split(n, d
 local size differs between ranks and may be 0; the rewrite knows its rank, so each rank's graph
 has its own sizes (``range_layout.py`` computes them from ``runtime/layout.py``). It subclasses
 ``Shard`` so the rewrite treats it as sharded, but only ``range_rules.py`` may compute with it.
+With ``outer`` > 1 the range is over the flat index b·S + position of ``outer`` merged copies of
+the sequence (a chunk of ``logits.reshape(-1, V).split(n)``: litgpt's chunked cross entropy).
 ``Replicate()``: the same full value on every rank.
 
 A token grid (``[B, H·W, C] → [B, H, W, C]``, DiT's unpatchify) splits the sequence across dims.
 Under a contiguous layout whose shards are whole rows (W divides S/P) each rank holds a band of
-rows: the row dim is sharded with ``post = Fraction(1, W)`` — global size pre·S/W, local size
-pre·S/(W·P) — and gathering or slicing it is the contiguous layout's, applied to the S/W rows
+rows: the row dim is sharded with a fractional ``post`` (``Fraction(1, W)``; ``p/W`` once the
+rows are merged with p pixel rows each) — global size pre·S·post, local size pre·S/P·post — and
+gathering or slicing it is the contiguous layout's, applied to the dim's S·post elements
 (``seq_factors``). Views that merge the grid back give a plain shard again.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from math import prod
 
@@ -43,17 +46,17 @@ class Shard:
 
 
 def is_band(post) -> bool:
-    """A ``post`` below one: the dim holds rows of a token grid (module docstring)."""
+    """A fractional ``post``: the dim holds rows of a token grid (module docstring)."""
     return isinstance(post, Fraction) and post.denominator > 1
 
 
 def seq_factors(pre, post, S: int) -> tuple[int, int, int]:
-    """The dim of a (pre, S, post)-merged shard as three integer factors (pre, rows, post), its
-    rows in the layout's order: the S positions themselves, or for a band of a token grid
-    (``post = 1/W``) the S/W rows. ``S`` may be the global or the local length."""
+    """The dim of a (pre, S, post)-merged shard as three integer factors (pre, n, post), its n
+    middle elements in the layout's order: the S positions themselves, or for a band of a token
+    grid the S·post row elements. ``S`` may be the global or the local length."""
     if is_band(post):
-        if post.numerator != 1 or (S * post).denominator != 1:
-            raise ValueError(f"a token-grid band of {S} positions in rows of {post.denominator}")
+        if (S * post).denominator != 1:
+            raise ValueError(f"a token-grid band of {S} positions times {post} is no whole number of rows")
         return pre, int(S * post), 1
     return pre, S, int(post)
 
@@ -64,6 +67,7 @@ class SeqRange(Shard):
 
     start: int = 0
     stop: int = 0
+    outer: int = field(default=1, kw_only=True)
 
     @property
     def length(self) -> int:
@@ -71,11 +75,12 @@ class SeqRange(Shard):
 
     def moved(self, shard: Shard) -> "SeqRange":
         """The same range carried to where ``shard`` (a rule's answer for a plain shard) says."""
-        return SeqRange(shard.dim, shard.pre, shard.post, self.start, self.stop)
+        return replace(self, dim=shard.dim, pre=shard.pre, post=shard.post)
 
     def __str__(self) -> str:
         merged = "" if self.plain else f", pre={self.pre}, post={self.post}"
-        return f"SeqRange({self.dim}{merged}, [{self.start}, {self.stop}))"
+        flat = "" if self.outer == 1 else f" of {self.outer} merged sequences"
+        return f"{type(self).__name__}({self.dim}{merged}, [{self.start}, {self.stop}){flat})"
 
 
 @dataclass(frozen=True)
@@ -167,9 +172,9 @@ def view_placement(src: tuple[int, ...], dst: tuple[int, ...], shard: Shard, S: 
     """Where the sequence lands after viewing a ``src``-shaped value as ``dst``; None if it is
     split across output dims in a way a shard cannot express.
 
-    ``rows_allowed(W)``: whether the layout keeps each rank's shard a band of whole rows of
-    ``W`` positions (``Layout.holds_slabs``); given, a view that splits the sequence into rows
-    of ``W`` (a token grid) shards the row dim (``post = 1/W``). Without it such a view is
+    ``rows_allowed(post)``: whether the layout keeps a dim of S·post elements in position order
+    sharded as a band (``Layout.keeps_band``); given, a view that splits the sequence into rows
+    (a token grid) shards the row dim with that fractional ``post``. Without it such a view is
     refused, as for zigzag and striped shards, which are no band of rows."""
     for g_src, g_dst in _groups(tuple(src), tuple(dst)):
         if shard.dim not in g_src:
@@ -190,8 +195,7 @@ def view_placement(src: tuple[int, ...], dst: tuple[int, ...], shard: Shard, S: 
             if pre_total % before:
                 continue
             pre_o, post_o = pre_total // before, Fraction(post_total) / after
-            if (post_o < 1 and post_o.numerator == 1 and dst[o] == pre_o * S * post_o
-                    and rows_allowed(post_o.denominator)):
+            if post_o.denominator > 1 and dst[o] == pre_o * S * post_o and rows_allowed(post_o):
                 return Shard(o, int(pre_o), post_o)
         return None
     return None

@@ -4,6 +4,8 @@ eager dispatch, on the same shards. Each case returns both placements and both e
 the op on the full tensors."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 import torch.fx as fx
 
@@ -61,19 +63,43 @@ def cases():
         "cat-features": (aten.cat.default, [[("shard", x, 1), ("shard", y, 1)], -1], {}),
         # refused along the sequence by both paths (gathered): the same placement, Replicate
         "cumsum-sequence": (aten.cumsum.default, [("shard", x, 1), 1], {}),
+        "view-token-grid-zigzag": (aten.view.default, [("shard", x, 1), [B, 4, 4, D]], {}),
     }
 
 
-def _spec(dim, pre=1, post=1):
-    return ShardSpec(dim, S, SCHEDULE, "0", pre=pre, post=post)
+# a token grid (rows of W = 4 positions; S/P = 8: two whole rows per rank) under a contiguous
+# layout: the view that splits the sequence keeps a band of rows sharded; ops on the band and
+# the view back to the sequence stay sharded. ("shard", value, dim, pre, post): post 1/4 is a band.
+GRID = "ring"
 
 
-def _local(t, dim, pre=1):
+def grid_cases():
+    x, y = _x(B, S, D), _x(B, S, D, seed=1)
+    g, g2 = x.reshape(B, 4, 4, D), y.reshape(B, 4, 4, D)
+    band = Fraction(1, 4)
+    return {
+        "grid-view-splits-sequence-into-rows": (aten.view.default, [("shard", x, 1), [B, 4, 4, D]], {}),
+        "grid-reshape-rows-times-features": (aten.reshape.default, [("shard", x, 1), [B, 4, 4 * D]], {}),
+        "grid-view-rows-back-to-sequence": (aten.view.default, [("shard", g, 1, 1, band), [B, S, D]], {}),
+        "grid-add-bands": (aten.add.Tensor, [("shard", g, 1, 1, band), ("shard", g2, 1, 1, band)], {}),
+        "grid-mul-replicated-grid": (aten.mul.Tensor, [("shard", g, 1, 1, band), ("rep", g2[0])], {}),
+        "grid-permute-channels-first": (aten.permute.default, [("shard", g, 1, 1, band), [0, 3, 1, 2]], {}),
+        "grid-sum-over-rows": (aten.sum.dim_IntList, [("shard", g, 1, 1, band), [1], False], {}),
+    }
+
+
+def _spec(dim, pre=1, post=1, schedule=SCHEDULE):
+    return ShardSpec(dim, S, schedule, "0", pre=pre, post=post)
+
+
+def _local(t, dim, pre=1, post=1, schedule=SCHEDULE):
+    if post != 1:               # a band of rows: the contiguous layout of the rows
+        return shard_sequence_op(t, dim, schedule, "0")
     if pre == 1:
-        return shard_sequence_op(t, dim, SCHEDULE, "0")
+        return shard_sequence_op(t, dim, schedule, "0")
     shape = list(t.shape)
     split = shape[:dim] + [pre, S] + shape[dim + 1:]
-    local = shard_sequence_op(t.reshape(split), dim + 1, SCHEDULE, "0")
+    local = shard_sequence_op(t.reshape(split), dim + 1, schedule, "0")
     return local.reshape(shape[:dim] + [-1] + shape[dim + 1:])
 
 
@@ -89,11 +115,11 @@ def _map_args(args, leaf):
     return out
 
 
-def _eager(op, args):
+def _eager(op, args, schedule=SCHEDULE):
     def leaf(a):
         if a[0] == "shard":
-            pre = a[3] if len(a) > 3 else 1
-            return from_local(_local(a[1], a[2], pre), _spec(a[2], pre))
+            pre, post = (a[3] if len(a) > 3 else 1), (a[4] if len(a) > 4 else 1)
+            return from_local(_local(a[1], a[2], pre, post, schedule), _spec(a[2], pre, post, schedule))
         return a[1]
     out = op(*_map_args(args, leaf))
     first = out[0] if isinstance(out, (tuple, list)) else out
@@ -102,7 +128,7 @@ def _eager(op, args):
     return full_tensor(first), placement
 
 
-def _compiled(op, args, rank, P):
+def _compiled(op, args, rank, P, schedule=SCHEDULE):
     """``op`` as a one-node graph through the rewrite: its first output's placement and value."""
     graph = fx.Graph()
     leaves, local_inputs, preset = [], [], {}
@@ -112,9 +138,9 @@ def _compiled(op, args, rank, P):
         node.meta["example_value"] = a[1]
         leaves.append((node, a))
         if a[0] == "shard":
-            pre = a[3] if len(a) > 3 else 1
-            preset[node] = Shard(a[2], pre, 1)
-            local_inputs.append(_local(a[1], a[2], pre))
+            pre, post = (a[3] if len(a) > 3 else 1), (a[4] if len(a) > 4 else 1)
+            preset[node] = Shard(a[2], pre, post)
+            local_inputs.append(_local(a[1], a[2], pre, post, schedule))
         else:
             local_inputs.append(a[1])
         return node
@@ -127,14 +153,14 @@ def _compiled(op, args, rank, P):
         first.meta["example_value"] = node.meta["example_value"][0]
     graph.output(first)
     gm = fx.GraphModule(torch.nn.Module(), graph)
-    ctx = ShardingContext(S=S, P=P, rank=rank, schedule=SCHEDULE, group_name="0", fallback="gather",
+    ctx = ShardingContext(S=S, P=P, rank=rank, schedule=schedule, group_name="0", fallback="gather",
                           output="local", kernel="auto", overlap=False)
     ctx.place.update(preset)
     out_gm = rewrite_graph(gm, [a[1] for _, a in leaves], ctx, {})
     placement = ctx.place.get(first, Replicate())
     local = out_gm(*local_inputs)
     if isinstance(placement, Shard):
-        value = full_tensor(from_local(local, _spec(placement.dim, placement.pre, placement.post)))
+        value = full_tensor(from_local(local, _spec(placement.dim, placement.pre, placement.post, schedule)))
     else:
         value = local
     return value, placement
@@ -146,12 +172,14 @@ SHAPE_ONLY = {"new-empty-like-shard"}
 
 def run_registry(rank: int, P: int) -> dict:
     out = {}
-    for name, (op, args, _) in cases().items():
+    walk = [(name, case, SCHEDULE) for name, case in cases().items()]
+    walk += [(name, case, GRID) for name, case in grid_cases().items()]
+    for name, (op, args, _), schedule in walk:
         ref = op(*_map_args(args, lambda a: a[1]))
         ref = ref[0] if isinstance(ref, (tuple, list)) else ref
         try:
-            e_val, e_pl = _eager(op, args)
-            c_val, c_pl = _compiled(op, args, rank, P)
+            e_val, e_pl = _eager(op, args, schedule)
+            c_val, c_pl = _compiled(op, args, rank, P, schedule)
             if name in SHAPE_ONLY:
                 rel = lambda v: 0.0 if v.shape == ref.shape else float("inf")  # noqa: E731
             else:

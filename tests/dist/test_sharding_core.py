@@ -12,7 +12,7 @@ import pytest
 import sharding_core_workers as W
 from seqpar_compiler.launch import run_ranks
 
-NAMES = list(W.cases())
+NAMES = list(W.cases()) + list(W.grid_cases())
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,16 @@ def test_compiled_and_eager_place_the_op_alike_and_exactly(res, name):
 def test_the_walk_covers_sharded_replicated_and_partial_results(res):
     placements = {r["compiled"] for r in res[0].values() if "compiled" in r}
     assert any(p.startswith("Shard(") for p in placements) and "Replicate()" in placements
+
+
+def test_token_grid_rows_stay_sharded_under_a_contiguous_layout_only(res):
+    """A view that splits the sequence into rows keeps a band of rows sharded under the ring's
+    contiguous layout (the row dim carries post = 1/W) and gathers under zigzag."""
+    r = res[0]
+    assert r["grid-view-splits-sequence-into-rows"]["compiled"] == "Shard(1, pre=1, post=1/4)", r
+    assert r["grid-view-rows-back-to-sequence"]["compiled"] == "Shard(1)", r
+    assert r["grid-permute-channels-first"]["compiled"] == "Shard(2, pre=1, post=1/4)", r
+    assert r["view-token-grid-zigzag"]["compiled"] == "Replicate()", r
 
 
 def test_every_rule_of_the_core_is_walked():

@@ -1,0 +1,47 @@
+"""A DiT (patchify, non-causal attention, unpatchify's token grid) on 2 ranks, exact in loss and
+every gradient (float64), against one process.
+
+Under a contiguous layout (ring, ulysses) the unpatchify reshape ``[N, T, p·p·c] → [N, h, w, p,
+p, c]`` keeps each rank's band of rows sharded, so the whole step runs sharded with no warning;
+under zigzag the same view gathers, with a warning naming it; a convolution over H and W after
+unpatchify gathers too (its halo rule is another rule's), warned, and stays exact."""
+import pytest
+
+import token_grid_workers as W
+from seqpar_compiler.launch import run_ranks
+
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def res():
+    return run_ranks(W.run_dit_cases, 2, list(W.CASES), timeout=600, pg_timeout=300)
+
+
+def _exact(r):
+    assert not r["missing"], r
+    assert r["loss"] <= TOL, r
+    worst = max(r["grads"].items(), key=lambda kv: kv[1])
+    assert worst[1] <= TOL, worst
+
+
+@pytest.mark.parametrize("name", ["ring", "ulysses"])
+def test_dit_runs_fully_sharded_under_a_contiguous_layout(res, name):
+    for r in res:
+        _exact(r[name])
+        assert r[name]["warnings"] == [], r[name]["warnings"]
+        assert r[name]["ring_calls"] == 2          # once per block
+
+
+def test_dit_under_zigzag_gathers_the_token_grid_with_a_warning_and_stays_exact(res):
+    r = res[0]["zigzag"]
+    _exact(r)
+    assert any("splits the sequence" in w and "no band of rows" in w for w in r["warnings"]), r["warnings"]
+    assert r["ring_calls"] == 2
+
+
+def test_a_convolution_after_unpatchify_gathers_with_a_warning_and_stays_exact(res):
+    r = res[0]["ring-refine-conv"]
+    _exact(r)
+    assert any("cannot shard" in w and "conv" in w for w in r["warnings"]), r["warnings"]
+    assert not any("splits the sequence" in w for w in r["warnings"]), r["warnings"]
