@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .layout import local_segments
 from .ring_op import resolve_group
-from .sequence_fetch import halo_kind, sequence_fetch_op
+from .sequence_fetch import halo_kind, sequence_fetch_backward_op, sequence_fetch_op
 
 __all__ = ["padded_conv1d_op", "SCAN_KINDS", "scan_runs_ok", "halo_runs_ok"]
 
@@ -95,18 +95,51 @@ _lib = torch.library.Library("seqpar", "FRAGMENT")
 _lib.define("halo_conv1d(Tensor x, Tensor weight, Tensor? bias, int left, int right, int dilation, int groups, "
             "str schedule, str group_name) -> Tensor")
 _lib.define("sequence_scan(Tensor x, int dim, str kind, str schedule, str group_name) -> Tensor")
+_lib.define("halo_conv1d_backward(Tensor grad, Tensor x, Tensor weight, SymInt[]? bias_sizes, int left, int right, "
+            "int dilation, int groups, bool[3] output_mask, str schedule, str group_name) "
+            "-> (Tensor?, Tensor?, Tensor?)")
 
 
 def _halo_conv1d(x, weight, bias, left, right, dilation, groups, schedule, group_name):
     rank, P = _rank_and_size(group_name)
-    halo = sequence_fetch_op(x, -1, halo_kind(left, right), schedule, group_name)   # [B, C, runs·(L+R)]
     outs, width = [], left + right
+    halo = sequence_fetch_op(x, -1, halo_kind(left, right), schedule, group_name) if width else None  # [B, C, runs·(L+R)]
     for j, seg in enumerate(local_segments(schedule, rank, P, x.shape[-1])):
-        before = halo.narrow(-1, j * width, left)
-        after = halo.narrow(-1, j * width + left, right)
-        run = torch.cat([before, x.narrow(-1, seg.offset, seg.count), after], dim=-1)
+        run = x.narrow(-1, seg.offset, seg.count)
+        if width:
+            run = torch.cat([halo.narrow(-1, j * width, left), run, halo.narrow(-1, j * width + left, right)], dim=-1)
         outs.append(F.conv1d(run, weight, bias, dilation=dilation, groups=groups))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _halo_conv1d_backward(grad, x, weight, bias_sizes, left, right, dilation, groups, output_mask, schedule,
+                          group_name):
+    """``convolution_backward`` of ``halo_conv1d`` on shards, for the eager path (where autograd
+    records the ATen convolution, not the composite): per run, the backward of the unpadded
+    convolution of the haloed run; the halo's input gradient goes back to its owners
+    (``sequence_fetch_backward``); the weight and bias gradients are this rank's part of a sum."""
+    rank, P = _rank_and_size(group_name)
+    kind, width = halo_kind(left, right), left + right
+    halo = sequence_fetch_op(x, -1, kind, schedule, group_name) if width else None
+    gx = x.new_zeros(x.shape) if output_mask[0] else None
+    halo_grads, gw, gb = [], None, None
+    for j, seg in enumerate(local_segments(schedule, rank, P, x.shape[-1])):
+        parts = [x.narrow(-1, seg.offset, seg.count)]
+        if width:
+            parts = [halo.narrow(-1, j * width, left), parts[0], halo.narrow(-1, j * width + left, right)]
+        run = torch.cat(parts, dim=-1)
+        g = grad.narrow(-1, seg.offset, seg.count)
+        gx_j, gw_j, gb_j = torch.ops.aten.convolution_backward(
+            g, run, weight, bias_sizes, [1], [0], [dilation], False, [0], groups, output_mask)
+        if gx is not None:
+            gx[..., seg.offset:seg.offset + seg.count] = gx_j.narrow(-1, left, seg.count)
+            halo_grads += [gx_j.narrow(-1, 0, left), gx_j.narrow(-1, left + seg.count, right)]
+        gw = gw_j if gw is None else gw + gw_j
+        gb = gb_j if gb is None else gb + gb_j
+    if gx is not None and width:
+        gx = gx + sequence_fetch_backward_op(torch.cat(halo_grads, dim=-1).contiguous(), -1, kind, schedule,
+                                             group_name, x.shape[-1])
+    return gx, gw, gb
 
 
 class _GatherTotals(torch.autograd.Function):
@@ -175,3 +208,4 @@ def _sequence_scan(x, dim, kind, schedule, group_name):
 
 _lib.impl("halo_conv1d", _halo_conv1d, "CompositeImplicitAutograd")
 _lib.impl("sequence_scan", _sequence_scan, "CompositeImplicitAutograd")
+_lib.impl("halo_conv1d_backward", _halo_conv1d_backward, "CompositeImplicitAutograd")

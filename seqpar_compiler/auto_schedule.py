@@ -102,8 +102,10 @@ def _why(schedule: str, overlap: bool, totals: dict, specs, P: int, profile: Pro
 
 
 def decide_schedule(attention: list[fx.Node], S: int, pg, profile_name: str | None,
-                    overlaps: tuple[bool, ...]) -> AutoDecision:
-    """Collective over ``pg``: the schedule (and overlap, among ``overlaps``) for this graph."""
+                    overlaps: tuple[bool, ...], mixing: tuple = ()) -> AutoDecision:
+    """Collective over ``pg``: the schedule (and overlap, among ``overlaps``) for this graph;
+    ``mixing``: its sequence-mixing ops (``cost_model_mixing.mixing_specs``), which rule out the
+    layouts they cannot run sharded on."""
     P, rank = dist.get_world_size(pg), dist.get_rank(pg)
     if not allowed_schedules(S, P):        # the same on every rank: fail everywhere, clearly
         raise ValueError(f"the model's sequence length {S} cannot be split over {P} ranks by any schedule: it must "
@@ -114,7 +116,7 @@ def decide_schedule(attention: list[fx.Node], S: int, pg, profile_name: str | No
     if rank == 0:
         try:
             if specs:
-                schedule, overlap, totals = choose_schedule(specs, P, profile, overlaps)
+                schedule, overlap, totals = choose_schedule(specs, P, profile, overlaps, tuple(mixing))
             else:                          # no ring call (all attention falls back): nothing to weigh
                 schedule, overlap, totals = allowed_schedules(S, P)[0], overlaps[0], {}
             box = [AutoDecision(schedule=schedule, overlap=overlap, profile=profile.name,

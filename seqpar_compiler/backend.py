@@ -329,6 +329,8 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
             dump.finish(f"seqpar dump: no self-attention of one length; the graph runs replicated on {P} ranks")
         return None
     schedule, overlap, decision = opts["schedule"], opts["overlap"], None
+    from .cost_model_mixing import mixing_specs
+    mixing = mixing_specs(gm, S)             # convolutions over time, rolls, scans: the layout and the dump
     if schedule == "auto" and not attention:     # nothing to decide on; later pieces adopt the shards' layout
         schedule = "zigzag"
     if schedule == "auto":
@@ -336,7 +338,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         agreement_checkpoint()                       # a collective follows: nobody may have failed before it
         with refusal(ValueError):
             decision = decide_schedule(attention, S, pg, opts["profile"],
-                                       (True, False) if opts.get("auto_overlap") else (overlap,))
+                                       (True, False) if opts.get("auto_overlap") else (overlap,), mixing)
         schedule, overlap = decision["schedule"], decision["overlap"]
     from .ulysses_api import hybrid_layout        # "hybrid" → "hybrid:u", u from SEQPAR_ULYSSES_DEGREE
     with refusal(ValueError):
@@ -369,7 +371,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         from .dump import record_sharded
         dump.graph("rewrite", out, example_inputs)
         record_sharded(dump, S=S, P=P, schedule=schedule, overlap=overlap, attention=attention, ctx=ctx,
-                       decision=decision, profile_name=opts["profile"], options=opts)
+                       decision=decision, profile_name=opts["profile"], options=opts, mixing=mixing)
         dump.finish(f"seqpar dump: frame {dump.dir.parent.name}, rank {dump.rank} of {P}, S={S}")
     return out
 

@@ -32,6 +32,7 @@ from seqpar_compiler.kernels import AttentionSpec as _Visibility
 from seqpar_compiler.runtime.plan import segment_mask
 
 from .cost_model_a2a import a2a_candidates, predict_a2a
+from .cost_model_mixing import layout_ok, mixing_seconds
 from .profile import Profile, calibrate, load_profile
 
 __all__ = ["AttentionSpec", "StepCost", "Prediction", "predict", "choose_schedule", "allowed_schedules",
@@ -230,9 +231,11 @@ def predict(spec: AttentionSpec, schedule: str, P: int, profile: Profile, *, ove
 
 
 def choose_schedule(specs: list[AttentionSpec], P: int, profile: Profile,
-                    overlaps: tuple[bool, ...] = (True, False)) -> tuple[str, bool, dict]:
+                    overlaps: tuple[bool, ...] = (True, False), mixing: tuple = ()) -> tuple[str, bool, dict]:
     """The fastest (schedule, overlap) for the attention calls ``specs`` of one graph, and the
-    predicted seconds of every candidate: {(schedule, overlap): seconds}."""
+    predicted seconds of every candidate: {(schedule, overlap): seconds}. ``mixing``: the graph's
+    sequence-mixing ops (``cost_model_mixing.MixingSpec``): a layout that cannot run one sharded
+    is no candidate (unless none can), the others pay its halo and carry traffic."""
     if not specs:
         raise ValueError("choose_schedule needs at least one attention call")
     S = specs[0].S
@@ -242,7 +245,10 @@ def choose_schedule(specs: list[AttentionSpec], P: int, profile: Profile,
                          f"multiple of {P}; pad the sequence to a multiple of {2 * P}")
     # all-to-all schedules when every attention's heads split over their degree
     candidates = candidates + a2a_candidates(S, P, math.gcd(*(sp.Hq for sp in specs)))
+    sharded = [s for s in candidates if all(layout_ok(m, s, P) for m in mixing)]
+    candidates = sharded or candidates
     totals = {(s, o): sum(predict(sp, s, P, profile, overlap=o).seconds for sp in specs)
+              + sum(mixing_seconds(m, s, P, profile) for m in mixing)
               for s in candidates for o in overlaps}
     best = min(totals.values())
     preference = PREFERENCE if any(sp.causal for sp in specs) else NON_CAUSAL_PREFERENCE

@@ -190,7 +190,7 @@ def _cost_lines(pred, calls: int) -> list[str]:
 
 
 def record_sharded(rec: DumpRecorder, *, S: int, P: int, schedule: str, overlap: bool, attention: list,
-                   ctx, decision, profile_name: str | None, options: dict) -> None:
+                   ctx, decision, profile_name: str | None, options: dict, mixing: list = ()) -> None:
     """The summary sections, the schedule table and picture of one sharded frame."""
     from .auto_schedule import attention_specs
     from .cost_model import predict
@@ -200,6 +200,9 @@ def record_sharded(rec: DumpRecorder, *, S: int, P: int, schedule: str, overlap:
     rec.section("fallbacks (gathered, computed replicated)", [f"{op} at {line}: {why}" for op, line, why in
                                                              ctx.fallbacks])
     rec.section("collectives inserted", list(ctx.collectives))
+    if mixing:
+        from .cost_model_mixing import describe
+        rec.section("sequence mixing (halo and carry per step, busiest rank)", [describe(m, schedule, P) for m in mixing])
     how = "fixed by SEQPAR_SCHEDULE / backend(schedule=)"
     lines = []
     if decision is not None:

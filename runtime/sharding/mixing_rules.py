@@ -21,7 +21,7 @@ from ..sequence_fetch import shift_kind
 from ..sequence_mixing import SCAN_KINDS, halo_runs_ok, scan_runs_ok
 from .dtensor_bridge import TENSOR
 from .ops import OpPlan, Refusal, TensorArg, _check_layout_op, _Context, _dtensor_plan, _rule
-from .placements import Shard
+from .placements import Partial, Shard
 
 __all__ = ["MIXING_OPS"]
 
@@ -30,8 +30,9 @@ _fetch = torch.ops.seqpar.sequence_fetch.default
 _halo_conv1d = torch.ops.seqpar.halo_conv1d.default
 _scan = torch.ops.seqpar.sequence_scan.default
 _padded_conv1d = torch.ops.seqpar.padded_conv1d.default
+_halo_conv1d_backward = torch.ops.seqpar.halo_conv1d_backward.default
 
-MIXING_OPS = (aten.convolution.default, _padded_conv1d, aten.roll.default, aten.flip.default,
+MIXING_OPS = (aten.convolution.default, aten.convolution_backward.default, _padded_conv1d, aten.roll.default, aten.flip.default,
               aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default)
 
 
@@ -87,6 +88,32 @@ def _convolution(op, args, kwargs, ctx: _Context) -> OpPlan:
     if 2 * p != d * (k - 1):
         raise Refusal("a convolution over the sequence that changes its length")
     return _conv_plan(x, weight, bias, p, p, d, groups, ctx)
+
+
+@_rule(aten.convolution_backward.default)
+def _convolution_backward(op, args, kwargs, ctx: _Context) -> OpPlan:
+    """The eager backward of a same-length convolution over the sequence (the compiled path
+    differentiates ``halo_conv1d`` itself): the input's gradient a shard, the weight's and the
+    bias's this rank's part of a sum."""
+    grad, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask = args
+    if not _time_dim_ok(x, ctx):
+        return _dtensor_plan(op, args, kwargs, ctx)
+    if _sharded(grad) and grad.placement == x.placement:
+        grad_how = "local"
+    elif not _sharded(grad) and tuple(grad.shape) == tuple(x.shape):
+        grad_how = ("slice", x.placement.dim)       # a full-length gradient: this rank's part of it
+    else:
+        raise Refusal("a convolution's gradient sharded unlike its input")
+    k, d, p = weight.shape[-1], dilation[0], padding[0]
+    if transposed or list(stride) != [1] or 2 * p != d * (k - 1):
+        raise Refusal("the backward of a convolution over the sequence that is strided or changes its length")
+    _replicated_weights(weight)
+    if not halo_runs_ok(ctx.schedule, ctx.P, ctx.S // ctx.P):
+        raise Refusal(f"a convolution over time on the {ctx.schedule!r} layout (its tokens are not runs)")
+    outputs = tuple(None if shape is None else placement for shape, placement in
+                    zip(ctx.out_shapes, (Shard(x.placement.dim), Partial("sum"), Partial("sum"))))
+    args = (TENSOR, TENSOR, TENSOR, bias_sizes, p, p, d, groups, list(mask), ctx.schedule, ctx.group_name or "")
+    return OpPlan((grad_how, "local", "whole"), args, {}, outputs, (1, 1), call=_halo_conv1d_backward)
 
 
 @_rule(_padded_conv1d)
