@@ -205,6 +205,9 @@ class SequenceShard(torch.Tensor):
     @torch._disable_dynamo         # eager rules run below Dynamo (its frames see the subclass, not this)
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         from .sequence_shard_rules import dispatch
+        from .token_rows import TokenRows
+        if any(issubclass(t, TokenRows) for t in types):
+            return NotImplemented          # a shard meeting its own token rows: TokenRows' rules
         try:
             return dispatch(func, args, kwargs or {})
         except Exception as exc:

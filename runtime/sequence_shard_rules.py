@@ -249,6 +249,13 @@ def _nll_backward(func, spec, grad, x, target, weight, reduction, ignore_index, 
     return SequenceShard(func(grad, x._local, t, weight, reduction, ignore_index, total_weight), spec)
 
 
+@_rule(aten.nonzero.default)
+def _nonzero(func, spec, x):
+    """Each rank's own nonzero entries (eager MoE token lists): ``token_rows.py``."""
+    from .token_rows import nonzero_rows
+    return nonzero_rows(x)
+
+
 @_rule(aten.linalg_vector_norm.default)
 def _vector_norm(func, spec, x, ord=2, dim=None, keepdim=False, *, dtype=None):
     """The 2-norm of the whole value (what a user comparing outputs reads): the local sum of
