@@ -1,5 +1,5 @@
 """One measured training step of the example GPT on a spawned rank: time, activation memory and
-ring counters. Shared by bench/checkpointing.py and bench/memory.py (issue 4).
+ring counters. Shared by bench/checkpointing.py and bench/memory.py.
 
 "Activation memory" is the peak RSS during the step minus the RSS before it (docs/architecture.md), with the
 window covering forward + backward: parameter gradients already exist before it (zeroed, not

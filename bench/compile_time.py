@@ -1,4 +1,4 @@
-"""Benchmark: compile time of the seqpar stages alone (issue 12): canonicalize, placements and
+"""Benchmark: compile time of the seqpar stages alone: canonicalize, placements and
 the rewrite (with every re-trace the generic ATen rule does), on the Dynamo graph of a Hugging
 Face Llama of L layers, not counting Dynamo's trace or the inner compiler (aot_autograd,
 inductor). Runs in one process over a fake process group of P ranks (nothing is communicated at
@@ -75,7 +75,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.P)
     rows = [_measure(L, impl, args.S, args.P, args.repeats) for impl in args.impl for L in args.layers]
-    print("| layers | attention | graph nodes | seqpar stages (s, best of %d) | all-gathers in graph (0: the returned logits leave the frame as a shard, issue 13) |" % args.repeats)
+    print("| layers | attention | graph nodes | seqpar stages (s, best of %d) | all-gathers in graph (0: the returned logits leave the frame as a shard) |" % args.repeats)
     print("|---:|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['layers']} | {r['impl']} | {r['nodes']} | {r['seconds_min']:.2f} | {r['gathers']} |")

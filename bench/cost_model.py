@@ -1,4 +1,4 @@
-"""Benchmark: the cost model's predictions against measurement, and its GPU-cluster table (issue 6).
+"""Benchmark: the cost model's predictions against measurement, and its GPU-cluster table.
 
     python bench/cost_model.py            # full: P = 2, 4; S = 4096, 8192 (run on a quiet machine)
     python bench/cost_model.py --quick    # tiny sizes, to check the script runs

@@ -1,4 +1,4 @@
-"""Which tensors are alive at the activation peak of one training step (issue 13 follow-up).
+"""Which tensors are alive at the activation peak of one training step.
 
     python bench/fsdp_live_tensors.py --S 4096 --ranks 4      # aot_eager inner compiler
 

@@ -1,5 +1,5 @@
 """Benchmark: FSDP2 + per-block compile (torchtitan's arrangement) against today's whole-model
-seqpar compile without FSDP, one training step of a LLaMA-style model (issue 13, must show).
+seqpar compile without FSDP, one training step of a LLaMA-style model.
 
     python bench/fsdp_step.py                    # S = 16384 on 2 and 4 ranks
     python bench/fsdp_step.py --S 4096 --ranks 2 # what fits on a loaded machine
@@ -14,7 +14,7 @@ own mmap). The two arrangements:
     sequence group, each block ``torch.compile``d alone, the root (embedding, RoPE tables, final
     norm, head, loss) eager on ``SequenceShard`` values between the frames.
 
-Targets (issue 13): activation memory per rank and step time of ``fsdp-per-block`` within 1.1×
+Targets: activation memory per rank and step time of ``fsdp-per-block`` within 1.1×
 of ``whole``. FSDP2 holds 1/P of the parameters and gathers one block's at a time; with this
 small model (the activations dominate) that is a few MiB either way. What is alive at each peak:
 ``bench/fsdp_live_tensors.py`` (it found the same-batch check's float64 copies of the first

@@ -1,4 +1,4 @@
-"""One GPU check for maintainers (issue 14): run by ``bench/gpu_check.sh`` on any CUDA machine,
+"""One GPU check for maintainers: run by ``bench/gpu_check.sh`` on any CUDA machine,
 offline, with only torch, triton and transformers installed, in at most 8 minutes.
 
 Sections (each timed, each failure recorded and the rest still run):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check for maintainers (issue 14): the cuda tests, the ring on 2 and 4 processes sharing
+# One GPU check for maintainers: the cuda tests, the ring on 2 and 4 processes sharing
 # the GPU, an HF Llama on 2 ranks vs one GPU, the per-block kernel table and the ring's speed as
 # a fraction of one SDPA call. Offline, with only torch, triton and transformers installed; at
 # most 8 minutes on one GPU. Writes bench/results/gpu_check.json and gpu_check_summary.md.

@@ -1,5 +1,5 @@
-"""Benchmark: the ``transformers.Trainer`` recipe of the README ("Training with Hugging Face") on P
-one-thread gloo ranks against the same Trainer in one one-thread process (issue 22).
+"""Benchmark: the ``transformers.Trainer`` recipe of docs/training.md ("Training with Hugging Face") on P
+one-thread gloo ranks against the same Trainer in one one-thread process.
 
     python bench/hf_trainer.py            # S = 8192, 2 ranks
     python bench/hf_trainer.py --quick    # S = 1024

@@ -1,4 +1,4 @@
-"""Benchmark: the memory claim (issue 4). Activation memory per rank of one full training step of
+"""Benchmark: the memory claim. Activation memory per rank of one full training step of
 the example GPT (width 256, 4 layers), seqpar (remat-aware checkpointing + blockwise FFN) on P
 ranks against plain single-process inductor, over sequence lengths S.
 

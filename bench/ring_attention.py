@@ -1,5 +1,5 @@
 """Benchmark: causal ring attention fwd+bwd on P one-thread gloo ranks against single-process
-one-thread ATen flash attention on the full sequence (issue 2).
+one-thread ATen flash attention on the full sequence.
 
     python bench/ring_attention.py                 # full: S = 4096, 8192, 16384
     python bench/ring_attention.py --quick         # quick (alias --small): S = 2048, 4096

@@ -1,4 +1,4 @@
-"""Benchmark: what the ring op itself holds (issue 4). Peak RSS during one causal ring attention
+"""Benchmark: what the ring op itself holds. Peak RSS during one causal ring attention
 forward, and during its backward, minus RSS before each, in units of one [S_local, H·D] fp32
 tensor, on P one-thread gloo ranks; ``sdpa`` is ATen's attention in one process for comparison.
 Inputs are laid out as a model's projections make them ([B, S, H, D] in memory).

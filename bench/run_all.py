@@ -1,4 +1,4 @@
-"""Run every benchmark in bench/ and write bench/results/summary.md (issue 7).
+"""Run every benchmark in bench/ and write bench/results/summary.md.
 
     python bench/run_all.py                  # full size: each script's own defaults (long: many minutes)
     python bench/run_all.py --quick          # small sizes, to check that every script runs
@@ -8,7 +8,7 @@
 Scripts are discovered (every ``bench/*.py`` but this one), so a benchmark added later is run
 without editing this file. A quick run passes the script's ``--quick`` flag (else ``--small``,
 else it runs at its defaults, said in the summary) and writes ``<name>.quick.json`` and
-``summary.quick.md``, so quick numbers never overwrite the full-size results the README quotes.
+``summary.quick.md``, so quick numbers never overwrite the full-size results the docs quote.
 A script that exits non-zero (``kernels_gpu.py`` without a CUDA GPU) is listed with the last
 lines it printed instead of a table.
 

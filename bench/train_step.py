@@ -1,6 +1,6 @@
 """Benchmark: one training step (fwd + bwd + AdamW) of the example GPT through the seqpar backend
 on P one-thread gloo ranks, against the same model compiled with inductor in one one-thread
-process (issue 3).
+process.
 
     python bench/train_step.py            # GPT 4 layers, width 256, 8 heads, S = 4096, 8192
     python bench/train_step.py --quick    # S = 1024, 2048 (alias --small)

@@ -1,6 +1,6 @@
 """Ring schedules vs all-to-all (Ulysses) vs hybrid: causal attention forward + backward on this
 machine at P = 2 and 4 (gloo ranks on CPU), on a plain causal sequence and on packed documents
-with a long-tailed length distribution (issue 15). Per schedule: time (median over reps),
+with a long-tailed length distribution. Per schedule: time (median over reps),
 max/mean attention work per rank (stats().attention_flops), bytes sent per rank (ring and
 all-to-all apart, and the all-to-all's backward share: dout in, dq/dk/dv out), and the cost model's prediction beside the time (this machine's cached
 profile; the model does not see documents). Then GPU-cluster predictions (h100-dgx profile, an

@@ -30,7 +30,7 @@ activation memory per rank next to the single-process figures, writes ``loss.png
 ``summary.json`` into ``--out``, and exits non-zero unless the success criterion holds: on fresh
 sequences after training, second-half loss < 0.25 · log 16 ≈ 0.69 nats (a quarter of chance) and
 key accuracy ≥ 95 %. Measured (2 one-thread ranks on 2 shared CPU cores, default flags): loss
-0.45, accuracy 99.8 %, first step within 1e-6 of eager; see the README's Performance section.
+0.45, accuracy 99.8 %, first step within 1e-6 of eager; see docs/performance.md and bench/results/summary.md.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Make replicated-use gradients partial under ``SEQPAR_GRAD_REDUCE=none``.
 
-The README's recipe for ``none`` (a data-parallel wrapper over dp × sp ranks sums every
+The recipe for ``none`` (docs/training.md) (a data-parallel wrapper over dp × sp ranks sums every
 gradient; the sequence loss is multiplied by sp) needs every gradient partial on every rank.
 ``rewrite`` leaves uses that meet shards partial. A value computed only from replicated inputs
 (a parameter, ``gain ** 2``) that flows into a value computed from shards (the all-reduced loss,

@@ -6,7 +6,7 @@ the sequence group inside the backward. When the frame's parameters are managed 
 or torchtitan's FSDP over the flattened ``dp_shard × cp`` ranks), FSDP then reduce-scatters
 the same gradients again over those ranks: exact (FSDP averages equal gradients), but every
 gradient crosses the sequence group twice. ``SEQPAR_GRAD_REDUCE=none`` leaves the sum to FSDP,
-reduced once, with the loss scaling of the README.
+reduced once, with the loss scaling of docs/training.md (``SEQPAR_GRAD_REDUCE``).
 
 Why seqpar does not switch to ``none`` by itself: under ``none`` FSDP's *mean* over dp·sp
 ranks needs the sequence loss multiplied by sp (or ``set_gradient_divide_factor(dp)`` on every

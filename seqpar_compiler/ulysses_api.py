@@ -1,7 +1,7 @@
 """The public all-to-all attention: ``ulysses_attention`` on local shards, and the
 naming of the hybrid's layout (``hybrid`` + a Ulysses degree u → the layout ``hybrid:u``).
 
-Choosing between the ring and Ulysses (README "All-to-all attention"): Ulysses gives every rank
+Choosing between the ring and Ulysses (docs/runtime_api.md, "All-to-all attention"): Ulysses gives every rank
 the whole sequence for H/P heads, so its balance does not depend on the mask (packed documents,
 windows) and its traffic per rank falls as P grows; it needs the query head count divisible by
 its degree. The hybrid runs Ulysses inside groups of u consecutive ranks (a node) and a zigzag
