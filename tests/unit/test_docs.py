@@ -154,3 +154,16 @@ def test_the_sharding_core_has_no_fx_and_no_dynamo():
     wrong = [f"{p.name}: {n}" for p in _python_files("runtime/sharding") for n in _imports(p)
              if n.startswith(("torch.fx", "torch._dynamo"))]
     assert wrong == [], wrong
+
+
+def _stages(text: str) -> list[str]:
+    diagram = text[text.index("Dynamo FX graph"):]
+    diagram = diagram[:diagram.index("```")]
+    return re.findall(r"^\s*│ (\S[^:\n]*?)\s*:", diagram, re.M)
+
+
+def test_the_backend_how_it_works_and_the_design_list_the_same_stages_in_order():
+    backend = _stages((ROOT / "seqpar_compiler" / "backend.py").read_text())
+    assert len(backend) >= 6, backend
+    assert _stages((ROOT / "docs" / "architecture.md").read_text()) == backend
+    assert _stages((ROOT / "docs" / "how_it_works.md").read_text()) == backend
