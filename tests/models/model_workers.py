@@ -107,8 +107,8 @@ def grad_reduce_none_case(rank, P, *, model="llama", S=32):
     return errs
 
 
-class _CumsumModel(torch.nn.Module):
-    """A model with a sequence-mixing op (cumsum over time) that has no sharding rule."""
+class _SequenceFFTModel(torch.nn.Module):
+    """A model with a sequence-mixing op (an FFT over time) that has no sharding rule."""
 
     def __init__(self):
         super().__init__()
@@ -116,12 +116,12 @@ class _CumsumModel(torch.nn.Module):
 
     def forward(self, idx, targets):
         logits, loss = self.inner(idx, targets)
-        return logits.cumsum(dim=1), loss
+        return torch.fft.rfft(logits, dim=1).abs(), loss
 
 
 def fallback_case(rank, P, *, fallback="gather"):
     torch.manual_seed(0)
-    m = _CumsumModel()
+    m = _SequenceFFTModel()
     idx, tgt = _batch(32)
     torch._dynamo.reset()
     with warnings.catch_warnings(record=True) as caught:

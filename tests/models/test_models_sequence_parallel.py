@@ -18,8 +18,8 @@ CASES = {
         ("llama-bf16-autocast", "train", dict(model="llama", schedule="zigzag", autocast=True)),
         ("gpt-local-output", "local", dict(model="gpt")),
         ("llama-grad-reduce-none", "grad_none", dict(model="llama")),
-        ("cumsum-fallback", "fallback", dict()),
-        ("cumsum-fallback-error", "fallback", dict(fallback="error")),
+        ("fft-fallback", "fallback", dict()),
+        ("fft-fallback-error", "fallback", dict(fallback="error")),
         ("indivisible", "indivisible", dict()),
         ("llama-structure", "structure", dict()),
         ("packed-docs-zigzag", "packed", dict(schedule="zigzag")),
@@ -82,16 +82,16 @@ def test_grad_reduce_none_leaves_partial_gradients_that_sum_to_the_full_one(resu
 
 def test_unsupported_sequence_op_falls_back_with_a_warning_and_stays_correct(results):
     for rank, res in enumerate(results(2)):
-        r = res["cumsum-fallback"]
+        r = res["fft-fallback"]
         assert r["error"] is None and r["err"] <= 1e-5, r
-        said = [w for w in r["warnings"] if "cumsum" in w and "test_models" not in w]
+        said = [w for w in r["warnings"] if "fft" in w and "test_models" not in w]
         assert len(said) == (1 if rank == 0 else 0), r["warnings"]      # once per group, by rank 0
 
 
 def test_fallback_error_mode_raises_naming_the_op(results):
     for res in results(2):
-        err = res["cumsum-fallback-error"]["error"]
-        assert "cumsum" in err and "SEQPAR_FALLBACK=error" in err, err
+        err = res["fft-fallback-error"]["error"]
+        assert "fft" in err and "SEQPAR_FALLBACK=error" in err, err
 
 
 def test_sequence_length_that_cannot_be_split_is_a_clear_error(results):
