@@ -212,14 +212,29 @@ def _piece(ctx, p: fx.Node, vals, place, olds):
     new_kwargs = {k: fill(v) for k, v in plan.kwargs.items()}
     single = not isinstance(p.meta["val"], (list, tuple))
     outs = plan.outputs
-    if any(isinstance(o, Partial) for o in outs) and not single:
-        raise _Refuse(f"{p.target}: a partial result among several outputs")
     new = ctx.emit(plan.call or p.target, new_args, new_kwargs, outs[0] if single else outs)
     if plan.call is not None:            # a halo exchange or a carry across ranks
         ctx.collectives.append(f"{plan.call} {p.target} {new.name}")
     if single and isinstance(outs[0], Partial):
         return _reduce_partial(ctx, new, outs[0].reduce, p), Replicate()
+    if not single and any(isinstance(o, Partial) for o in outs):
+        return _reduce_partial_outputs(ctx, new, outs, p)
     return new, (outs[0] if single else outs)
+
+
+def _reduce_partial_outputs(ctx, new, outs, p):
+    """Several outputs, some partial (a convolution's backward: the input's gradient a shard,
+    the weight's a partial sum): each partial one reduced, the outputs regrouped."""
+    parts, placed = [], []
+    for i, o in enumerate(outs):
+        if o is None and p.meta["val"][i] is None:
+            parts.append(None)
+            placed.append(None)
+            continue
+        item = ctx.emit(operator.getitem, (new, i), placement=None if isinstance(o, Partial) else o)
+        parts.append(_reduce_partial(ctx, item, o.reduce, p) if isinstance(o, Partial) else item)
+        placed.append(Replicate() if isinstance(o, Partial) else o)
+    return ctx.emit(tuple, (parts,), placement=tuple(placed)), tuple(placed)
 
 
 def tensor_args_in_order(p: fx.Node) -> list[fx.Node]:

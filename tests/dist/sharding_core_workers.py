@@ -27,6 +27,7 @@ def _x(*shape, seed=0):
 # name -> (op, args with ("shard", tensor, dim) / ("rep", tensor) / constants, kwargs)
 def cases():
     x, y = _x(B, S, D), _x(B, S, D, seed=1)
+    xt, yt = x.transpose(1, 2).contiguous(), y.transpose(1, 2).contiguous()       # [B, D, S]: time last
     w = _x(D, D, seed=2)
     ids = torch.randint(0, 11, (B, S), generator=torch.Generator().manual_seed(3))
     table = _x(11, D, seed=4)
@@ -61,8 +62,22 @@ def cases():
         "reshape-merge": (aten.reshape.default, [("shard", x, 1), [B, S * D]], {}),
         "mean-all": (aten.mean.default, [("shard", x, 1)], {}),
         "cat-features": (aten.cat.default, [[("shard", x, 1), ("shard", y, 1)], -1], {}),
-        # refused along the sequence by both paths (gathered): the same placement, Replicate
+        # mixing along the sequence through an op that knows the group (a halo, a carry)
         "cumsum-sequence": (aten.cumsum.default, [("shard", x, 1), 1], {}),
+        "cumprod-sequence": (aten.cumprod.default, [("shard", 1.0 + 0.1 * x.tanh(), 1), 1], {}),
+        "logcumsumexp-sequence": (aten.logcumsumexp.default, [("shard", x, 1), 1], {}),
+        "roll-sequence": (aten.roll.default, [("shard", x, 1), [3], [1]], {}),
+        "flip-sequence": (aten.flip.default, [("shard", x, 1), [1]], {}),
+        "convolution-same-length": (aten.convolution.default, [("shard", xt, 2), ("rep", _x(D, 1, 5, seed=8)),
+                                                               ("rep", _x(D, seed=9)), [1], [2], [1], False, [0], D], {}),
+        "convolution-backward": (aten.convolution_backward.default,
+                                 [("shard", yt, 2), ("shard", xt, 2), ("rep", _x(D, D, 3, seed=10)), [D], [1], [1],
+                                  [1], False, [0], 1, [True, True, True]], {}),
+        "padded-conv1d-causal": (torch.ops.seqpar.padded_conv1d.default,
+                                 [("shard", xt, 2), ("rep", _x(D, 1, 4, seed=11)), ("rep", _x(D, seed=12)), 3, 0, 1, D],
+                                 {}),
+        # refused along the sequence by both paths (gathered): the same placement, Replicate
+        "cummax-sequence": (aten.cummax.default, [("shard", x, 1), 1], {}),
         "view-token-grid-zigzag": (aten.view.default, [("shard", x, 1), [B, 4, 4, D]], {}),
     }
 

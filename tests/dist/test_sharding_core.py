@@ -4,9 +4,10 @@ Both take each ATen op's plan from the one sharding core (runtime/sharding/ops.p
 compiled rewrite emits it as graph nodes, SequenceShard's eager dispatch runs it on local
 tensors. Walking ops of every kind the core decides (its own rules: views of merged dims,
 advanced indexing, reductions over the sequence, buffers shaped like a shard; DTensor's
-strategies: pointwise, matmuls, softmax, norms, embedding, transposes, slices, cat; and a
-position-aware op it refuses along the sequence), each op must land on the same placement in
-both paths and equal the op on the full tensors."""
+strategies: pointwise, matmuls, softmax, norms, embedding, transposes, slices, cat; the ops that
+mix the sequence through the group: scans, roll, flip, convolutions over time and their backward;
+and a position-aware op it refuses along the sequence), each op must land on the same placement
+in both paths and equal the op on the full tensors."""
 import pytest
 
 import sharding_core_workers as W
