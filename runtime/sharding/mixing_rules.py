@@ -41,11 +41,14 @@ def _sharded(t) -> bool:
 
 
 def _seq_dim(src: TensorArg, dim, ctx: _Context) -> bool:
-    """``dim`` is ``src``'s sequence dim, which must be plain to be mixed along."""
+    """``dim`` is ``src``'s sequence dim, which must be plain to be mixed along, at a length
+    known when the graph is built (the exchange maps are static)."""
     if not _sharded(src) or dim % len(src.shape) != src.placement.dim:
         return False
     if not src.placement.plain:
         raise Refusal("mixing along a sequence merged with another dim")
+    if not isinstance(ctx.S, int):
+        raise Refusal("mixing along a sequence of symbolic length (its halo map is built per length)")
     return True
 
 
