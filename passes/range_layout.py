@@ -24,7 +24,7 @@ from seqpar_compiler.runtime import local_positions
 from .placement import Replicate, SeqRange, Shard
 
 __all__ = ["part_positions", "local_count", "sub_range", "take_rows", "slice_replicated", "gather_part",
-           "normalize", "local_shape"]
+           "normalize", "local_shape", "flat_source"]
 
 shard_sequence_op = torch.ops.seqpar.shard_sequence.default
 gather_sequence_op = torch.ops.seqpar.gather_sequence.default
@@ -39,10 +39,22 @@ def _bounds(ctx, pl: Shard) -> tuple[int, int]:
     return (pl.start, pl.stop) if isinstance(pl, SeqRange) else (0, ctx.S)
 
 
+def _outer(pl: Shard) -> int:
+    return pl.outer if isinstance(pl, SeqRange) else 1
+
+
 def part_positions(ctx, pl: Shard) -> tuple[int, ...]:
-    """Global positions of this rank's rows of a value placed ``pl``, in local order."""
+    """Global positions of this rank's rows of a value placed ``pl``, in local order (flat
+    indices b·S + position over ``outer`` merged sequences: local rows are b-major)."""
     lo, hi = _bounds(ctx, pl)
-    return tuple(p for p in _positions(ctx.schedule, ctx.rank, ctx.P, ctx.S) if lo <= p < hi)
+    mine = _positions(ctx.schedule, ctx.rank, ctx.P, ctx.S)
+    return tuple(f for b in range(_outer(pl)) for p in mine if lo <= (f := b * ctx.S + p) < hi)
+
+
+def flat_source(ctx, pl: Shard) -> SeqRange:
+    """A shard merged with the batch before it (``[B·S, ...]``: pre = B, post = 1) as the whole
+    flat range of its B merged sequences, so it can be cut into chunks of the flat dim."""
+    return SeqRange(pl.dim, 1, 1, 0, pl.pre * ctx.S, outer=pl.pre)
 
 
 def local_count(ctx, pl: Shard) -> int:
@@ -50,9 +62,10 @@ def local_count(ctx, pl: Shard) -> int:
 
 
 def normalize(ctx, pl: SeqRange) -> Shard:
-    """A part that is the whole sequence is a plain shard (its rows are all of this rank's)."""
-    if pl.start == 0 and pl.stop == ctx.S:
-        return Shard(pl.dim, pl.pre, pl.post)
+    """A part that is the whole sequence is a plain shard (its rows are all of this rank's);
+    the whole of ``outer`` merged sequences is a shard merged with what came before it."""
+    if pl.start == 0 and pl.stop == pl.outer * ctx.S:
+        return Shard(pl.dim, pl.pre * pl.outer, pl.post)
     return pl
 
 
@@ -60,7 +73,7 @@ def sub_range(ctx, pl: Shard, a: int, b: int) -> tuple[Shard, list[int]]:
     """The part [a, b) (relative to ``pl``'s own range) of a value placed ``pl``: its placement
     and which of ``pl``'s local rows hold it."""
     lo, _ = _bounds(ctx, pl)
-    new = normalize(ctx, SeqRange(pl.dim, pl.pre, pl.post, lo + a, lo + b))
+    new = normalize(ctx, SeqRange(pl.dim, pl.pre, pl.post, lo + a, lo + b, outer=_outer(pl)))
     rows = [i for i, p in enumerate(part_positions(ctx, pl)) if lo + a <= p < lo + b]
     return new, rows
 
@@ -119,6 +132,8 @@ def gather_part(ctx, new: fx.Node, pl: SeqRange, global_shape, device=None) -> f
     rows are put back in place in a zero local shard, the shard is gathered (its backward is
     this rank's slice, no communication) and the range cut out. Gathers S rows, not L: this is
     the fallback, not the fast path."""
+    if pl.outer > 1:
+        return _gather_flat_part(ctx, new, pl, global_shape, device)
     shape = list(global_shape)
     n, S_local = local_count(ctx, pl), ctx.S // ctx.P
     d = pl.dim if pl.plain else pl.dim + 1
@@ -150,5 +165,30 @@ def gather_part(ctx, new: fx.Node, pl: SeqRange, global_shape, device=None) -> f
     out = ctx.emit(torch.narrow, (full, d, pl.start, pl.length))
     if not pl.plain:
         out = ctx.emit("reshape", (out, shape), op="call_method")
+    out.meta["seqpar_placement"] = Replicate()
+    return out
+
+
+def _gather_flat_part(ctx, new: fx.Node, pl: SeqRange, global_shape, device=None) -> fx.Node:
+    """``gather_part`` of a range of ``outer`` merged sequences (a plain dim of flat indices):
+    this rank's rows put back in a zero merged shard [outer·S/P], gathered as [outer, S], and
+    the flat range cut out."""
+    if not pl.plain:
+        raise ValueError("a chunk of merged sequences that is merged again")
+    shape, d = list(global_shape), pl.dim
+    S_local = ctx.S // ctx.P
+    every = part_positions(ctx, SeqRange(d, 1, 1, 0, pl.outer * ctx.S, outer=pl.outer))
+    rows = [i for i, f in enumerate(every) if pl.start <= f < pl.stop]
+    zeros_shape = shape[:d] + [pl.outer * S_local] + shape[d + 1:]
+    shard = ctx.emit("new_zeros", (new, zeros_shape), op="call_method")
+    if rows:
+        idx = ctx.constant("part_rows", torch.tensor(rows, dtype=torch.long, device=device))
+        idx.meta["seqpar_placement"] = Replicate()
+        shard = ctx.emit("index_copy", (shard, d, idx, new), op="call_method")
+    shard = ctx.emit("reshape", (shard, shape[:d] + [pl.outer, S_local] + shape[d + 1:]), op="call_method")
+    ctx.collectives.append(f"all-gather {new.name} (a chunk of merged sequences)")
+    full = ctx.emit(gather_sequence_op, (shard, d + 1, ctx.schedule, ctx.group_name))
+    full = ctx.emit("reshape", (full, shape[:d] + [pl.outer * ctx.S] + shape[d + 1:]), op="call_method")
+    out = ctx.emit(torch.narrow, (full, d, pl.start, pl.length))
     out.meta["seqpar_placement"] = Replicate()
     return out

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
 
 from .placement import Replicate, SeqRange, Shard
-from .range_layout import gather_part, local_count, local_shape, slice_replicated, sub_range, take_rows
+from .range_layout import (flat_source, gather_part, local_count, local_shape, normalize, part_positions,
+                           slice_replicated, sub_range, take_rows)
 from .rewrite import SeqparFallbackError, call_arguments
 
 __all__ = ["dispatch", "split_into_parts", "slice_part", "getitem_part", "VIEW_KEYS", "REDUCTION_KEYS"]
@@ -36,6 +37,15 @@ VIEW_KEYS = {("method", "view"), ("method", "reshape"), ("method", "flatten"), (
              ("method", "view_as"), ("method", "reshape_as"), torch.reshape, torch.flatten, torch.unflatten}
 REDUCTION_KEYS = {("method", "sum"), ("method", "mean"), torch.sum, torch.mean}
 _CE = {F.cross_entropy}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_FULL_REDUCTIONS = {("method", "sum"), ("method", "mean"), torch.sum, torch.mean}
+
+
+class Pieces(SeqRange):
+    """The concatenation of several parts along ``dim``, each rank holding its rows of each in
+    part order (litgpt's ``torch.cat(loss_chunks)`` of chunks merged with the batch): the order
+    is no layout's, so only a reduction over every element may read it (``_cat`` makes one only
+    when every user is one)."""
 
 
 def _key(node):
@@ -59,7 +69,9 @@ def split_into_parts(ctx, node: fx.Node, x: fx.Node, dim: int):
     size conventions is handled alike."""
     pl = ctx.shard_of(x)
     if not pl.plain:
-        return "split along a sequence dim merged with another dim"
+        if isinstance(pl, SeqRange) or pl.post != 1:
+            return "split along a sequence dim merged with another dim"
+        pl = flat_source(ctx, pl)      # [B·S, ...]: chunks of the flat dim of B merged sequences
     sizes = [e.shape[dim] for e in ctx.example(node)]
     size = ctx.example(x).shape[dim]
     new, pls, at = [], [], 0
@@ -245,6 +257,36 @@ def _cross_entropy(ctx, node):
     return ctx.emit(operator.truediv, (loss_sum, n), placement=Replicate()), Replicate()
 
 
+def _cat(ctx, node):
+    """``torch.cat`` of parts along their dim: consecutive parts, in order, whose rows each rank
+    holds in ascending order (every layout's local order) are one bigger part, locally their
+    concatenation; any parts summed or averaged whole right after are ``Pieces``."""
+    a = call_arguments(node, ["tensors", "dim"], {"dim": 0})
+    items = list(a["tensors"]) if isinstance(a["tensors"], (list, tuple)) else None
+    if not items or not all(isinstance(t, fx.Node) for t in items):
+        return "a concatenation of something other than a list of parts"
+    pls = [ctx.placement_of(t) for t in items]
+    nd = ctx.example(node).dim()
+    dim = _norm(a["dim"], nd)
+    if not all(isinstance(p, SeqRange) and not isinstance(p, Pieces) and p.dim == dim for p in pls):
+        return "a concatenation of parts and other values, or along another dim"
+    local = ctx.emit(torch.cat, ([ctx.env[t] for t in items], dim))
+    first, last = pls[0], pls[-1]
+    joined = SeqRange(dim, first.pre, first.post, first.start, last.stop, outer=first.outer)
+    consecutive = all((p.pre, p.post, p.outer) == (first.pre, first.post, first.outer) for p in pls) and all(
+        p.stop == q.start for p, q in zip(pls, pls[1:]))
+    if consecutive and first.pre == 1 and part_positions(ctx, joined) == tuple(
+            f for p in pls for f in part_positions(ctx, p)):
+        pl = normalize(ctx, joined)
+        local.meta["seqpar_placement"] = pl
+        return local, pl
+    if all(_key(u) in _FULL_REDUCTIONS and len(u.args) == 1 and not u.kwargs for u in node.users):
+        pl = Pieces(dim, 1, 1, 0, 0)
+        local.meta["seqpar_placement"] = pl
+        return local, pl
+    return "a concatenation of parts in an order no layout has, read other than by a whole sum or mean"
+
+
 def _reuse(ctx, node, rule):
     """A plain-shard rule whose emitted op does not depend on the local length (linears, norms,
     transposes, reductions over other dims): its answer, carried to the part."""
@@ -295,6 +337,8 @@ def _part_rule(ctx, node, base, kind):
         return _reduction(ctx, node, base)
     if key in _CE:
         return _cross_entropy(ctx, node)
+    if key in _CAT:
+        return _cat(ctx, node)
     if kind == "reuse":
         return _reuse(ctx, node, base)
     return None

@@ -1,0 +1,45 @@
+"""Chunked language-model losses as litgpt and torchtune write them, on 2 ranks: each rank
+computes its own tokens of every chunk, the sums and counts are global; loss and every gradient
+exact (float64) against one process, the ring once per layer, no gather warning.
+
+litgpt's ``chunked_cross_entropy`` splits the flattened logits (``[B·T, V].split(n)``: chunks of
+merged sequences, possibly across batch rows) or takes the LM head's own chunks along T, and
+sums ``torch.cat`` of the per-chunk losses; torchtune's ``CEWithChunkedOutputLoss`` sums
+per-chunk ``reduction="sum"`` losses. Zigzag and striped layouts: a rank's rows of a chunk are
+scattered over the chunk."""
+import pytest
+
+import chunked_loss_workers as W
+from seqpar_compiler.launch import run_ranks
+
+TOL = 1e-10
+SHARDED = [n for n in W.CASES if "disabled" not in n]
+
+
+@pytest.fixture(scope="module")
+def res():
+    return run_ranks(W.run_loss_cases, 2, SHARDED, timeout=900, pg_timeout=300)
+
+
+def _exact(rank, rr):
+    assert "error" not in rr, (rank, rr)
+    assert rr["loss"] <= TOL, (rank, rr["loss"])
+    worst = max(rr["grads"].items(), key=lambda kv: kv[1])
+    assert worst[1] <= TOL, (rank, worst)
+    assert rr["ring_calls"] == 2, (rank, rr["ring_calls"])
+
+
+@pytest.mark.parametrize("name", SHARDED)
+def test_chunked_loss_is_exact_and_fully_sharded(res, name):
+    for rank, r in enumerate(res):
+        _exact(rank, r[name])
+        assert r[name]["warnings"] == [], (rank, r[name]["warnings"])
+
+
+@pytest.mark.slow
+def test_chunked_loss_in_a_disabled_function_is_exact():
+    """The chunks leave the compiled frame gathered (a frame's exits carry whole shards, not
+    parts), so the eager loss runs on whole chunks: exact, not yet sharded."""
+    res = run_ranks(W.run_loss_cases, 2, ["torchtune-chunked-output-disabled"], timeout=600, pg_timeout=300)
+    for rank, r in enumerate(res):
+        _exact(rank, r["torchtune-chunked-output-disabled"])
