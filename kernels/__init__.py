@@ -101,7 +101,7 @@ def block_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         return aten_cuda_forward(kernel, q, k, v, plan, scale)
     if kernel == "aten":
         return aten_block_forward(q, k, v, mask, scale)
-    if kernel == "triton":
+    if kernel == "triton" and mask.rel_bias is None:        # no relative-position table in Triton
         from .triton_attention import triton_block_forward
         return triton_block_forward(q, k, v, mask, scale)
     return math_block_forward(q, k, v, mask, scale)
@@ -114,9 +114,10 @@ def block_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     """Gradients of one block, given the merged (out, lse) of the whole attention.
 
     Returns dq [B,Hq,M,D], dk/dv [B,Hkv,N,D] in fp32 (fp64 for fp64 inputs). A gradient on
-    the lse (``dlse`` [B,Hq,M]) is taken by the math kernel only.
+    the lse (``dlse`` [B,Hq,M]) and a learned relative-position table's gradient
+    (``mask.rel_bias_grad``, accumulated in place) are taken by the math kernel only.
     """
-    if dlse is not None:
+    if dlse is not None or mask.rel_bias_grad is not None:      # only the math kernel forms ds
         _called("math", "backward")
         return math_block_backward(dout, q, k, v, out, lse, mask, scale, dlse)
     plan = None
@@ -127,7 +128,7 @@ def block_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
         return aten_cuda_backward(kernel, dout, q, k, v, out, lse, plan, scale)
     if kernel == "aten":
         return aten_block_backward(dout, q, k, v, out, lse, mask, scale)
-    if kernel == "triton":
+    if kernel == "triton" and mask.rel_bias is None:
         from .triton_attention import triton_block_backward
         return triton_block_backward(dout, q, k, v, out, lse, mask, scale)
     return math_block_backward(dout, q, k, v, out, lse, mask, scale)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .block_mask import BlockMask, TilePlan, alibi_bias, dense_visibility, plan_tiles, split_tiles
+from .block_mask import BlockMask, TilePlan, dense_visibility, plan_tiles, position_bias, split_tiles
 from .math_attention import math_block_backward, math_block_forward
 
 __all__ = ["aten_block_forward", "aten_block_backward", "ATEN_DTYPES"]
@@ -49,8 +49,9 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def _additive_mask(mask: BlockMask, tile: TilePlan, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(additive mask broadcastable to [B, Hq, T, K], rows-alive [B or 1, T]).
 
-    Without ALiBi: 0 / -inf in the query's dtype. With ALiBi: the bias [1 or B, Hq, T, K] in
-    fp32 (fp64 for fp64) with -inf on invisible pairs (all pairs of a ``full`` tile are visible).
+    Without a bias from positions: 0 / -inf in the query's dtype. With one (ALiBi, a
+    relative-position table): the bias [1 or B, Hq, T, K] in fp32 (fp64 for fp64) with -inf on
+    invisible pairs (all pairs of a ``full`` tile are visible).
     """
     T, K = tile.q1 - tile.q0, tile.k1 - tile.k0
     if tile.mode == "full":
@@ -60,17 +61,18 @@ def _additive_mask(mask: BlockMask, tile: TilePlan, dtype: torch.dtype) -> tuple
     alive = visible.any(dim=-1)
     alive = alive[None] if visible.dim() == 2 else alive
     vis4 = visible[None, None] if visible.dim() == 2 else visible[:, None]     # [1 or B, 1, T, K]
-    if mask.alibi_slopes is None:
+    bias = position_bias(mask, tile, torch.device("cpu"), _lse_dtype(dtype))        # [Hq, T, K] or None
+    if bias is None:
         return torch.zeros(vis4.shape, dtype=dtype).masked_fill_(~vis4, float("-inf")), alive
-    bias = alibi_bias(mask, tile, torch.device("cpu"), _lse_dtype(dtype))[None]    # [1, Hq, T, K]
-    return bias.masked_fill(~vis4, float("-inf")), alive
+    return bias[None].masked_fill(~vis4, float("-inf")), alive
 
 
 def _tiles(mask: BlockMask, M: int, N: int) -> list[TilePlan]:
-    """Kernel calls of a block: with ALiBi, every call takes its bias as a mask, so calls are
-    cut to ``TILE_ROWS`` query rows and all of them are ``dense``."""
+    """Kernel calls of a block: with a bias from positions (ALiBi, a relative-position table),
+    every call takes its bias as a mask, so calls are cut to ``TILE_ROWS`` query rows and all of
+    them are ``dense``."""
     tiles = plan_tiles(mask, M, N, TILE_ROWS)
-    if mask.alibi_slopes is None:
+    if not mask.position_biased:
         return tiles
     return [TilePlan(t.q0, t.q1, t.k0, t.k1, "dense") for t in split_tiles(tiles, TILE_ROWS)]
 

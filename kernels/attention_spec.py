@@ -17,8 +17,9 @@ Visibility (which keys a query sees), a conjunction of:
 
 Scores, for the visible pairs: ``s = scale · q kᵀ``; with ``softcap`` ``s ← cap · tanh(s / cap)``
 (Gemma 2); with ``alibi`` ``s += slopes[h] · (k_pos − q_pos)`` (slopes given per head, no
-gradient). Then softmax over the visible keys, times V (whose head dim Dv may differ from D:
-a shape, not a field).
+gradient); with ``rel_bias`` ``s += table[h, k_pos − q_pos + S − 1]`` (any per-head function of
+the offset, given as a [Hq, 2S − 1] table: a symmetric ALiBi, T5's bucketed bias). Then softmax
+over the visible keys, times V (whose head dim Dv may differ from D: a shape, not a field).
 
 Per-token and per-head data (doc ids, key validity, slopes) are tensors that travel beside the
 spec, never in it: the spec is frozen and hashable (a Dynamo guard and a cache key), the data
@@ -32,7 +33,7 @@ from functools import lru_cache
 
 __all__ = ["AttentionSpec"]
 
-_FLAGS = ("docs", "key_padding", "alibi")
+_FLAGS = ("docs", "key_padding", "alibi", "rel_bias")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +52,8 @@ class AttentionSpec:
     """Visibility also needs the key to be valid (a bool ``[B, S]`` given)."""
     alibi: bool = False
     """Scores get ``slopes[h] · (k_pos − q_pos)`` (slopes ``[Hq]`` given)."""
+    rel_bias: bool = False
+    """Scores get ``table[h, k_pos − q_pos + S − 1]`` (a table ``[Hq, 2S − 1]`` given)."""
     softcap: float | None = None
     """Scores are capped as ``cap · tanh(s / cap)`` before the bias."""
 
@@ -96,7 +99,7 @@ class AttentionSpec:
     @property
     def plain_scores(self) -> bool:
         """Scores are ``scale · q kᵀ`` as they are: what kernels without bias or cap inputs compute."""
-        return not self.alibi and self.softcap is None
+        return not self.alibi and not self.rel_bias and self.softcap is None
 
     @property
     def visibility(self) -> AttentionSpec:
@@ -120,7 +123,8 @@ class AttentionSpec:
         else:
             parts = ["full"]
         parts += [name for flag, name in (("docs", "documents"), ("key_padding", "key padding"),
-                                          ("alibi", "ALiBi")) if getattr(self, flag)]
+                                          ("alibi", "ALiBi"), ("rel_bias", "relative-position bias"))
+                  if getattr(self, flag)]
         if self.softcap is not None:
             parts.append(f"soft-cap {self.softcap}")
         return " ".join(parts)

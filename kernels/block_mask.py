@@ -22,7 +22,7 @@ import torch
 from .attention_spec import AttentionSpec
 
 __all__ = ["BlockMask", "BlockKind", "classify_block", "visible_key_range", "TilePlan", "plan_tiles",
-           "dense_visibility", "alibi_bias", "split_tiles"]
+           "dense_visibility", "alibi_bias", "position_bias", "add_position_bias_grad", "split_tiles"]
 
 
 class BlockKind(enum.Enum):
@@ -41,7 +41,10 @@ class BlockMask:
     are integer document ids (both or neither, with ``spec.docs``); ``k_valid [B or 1, N]`` bool
     marks the keys that may be seen (``spec.key_padding``; None when every key of the block is
     valid: the ring drops an all-true one so kernels keep their unmasked fast paths);
-    ``alibi_slopes [Hq]`` (float, no grad) with ``spec.alibi``.
+    ``alibi_slopes [Hq]`` (float, no grad) with ``spec.alibi``; ``rel_bias [Hq, 2S − 1]`` (float)
+    with ``spec.rel_bias``: the bias of every offset ``k_pos − q_pos`` from −(S − 1) to S − 1;
+    ``rel_bias_grad [Hq, 2S − 1]`` (fp32/fp64) when the table is learned: the backward adds the
+    block's gradient of every offset into it (the math kernel, which forms the score gradient).
     """
 
     q_start: int = 0
@@ -53,6 +56,8 @@ class BlockMask:
     k_doc: torch.Tensor | None = None
     k_valid: torch.Tensor | None = None
     alibi_slopes: torch.Tensor | None = None
+    rel_bias: torch.Tensor | None = None
+    rel_bias_grad: torch.Tensor | None = None
 
     @classmethod
     def of(cls, *, causal: bool = False, window: int | None = None, softcap: float | None = None,
@@ -97,7 +102,13 @@ class BlockMask:
     def plain_scores(self) -> bool:
         """True when scores are ``scale · q kᵀ`` as they are (no ALiBi bias, no soft-capping):
         what kernels without a bias or cap input (ATen flash) compute exactly."""
-        return self.alibi_slopes is None and self.spec.softcap is None
+        return self.alibi_slopes is None and self.rel_bias is None and self.spec.softcap is None
+
+    @property
+    def position_biased(self) -> bool:
+        """Scores get a bias from global positions (ALiBi, a relative-position table): every
+        kernel call needs its rows' true positions."""
+        return self.alibi_slopes is not None or self.rel_bias is not None
 
 
 def _positional_kind(mask: BlockMask, M: int, N: int) -> BlockKind:
@@ -276,3 +287,29 @@ def alibi_bias(mask: BlockMask, tile: TilePlan, device: torch.device, dtype: tor
     k_pos = mask.k_start + torch.arange(tile.k0, tile.k1, dtype=torch.int64, device=device) * mask.k_stride
     diff = (k_pos[None, :] - q_pos[:, None]).to(dtype)                 # [T, K]
     return mask.alibi_slopes.to(device=device, dtype=dtype)[:, None, None] * diff[None]
+
+
+def _table_index(mask: BlockMask, tile: TilePlan, device: torch.device) -> torch.Tensor:
+    """[T, K] int64: the column ``k_pos − q_pos + S − 1`` of the relative-position table."""
+    q_pos = mask.q_start + torch.arange(tile.q0, tile.q1, dtype=torch.int64, device=device) * mask.q_stride
+    k_pos = mask.k_start + torch.arange(tile.k0, tile.k1, dtype=torch.int64, device=device) * mask.k_stride
+    return (k_pos[None, :] - q_pos[:, None]) + (mask.rel_bias.shape[-1] - 1) // 2
+
+
+def position_bias(mask: BlockMask, tile: TilePlan, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """The bias from positions of one tile as [Hq, T, K] in ``dtype``: ALiBi plus the
+    relative-position table's entries ``table[h, k_pos − q_pos + S − 1]``; None without either."""
+    bias = None if mask.alibi_slopes is None else alibi_bias(mask, tile, device, dtype)
+    if mask.rel_bias is not None:
+        rel = mask.rel_bias.to(device=device, dtype=dtype)[:, _table_index(mask, tile, device)]   # [Hq, T, K]
+        bias = rel if bias is None else bias + rel
+    return bias
+
+
+def add_position_bias_grad(mask: BlockMask, tile: TilePlan, d_scores: torch.Tensor) -> None:
+    """Add a tile's score gradient ``d_scores [Hq, T, K]`` (summed over the batch) into
+    ``mask.rel_bias_grad`` at each pair's offset: the table entry of an offset gets the sum
+    over every pair at that offset. Invisible pairs carry a zero gradient."""
+    Hq = d_scores.shape[0]
+    index = _table_index(mask, tile, d_scores.device).reshape(1, -1).expand(Hq, -1)
+    mask.rel_bias_grad.scatter_add_(1, index, d_scores.reshape(Hq, -1).to(mask.rel_bias_grad.dtype))

@@ -8,7 +8,7 @@ Decision table (first row that applies):
 
   | block                                                 | kernel                          |
   |-------------------------------------------------------|---------------------------------|
-  | ALiBi, soft-capping, Dv ≠ D or key padding            | Triton if it computes them, else math |
+  | ALiBi, soft-capping, Dv ≠ D, key padding, rel. table  | Triton if it computes them, else math |
   | fp32 (FA2 and cuDNN take fp16/bf16 only), D % 8 ≠ 0   | Triton (math for D > 256)       |
   | packed documents as runs, no window (varlen pairs)    | FA2 varlen                      |
   | full or causal (one call, rows that see nothing cut)  | cuDNN (Hq = Hkv, D ≤ 128), else FA2 |
@@ -52,9 +52,10 @@ def cuda_aten_kernels(device: torch.device) -> tuple[bool, bool]:
 
 def _needed_mods(mask: BlockMask, D: int, Dv: int) -> set[str]:
     """What of this block ATen's cuDNN/FA2 kernels cannot compute: ALiBi, soft-capping, Dv ≠ D,
-    key padding."""
+    key padding, a relative-position table."""
     return {name for name, on in (("alibi", mask.alibi_slopes is not None), ("softcap", mask.softcap is not None),
-                                  ("dv", Dv != D), ("key_padding", mask.has_padding)) if on}
+                                  ("dv", Dv != D), ("key_padding", mask.has_padding),
+                                  ("rel_bias", mask.rel_bias is not None)) if on}
 
 
 def _triton_computes(mask: BlockMask, D: int, Dv: int) -> bool:

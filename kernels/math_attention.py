@@ -4,8 +4,8 @@ that takes a gradient of the log-sum-exp (``dlse``), and the CPU kernel for soft
 
 Scores are formed one query tile at a time (never the whole S×S, never more than a tile × N
 bias), in fp32 (fp64 for fp64). Score semantics (``BlockMask``): ``s = scale · q kᵀ``, then
-``s ← cap · tanh(s / cap)`` with a softcap, then ``+ slopes[h] · (k_pos − q_pos)`` with ALiBi,
-then invisible pairs ``-inf``.
+``s ← cap · tanh(s / cap)`` with a softcap, then ``+ slopes[h] · (k_pos − q_pos)`` with ALiBi and
+``+ table[h, k_pos − q_pos + S − 1]`` with a relative-position table, then invisible pairs ``-inf``.
 
 Shape legend: B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv, M query rows,
 N key rows, D query/key head dim, Dv value head dim (may differ from D, as in MLA), T rows of
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .block_mask import BlockMask, TilePlan, alibi_bias, dense_visibility, plan_tiles, split_tiles
+from .block_mask import (BlockMask, TilePlan, add_position_bias_grad, dense_visibility, plan_tiles, position_bias,
+                         split_tiles)
 
 __all__ = ["math_block_forward", "math_block_backward"]
 
@@ -45,8 +46,8 @@ def _tile_scores(q: torch.Tensor, k: torch.Tensor, mask: BlockMask, tile: TilePl
     if mask.softcap is not None:
         capped = torch.tanh(scores / mask.softcap)
         scores = capped * mask.softcap
-    if mask.alibi_slopes is not None:
-        bias = alibi_bias(mask, tile, q.device, acc)                   # [Hq, T, K]
+    bias = position_bias(mask, tile, q.device, acc)                   # [Hq, T, K] or None
+    if bias is not None:
         scores = scores + bias.reshape(Hkv, G, *bias.shape[1:])
     if tile.mode != "full":
         visible = dense_visibility(mask, tile, q.device)      # [T, K] or [B, T, K]
@@ -81,7 +82,8 @@ def math_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     """Gradients of one block given the merged (out, lse) and optionally d(lse).
 
     ``d lse_i / d s_ij = p_ij``, so a gradient on the lse just shifts the softmax's row term:
-    ``ds = p * (dp - (rowsum(dout * out) - dlse))``. The ALiBi bias has no input to flow into;
+    ``ds = p * (dp - (rowsum(dout * out) - dlse))``. The ALiBi bias has no input to flow into; a
+    learned relative-position table (``mask.rel_bias_grad`` given) gets ``ds`` summed per offset;
     a softcap multiplies ``ds`` by ``d(cap · tanh(r / cap)) / dr = 1 - tanh²(r / cap)``.
     dout/out [B,Hq,M,Dv] → dq [B,Hq,M,D], dk [B,Hkv,N,D], dv [B,Hkv,N,Dv] (fp32/fp64).
     """
@@ -107,6 +109,8 @@ def math_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         dv[:, :, keys] += (probs.transpose(-1, -2) @ do_t).sum(2)
         dp = do_t @ vt.transpose(-1, -2)
         ds = probs * (dp - delta[:, :, rows].reshape(B, Hkv, G, -1)[..., None])
+        if mask.rel_bias_grad is not None:                            # the bias is added after the cap
+            add_position_bias_grad(mask, tile, ds.sum(0).reshape(Hq, tile.q1 - tile.q0, -1))
         if capped is not None:
             ds = ds * (1 - capped * capped)
         dq[:, :, rows] += (ds @ kt).reshape(B, Hq, -1, D) * scale

@@ -9,7 +9,7 @@ Reads Dynamo's ``node.meta["example_value"]``; rewrites the graph in place: the 
     probs  = softmax(scores, -1) [.to(dtype)] [dropout(p=0)]
     out    = probs @ v                           (matmul or einsum)
 
-becomes ``canonical_attention(q, k, v, spec, doc_ids, key_padding, alibi_slopes)`` with ``spec``
+becomes ``canonical_attention(q, k, v, spec, doc_ids, key_padding, alibi_slopes, rel_bias)`` with ``spec``
 an encoded ``AttentionSpec`` (GQA's repeated K/V folded away: the ring sends the small K/V).
 ``F.scaled_dot_product_attention`` with an explicit ``attn_mask`` (what transformers passes for
 padding and sliding windows; an additive ALiBi bias) goes the same way;
@@ -17,8 +17,8 @@ padding and sliding windows; an additive ALiBi bias) goes the same way;
 
 Masks and biases are proved, never guessed: each term is evaluated once at the global sequence
 length (``mask_proof``) and must equal the spec's data — a band of visible positions,
-same-document and key-padding factors carried as per-token tensors, per-head ALiBi slopes over
-global positions (``score_bias``). Anything else is left alone, so the graph falls back to the
+same-document and key-padding factors carried as per-token tensors, per-head ALiBi slopes or a
+per-head table of the offset over global positions (``score_bias``). Anything else is left alone, so the graph falls back to the
 gather path.
 
 One thing a spec does not say: a query whose every key is hidden. SDPA with a boolean mask
@@ -40,6 +40,7 @@ from seqpar_compiler.kernels import AttentionSpec
 
 from .alias_sets import eliminate_dead_code
 from .attention_forms import emit, match_scores, match_value_product, peel_softcap, to_bhsd, unrepeat_kv
+from .learned_bias import learned_offset_table
 from .mask_proof import ProvedTerm, evaluate, evaluate_mask_term, example, is_call, is_hidden_value, user_dependent
 from .score_bias import prove_score_terms
 from .token_masks import CARRIER
@@ -50,16 +51,17 @@ __all__ = ["UNPROVED", "canonical_attention", "canonical_spec", "canonicalize_ha
 UNPROVED = "seqpar_unproved"
 
 
-def canonical_attention(q, k, v, spec: str, doc_ids=None, key_padding=None, alibi_slopes=None):
+def canonical_attention(q, k, v, spec: str, doc_ids=None, key_padding=None, alibi_slopes=None, rel_bias=None):
     """Single-device meaning of the canonical node: the ``AttentionSpec`` that ``spec`` encodes.
 
     scores = scale · q kᵀ; ← softcap · tanh(scores / softcap) with a softcap; += slopes[h] ·
-    (j − i) with ALiBi; keys outside the band ``-behind <= j - i <= ahead``, of another document
+    (j − i) with ALiBi; += rel_bias[h, j − i + S − 1] with a relative-position table; keys outside the band ``-behind <= j - i <= ahead``, of another document
     or invalid (``key_padding`` False) get −inf; softmax over keys (a query with no visible key
     gets 0); @ v. k/v are broadcast over query-head groups.
 
     Shapes: q [B, Hq, S, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], doc_ids [B, S] or None,
-    key_padding [B, S] bool or None, alibi_slopes [Hq] (fp32) or None; returns [B, Hq, S, Dv].
+    key_padding [B, S] bool or None, alibi_slopes [Hq] (fp32) or None, rel_bias [Hq, 2S − 1] or None;
+    returns [B, Hq, S, Dv].
     Nothing is sharded here: this is the replicated meaning the ring op must reproduce.
     """
     sp = AttentionSpec.decode(spec)
@@ -80,10 +82,9 @@ def canonical_attention(q, k, v, spec: str, doc_ids=None, key_padding=None, alib
     if sp.softcap is None:
         # SDPA: GQA without repeating K/V, and 0 for a query with no visible key
         attn_mask = mask
-        if alibi_slopes is not None:
-            attn_mask = alibi_slopes.to(q.dtype)[:, None, None] * ahead.to(q.dtype)
-            if mask is not None:
-                attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+        bias = _position_bias(alibi_slopes, rel_bias, ahead, q.dtype)
+        if bias is not None:
+            attn_mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=sp.scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     groups = q.shape[1] // k.shape[1]
@@ -91,12 +92,23 @@ def canonical_attention(q, k, v, spec: str, doc_ids=None, key_padding=None, alib
     compute = torch.promote_types(q.dtype, torch.float32)
     scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * sp.scale
     scores = sp.softcap * torch.tanh(scores / sp.softcap)
-    if alibi_slopes is not None:
-        scores = scores + alibi_slopes.to(compute)[:, None, None] * ahead.to(compute)
+    bias = _position_bias(alibi_slopes, rel_bias, ahead, compute)
+    if bias is not None:
+        scores = scores + bias
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.ops.aten._safe_softmax(scores, -1)                    # no visible key: 0, not NaN
     return (probs @ v.to(compute)).to(v.dtype)
+
+
+def _position_bias(alibi_slopes, rel_bias, ahead, dtype):
+    """[Hq, S, S] bias of the ALiBi slopes and the relative-position table (``ahead`` = j − i), or None."""
+    bias = None if alibi_slopes is None else alibi_slopes.to(dtype)[:, None, None] * ahead.to(dtype)
+    if rel_bias is not None:
+        S = ahead.shape[0]
+        rel = rel_bias.to(dtype)[:, ahead + S - 1]
+        bias = rel if bias is None else bias + rel
+    return bias
 
 
 def canonical_spec(node: fx.Node) -> AttentionSpec:
@@ -149,6 +161,8 @@ class _Peeled:
     docs: list = field(default_factory=list)
     paddings: list = field(default_factory=list)     # (node, hides)
     finite_fill: bool = False                       # a key-padding factor hidden by a finite fill
+    learned: list = field(default_factory=list)     # LearnedTable of additive terms that require grad
+    learned_refused: bool = False                   # a term that requires grad and is no such table
 
     def add(self, term: ProvedTerm, kind: str, negated: bool = False) -> None:
         self.terms.append((kind, ~term.value if negated else term.value))
@@ -160,6 +174,7 @@ class _Peeled:
 
     def merge(self, other: _Peeled) -> None:
         self.terms += other.terms
+        self.learned += other.learned
         self.docs += [d for d in other.docs if d not in self.docs]
         self.paddings += other.paddings
         self.finite_fill |= other.finite_fill
@@ -176,10 +191,23 @@ def _peel_terms(scores, gm, values, static_inputs) -> _Peeled | None:
     """Peel casts, masks and additive terms off the scores (``_Peeled``), or None when a mask or
     term is not provable."""
     dtype = example(scores).dtype
+    shape = tuple(example(scores).shape)
     peeled = _Peeled(scores)
     n = scores
 
     def add_term(kind, node, negated=False, fill=None):
+        if getattr(example(node), "requires_grad", False):
+            # proved by value it would be a constant, its gradient lost: only a learned table of
+            # the offset stays a function of its weight (learned_bias)
+            if user_dependent(node, static_inputs):
+                return False
+            learned = None if kind != "additive" or len(shape) != 4 else \
+                learned_offset_table(node, gm, values, static_inputs, shape)
+            if learned is None:
+                peeled.learned_refused = True
+                return False
+            peeled.learned.append(learned)
+            return True
         term = evaluate_mask_term(node, gm, values, static_inputs, negated, at=n)
         if term is None:
             return False
@@ -218,7 +246,7 @@ def _peel_terms(scores, gm, values, static_inputs) -> _Peeled | None:
         else:
             break
         if not ok:
-            return None
+            return _LEARNED_BIAS if peeled.learned_refused else None
         n = logits
     peeled.logits = n
     return peeled
@@ -248,7 +276,7 @@ def _scaled_term(kind: str, value: torch.Tensor, scale: float) -> torch.Tensor:
 @dataclass
 class _Proof:
     """A proved attention: its operands (old graph nodes), its spec, the per-token factor nodes
-    and the ALiBi slopes (a tensor) or None."""
+    the ALiBi slopes and the relative-position table (tensors) or None."""
 
     q: fx.Node
     k: fx.Node
@@ -257,15 +285,18 @@ class _Proof:
     doc: fx.Node | None = None
     padding: tuple | None = None          # (per-key factor node, hides, its [B, S] source or None)
     slopes: torch.Tensor | None = None
+    table: torch.Tensor | _LearnedTerms | None = None
 
 
+_LEARNED_BIAS = ("a score bias that requires grad and is not a learned function of k - q (an embedding looked "
+                 "up at static indices of the offset, as T5's): its gradient could not reach its parameters")
 _FINITE_FILL = ("a padding mask hidden by a finite fill (finfo.min): a query whose every key is padding "
                 "averages all values in eager, which the ring does not reproduce; hide keys with -inf or "
                 "use F.scaled_dot_product_attention with a boolean mask")
 
 
 def _prove(peeled: _Peeled, shape: tuple, scale: float, cap: float | None):
-    """(spec, doc, padding, slopes) of peeled terms, None when they prove no spec, or a reason
+    """(spec, doc, padding, slopes, table) of peeled terms, None when they prove no spec, or a reason
     string when they are a known form the ring does not carry."""
     tokens = peeled.tokens()
     if tokens is None:
@@ -276,10 +307,21 @@ def _prove(peeled: _Peeled, shape: tuple, scale: float, cap: float | None):
     proved = prove_score_terms(peeled.terms, shape, shape[-1])
     if proved is None:
         return None
-    band, slopes = proved
+    band, slopes, table = proved
+    if peeled.learned:
+        table = _LearnedTerms(peeled.learned, table)
     spec = band.with_(scale=float(scale), docs=doc is not None, key_padding=padding is not None,
-                      alibi=slopes is not None, softcap=cap)
-    return spec, doc, padding, slopes
+                      alibi=slopes is not None, rel_bias=table is not None, softcap=cap)
+    return spec, doc, padding, slopes, table
+
+
+@dataclass
+class _LearnedTerms:
+    """A relative-position table computed in the graph: the learned tables' sum, plus the
+    proved fixed table [H, 2S − 1] when there is one."""
+
+    learned: list
+    fixed: torch.Tensor | None
 
 
 def _match(node, gm, values, static_inputs):
@@ -296,12 +338,16 @@ def _match(node, gm, values, static_inputs):
     if ex is None or ex.dim() != 4 or dim not in (-1, 3) or ex.shape[-2] != ex.shape[-1]:
         return None
     peeled = _peel_terms(scores, gm, values, static_inputs)
-    if peeled is None:
-        return None
+    if peeled is None or isinstance(peeled, str):
+        return peeled
     logits, cap = peel_softcap(peeled.logits)
     logits, scale = _scale_of(logits)
     if cap is None and scale > 0 and match_scores(logits) is None:
         inner = _peel_terms(logits, gm, values, static_inputs)   # (q kᵀ + bias) · s: terms before the scale
+        if isinstance(inner, str):
+            return inner
+        if inner is not None and inner.learned:
+            return _LEARNED_BIAS                     # a learned table under the scale: not carried
         if inner is not None and inner.terms:
             inner.terms = [(kind, _scaled_term(kind, value, scale)) for kind, value in inner.terms]
             peeled.merge(inner)
@@ -313,6 +359,8 @@ def _match(node, gm, values, static_inputs):
     if sf.bias is not None:                 # baddbmm(bias, q, kᵀ, beta, alpha): Bloom's ALiBi
         if cap is not None or user_dependent(sf.bias, static_inputs):
             return None
+        if getattr(example(sf.bias), "requires_grad", False):
+            return _LEARNED_BIAS                    # its only inputs are parameters (not user-dependent)
         B, H, S, _ = ex.shape
         bias = evaluate(gm, sf.bias, values, at=logits).broadcast_to(B * H, S, S).reshape(B, H, S, S)
         peeled.terms.append(("additive", bias * (sf.bias_beta * scale / sf.scale)))
@@ -346,6 +394,8 @@ def _match_sdpa(node, gm, values, static_inputs) -> _Proof | None:
         return _Proof(a["query"], k, v, AttentionSpec.of(causal=bool(a.get("is_causal")), scale=float(scale)))
     if a.get("is_causal"):
         return None
+    if getattr(example(a["attn_mask"]), "requires_grad", False):
+        return _learned_sdpa_mask(a, k, v, scale, gm, values, static_inputs)
     term = evaluate_mask_term(a["attn_mask"], gm, values, static_inputs, at=node)
     if term is None:
         return None
@@ -355,10 +405,32 @@ def _match_sdpa(node, gm, values, static_inputs) -> _Proof | None:
     return proved if proved is None or isinstance(proved, str) else _Proof(a["query"], k, v, *proved)
 
 
-def _slopes_node(gm: fx.GraphModule, slopes: torch.Tensor, like: fx.Node) -> fx.Node:
-    """A ``get_attr`` of the proved ALiBi slopes [H] (fp32, a non-persistent buffer of ``gm``)."""
+def _learned_sdpa_mask(a: dict, k, v, scale, gm, values, static_inputs):
+    """SDPA whose float ``attn_mask`` requires grad (transformers' T5 under SDPA: the learned
+    bias, with the padding or causal mask written into it by ``torch.where``): its masks and
+    fixed terms are peeled as scores' would be, and what remains must be a learned table."""
+    mask = a["attn_mask"]
+    while is_call(mask, methods={"contiguous"}):
+        mask = mask.args[0]
+    peeled = _peel_terms(mask, gm, values, static_inputs)
+    if peeled is None or isinstance(peeled, str):
+        return _LEARNED_BIAS if peeled is None else peeled
+    q = example(a["query"])
+    shape = (*q.shape[:-1], q.shape[-2])
+    learned = learned_offset_table(peeled.logits, gm, values, static_inputs, shape) \
+        if getattr(example(peeled.logits), "requires_grad", False) else None
+    if learned is None:
+        return _LEARNED_BIAS
+    peeled.learned.append(learned)
+    proved = _prove(peeled, shape, scale, None)
+    return proved if proved is None or isinstance(proved, str) else _Proof(a["query"], k, v, *proved)
+
+
+def _slopes_node(gm: fx.GraphModule, slopes: torch.Tensor, like: fx.Node, what: str = "alibi_slopes") -> fx.Node:
+    """A ``get_attr`` of proved score data (ALiBi slopes [H], a relative-position table [H, 2S − 1];
+    fp32, a non-persistent buffer of ``gm``)."""
     ex = example(like)
-    name = f"_seqpar_alibi_slopes_{sum(1 for _ in gm.buffers())}"
+    name = f"_seqpar_{what}_{sum(1 for _ in gm.buffers())}"
     gm.register_buffer(name, slopes.to(ex.device), persistent=False)
     node = gm.graph.get_attr(name)
     fake_mode = getattr(ex, "fake_mode", None)
@@ -385,13 +457,37 @@ def _key_validity(graph: fx.Graph, padding: tuple, B: int, S: int) -> fx.Node:
     return valid
 
 
+def _table_node(gm: fx.GraphModule, table, like: fx.Node) -> fx.Node | None:
+    """The canonical node's ``rel_bias`` [H, 2S − 1]: a buffer for a proved fixed table; for
+    learned ones ``embedding(index, W)ᵀ`` per table (W's gradient flows through it), summed."""
+    if table is None or isinstance(table, torch.Tensor):
+        return None if table is None else _slopes_node(gm, table, like, "rel_bias")
+    parts = []
+    for learned in table.learned:
+        index = _slopes_node(gm, learned.index, like, "rel_bias_index")            # [2S - 1] int64
+        part = emit(gm.graph, "t", (emit(gm.graph, F.embedding, (index, learned.weight)),), op="call_method")
+        if example(part).dtype != learned.dtype:
+            part = emit(gm.graph, "to", (part, learned.dtype), op="call_method")
+        parts.append(part)
+    if table.fixed is not None:
+        parts.append(_slopes_node(gm, table.fixed, like, "rel_bias"))
+    node = parts[0]
+    for part in parts[1:]:
+        node = emit(gm.graph, operator.add, (node, part))
+    return node
+
+
 def _canonical_node(gm, proof: _Proof) -> fx.Node:
     """Emit the canonical node of ``proof`` (operands already [B, H, S, D]) at the insertion point."""
     q, k, v = proof.q, proof.k, proof.v
     B, _, S, _ = example(q).shape
     padding = None if proof.padding is None else _key_validity(gm.graph, proof.padding, B, S)
     slopes = None if proof.slopes is None else _slopes_node(gm, proof.slopes, q)
-    return emit(gm.graph, canonical_attention, (q, k, v, proof.spec.encode(), proof.doc, padding, slopes))
+    table = _table_node(gm, proof.table, q)
+    args = (q, k, v, proof.spec.encode(), proof.doc, padding, slopes, table)
+    while args[-1] is None and len(args) > 4:            # graphs without per-token data read as before
+        args = args[:-1]
+    return emit(gm.graph, canonical_attention, args)
 
 
 def _check_operands(q, k, v) -> None:
@@ -414,14 +510,14 @@ def _rewrite_one(gm, node, values, static_inputs) -> bool:
         return False
     with gm.graph.inserting_before(node):
         if found is not None:
-            sf, vf, (spec, doc, padding, slopes) = found
+            sf, vf, (spec, doc, padding, slopes, table) = found
             q = to_bhsd(gm.graph, sf.q, sf.q_perm, sf.q_shape)
             k = sf.k if sf.k_perm is not None or sf.k_shape is not None else unrepeat_kv(sf.k)
             k = to_bhsd(gm.graph, k, sf.k_perm, sf.k_shape)
             v = vf.v if vf.v_perm is not None or vf.v_shape is not None else unrepeat_kv(vf.v)
             v = to_bhsd(gm.graph, v, vf.v_perm, vf.v_shape)
             _check_operands(q, k, v)
-            new = _canonical_node(gm, _Proof(q, k, v, spec, doc, padding, slopes))
+            new = _canonical_node(gm, _Proof(q, k, v, spec, doc, padding, slopes, table))
             if vf.out_perm is not None:
                 new = emit(gm.graph, "permute", (new, vf.out_perm), op="call_method")
         else:

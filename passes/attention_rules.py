@@ -27,17 +27,18 @@ from .rewrite import _source_line, call_arguments
 __all__ = ["sdpa_rule", "canonical_attention_rule"]
 
 
-def _ring(ctx, node, q, k, v, spec: AttentionSpec, doc_local=None, valid_local=None, alibi=None):
+def _ring(ctx, node, q, k, v, spec: AttentionSpec, doc_local=None, valid_local=None, alibi=None, table=None):
     """Emit the ring op for attention ``node`` of (old) q, k, v → (new node, Shard(2)).
 
-    ``doc_local``, ``valid_local``, ``alibi``: the new graph's per-token data and slopes, or None."""
+    ``doc_local``, ``valid_local``, ``alibi``, ``table``: the new graph's per-token data, slopes
+    and relative-position table, or None."""
     dtype = ctx.example(node).dtype
     qkv = [ctx.env[t] if ctx.example(t).dtype == dtype else
            ctx.emit("to", (ctx.env[t], dtype), op="call_method", placement=Shard(2)) for t in (q, k, v)]
     # the all-to-all layouts take the Ulysses op, which has the ring op's arguments
     op = torch.ops.seqpar.ulysses_attention if layout_of(ctx.schedule).all_to_all else \
         torch.ops.seqpar.ring_attention
-    tensors = (doc_local, valid_local, alibi)
+    tensors = (doc_local, valid_local, alibi, table)
     while tensors and tensors[-1] is None:          # graphs without per-token data read as before
         tensors = tensors[:-1]
     out = ctx.emit(op.default, (*qkv, spec.encode(), ctx.schedule, ctx.group_name, ctx.overlap, ctx.kernel, *tensors))
@@ -88,18 +89,37 @@ def sdpa_rule(ctx, node):
     return _ring(ctx, node, a["query"], a["key"], a["value"], spec)
 
 
-def _slopes(ctx, slopes, q):
-    """The new graph's ALiBi slopes as fp32 [Hq], or a reason string why they cannot go to the ring."""
+def _slopes(ctx, slopes, q, what: str = "ALiBi slopes", shape=None):
+    """The new graph's ALiBi slopes (or relative-position table) as fp32 [Hq] (``shape``), or a
+    reason string why they cannot go to the ring."""
     ex = ctx.example(slopes)
-    if not isinstance(ex, torch.Tensor) or tuple(ex.shape) != (ctx.example(q).shape[1],):
-        return "ALiBi slopes that are not a tensor of shape [Hq]"
+    shape = (ctx.example(q).shape[1],) if shape is None else shape
+    if not isinstance(ex, torch.Tensor) or tuple(ex.shape) != tuple(shape):
+        return f"{what} that are not a tensor of shape {list(shape)}"
     if ex.requires_grad:
-        return "ALiBi slopes that require grad (the ring computes no gradient for them)"
+        return f"{what} that require grad (the ring computes no gradient for them)"
     if not isinstance(ctx.placement_of(slopes), Replicate):
-        return f"ALiBi slopes that are not replicated ({ctx.placement_of(slopes)})"
+        return f"{what} that are not replicated ({ctx.placement_of(slopes)})"
     new = ctx.env[slopes]
     if ex.dtype != torch.float32:
         new = ctx.emit("to", (new, torch.float32), op="call_method", placement=ctx.placement_of(slopes))
+    return new
+
+
+def _table(ctx, table, q):
+    """The new graph's relative-position table [Hq, 2S − 1] (fp32), or a reason string. A learned
+    table (it requires grad: T5's bias) is replicated and each rank's ring (or Ulysses' inner
+    ring, over its heads) computes the gradient of the pairs it attends, so its gradient is summed
+    over the group (``ctx.weight``)."""
+    ex = ctx.example(table)
+    Hq, S = ctx.example(q).shape[1], ctx.example(q).shape[2]
+    if not ex.requires_grad:
+        return _slopes(ctx, table, q, "a relative-position table", (Hq, 2 * S - 1))
+    if tuple(ex.shape) != (Hq, 2 * S - 1) or not isinstance(ctx.placement_of(table), Replicate):
+        return f"a learned relative-position table that is not a replicated [Hq, 2S - 1] tensor ({ctx.placement_of(table)})"
+    new = ctx.weight(table)
+    if ex.dtype != torch.float32:
+        new = ctx.emit("to", (new, torch.float32), op="call_method", placement=Replicate())
     return new
 
 
@@ -114,10 +134,10 @@ def _per_token(ctx, node, what: str, x, q):
 
 
 def canonical_attention_rule(ctx, node):
-    """canonical_attention(q, k, v, spec, doc_ids, key_padding, alibi_slopes) from a proved mask
-    (passes/attention_patterns.py)."""
+    """canonical_attention(q, k, v, spec, doc_ids, key_padding, alibi_slopes, rel_bias) from a proved
+    mask (passes/attention_patterns.py)."""
     q, k, v, spec, *rest = node.args
-    doc, valid, alibi = (list(rest) + [None] * 3)[:3]
+    doc, valid, alibi, table = (list(rest) + [None] * 4)[:4]
     spec = AttentionSpec.decode(spec)
     if not _all_sharded(ctx, q, k, v):
         return "attention whose q/k/v are not all [B, H, S, D] sharded along the sequence"
@@ -132,4 +152,9 @@ def canonical_attention_rule(ctx, node):
         alibi_new = _slopes(ctx, alibi, q)
         if isinstance(alibi_new, str):
             return alibi_new
-    return _ring(ctx, node, q, k, v, spec, *local, alibi_new)
+    table_new = None
+    if table is not None:
+        table_new = _table(ctx, table, q)
+        if isinstance(table_new, str):
+            return table_new
+    return _ring(ctx, node, q, k, v, spec, *local, alibi_new, table_new)

@@ -175,15 +175,16 @@ def _match(gm, node, values, static_inputs):
     if terms is None:
         return None
     cap, bias = terms
-    slopes = None
+    slopes = table = None
     if bias is not None:
         proved = prove_score_terms([("visible", visible), ("additive", bias)], shape, S)
         if proved is None or proved[0] != band:
             return None
-        slopes = proved[1]
+        slopes, table = proved[1], proved[2]
     scale = float(scale if scale is not None else eq.shape[-1] ** -0.5)
-    spec = band.with_(scale=scale, docs=doc is not None, alibi=slopes is not None, softcap=cap)
-    return _Proof(q, k, v, spec, doc, None, slopes)
+    spec = band.with_(scale=scale, docs=doc is not None, alibi=slopes is not None, rel_bias=table is not None,
+                      softcap=cap)
+    return _Proof(q, k, v, spec, doc, None, slopes, table)
 
 
 def _remove_dead_block_mask(gm: fx.GraphModule) -> None:

@@ -12,8 +12,12 @@ global sequence length, it *equals* such data:
     c(b, h, i)`` for one slope per head, the same for every batch row (``fit_alibi``). The
     per-row constant ``c`` is free because softmax over keys is invariant to it: that is what
     makes MPT's key-only ``slope_h · j`` (and ``slope_h · (j − S + 1)``) the same attention as
-    the signed ``slope_h · (j − i)`` form of the ALiBi paper. A fit that leaves a residual
-    beyond float rounding is refused (the attention then falls back), never approximated.
+    the signed ``slope_h · (j − i)`` form of the ALiBi paper;
+  * else any per-head function of the offset, ``table[h, j − i]`` the same for every batch row
+    (``fit_table``: a symmetric ALiBi ``−slope_h · |j − i|`` in an encoder, a static T5-style
+    bucketed bias), carried as a [H, 2S − 1] table.
+A fit that leaves a residual beyond float rounding is refused (the attention then falls back),
+never approximated.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from seqpar_compiler.kernels import AttentionSpec
 
 from .mask_proof import band_of, is_hidden_value
 
-__all__ = ["fit_alibi", "prove_score_terms"]
+__all__ = ["fit_alibi", "fit_table", "prove_score_terms"]
 
 
 def fit_alibi(bias: torch.Tensor, visible: torch.Tensor) -> torch.Tensor | None:
@@ -49,16 +53,37 @@ def fit_alibi(bias: torch.Tensor, visible: torch.Tensor) -> torch.Tensor | None:
     return slopes[0].float()
 
 
+def fit_table(bias: torch.Tensor, visible: torch.Tensor) -> torch.Tensor | None:
+    """A table [H, 2S − 1] (fp32) with ``bias[b, h, i, j] = table[h, j − i + S − 1]`` on every
+    visible pair (entries of offsets no visible pair has are 0), or None when no such table
+    exists. Shapes: bias [B, H, S, S] (float, finite where visible), visible [B, H, S, S] bool."""
+    t = bias.double().masked_fill(~visible, 0.0)
+    B, H, S, _ = t.shape
+    offset = (torch.arange(S)[None, :] - torch.arange(S)[:, None] + S - 1).expand(B, H, S, S)   # j − i + S − 1
+    w = visible.double()
+    index = offset.transpose(0, 1).reshape(H, -1)
+    sums = torch.zeros(H, 2 * S - 1, dtype=torch.float64).scatter_add_(1, index, t.transpose(0, 1).reshape(H, -1))
+    counts = torch.zeros(H, 2 * S - 1, dtype=torch.float64).scatter_add_(1, index, w.transpose(0, 1).reshape(H, -1))
+    table = sums / counts.clamp_min(1)
+    rebuilt = table[torch.arange(H)[:, None, None], offset[0]]                       # [H, S, S]
+    tol = 16 * torch.finfo(bias.dtype).eps * max(1.0, float(t.abs().max()))
+    if float(((t - rebuilt[None]) * w).abs().max()) > tol:
+        return None
+    return table.float()
+
+
 def prove_score_terms(terms: list[tuple[str, torch.Tensor]], shape: tuple, S: int
-                      ) -> tuple[AttentionSpec, torch.Tensor | None] | None:
-    """(band, slopes [H] or None) of the masks and additive terms of one attention.
+                      ) -> tuple[AttentionSpec, torch.Tensor | None, torch.Tensor | None] | None:
+    """(band, slopes [H] or None, table [H, 2S − 1] or None) of the masks and additive terms of
+    one attention.
 
     Args:
         terms: ``("visible", bool)`` for masks (True = the key is visible) and
             ``("additive", float)`` for terms added to the scores (hidden where -inf or at most
             half the dtype's lowest value); each broadcastable to ``shape``.
         shape: the scores' shape [B, H, S, S].
-    Returns None if the visibility is no band or the finite part is no ALiBi.
+    Returns None if the visibility is no band or the finite part is neither an ALiBi nor a
+    function of the offset.
     """
     visible = torch.ones(shape, dtype=torch.bool)
     bias = None
@@ -78,11 +103,13 @@ def prove_score_terms(terms: list[tuple[str, torch.Tensor]], shape: tuple, S: in
     band = band_of(visible, S)
     if band is None:
         return None
-    slopes = None
+    slopes = table = None
     if bias is not None and bool((bias.masked_fill(~visible, 0.0) != 0).any()):
         slopes = fit_alibi(bias, visible)
         if slopes is None:
-            return None
-        if not bool(slopes.ne(0).any()):
+            table = fit_table(bias, visible)
+            if table is None:
+                return None
+        elif not bool(slopes.ne(0).any()):
             slopes = None                  # a per-row constant: softmax does not see it
-    return band, slopes
+    return band, slopes, table

@@ -73,13 +73,14 @@ class RingPlan:
 
 
 def segment_mask(q_seg, k_seg, spec: AttentionSpec, q_doc=None, k_doc=None, k_valid=None,
-                 alibi_slopes=None) -> BlockMask:
+                 alibi_slopes=None, rel_bias=None, rel_bias_grad=None) -> BlockMask:
     """The block mask of one (query segment, key segment) pair: the spec, the segments' global
     positions and the per-token data of their rows (documents [B, M] / [B, N], key validity
-    [B, N]), with the ALiBi slopes the kernels evaluate over those positions."""
+    [B, N]), with the ALiBi slopes and relative-position table the kernels evaluate over those
+    positions (and, in a backward, the learned table's gradient accumulator)."""
     return BlockMask(q_start=q_seg.start, q_stride=q_seg.stride, k_start=k_seg.start,
                      k_stride=k_seg.stride, spec=spec, q_doc=q_doc, k_doc=k_doc, k_valid=k_valid,
-                     alibi_slopes=alibi_slopes)
+                     alibi_slopes=alibi_slopes, rel_bias=rel_bias, rel_bias_grad=rel_bias_grad)
 
 
 def _needed(schedule: str, P: int, S_local: int, band: AttentionSpec) -> list[list[bool]]:

@@ -7,12 +7,13 @@ Shape legend (local shards; the sequence dim is sharded in the schedule's layout
   doc           [B, S_local] integer document ids, or None
   kvalid        [B, S_local] bool key validity (a padding mask), or None
   alibi_slopes  [Hq] float (``RingConfig``), or None
+  rel_bias      [Hq, 2S - 1] float (``RingConfig``): the bias of every offset k_pos - q_pos, or None
 
 What is computed is the ``AttentionSpec`` (``RingConfig.spec``): each block's ``BlockMask``
 holds it with the global positions of the block's rows and their per-token data, and the
 block's kernel evaluates visibility and score semantics (ALiBi bias, soft-capping) from those,
 so no S×S mask or bias exists anywhere. Per-key data (document ids, key validity) travels
-around the ring with its K/V block; the slopes never travel. A block whose keys are all
+around the ring with its K/V block; the slopes and the relative-position table never travel. A block whose keys are all
 invalid is skipped; a block whose keys are all valid runs without the padding (the kernels'
 unmasked fast paths).
 
@@ -58,6 +59,9 @@ class RingConfig:
     kernel: str          # resolved kernel name
     overlap: bool
     alibi_slopes: torch.Tensor | None = None   # [Hq] with ``spec.alibi``: scores += slopes[h] · (k_pos − q_pos)
+    rel_bias: torch.Tensor | None = None       # [Hq, 2S - 1] with ``spec.rel_bias``: scores += table[h, k - q + S - 1]
+    # [Hq, 2S - 1] fp32/fp64, backward only, for a learned table: every block adds its gradient here
+    rel_bias_grad: torch.Tensor | None = None
 
     @property
     def scale(self) -> float:
@@ -174,8 +178,8 @@ def _blocks(q_segs, kv_segs, cfg: RingConfig, q_doc, k_doc, kvalid):
     """The kernel calls of one (queries, KV block) pair: (q segment, kv segment, mask, kind).
 
     Segment pairs that are empty are skipped. Pairs that one kernel call can do together are
-    coalesced, since a few large calls run faster than many small ones (not with ALiBi: its
-    bias needs every row's true global position, which a coalesced call does not keep):
+    coalesced, since a few large calls run faster than many small ones (not with a bias from
+    positions: it needs every row's true global position, which a coalesced call does not keep):
       * all non-empty pairs full and forming one rectangle of local rows → one unmasked call
         (zigzag: a past or future block is two full chunk pairs);
       * a rank's own block under a plain causal mask → one causal call in local coordinates
@@ -186,11 +190,11 @@ def _blocks(q_segs, kv_segs, cfg: RingConfig, q_doc, k_doc, kvalid):
     for qs in q_segs:
         for ks in kv_segs:
             mask = segment_mask(qs, ks, spec, _rows(q_doc, qs), _rows(k_doc, ks), _key_validity(kvalid, ks),
-                                cfg.alibi_slopes)
+                                cfg.alibi_slopes, cfg.rel_bias, cfg.rel_bias_grad)
             kind = classify_block(mask, qs.count, ks.count)
             if kind is not BlockKind.EMPTY:
                 pairs.append((qs, ks, mask, kind))
-    if len(pairs) <= 1 or cfg.alibi_slopes is not None:
+    if len(pairs) <= 1 or cfg.alibi_slopes is not None or cfg.rel_bias is not None:
         return pairs
     if all(kind is BlockKind.FULL for *_, kind in pairs):
         rows, keys = _span({qs for qs, *_ in pairs}), _span({ks for _, ks, *_ in pairs})

@@ -227,13 +227,19 @@ def _sum_replicas(dx: torch.Tensor, Hkv: int, dtype: torch.dtype) -> torch.Tenso
 
 def _inner(cfg: RingConfig, groups: UlyssesGroups, Hq: int) -> tuple[RingConfig, RingComm]:
     """The ring across groups (zigzag over G ranks; one local block when G = 1), over this
-    rank's 1/u of the heads (its slice of the ALiBi slopes)."""
+    rank's 1/u of the heads (its slice of the ALiBi slopes and of the relative-position table)."""
     slopes = cfg.alibi_slopes
     if slopes is not None:
         Hu = Hq // groups.u
         slopes = slopes[groups.index * Hu:(groups.index + 1) * Hu].contiguous()
+    table, table_grad = cfg.rel_bias, cfg.rel_bias_grad
+    if table is not None:
+        Hu = Hq // groups.u
+        table = table[groups.index * Hu:(groups.index + 1) * Hu].contiguous()
+        if table_grad is not None:          # a view: the inner ring adds into this rank's heads' rows
+            table_grad = table_grad[groups.index * Hu:(groups.index + 1) * Hu]
     inner = RingConfig(schedule="zigzag" if groups.G > 1 else "ring", spec=cfg.spec, kernel=cfg.kernel,
-                       overlap=cfg.overlap, alibi_slopes=slopes)
+                       overlap=cfg.overlap, alibi_slopes=slopes, rel_bias=table, rel_bias_grad=table_grad)
     return inner, RingComm(groups.ring)
 
 

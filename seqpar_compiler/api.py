@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from seqpar_compiler.kernels import AttentionSpec
 from seqpar_compiler.runtime import gather_sequence_op, ring_attention_op, shard_sequence_op
+from seqpar_compiler.runtime.grad_collectives import sum_grad_over_group
 from seqpar_compiler.runtime.sharding.layout import Hybrid, layout_of
 
 from .options import get_option
@@ -37,15 +38,19 @@ def _fixed_schedule(schedule: str | None, ulysses_degree: int | None = None,
     return hybrid_layout(schedule, ulysses_degree, group)
 
 
-def attention_arguments(q, *, causal, scale, window, doc_ids, key_padding, alibi_slopes, softcap):
+def attention_arguments(q, *, causal, scale, window, doc_ids, key_padding, alibi_slopes, softcap, rel_bias=None,
+                        learned_table: bool = False):
     """The op's ``spec`` (an encoded ``AttentionSpec``) and trailing tensors (doc_ids,
-    key_padding, alibi_slopes) from the public keyword arguments, with clear errors for values
-    the attention ops cannot take. Shared by ring_attention and ulysses_attention."""
+    key_padding, alibi_slopes, rel_bias) from the public keyword arguments, with clear errors for
+    values the attention ops cannot take. Shared by ring_attention and ulysses_attention, which
+    compute a table's gradient (``learned_table``: the caller sums it over the group)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if alibi_slopes is not None and alibi_slopes.requires_grad:
-        raise ValueError("alibi_slopes must not require grad (no slope gradient is computed); "
-                         "pass alibi_slopes.detach()")
+    fixed = (("alibi_slopes", alibi_slopes),) + ((("rel_bias", rel_bias),) if not learned_table else ())
+    for name, t in fixed:
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{name} must not require grad here (no gradient is computed for it); "
+                             f"pass {name}.detach()")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
         raise ValueError(f"softcap must be a float > 0; got {softcap!r}")
     if key_padding is not None and key_padding.dtype != torch.bool:
@@ -53,8 +58,11 @@ def attention_arguments(q, *, causal, scale, window, doc_ids, key_padding, alibi
                          f"got {key_padding.dtype}")
     spec = AttentionSpec.of(causal=bool(causal), window=window, scale=float(scale), docs=doc_ids is not None,
                             key_padding=key_padding is not None, alibi=alibi_slopes is not None,
-                            softcap=None if softcap is None else float(softcap))
-    return spec.encode(), (doc_ids, key_padding, alibi_slopes)
+                            rel_bias=rel_bias is not None, softcap=None if softcap is None else float(softcap))
+    tensors = (doc_ids, key_padding, alibi_slopes, rel_bias)
+    while tensors and tensors[-1] is None:
+        tensors = tensors[:-1]
+    return spec.encode(), tensors
 
 
 def _group_name(group: dist.ProcessGroup | None) -> str:
@@ -73,7 +81,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
                    schedule: str = "zigzag", group: dist.ProcessGroup | None = None, return_lse: bool = False,
                    overlap: bool | None = None, kernel: str | None = None,
                    alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
-                   key_padding: torch.Tensor | None = None):
+                   key_padding: torch.Tensor | None = None, rel_bias: torch.Tensor | None = None):
     """Exact softmax attention of this rank's queries over the whole group's keys, as a ring.
 
     Shape legend (this rank's shard; the sequence dim is split in ``schedule``'s layout, as
@@ -103,6 +111,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         softcap: attention-logit soft-capping (Gemma 2), a float > 0.
         key_padding: which local tokens' keys may be seen (True) — a padding mask, sharded like
             the tokens; it travels with its K/V block (combines with every other mask).
+        rel_bias: a per-head bias of the offset, [Hq, 2S - 1] over the global length S: scores
+            get ``rel_bias[h, k_pos - q_pos + S - 1]`` (a symmetric ALiBi, T5's bucketed bias
+            looked up per offset); replicated, evaluated per block by the math / ATen kernels. It
+            may require grad (a learned bias): its gradient is summed over blocks and ranks.
 
     Returns:
         ``out``, or ``(out, lse)`` with ``return_lse``. Differentiable in q, k, v (and lse).
@@ -112,8 +124,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     overlap = get_option("overlap", overlap)
     kernel = get_option("kernel", kernel)
     spec, tensors = attention_arguments(q, causal=causal, scale=scale, window=window, doc_ids=doc_ids,
-                                        key_padding=key_padding, alibi_slopes=alibi_slopes, softcap=softcap)
-    out, lse = ring_attention_op(q, k, v, spec, schedule, _group_name(group), overlap, kernel, *tensors)
+                                        key_padding=key_padding, alibi_slopes=alibi_slopes, softcap=softcap,
+                                        rel_bias=rel_bias, learned_table=True)
+    group_name = _group_name(group)
+    if rel_bias is not None and rel_bias.requires_grad and group_name:
+        # each rank's ring computes the table's gradient over its own queries: the sum is whole
+        tensors = (*tensors[:3], sum_grad_over_group(rel_bias, group_name))
+    out, lse = ring_attention_op(q, k, v, spec, schedule, group_name, overlap, kernel, *tensors)
     return (out, lse) if return_lse else out
 
 

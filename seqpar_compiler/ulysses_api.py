@@ -80,7 +80,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
                       group: dist.ProcessGroup | None = None, return_lse: bool = False,
                       overlap: bool | None = None, kernel: str | None = None,
                       alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
-                      key_padding: torch.Tensor | None = None):
+                      key_padding: torch.Tensor | None = None, rel_bias: torch.Tensor | None = None):
     """Exact softmax attention of this rank's queries over the whole group's keys, by all-to-all.
 
     Shape legend (this rank's shard; the sequence dim is split in ``schedule``'s layout, as
@@ -92,8 +92,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     replicated to lcm(Hkv, u) before the all-to-all).
 
     Args:
-        causal, scale, window, doc_ids, overlap, kernel, alibi_slopes, softcap, key_padding: as
-            ``ring_attention``.
+        causal, scale, window, doc_ids, overlap, kernel, alibi_slopes, softcap, key_padding, rel_bias:
+            as ``ring_attention``.
         schedule: ``ulysses`` (all-to-all over the whole group, contiguous layout) or ``hybrid``
             (all-to-all inside groups of ``ulysses_degree`` consecutive ranks, zigzag ring across).
         ulysses_degree: the hybrid's group size u (divides P); default ``SEQPAR_ULYSSES_DEGREE``
@@ -112,8 +112,14 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     overlap = get_option("overlap", overlap)
     kernel = get_option("kernel", kernel)
     spec, tensors = attention_arguments(q, causal=causal, scale=scale, window=window, doc_ids=doc_ids,
-                                        key_padding=key_padding, alibi_slopes=alibi_slopes, softcap=softcap)
-    out, lse, *_saved = ulysses_attention_op(q, k, v, spec, layout, _group_name(group), overlap, kernel, *tensors)
+                                        key_padding=key_padding, alibi_slopes=alibi_slopes, softcap=softcap,
+                                        rel_bias=rel_bias, learned_table=True)
+    group_name = _group_name(group)
+    if rel_bias is not None and rel_bias.requires_grad and group_name:
+        # each rank computes its heads' rows from the pairs its inner ring attends: the sum is whole
+        from seqpar_compiler.runtime.grad_collectives import sum_grad_over_group
+        tensors = (*tensors[:3], sum_grad_over_group(rel_bias, group_name))
+    out, lse, *_saved = ulysses_attention_op(q, k, v, spec, layout, group_name, overlap, kernel, *tensors)
     return (out, lse) if return_lse else out
 
 

@@ -32,10 +32,11 @@ def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool = False
 
 def reference_attention(q, k, v, *, scale=None, causal=False, window=None, doc_ids=None,
                         q_pos=None, k_pos=None, k_doc=None, alibi_slopes=None, softcap=None, k_valid=None,
-                        behind=None, ahead=None):
+                        behind=None, ahead=None, rel_bias=None):
     """Plain softmax attention in float64 over full tensors q/k [B,H,S,D], v [B,H,S,Dv] (GQA by
     repeat_interleave), written from the definitions: ``s = scale · q kᵀ``, ``cap · tanh(s / cap)``
-    with a softcap, ``+ slopes[h] · (k_pos − q_pos)`` with ALiBi slopes [Hq], then the mask.
+    with a softcap, ``+ slopes[h] · (k_pos − q_pos)`` with ALiBi slopes [Hq], ``+ rel_bias[h,
+    k_pos − q_pos + L − 1]`` with a relative-position table [Hq, 2L − 1], then the mask.
 
     Returns (out, lse); rows that see no key give out = 0, lse = -inf.
     """
@@ -56,6 +57,9 @@ def reference_attention(q, k, v, *, scale=None, causal=False, window=None, doc_i
     if alibi_slopes is not None:
         rel = (k_pos[None, :] - q_pos[:, None]).double()
         s = s + alibi_slopes.double()[:, None, None] * rel
+    if rel_bias is not None:                 # [Hq, 2L - 1] over offsets -(L - 1) .. L - 1
+        offset = k_pos[None, :] - q_pos[:, None] + (rel_bias.shape[-1] - 1) // 2
+        s = s + rel_bias.double()[:, offset]
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])

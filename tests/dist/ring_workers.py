@@ -59,33 +59,41 @@ def key_padding(B, S, left=5, right=7):
 
 def accuracy_case(rank, P, *, schedule, causal=False, Hq=4, Hkv=4, D=32, S_local=16, B=2, window=None,
                   docs=False, dtype="float32", overlap=True, kernel=None, alibi=False, softcap=None, Dv=None,
-                  padding=False, band=None):
+                  padding=False, band=None, table=False):
     S = S_local * P
     q64, k64, v64, dout64, doc = _full_inputs(B, Hq, Hkv, S, D, docs, Dv=Dv)
     slopes = alibi_slopes(Hq) if alibi else None
     valid = key_padding(B, S) if padding else None
+    # a table over the offsets; "learned": it requires grad (T5's bias), its gradient summed over ranks
+    rel = torch.randn(Hq, 2 * S - 1, generator=torch.Generator().manual_seed(7), dtype=torch.float64) if table else None
+    rel_ref = None if rel is None else rel.clone().requires_grad_(table == "learned")
     behind, ahead = band if band is not None else (None, None)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q64, k64, v64))
     ref_out, _ = reference_attention(qr, kr, vr, causal=causal, window=window, doc_ids=doc,
-                                     alibi_slopes=slopes, softcap=softcap, k_valid=valid, behind=behind, ahead=ahead)
+                                     alibi_slopes=slopes, softcap=softcap, k_valid=valid, behind=behind, ahead=ahead,
+                                     rel_bias=rel_ref)
     ref_out.backward(dout64)
     idx = local_positions(schedule, rank, P, S)
     dt = DTYPES[dtype]
     q, k, v = (t[:, :, idx].to(dt).requires_grad_() for t in (q64, k64, v64))
     local_doc, local_valid = (None if x is None else x[:, idx] for x in (doc, valid))
+    if rel is not None:
+        rel = rel.float().requires_grad_(table == "learned")
     if band is not None:        # a bidirectional band has no public keyword: the op takes the spec itself
         spec = AttentionSpec(scale=D ** -0.5, behind=behind, ahead=ahead, docs=docs, key_padding=padding,
-                             alibi=alibi, softcap=softcap)
+                             alibi=alibi, softcap=softcap, rel_bias=table)
         group_name = torch.distributed.group.WORLD.group_name if P > 1 else ""
         out, _ = torch.ops.seqpar.ring_attention(q, k, v, spec.encode(), schedule, group_name,
-                                                 overlap, kernel or "auto", local_doc, local_valid, slopes)
+                                                 overlap, kernel or "auto", local_doc, local_valid, slopes, rel)
     else:
         out = sp.ring_attention(q, k, v, causal=causal, window=window, schedule=schedule, overlap=overlap,
                                 kernel=kernel, doc_ids=local_doc, alibi_slopes=slopes, softcap=softcap,
-                                key_padding=local_valid)
+                                key_padding=local_valid, rel_bias=rel)
     out.backward(dout64[:, :, idx].to(dt))
     res = {"out": _sq(out, ref_out[:, :, idx]), "dq": _sq(q.grad, qr.grad[:, :, idx]),
            "dk": _sq(k.grad, kr.grad[:, :, idx]), "dv": _sq(v.grad, vr.grad[:, :, idx])}
+    if table == "learned":                       # replicated: every rank holds the whole gradient
+        res["dtable"] = _sq(rel.grad, rel_ref.grad)
     if dtype != "float32" and rank == 0:
         # single-process SDPA in the same low precision against the same reference
         if window is not None or doc is not None:

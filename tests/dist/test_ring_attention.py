@@ -28,13 +28,17 @@ def _matrix(P):
 
 def _per_token(s):
     """Key padding (left-padded rows whose first queries see no key, right-padded rows) alone and
-    with every other kind, and bidirectional local windows (ModernBERT's |q - k| <= r); on 2 and 4
+    with every other kind, bidirectional local windows (ModernBERT's |q - k| <= r) and a per-head
+    table of the offset (a relative-position bias, fixed and learned: its gradient summed over
+    blocks and ranks); on 2 and 4
     ranks (the per-key data's journey does not change with P beyond that)."""
     return [
         (f"{s}-padding-causal", "accuracy", dict(schedule=s, causal=True, padding=True)),
         (f"{s}-padding-docs-alibi-window-4x2", "accuracy", dict(schedule=s, causal=True, padding=True, docs=True,
                                                                  alibi=True, window=6, Hkv=2)),
         (f"{s}-band-padding-softcap", "accuracy", dict(schedule=s, band=(3, 9), padding=True, softcap=2.0)),
+        (f"{s}-table-causal-4x2", "accuracy", dict(schedule=s, causal=True, table=True, Hkv=2)),
+        (f"{s}-learned-table-padding-4x2", "accuracy", dict(schedule=s, padding=True, table="learned", Hkv=2)),
     ]
 
 
@@ -105,7 +109,9 @@ def results():
 
 def _rel(results, name):
     out = {}
-    for key in ("out", "dq", "dk", "dv"):
+    for key in ("out", "dq", "dk", "dv", "dtable"):
+        if key not in results[0][name]:
+            continue
         num = sum(r[name][key][0] for r in results)
         den = sum(r[name][key][1] for r in results)
         assert not any(r[name][key][2] for r in results), f"{name}: NaN in {key}"

@@ -24,6 +24,7 @@ MASKS = {
     "alibi-dv24-docs-causal": dict(causal=True, docs=True, alibi=True, Dv=24),
     "padding-causal": dict(causal=True, padding=True),
     "padding-docs-window": dict(causal=True, padding=True, docs=True, window=7),
+    "learned-table-padding": dict(causal=False, padding=True, learned_table=True),
 }
 # (Hq, Hkv): Hkv >= P, GQA with Hkv < P (KV heads replicated), MQA, and 6 KV heads on 4 ranks
 HEADS = {"4x4": (4, 4), "8x2": (8, 2), "4x1": (4, 1), "12x6": (12, 6)}
@@ -63,7 +64,9 @@ def results():
 
 def _rel(res, name):
     out = {}
-    for key in ("out", "dq", "dk", "dv"):
+    for key in ("out", "dq", "dk", "dv", "dtable"):
+        if key not in res[0][name]:
+            continue
         assert not any(r[name][key][2] for r in res), f"{name}: NaN in {key}"
         out[key] = math.sqrt(sum(r[name][key][0] for r in res) / sum(r[name][key][1] for r in res))
     return out

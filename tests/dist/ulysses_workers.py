@@ -20,27 +20,36 @@ def _layout(schedule: str, u: int | None) -> str:
 
 
 def accuracy_case(rank, P, *, schedule, u=None, causal=False, Hq=4, Hkv=4, D=32, S_local=16, B=2, window=None,
-                  docs=False, dtype="float32", kernel=None, alibi=False, softcap=None, Dv=None, padding=False):
+                  docs=False, dtype="float32", kernel=None, alibi=False, softcap=None, Dv=None, padding=False,
+                  learned_table=False):
     S = S_local * P
     q64, k64, v64, dout64, doc = _full_inputs(B, Hq, Hkv, S, D, docs, Dv=Dv)
     slopes = alibi_slopes(Hq) if alibi else None
     valid = key_padding(B, S) if padding else None
+    # a learned relative-position table: every rank's heads' rows of its gradient, summed
+    table = torch.randn(Hq, 2 * S - 1, generator=torch.Generator().manual_seed(7), dtype=torch.float64) \
+        if learned_table else None
+    table_ref = None if table is None else table.clone().requires_grad_()
     qr, kr, vr = (t.clone().requires_grad_() for t in (q64, k64, v64))
     ref_out, _ = reference_attention(qr, kr, vr, causal=causal, window=window, doc_ids=doc,
-                                     alibi_slopes=slopes, softcap=softcap, k_valid=valid)
+                                     alibi_slopes=slopes, softcap=softcap, k_valid=valid, rel_bias=table_ref)
     ref_out.backward(dout64)
     idx = local_positions(_layout(schedule, u), rank, P, S)
     # the public shard function lays tensors out the same way
     assert torch.equal(sp.shard_sequence(q64, 2, schedule=schedule, ulysses_degree=u), q64[:, :, idx])
     dt = DTYPES[dtype]
     q, k, v = (t[:, :, idx].to(dt).requires_grad_() for t in (q64, k64, v64))
+    rel = None if table is None else table.float().requires_grad_()
     out = sp.ulysses_attention(q, k, v, causal=causal, window=window, schedule=schedule, ulysses_degree=u,
                                kernel=kernel, doc_ids=None if doc is None else doc[:, idx],
                                alibi_slopes=slopes, softcap=softcap,
-                               key_padding=None if valid is None else valid[:, idx])
+                               key_padding=None if valid is None else valid[:, idx],
+                               rel_bias=rel)
     out.backward(dout64[:, :, idx].to(dt))
     res = {"out": _sq(out, ref_out[:, :, idx]), "dq": _sq(q.grad, qr.grad[:, :, idx]),
            "dk": _sq(k.grad, kr.grad[:, :, idx]), "dv": _sq(v.grad, vr.grad[:, :, idx])}
+    if rel is not None:
+        res["dtable"] = _sq(rel.grad, table_ref.grad)
     gathered = sp.gather_sequence(out.detach(), 2, schedule=schedule, ulysses_degree=u)
     res["gather_roundtrip"] = bool(torch.equal(gathered[:, :, idx], out.detach()))
     if dtype != "float32" and rank == 0:

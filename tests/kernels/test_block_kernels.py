@@ -33,7 +33,7 @@ def alibi_slopes(H):
 
 
 def _run_case(kernel, M, N, kw, *, Hq=4, Hkv=2, D=80, Dv=None, dtype=torch.float32, docs=None, alibi=False,
-              softcap=None, k_valid=None, band=None):
+              softcap=None, k_valid=None, band=None, table=False):
     torch.manual_seed(0)
     B = 2
     q = torch.randn(B, Hq, M, D, dtype=dtype)
@@ -46,6 +46,10 @@ def _run_case(kernel, M, N, kw, *, Hq=4, Hkv=2, D=80, Dv=None, dtype=torch.float
     mask = BlockMask.of(q_doc=q_doc, k_doc=k_doc, alibi_slopes=slopes, softcap=softcap, k_valid=k_valid, **kw)
     if band is not None:                                      # a bidirectional band (behind, ahead)
         mask = dataclasses.replace(mask, spec=mask.spec.with_(behind=band[0], ahead=band[1]))
+    rel = None
+    if table:                                                 # a table over offsets of a length-128 sequence
+        rel = torch.randn(Hq, 2 * 128 - 1, generator=torch.Generator().manual_seed(3))
+        mask = dataclasses.replace(mask, spec=mask.spec.with_(rel_bias=True), rel_bias=rel)
     scale = 0.3
     out, lse = block_attention_forward(q, k, v, mask, scale, kernel)
     qp = _positions(kw.get("q_start", 0), kw.get("q_stride", 1), M)
@@ -55,7 +59,7 @@ def _run_case(kernel, M, N, kw, *, Hq=4, Hkv=2, D=80, Dv=None, dtype=torch.float
                                            window=kw.get("window"), doc_ids=q_doc, k_doc=k_doc,
                                            q_pos=qp, k_pos=kp, alibi_slopes=slopes, softcap=softcap,
                                            k_valid=k_valid, behind=None if band is None else band[0],
-                                           ahead=None if band is None else band[1])
+                                           ahead=None if band is None else band[1], rel_bias=rel)
     dout = torch.randn_like(ref_out)
     ref_out.backward(dout)
     dq, dk, dv = block_attention_backward(dout.to(dtype), q, k, v, out, lse, mask, scale, kernel)
@@ -220,3 +224,41 @@ def test_key_padding_classifies_blocks_empty_partial_or_plain():
     some = BlockMask.of(k_valid=PADDING[:, :16])
     assert classify_block(some, 16, 16) is BlockKind.PARTIAL
     assert classify_block(BlockMask.of(k_valid=torch.ones(2, 16, dtype=torch.bool)), 16, 16) is BlockKind.FULL
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", ["full", "causal_past_block", "striped_later_keys", "window_offset"])
+def test_relative_position_table_matches_float64_reference(kernel, case):
+    """Any per-head function of the offset (a symmetric ALiBi, a T5-style table), evaluated per
+    tile from the rows' global positions, with padding, soft-capping and Dv ≠ D."""
+    _, M, N, kw = next(c for c in CASES if c[0] == case)
+    _assert_matches(*_run_case(kernel, M, N, kw, table=True, k_valid=PADDING[:, :N], softcap=2.5, Dv=48))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", ["full", "causal_past_block", "striped_later_keys", "window_offset"])
+def test_learned_relative_position_table_gradient_matches_float64_reference(kernel, case):
+    """A learned table's gradient (T5's bias): every kernel choice hands the block to the math
+    kernel, which adds the score gradient of each pair into the table entry of its offset; with
+    padding and soft-capping (the bias comes after the cap)."""
+    _, M, N, kw = next(c for c in CASES if c[0] == case)
+    torch.manual_seed(0)
+    B, Hq, Hkv, D, L = 2, 4, 2, 32, 128
+    q, k, v = torch.randn(B, Hq, M, D), torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D)
+    table = torch.randn(Hq, 2 * L - 1, generator=torch.Generator().manual_seed(3))
+    mask = BlockMask.of(softcap=2.5, k_valid=PADDING[:, :N], **kw)
+    mask = dataclasses.replace(mask, spec=mask.spec.with_(rel_bias=True), rel_bias=table)
+    out, lse = block_attention_forward(q, k, v, mask, 0.3, kernel)
+    q64, k64, v64, t64 = (t.double().requires_grad_() for t in (q, k, v, table))
+    ref_out, _ = reference_attention(q64, k64, v64, scale=0.3, causal=kw.get("causal", False), window=kw.get("window"),
+                                     q_pos=_positions(kw.get("q_start", 0), kw.get("q_stride", 1), M),
+                                     k_pos=_positions(kw.get("k_start", 0), kw.get("k_stride", 1), N),
+                                     softcap=2.5, k_valid=PADDING[:, :N], rel_bias=t64)
+    dout = torch.randn_like(ref_out)
+    ref_out.backward(dout)
+    grad = torch.zeros(Hq, 2 * L - 1)
+    dq, dk, dv = block_attention_backward(dout.float(), q, k, v, out, lse,
+                                          dataclasses.replace(mask, rel_bias_grad=grad), 0.3, kernel)
+    assert t64.grad.abs().sum() > 0
+    for name_, x, r in [("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad), ("dtable", grad, t64.grad)]:
+        assert rel_err(x, r) < 1e-5, f"{name_} rel err {rel_err(x, r):.2e}"

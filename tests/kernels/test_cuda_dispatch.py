@@ -276,3 +276,11 @@ def test_bidirectional_band_is_one_exact_fa2_call(cuda_kernels_stubbed, band, q_
     grads = block_attention_backward(dout.half(), q, k, v, out, lse, mask, SCALE, AUTO_CUDA)
     for x, r in [(out, ref_out), (grads[0], q64.grad), (grads[1], k64.grad), (grads[2], v64.grad)]:
         assert rel_err(x, r) < 5e-3
+
+
+def test_relative_position_table_goes_to_math(cuda_kernels_stubbed):
+    """No CUDA kernel takes a per-head table of the offset: the math kernel evaluates it per tile."""
+    import dataclasses
+    q, k, v, mask, _ = _block(16, 16, dict(causal=True), None, 2, 2)
+    mask = dataclasses.replace(mask, spec=mask.spec.with_(rel_bias=True), rel_bias=torch.zeros(2, 31))
+    assert cuda_dispatch.choose_cuda_block_kernel(q, k, v, mask)[0] == "math"

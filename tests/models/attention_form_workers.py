@@ -56,15 +56,34 @@ _ARCH = {"llama": "llama", "bert": "bert-padded", "modernbert": "modernbert-padd
 def _library_model(arch: str) -> torch.nn.Module:
     """A model that maps ids [B, S] to logits [B, S, VOCAB] (not transformers)."""
     import library_attention_modules as L
-    if arch == "xt-decoder-alibi":               # ALiBi on 2 of 4 heads (alibi_num_heads)
+    if arch in ("xt-decoder-alibi", "xt-encoder-alibi"):   # ALiBi on 2 of 4 heads (alibi_num_heads)
         import x_transformers as xt
-        return xt.TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=xt.Decoder(
+        layers = xt.Decoder if arch == "xt-decoder-alibi" else xt.Encoder     # encoder: −slope·|j − i|
+        return xt.TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=layers(
             dim=64, depth=2, heads=4, alibi_pos_bias=True, alibi_num_heads=2))
+    if arch.startswith("t5-encoder"):          # T5's learned bias of bucket(k - q), shared by the layers
+        return _T5Logits("eager" if arch.endswith("-eager") else "sdpa")
     if arch.startswith("litgpt-"):
         return L.LitGPTModel(arch.split("-", 1)[1], vocab=VOCAB)
     if arch == "torchtune-gemma2":
         return L.TorchtuneGemma2Model(vocab=VOCAB)
     raise ValueError(f"unknown architecture {arch!r}")
+
+
+class _T5Logits(torch.nn.Module):
+    """transformers' T5 encoder (tiny config) with a vocabulary head: ids → logits."""
+
+    def __init__(self, impl: str):
+        super().__init__()
+        import transformers
+        cfg = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                    dropout_rate=0.0)
+        self.encoder = transformers.T5EncoderModel(cfg)
+        self.encoder.set_attn_implementation(impl)
+        self.head = torch.nn.Linear(64, VOCAB, bias=False)
+
+    def forward(self, input_ids):
+        return self.head(self.encoder(input_ids=input_ids).last_hidden_state)
 
 
 class _WithLoss(torch.nn.Module):
@@ -108,9 +127,15 @@ def attention_form_case(rank: int, P: int, *, arch: str, padding: str | None = N
             kwargs = {"input_ids": kwargs["input_ids"], "labels": kwargs["labels"]}
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=sp.backend(inner=inner, **options))
+        saved = []
+
+        def pack(t):
+            saved.append(tuple(t.shape))
+            return t
         with warnings.catch_warnings(record=True) as caught, sp.stats() as st, SequenceGatherCounter() as gathers:
             warnings.simplefilter("always")
-            out = compiled(**kwargs)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = compiled(**kwargs)
             out.loss.backward()
             logits = out.logits.detach().clone()
             loss = out.loss.detach()
@@ -124,7 +149,10 @@ def attention_form_case(rank: int, P: int, *, arch: str, padding: str | None = N
         worst = max(grads.items(), key=lambda kv: kv[1])
         result.update(loss=_rel(loss, r.loss), logits=_rel(logits, r.logits), worst_grad=worst,
                       ring_calls=st.attention_forward_calls, gathers=gathers.calls, warnings=messages,
-                      fallbacks=_fallback_kind(messages), layers=_layers(model))
+                      fallbacks=_fallback_kind(messages), layers=_layers(model),
+                      # saved for backward with a row of all S keys (an S x S score or bias matrix)
+                      saved_scores=[x for x in saved if len(x) >= 2 and x[-1] == S and x[-2] in (S, S // P)],
+                      learned_bias_grads={n: e for n, e in grads.items() if "relative_attention_bias" in n})
         result["exact"] = result["loss"] <= 1e-5 and result["logits"] <= 1e-5 and worst[1] <= 1e-4
     except Exception as err:  # noqa: BLE001 - a case reports a crash, it does not stop the spawn
         result.update(exact=False, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-3000:])

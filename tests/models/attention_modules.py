@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 __all__ = ["alibi_slopes", "EinsumAttention", "BaddbmmAttention", "AlibiAttention", "SoftcapAttention",
            "MHAAttention", "EncoderLayerAttention", "SDPAWindowGQA", "SDPALowerRight", "ValueDimAttention",
-           "AdditiveBiasAttention", "FlexAttention"]
+           "AdditiveBiasAttention", "PairBiasAttention", "FlexAttention"]
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:
@@ -131,7 +131,7 @@ class AlibiAttention(_QKV):
 
 class AdditiveBiasAttention(_QKV):
     """A relative bias that is *not* ALiBi (``table[h, |i − j|]``, T5-like, index and causal
-    mask in buffers): it must not be proved (the attention stays as written and falls back)."""
+    mask in buffers): no slope fits; it is a fixed per-head function of the offset."""
 
     def __init__(self, width=32, heads=4, max_len=64):
         super().__init__(width, heads)
@@ -146,6 +146,21 @@ class AdditiveBiasAttention(_QKV):
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
         scores = scores + self.table[:, self.distance[:s, :s]]
         scores = scores.masked_fill(self.future[:s, :s], float("-inf"))
+        return self.out(torch.softmax(scores, -1) @ v)
+
+
+class PairBiasAttention(_QKV):
+    """A learned bias per (query, key) pair (a ``[H, L, L]`` parameter, sliced to S × S): no
+    function of the offset, and its gradient is the whole matrix: not proved (falls back, warned)."""
+
+    def __init__(self, width=32, heads=4, max_len=64):
+        super().__init__(width, heads)
+        self.pair = nn.Parameter(0.1 * torch.randn(heads, max_len, max_len))
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        s = q.shape[-2]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + self.pair[:, :s, :s]
         return self.out(torch.softmax(scores, -1) @ v)
 
 

@@ -48,8 +48,10 @@ _register("transformer-encoder-layer-causal", lambda: [M.EncoderLayerAttention()
 _register("sdpa-window-repeat-interleave-kv", lambda: [M.SDPAWindowGQA(window=6)])
 _register("sdpa-causal-lower-right", lambda: [M.SDPALowerRight(C, 4, seq=S)])
 _register("value-head-dim-mla", lambda: [M.ValueDimAttention(v_dim=12)])
-# a relative bias that is not ALiBi cannot be carried by the ring: the plain attention next to it
-# runs as the ring, the T5-like one gathers its q/k (warned at the scores' matmul) and stays exact
-_register("relative-bias-not-alibi-falls-back", lambda: [CausalSelfAttention(), M.AdditiveBiasAttention()],
-          fallback="matmul")
+# a fixed relative bias that is not ALiBi (T5-like table[h, |i − j|]) is a per-head table of the
+# offset, carried to the ring; a learned bias per (query, key) pair is no such table: the plain
+# attention next to it runs as the ring, it gathers its q/k (warned at the scores' matmul), exact
+_register("relative-bias-table-of-the-offset", lambda: [CausalSelfAttention(), M.AdditiveBiasAttention()],
+          ring_calls=2)
+_register("learned-pair-bias-falls-back", lambda: [CausalSelfAttention(), M.PairBiasAttention()], fallback="matmul")
 

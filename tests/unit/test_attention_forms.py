@@ -78,9 +78,13 @@ def test_alibi_bias_is_proved_as_per_head_slopes(form, causal):
     assert a["slopes"].dtype == torch.float32
 
 
-def test_a_relative_bias_that_is_not_alibi_is_left_alone():
+def test_a_fixed_relative_bias_that_is_not_alibi_is_a_table_of_the_offset():
+    """``table[h, |i − j|]`` from buffers: no slope fits, a per-head function of j − i does (the
+    ring evaluates it per block from a [H, 2S − 1] table)."""
     found, err = _canonicalized(M.AdditiveBiasAttention())
-    assert found == [] and err < 1e-12
+    assert len(found) == 1 and err < 1e-12
+    spec = AttentionSpec.decode(found[0][3])
+    assert spec.causal and spec.rel_bias and not spec.alibi and found[0][7].shape == (4, 2 * S - 1)
 
 
 def test_gemma2_soft_capping_is_carried_as_softcap():

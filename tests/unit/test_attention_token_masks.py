@@ -61,7 +61,7 @@ class PaddedAttention(nn.Module):
 def _canonicalized(module, *inputs):
     """(canonical nodes' args, the attention nodes left with a reason, rel. error vs the module)."""
     torch.manual_seed(0)
-    module = module.double()
+    module = module.double() if isinstance(module, nn.Module) else module
     found, reasons = [], []
 
     def capture(gm, ex):
@@ -149,3 +149,73 @@ def test_multihead_attention_key_padding_mask_is_key_validity(causal):
     found, _, err = _canonicalized(MHAPadding(causal), _x(), pad)
     spec = AttentionSpec.decode(found[0][3])
     assert len(found) == 1 and spec.key_padding and spec.causal == causal and err < 1e-12
+
+
+def test_symmetric_alibi_of_an_encoder_is_a_table_of_the_offset():
+    """x-transformers' encoder ALiBi, −slope·|j − i| on 2 of 4 heads: no signed slope fits, a per-head
+    function of j − i does (the ring evaluates it per block from a [H, 2S − 1] table)."""
+    import x_transformers as xt
+    model = xt.TransformerWrapper(num_tokens=128, max_seq_len=64, attn_layers=xt.Encoder(
+        dim=64, depth=2, heads=4, alibi_pos_bias=True, alibi_num_heads=2))
+    found, _, err = _canonicalized(model, _ids())
+    specs = [AttentionSpec.decode(a[3]) for a in found]
+    assert len(specs) == 2 and all(s.rel_bias and not s.alibi and not s.positional for s in specs)
+    table = found[0][7]
+    assert table.shape == (4, 63) and torch.equal(table[2:], torch.zeros(2, 63))      # unbiased heads 2, 3
+    assert err < 1e-6
+
+
+def _t5_encoder(impl: str):
+    import transformers
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                dropout_rate=0.0)
+    torch.manual_seed(0)
+    encoder = transformers.T5EncoderModel(cfg).double().train()
+    encoder.set_attn_implementation(impl)
+    return encoder
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_learned_relative_bias_of_t5_is_a_table_of_the_offset_with_its_gradient(impl):
+    """T5's bucketed bias, an embedding of bucket(j − i) computed once and added in every layer
+    (eager: to the scores; SDPA: as the float mask): each attention gets the [H, 2S − 1] table
+    ``embedding(bucket index of each offset, W)ᵀ`` computed in the graph, so W's gradient (and
+    every other) is the model's."""
+    encoder, ref = _t5_encoder(impl), _t5_encoder(impl)
+    found, reasons, err = _canonicalized(lambda ids: encoder(input_ids=ids).last_hidden_state, _ids())
+    specs = [AttentionSpec.decode(a[3]) for a in found]
+    assert len(specs) == 2 and all(s.rel_bias and not s.alibi and not s.positional for s in specs), specs
+    assert all(isinstance(a[7], torch.fx.Node) for a in found) and reasons == [] and err < 1e-12
+    torch._dynamo.reset()
+    grads = []
+    for model, run in ((encoder, torch.compile(encoder, backend=_canonicalizing)), (ref, ref)):
+        run(input_ids=_ids()).last_hidden_state.pow(2).sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    bias = ref.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.grad
+    assert bias is not None and bias.abs().sum() > 0
+    for g, r in zip(*grads):
+        assert float((g - r).norm() / r.norm()) < 1e-12
+
+
+def _canonicalizing(gm, ex):
+    static = {n for n in gm.graph.nodes if n.op == "placeholder"
+              and ("_buffers_" in str(n.target) or "_parameters_" in str(n.target))}
+    assert canonicalize_handwritten_attention(gm, ex, static) == 2
+    return gm.forward
+
+
+def test_learned_bias_that_is_no_function_of_the_offset_is_left_alone_with_the_reason():
+    """A learned bias per (query, key) position pair (an S × S parameter) is no table of j − i: left
+    alone, and the warning says why."""
+    class PairBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(32, 96)
+            self.bias = nn.Parameter(torch.randn(4, S, S))
+
+        def forward(self, x):
+            q, k, v = self.proj(x).view(B, S, 3, 4, 8).permute(2, 0, 3, 1, 4)
+            scores = q @ k.transpose(-1, -2) * 8 ** -0.5 + self.bias[None]
+            return scores.softmax(-1) @ v
+    found, reasons, err = _canonicalized(PairBias(), _x())
+    assert found == [] and reasons and "learned function of k - q" in reasons[0] and err < 1e-12
