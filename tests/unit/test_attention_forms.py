@@ -281,8 +281,6 @@ def _flex_left_alone(module):
     ("documents across batch rows", lambda d: lambda b, h, q, kv: d[0, q] == d[b, kv], None),
     ("a prefix-LM mask", lambda d: lambda b, h, q, kv: (q >= kv) | (kv < 4), None),
     ("a scaled score", lambda d: lambda b, h, q, kv: q >= kv, lambda d: lambda s, b, h, q, kv: s * 2.0),
-    ("a non-ALiBi relative bias", lambda d: lambda b, h, q, kv: q >= kv,
-     lambda d: lambda s, b, h, q, kv: s + (q - kv).abs() * 0.1),
     ("a bias read from user data", lambda d: lambda b, h, q, kv: q >= kv,
      lambda d: lambda s, b, h, q, kv: s + d[b, kv] * 0.1),
     ("a score used as a mask", lambda d: lambda b, h, q, kv: q >= kv,
@@ -290,6 +288,28 @@ def _flex_left_alone(module):
 ])
 def test_flex_mods_that_are_not_the_rings_semantics_are_left_alone(what, mask_mod, score_mod):
     assert _flex_left_alone(_FlexMods(mask_mod, score_mod)) == [], what
+
+
+def test_flex_relative_bias_of_the_offset_is_a_table():
+    """A score_mod adding ``0.1 · |q − kv|`` (no signed slope fits) is a per-head function of the
+    offset: carried as the [H, 2S − 1] table, whose visible (causal: kv ≤ q) entries are the bias."""
+    found = []
+
+    def capture(gm, ex):
+        static = {n for n in gm.graph.nodes if n.op == "placeholder" and "_parameters_" in str(n.target)}
+        canonicalize_handwritten_attention(gm, ex, static)
+        found.extend([a if not isinstance(a, torch.fx.Node) or a.op != "get_attr" else getattr(gm, a.target)
+                      for a in n.args] for n in gm.graph.nodes if n.target is canonical_attention)
+        return gm.forward
+    torch._dynamo.reset()
+    module = _FlexMods(lambda d: lambda b, h, q, kv: q >= kv, lambda d: lambda s, b, h, q, kv: s + (q - kv).abs() * 0.1)
+    with torch.no_grad():
+        torch.compile(module, backend=capture)(torch.randn(2, S, 32), _DOC)
+    assert len(found) == 1
+    spec, table = AttentionSpec.decode(found[0][3]), found[0][7]
+    assert spec.causal and spec.rel_bias and not spec.alibi
+    behind = torch.arange(S - 1, -1, -1, dtype=torch.float32) * 0.1           # offsets −(S−1) .. 0
+    assert table.shape == (4, 2 * S - 1) and torch.allclose(table[:, :S], behind.expand(4, S), atol=1e-6)
 
 
 def test_cpu_flex_attention_with_grad_cannot_be_captured_by_dynamo(monkeypatch):
