@@ -100,6 +100,12 @@ def eliminate_dead_code(graph: fx.Graph) -> bool:
 def _storage(value: Any):
     if not isinstance(value, torch.Tensor):
         return None
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    while is_traceable_wrapper_subclass(value):
+        # a frame entered with SequenceShards traces wrappers, each with a storage of its own:
+        # what aliases is the local tensor inside (a view of a shard views its local)
+        names, _ = value.__tensor_flatten__()
+        value = getattr(value, names[0])
     try:
         return StorageWeakRef(value.untyped_storage())
     except Exception:  # noqa: BLE001 - a tensor without storage (a sparse or nested example)
