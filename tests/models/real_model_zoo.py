@@ -112,13 +112,13 @@ def _deepseek_v3(experts="grouped_mm"):
     return transformers.DeepseekV3ForCausalLM(cfg)
 
 
-def _llama4(experts="eager"):
+def _llama4(experts="eager", chunk=1024):
     import transformers
     cfg = transformers.Llama4TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64,
                                         intermediate_size_mlp=128, num_hidden_layers=2, num_attention_heads=4,
                                         num_key_value_heads=2, head_dim=16, num_local_experts=4,
                                         num_experts_per_tok=1, interleave_moe_layer_step=1,
-                                        max_position_embeddings=256, attention_chunk_size=1024,
+                                        max_position_embeddings=256, attention_chunk_size=chunk,
                                         no_rope_layers=[1, 1], attention_dropout=0.0)
     return transformers.Llama4ForCausalLM(cfg)       # its experts have one (eager) implementation
 
@@ -157,6 +157,8 @@ ARCHITECTURES = {
     "qwen3-moe-eager": (_moe("Qwen3MoeForCausalLM", "Qwen3MoeConfig", num_experts=4, num_experts_per_tok=2,
                              moe_intermediate_size=32, head_dim=16), "causal", "eager"),
     "llama4-moe": (_llama4, "causal", "eager"),
+    # chunked attention shorter than the sequence: a block-diagonal causal mask of 8-token chunks
+    "llama4-moe-chunked": (lambda experts: _llama4(experts, chunk=8), "causal", "eager"),
     "deepseek-v3-mla-grouped_mm": (_deepseek_v3, "causal", "grouped_mm"),
     "deepseek-v3-mla-eager": (_deepseek_v3, "causal", "eager"),
 }
