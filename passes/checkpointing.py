@@ -40,6 +40,7 @@ and recomputing a collective would add communication to the backward.
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -188,6 +189,9 @@ def _never_tag(node: fx.Node) -> bool:
     if node.op != "call_function":
         return True
     target = node.target
+    if target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_function" \
+            and _never_tag(node.args[0]):
+        return True        # a part of a communicating op's result: recomputing it would rerun the op
     tags = getattr(target, "tags", ())
     if torch.Tag.nondeterministic_seeded in tags and _dropout_p(node) != 0.0:
         return True

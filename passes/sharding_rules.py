@@ -26,6 +26,7 @@ from .aten_rules import decomposed_rule
 from .placement import Replicate, Shard
 from .extreme_rules import EXTREME_KEYS, extreme_rule
 from .range_rules import dispatch
+from .recurrences import carried_recurrence, recurrence_rule
 from .view_rules import FINAL_VIEW_RULES, GETITEM_RULE, REUSABLE_VIEW_RULES, SPLIT_RULES, VIEW_RULES
 from .view_rules import norm_dim as _norm_dim
 from .rewrite import call_arguments
@@ -247,7 +248,7 @@ def _arange(ctx, node):
 POINTWISE_FUNCTIONS = [operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
                        torch.add, torch.sub, torch.mul, torch.div, torch.rsqrt, torch.exp, torch.tanh,
                        torch.sigmoid, torch.sin, torch.cos, torch.sqrt, torch.neg, torch.pow, torch.where,
-                       F.gelu, F.silu, F.relu, F.dropout, torch.nn.functional.tanh]
+                       F.gelu, F.silu, F.relu, F.dropout, torch.nn.functional.tanh, F.logsigmoid]
 POINTWISE_METHODS = ["add", "sub", "mul", "div", "neg", "pow", "rsqrt", "exp", "tanh", "sigmoid", "sin", "cos",
                      "sqrt", "float", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "relu",
                      "detach", "__add__", "__mul__", "__radd__", "__rmul__", "masked_fill"]
@@ -321,7 +322,8 @@ SEEDING_RULES = {F.embedding, F.linear, torch._C._nn.linear, F.layer_norm, torch
                  F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, canonical_attention}
 
 # rules whose refusal is about the layout (the sequence dim itself): DTensor must not overrule them
-_FINAL_RULES = {*FINAL_VIEW_RULES, _arange, extreme_rule, _cross_entropy, canonical_attention_rule, sdpa_rule}
+_FINAL_RULES = {*FINAL_VIEW_RULES, _arange, extreme_rule, _cross_entropy, canonical_attention_rule, sdpa_rule,
+                recurrence_rule}
 _REUSABLE.update({_linear, _addmm, _matmul, _embedding, _layer_norm, *REUSABLE_VIEW_RULES})
 
 RULES = {
@@ -341,4 +343,5 @@ RULES = {
     **{("method", m): _new_like_shard for m in ("new_empty", "new_zeros", "new_ones", "new_full")},
     canonical_attention: canonical_attention_rule,
     **{k: extreme_rule for k in EXTREME_KEYS},
+    carried_recurrence: recurrence_rule,
 }

@@ -349,6 +349,8 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
                           kernel=opts["kernel"], overlap=overlap, grad_reduce=opts["grad_reduce"])
     from .frames import entry_activations, exit_specs, seed_shard_inputs
     with stage("placements and rewrite"):
+        from seqpar_compiler.passes.recurrences import collapse_recurrences
+        collapse_recurrences(gm, S, P, ctx.rank)     # chunked linear recurrences: state passed rank to rank
         entry = (entry_activations(gm, example_inputs, S, schedule, pg.group_name, static, opts["grad_reduce"])
                  if attention else {})
         already = seed_shard_inputs(ctx, gm, {**(shards or {}), **entry})
