@@ -42,9 +42,8 @@ carried_recurrence_op = torch.ops.seqpar.carried_recurrence.default    # an FX t
 
 from .placement import Shard
 
-__all__ = ["collapse_recurrences", "carried_recurrence", "recurrence_rule", "CONTIGUOUS_LAYOUTS"]
+__all__ = ["collapse_recurrences", "carried_recurrence", "recurrence_rule"]
 
-CONTIGUOUS_LAYOUTS = ("ring", "distflash")
 _VIEWS = {"reshape", "view", torch.reshape}
 _ZERO_SEEDS = {torch.zeros_like, "new_zeros", torch.zeros}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
@@ -408,7 +407,8 @@ def recurrence_rule(ctx, node: fx.Node):
     from rank to rank) and other inputs whole (their gradient summed over the group)."""
     key, *inputs = node.args
     proved = _PROVED[key]
-    if ctx.schedule not in CONTIGUOUS_LAYOUTS:
+    from seqpar_compiler.runtime.sharding.layout import layout_of
+    if not layout_of(ctx.schedule).contiguous:
         return (f"a linear recurrence passes its state from rank to rank in sequence order; layout "
                 f"{ctx.schedule} is not contiguous (use schedule 'ring')")
     if ctx.P != proved.P:

@@ -6,7 +6,8 @@ warning about them), nothing of the sequence's full length saved for the backwar
 Models: transformers' Bamba, NemotronH and GraniteMoeHybrid (Mamba-2 mixers, their torch path)
 and a model written in flash-linear-attention's reference style (``fla_modules.py``). The
 contiguous layout (``ring``): the state passes from rank to rank in sequence order. Sizes keep
-the chunk count distinct from head counts and S distinct from every weight's dims (``passes/recurrences.py``
+the chunk count distinct from head counts, and S distinct from every weight's dims (the
+saved-tensor probe counts any tensor with a dim of length S) (``passes/recurrences.py``
 makes a zone local by its sizes and proves the result).
 """
 import pytest
@@ -19,9 +20,9 @@ pytest.importorskip("transformers")
 # float64 models; transformers' Mamba-2 path computes its scan in float32 whatever the model's
 # dtype (``hidden_states.float()``), so those agree to float32 rounding of a different order
 TOL = {"fla_gla": 1e-10, "bamba": 1e-5, "nemotron_h": 1e-5, "granite_hybrid": 1e-5}
-DEFAULT = [("fla_gla", 160), ("bamba", 160)]
-SLOW_2 = [("nemotron_h", 160), ("granite_hybrid", 160), ("bamba", 96, {"layers": 4}),
-          ("bamba", 224, {"schedule": "zigzag"})]
+DEFAULT = [("fla_gla", 96), ("bamba", 96)]
+SLOW_2 = [("nemotron_h", 96), ("granite_hybrid", 96), ("bamba", 224, {"layers": 4}),
+          ("bamba", 288, {"schedule": "zigzag"})]
 SLOW_4 = [("bamba", 320), ("fla_gla", 320)]
 
 
@@ -39,6 +40,9 @@ def _check(results, key, ring_calls):
         assert r["missing"] == [], r["missing"]
         assert r["ring_calls"] == ring_calls, r["ring_calls"]
         assert _recurrence_warnings(r) == [], _recurrence_warnings(r)
+        # the causal conv1d before each Mamba-2 scan is a halo exchange: nothing gathered at all
+        assert r["warnings"] == [] and r["gathers"] == 0 and r["full_saves"] == [], (rank, r["warnings"],
+                                                                                    r["gathers"], r["full_saves"])
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +51,11 @@ def two_ranks():
 
 
 def test_fla_style_gla_is_exact_with_state_passing_and_nothing_gathered(two_ranks):
-    _check(two_ranks, "fla_gla@160", ring_calls=1)
-    for r in two_ranks:
-        r = r["fla_gla@160"]
-        assert r["warnings"] == [] and r["gathers"] == 0 and r["full_saves"] == [], r
+    _check(two_ranks, "fla_gla@96", ring_calls=1)
 
 
 def test_bamba_ssd_recurrence_is_exact_across_ranks(two_ranks):
-    _check(two_ranks, "bamba@160", ring_calls=1)
+    _check(two_ranks, "bamba@96", ring_calls=1)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def two_ranks_slow():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key,ring_calls", [("nemotron_h@160", 1), ("granite_hybrid@160", 1), ("bamba@96", 2)])
+@pytest.mark.parametrize("key,ring_calls", [("nemotron_h@96", 1), ("granite_hybrid@96", 1), ("bamba@224", 2)])
 def test_more_hybrids_are_exact_across_ranks(two_ranks_slow, key, ring_calls):
     _check(two_ranks_slow, key, ring_calls)
 
@@ -71,7 +72,7 @@ def test_more_hybrids_are_exact_across_ranks(two_ranks_slow, key, ring_calls):
 @pytest.mark.slow
 def test_zigzag_layout_gathers_the_recurrence_with_a_warning(two_ranks_slow):
     """The state passes in sequence order: on zigzag shards the recurrence is gathered, said, exact."""
-    r = two_ranks_slow[0]["bamba@224"]
+    r = two_ranks_slow[0]["bamba@288"]
     assert r["error"] is None and r["loss"] < TOL["bamba"] and r["worst_grad"][1] < TOL["bamba"], r
     assert any("carried_recurrence" in m and "not contiguous" in m for m in r["warnings"]), r["warnings"]
 
