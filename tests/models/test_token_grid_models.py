@@ -4,7 +4,9 @@ every gradient (float64), against one process.
 Under a contiguous layout (ring, ulysses) the unpatchify reshape ``[N, T, p·p·c] → [N, h, w, p,
 p, c]`` keeps each rank's band of rows sharded, so the whole step runs sharded with no warning;
 under zigzag the same view gathers, with a warning naming it; a convolution over H and W after
-unpatchify gathers too (its halo rule is another rule's), warned, and stays exact."""
+unpatchify gathers too (its halo rule is another rule's), warned, and stays exact. A graph
+break inside unpatchify hands the band of rows to the eager code as a SequenceShard: the rest of
+unpatchify and the loss run on it, still sharded."""
 import pytest
 
 import token_grid_workers as W
@@ -25,12 +27,12 @@ def _exact(r):
     assert worst[1] <= TOL, worst
 
 
-@pytest.mark.parametrize("name", ["ring", "ulysses"])
+@pytest.mark.parametrize("name", ["ring", "ulysses", "ring-graph-break-eager-loss"])
 def test_dit_runs_fully_sharded_under_a_contiguous_layout(res, name):
     for r in res:
         _exact(r[name])
         assert r[name]["warnings"] == [], r[name]["warnings"]
-        assert r[name]["ring_calls"] == 2          # once per block
+        assert r[name]["ring_calls"] == 2          # once per block (a band crossing a graph break stays one)
 
 
 def test_dit_under_zigzag_gathers_the_token_grid_with_a_warning_and_stays_exact(res):

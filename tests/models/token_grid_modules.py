@@ -71,12 +71,14 @@ class TinyDiT(nn.Module):
     """DiT on an ``img`` [N, C_in, h·p, w·p] conditioned on ``t`` [N]; returns [N, c, h·p, w·p].
 
     ``refine``: a 3×3 convolution over the unpatchified image (a halo across the band of rows
-    each rank holds: issue 21's convolution rule, gathered with a warning until then)."""
+    each rank holds; gathered with a warning until convolutions over H and W have a rule).
+    ``graph_break``: a graph break inside unpatchify (the grid leaves the frame as a band of
+    rows, and the rest runs eagerly on it)."""
 
     def __init__(self, *, side: int = 8, p: int = 2, c_in: int = 3, dim: int = 32, heads: int = 4,
-                 depth: int = 2, refine: bool = False):
+                 depth: int = 2, refine: bool = False, graph_break: bool = False):
         super().__init__()
-        self.p, self.c = p, c_in
+        self.p, self.c, self.graph_break = p, c_in, graph_break
         self.x_embedder = _PatchEmbed(p, c_in, dim)
         T = side * side
         self.pos_embed = nn.Parameter(torch.randn(1, T, dim) * 0.02, requires_grad=False)
@@ -100,6 +102,8 @@ class TinyDiT(nn.Module):
         h = w = int(x.shape[1] ** 0.5)
         x = x.reshape(shape=(x.shape[0], h, w, p, p, c))
         x = torch.einsum("nhwpqc->nchpwq", x)
+        if self.graph_break:
+            torch._dynamo.graph_break()
         return x.reshape(shape=(x.shape[0], c, h * p, h * p))
 
     def forward(self, img, t):

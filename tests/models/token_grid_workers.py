@@ -21,6 +21,8 @@ CASES = {
     "ulysses": ("ulysses", {}),
     "zigzag": ("zigzag", {}),
     "ring-refine-conv": ("ring", {"refine": True}),
+    # the model compiled alone, broken inside unpatchify; the rest and the loss run eagerly
+    "ring-graph-break-eager-loss": ("ring", {"graph_break": True}),
 }
 
 
@@ -50,7 +52,12 @@ def _case(schedule: str, options: dict) -> dict:
     target = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)
     t = torch.tensor([3.0, 17.0], dtype=torch.float64)
     torch._dynamo.reset()
-    step = torch.compile(_Step(model), backend=sp.backend(inner="aot_eager", schedule=schedule))
+    backend = sp.backend(inner="aot_eager", schedule=schedule)
+    if options.get("graph_break"):
+        compiled = torch.compile(model, backend=backend)
+        step = lambda img, t, target: ((compiled(img, t) - target) ** 2).mean()  # noqa: E731
+    else:
+        step = torch.compile(_Step(model), backend=backend)
     with warnings.catch_warnings(record=True) as caught, sp.stats() as st:
         warnings.simplefilter("always")
         loss = step(img, t, target)
