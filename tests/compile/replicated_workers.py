@@ -29,7 +29,7 @@ class _TinyLM(torch.nn.Module):
     def forward(self, idx, targets, mask=None):
         x = self.emb(idx)                                          # [B, S, C]
         if self.how == "no-rule":
-            x = x.cumsum(dim=1) / 4                                # no sharding rule: gathered
+            x = torch.fft.fft(x, dim=1).real / 4                   # no sharding rule: gathered
         B, S, _ = x.shape
         q, k, v = (t.view(B, S, H, C // H).transpose(1, 2) for t in self.qkv(x).split(C, -1))
         if self.how == "checkpoint":

@@ -206,16 +206,16 @@ def _squeeze(self, x):
     return (x[..., None] * 2).squeeze(-1) + x.unsqueeze(0).squeeze(0)
 
 
-@_body_idiom("cumsum-over-sequence", fallback="cumsum")
+@_body_idiom("cumsum-over-sequence")
 def _cumsum(self, x):
-    """Causal running mean over the sequence: no exact local rule (it needs a prefix across
-    ranks), a warned fallback for now."""
+    """Causal running mean over the sequence: a scan, sharded exactly (a prefix of the ranks'
+    totals carried across ranks)."""
     return x.cumsum(1) / torch.arange(1, x.shape[1] + 1, device=x.device)[:, None]
 
 
-@_body_idiom("roll-over-sequence", fallback="roll")
+@_body_idiom("roll-over-sequence")
 def _roll_sequence(self, x):
-    """Token shift (RWKV): a roll along the sequence is position-aware: a warned fallback."""
+    """Token shift (RWKV): a roll along the sequence, sharded by a halo from the neighbour."""
     return x + x.roll(1, dims=1)
 
 
