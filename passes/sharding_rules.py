@@ -23,6 +23,7 @@ from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
 from .attention_patterns import canonical_attention
 from .attention_rules import canonical_attention_rule, sdpa_rule
 from .aten_rules import decomposed_rule
+from .autograd_function_rule import AUTOGRAD_FUNCTION_APPLY, autograd_function_rule
 from .placement import Replicate, Shard
 from .extreme_rules import EXTREME_KEYS, extreme_rule
 from .range_rules import dispatch
@@ -345,3 +346,6 @@ RULES = {
     **{k: extreme_rule for k in EXTREME_KEYS},
     carried_recurrence: recurrence_rule,
 }
+if AUTOGRAD_FUNCTION_APPLY is not None:          # a user's elementwise autograd.Function (BLOOM's GELU)
+    RULES[AUTOGRAD_FUNCTION_APPLY] = autograd_function_rule
+    _FINAL_RULES.add(autograd_function_rule)

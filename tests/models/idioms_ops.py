@@ -330,3 +330,41 @@ class _RepeatInterleaveGQA(_LM):
 
 
 idiom("repeat-interleave-gqa")(_lm(_RepeatInterleaveGQA))
+
+
+# -- a user's torch.autograd.Function ---------------------------------------------------------------
+class _TanhGelu(torch.autograd.Function):
+    """BLOOM's GELU: the tanh approximation with a hand-written backward (elementwise)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+        return g * (0.5 * x * ((1 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + t))
+
+
+class _AddSequenceMean(torch.autograd.Function):
+    """Adds the mean over the sequence: not elementwise (a reduction along it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x + x.mean(1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g + g.mean(1, keepdim=True)
+
+
+@_body_idiom("autograd-function-elementwise")
+def _autograd_gelu(self, x):
+    return x + _TanhGelu.apply(x)
+
+
+@_body_idiom("autograd-function-over-the-sequence-falls-back", fallback="autograd_function_apply")
+def _autograd_sequence_mean(self, x):
+    return _AddSequenceMean.apply(x)

@@ -62,12 +62,9 @@ def test_real_model_is_exact(res, name):
 
 
 # Fallbacks outside attention, warned and exact, named here so any other one fails the test:
-# BLOOM's GELU is a custom autograd.Function (Dynamo's autograd_function_apply), which the
-# sharding rules do not take yet; x-transformers caches its S×S ALiBi bias in a buffer inside
-# forward (a frame output computed from two aranges, which the rewrite gathers). Their attention
-# is the ring.
-OTHER_FALLBACKS = {"bloom-alibi": "autograd_function_apply", "x-transformers-alibi-2-of-4-heads": "subtract",
-                   "x-transformers-encoder-symmetric-alibi": "subtract"}
+# x-transformers caches its S×S ALiBi bias in a buffer inside forward (a frame output computed
+# from two aranges, which the rewrite gathers). Its attention is the ring.
+OTHER_FALLBACKS = {"x-transformers-alibi-2-of-4-heads": "subtract", "x-transformers-encoder-symmetric-alibi": "subtract"}
 
 
 @pytest.mark.parametrize("name", _marked(SHARDED))

@@ -15,12 +15,13 @@ from seqpar_compiler.launch import run_ranks
 pytest.importorskip("transformers")
 
 # exact and sharded end to end, each pinning a fix: OPT's wrapper views its ids before the
-# embedding (it ran replicated), GPT-2 and Llama as the plain baselines
-FAST = ["opt", "gpt2", "llama"]
+# embedding (it ran replicated), GPT-2 and Llama as the plain baselines, BLOOM's real ALiBi code
+# and its GELU (an elementwise autograd.Function, which was gathered)
+FAST = ["opt", "gpt2", "llama", "bloom-alibi"]
 FULLY_SHARDED = ["llama", "llama-packed", "mistral-window", "qwen2", "qwen3", "phi3", "gemma2-softcap-window",
                  "gpt2", "gpt-neox", "opt", "falcon-mqa", "mixtral-grouped_mm", "qwen3-moe-grouped_mm",
                  "deepseek-v3-mla-grouped_mm", "mixtral-eager", "qwen3-moe-eager", "deepseek-v3-mla-eager",
-                 "llama4-moe"]
+                 "llama4-moe", "llama-padded", "bert-padded", "modernbert-padded", "bloom-alibi", "mpt-alibi"]
 
 
 @pytest.fixture(scope="module")
