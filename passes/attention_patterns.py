@@ -41,7 +41,8 @@ from seqpar_compiler.kernels import AttentionSpec
 from .alias_sets import eliminate_dead_code
 from .attention_forms import emit, match_scores, match_value_product, peel_softcap, to_bhsd, unrepeat_kv
 from .learned_bias import learned_offset_table
-from .mask_proof import ProvedTerm, evaluate, evaluate_mask_term, example, is_call, is_hidden_value, user_dependent
+from .mask_proof import (ProvedTerm, band_of, chunk_documents, evaluate, evaluate_mask_term, example, is_call,
+                         is_hidden_value, user_dependent)
 from .score_bias import prove_score_terms
 from .token_masks import CARRIER
 
@@ -399,10 +400,34 @@ def _match_sdpa(node, gm, values, static_inputs) -> _Proof | None:
     term = evaluate_mask_term(a["attn_mask"], gm, values, static_inputs, at=node)
     if term is None:
         return None
+    _chunks_as_documents(term, a["attn_mask"], q.shape[0], S, gm)
     peeled = _Peeled(a["attn_mask"])
     peeled.add(term, "visible" if term.value.dtype == torch.bool else "additive")
     proved = _prove(peeled, (*q.shape[:-1], S), scale, None)
     return proved if proved is None or isinstance(proved, str) else _Proof(a["query"], k, v, *proved)
+
+
+def _chunks_as_documents(term: ProvedTerm, mask: fx.Node, B: int, S: int, gm: fx.GraphModule) -> None:
+    """A static chunked mask (a band within chunks of consecutive positions: Llama 4) becomes
+    the band and documents: the chunk ids [B, S] (position // chunk) as a buffer of ``gm``."""
+    if term.doc is not None or term.key_padding is not None:
+        return
+    m = term.value
+    if m.dtype == torch.bool:
+        visible = m
+    elif m.is_floating_point() and bool(((m == 0) | is_hidden_value(m)).all()):
+        visible = m == 0
+    else:
+        return
+    if band_of(visible, S) is not None:
+        return
+    found = chunk_documents(visible, S)
+    if found is None:
+        return
+    band, ids = found
+    term.doc = _slopes_node(gm, ids.expand(B, S).contiguous(), mask, "chunk_ids")
+    term.value = band.view(1, 1, S, S) if m.dtype == torch.bool else torch.zeros(1, 1, S, S, dtype=m.dtype).masked_fill(
+        ~band.view(1, 1, S, S), float("-inf"))
 
 
 def _learned_sdpa_mask(a: dict, k, v, scale, gm, values, static_inputs):

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from seqpar_compiler.kernels import AttentionSpec
 
-__all__ = ["is_call", "example", "ancestors", "user_dependent", "evaluate", "band_of", "ProvedTerm",
+__all__ = ["is_call", "example", "ancestors", "user_dependent", "evaluate", "band_of", "chunk_documents", "ProvedTerm",
            "evaluate_mask_term", "is_hidden_value", "static_mask_kind"]
 
 
@@ -130,6 +130,29 @@ def band_of(visible: torch.Tensor, S: int) -> AttentionSpec | None:
     ahead, behind = int((last - i).max()), int((i - first).max())
     band = AttentionSpec(behind=None if behind >= S - 1 else behind, ahead=None if ahead >= S - 1 else ahead)
     return band if torch.equal(vis, _band(S, band.behind, band.ahead)) else None
+
+
+def chunk_documents(visible: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Chunked attention (Llama 4's ``attention_chunk_size``) as documents: when ``visible``
+    [.., S, S] (the same for every leading index) is a causal or bidirectional band restricted
+    to consecutive chunks of c positions, (the band's visibility [S, S], chunk ids [S] =
+    position // c); None otherwise. The chunks are documents whose ids are derived from the
+    positions, so the ring carries them as ``doc_ids``."""
+    flat = visible.reshape(-1, S, S)
+    if not bool((flat == flat[:1]).all()):
+        return None
+    vis = flat[0].cpu()
+    i = torch.arange(1, S)
+    boundary = ~vis[i, i - 1] & ~vis[i - 1, i]        # position i starts a chunk: it and i-1 never meet
+    if not bool(boundary.any()):
+        return None
+    c = int(boundary.to(torch.int8).argmax()) + 1
+    ids = torch.arange(S) // c
+    same = ids[:, None] == ids[None, :]
+    for band in (_band(S, None, 0), _band(S, None, None)):
+        if torch.equal(vis, band & same):
+            return band, ids
+    return None
 
 
 @lru_cache(maxsize=16)

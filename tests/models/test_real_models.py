@@ -21,7 +21,8 @@ FAST = ["opt", "gpt2", "llama", "bloom-alibi"]
 FULLY_SHARDED = ["llama", "llama-packed", "mistral-window", "qwen2", "qwen3", "phi3", "gemma2-softcap-window",
                  "gpt2", "gpt-neox", "opt", "falcon-mqa", "mixtral-grouped_mm", "qwen3-moe-grouped_mm",
                  "deepseek-v3-mla-grouped_mm", "mixtral-eager", "qwen3-moe-eager", "deepseek-v3-mla-eager",
-                 "llama4-moe", "llama-padded", "bert-padded", "modernbert-padded", "bloom-alibi", "mpt-alibi"]
+                 "llama4-moe", "llama-padded", "bert-padded", "modernbert-padded", "bloom-alibi", "mpt-alibi",
+                 "llama4-moe-chunked"]
 
 
 @pytest.fixture(scope="module")
