@@ -214,7 +214,7 @@ def _piece(ctx, p: fx.Node, vals, place, olds):
     outs = plan.outputs
     new = ctx.emit(plan.call or p.target, new_args, new_kwargs, outs[0] if single else outs)
     if plan.call is not None:            # a halo exchange or a carry across ranks
-        ctx.collectives.append(f"{plan.call} {p.target} {new.name}")
+        ctx.collectives.append(f"{plan.call} for {p.target}: {new.name}")
     if single and isinstance(outs[0], Partial):
         return _reduce_partial(ctx, new, outs[0].reduce, p), Replicate()
     if not single and any(isinstance(o, Partial) for o in outs):

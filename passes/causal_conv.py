@@ -119,6 +119,6 @@ def _pad_last_dim(pad: fx.Node):
     value = pad.kwargs.get("value", args[3] if pad.target is not torch.constant_pad_nd else args[2])
     if not isinstance(widths, (list, tuple)) or len(widths) != 2 or not all(isinstance(v, int) for v in widths):
         return None
-    if mode not in (None, "constant") or value not in (None, 0, 0.0):
+    if mode not in (None, "constant") or value not in (None, 0, 0.0) or min(widths) < 0:
         return None
     return widths[0], widths[1]

@@ -32,7 +32,8 @@ _scan = torch.ops.seqpar.sequence_scan.default
 _padded_conv1d = torch.ops.seqpar.padded_conv1d.default
 _halo_conv1d_backward = torch.ops.seqpar.halo_conv1d_backward.default
 
-MIXING_OPS = (aten.convolution.default, aten.convolution_backward.default, _padded_conv1d, aten.roll.default, aten.flip.default,
+MIXING_OPS = (aten.convolution.default, aten.convolution_backward.default, _padded_conv1d, aten.roll.default,
+              aten.flip.default, aten.constant_pad_nd.default,
               aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default)
 
 
@@ -143,6 +144,26 @@ def _roll(op, args, kwargs, ctx: _Context) -> OpPlan:
     if len(dims) != 1 or len(shifts) != 1:
         raise Refusal("a roll along the sequence and another dim at once")
     return OpPlan(("local",), (TENSOR, dims[0], shift_kind(int(shifts[0]) % ctx.S), ctx.schedule,
+                               ctx.group_name or ""), {}, (x.placement,), (1, 1), call=_fetch)
+
+
+@_rule(aten.constant_pad_nd.default)
+def _shift_by_padding(op, args, kwargs, ctx: _Context) -> OpPlan:
+    """Zero padding that keeps the sequence's length — k positions in front, k cropped at the end
+    (RWKV's time shift, ``nn.ZeroPad2d((0, 0, 1, -1))``), or the reverse — is a shift by k with
+    zero fill: a fetch of position g−k. Any other padding along the sequence changes its length
+    and is refused."""
+    x, pad = args[0], list(args[1])
+    value = args[2] if len(args) > 2 else kwargs.get("value", 0)
+    if not _sharded(x):
+        return _not_along_sequence(op, args, kwargs, ctx)
+    i = 2 * (len(x.shape) - 1 - x.placement.dim)
+    if i >= len(pad) or (pad[i] == 0 and pad[i + 1] == 0) or not _seq_dim(x, x.placement.dim, ctx):
+        return _not_along_sequence(op, args, kwargs, ctx)
+    left, right = pad[i], pad[i + 1]
+    if left + right != 0 or value not in (0, 0.0, None) or any(w for j, w in enumerate(pad) if j not in (i, i + 1)):
+        raise Refusal("padding along the sequence dim")
+    return OpPlan(("local",), (TENSOR, x.placement.dim, shift_kind(left, circular=False), ctx.schedule,
                                ctx.group_name or ""), {}, (x.placement,), (1, 1), call=_fetch)
 
 

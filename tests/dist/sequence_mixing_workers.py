@@ -17,11 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import seqpar_compiler as sp
+from step_probes import SequenceGatherCounter, full_length_saves
 from seqpar_compiler.runtime.sequence_ops import shard_sequence_op
 from seqpar_compiler.runtime import sequence_shard
 from seqpar_compiler.runtime.sequence_shard import SequenceShard, ShardSpec, from_local, full_tensor, gather_count
 
-B, D, H = 2, 8, 2
+B, D, H = 3, 8, 2      # B·S/P never equals S (the full-length probe reads shapes)
 
 
 def _rel(a, b) -> float:
@@ -83,12 +84,14 @@ MIXERS = {
     "causal_conv_pad_depthwise": lambda: _CausalConvPad(),
     "causal_conv_pad_dense": lambda: _CausalConvPad(k=3, groups=1),
     "causal_conv_pad_dilated": lambda: _CausalConvPad(k=3, dilation=2),
+    "causal_conv_pad_wide": lambda: _CausalConvPad(k=8),       # a halo longer than a zigzag run
     "causal_conv_slice_depthwise": lambda: _CausalConvSlice(),
     "causal_conv_slice_dense": lambda: _CausalConvSlice(k=3, groups=1),
     "same_conv": lambda: _SameConv(),
     "roll_forward": lambda: _Fn(lambda h: torch.roll(h, 3, 1)),
     "roll_backward": lambda: _Fn(lambda h: torch.roll(h, -2, 1)),
     "flip": lambda: _Fn(lambda h: torch.flip(h, [1])),
+    "token_shift": lambda: nn.ZeroPad2d((0, 0, 1, -1)),        # RWKV's time shift: zero fill
     "cumsum": lambda: _Fn(lambda h: h.cumsum(1)),
     "cumprod": lambda: _Fn(lambda h: _positive(h).cumprod(1)),
     "logcumsumexp": lambda: _Fn(lambda h: torch.logcumsumexp(h, 1)),
@@ -125,17 +128,25 @@ def compiled_case(rank: int, P: int, name: str, schedule: str, S: int) -> dict:
     compiled = torch.compile(model, backend=sp.backend(inner="aot_eager", schedule=schedule))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = compiled(x)
-        out = full_tensor(out) if isinstance(out, SequenceShard) else out
-        (out * w).sum().backward()
+        compiled(x)                                   # compile outside the probes
+
+        def step():
+            out = compiled(x)                         # a SequenceShard: the loss reads this rank's rows
+            (out * w).sum().backward()
+            return out
+        model.zero_grad()
+        with SequenceGatherCounter() as gathers:
+            saves, out = full_length_saves(step, [x, w], S)
     grads = {n: _rel(p.grad, rp.grad) for (n, p), rp in zip(model.named_parameters(), ref_model.parameters())}
-    return {"out": _rel(out, ref), "grad": max(grads.values()), "warnings": _seqpar_warnings(caught)}
+    return {"out": _rel(out, ref), "grad": max(grads.values()), "warnings": _seqpar_warnings(caught),
+            "full_length_saves": saves, "sequence_gathers": gathers.calls}
 
 
 EAGER_OPS = {
     "roll_forward": lambda s: torch.roll(s, 3, 1),
     "roll_backward": lambda s: torch.roll(s, -2, 1),
     "flip": lambda s: torch.flip(s, [1]),
+    "token_shift": lambda s: F.pad(s, (0, 0, 1, -1)),
     "cumsum": lambda s: s.cumsum(1),
     "cumprod": lambda s: _positive(s).cumprod(1),
     "logcumsumexp": lambda s: torch.logcumsumexp(s, 1),

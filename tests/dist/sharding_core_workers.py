@@ -68,6 +68,7 @@ def cases():
         "logcumsumexp-sequence": (aten.logcumsumexp.default, [("shard", x, 1), 1], {}),
         "roll-sequence": (aten.roll.default, [("shard", x, 1), [3], [1]], {}),
         "flip-sequence": (aten.flip.default, [("shard", x, 1), [1]], {}),
+        "pad-shift-sequence": (aten.constant_pad_nd.default, [("shard", x, 1), [0, 0, 2, -2]], {}),
         "convolution-same-length": (aten.convolution.default, [("shard", xt, 2), ("rep", _x(D, 1, 5, seed=8)),
                                                                ("rep", _x(D, seed=9)), [1], [2], [1], False, [0], D], {}),
         "convolution-backward": (aten.convolution_backward.default,

@@ -1,6 +1,7 @@
 """Convolutions over time, rolls, flips and scans along the sequence: exact against one process's
 eager run in float64, forward and backward, compiled (``aot_eager``) and eager on SequenceShards,
-on the contiguous and zigzag layouts, with no gather of the sequence (no fallback warning).
+on the contiguous and zigzag layouts, with no gather of the sequence (no fallback warning, no
+all-gather of it) and, compiled, nothing full-length saved for the backward.
 
 One spawn per group size shares every case (``sequence_mixing_workers.run_cases``); the default
 run takes a few cases on 2 ranks, the full grid on 2 and 4 ranks is ``slow``."""
@@ -55,6 +56,8 @@ def _check(results, case):
         assert got["out"] < TOL and got["grad"] < TOL, f"rank {rank} {case}: {got}"
         if kind == "eager":
             assert got["sharded"], f"{case}: the result is not a SequenceShard"
+        else:       # the step gathers no sequence and saves nothing full-length for its backward
+            assert got["sequence_gathers"] == 0 and got["full_length_saves"] == [], f"rank {rank} {case}: {got}"
     warnings = results[0][case]["warnings"]
     allowed = EAGER_GATHERED_BACKWARD.get(name) if kind == "eager" else None
     unexpected = [w for w in warnings if allowed is None or not any(op in w for op in allowed)]
@@ -76,12 +79,14 @@ def test_mixing_op_is_exact_without_gathering_on_2_ranks(fast, case):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)     # the first case waits for the whole grid's spawn
 @pytest.mark.parametrize("case", _grid(2), ids=lambda c: "-".join(map(str, c)))
 def test_every_mixing_op_is_exact_on_2_ranks(grid2, case):
     _check(grid2, case)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("case", _grid(4), ids=lambda c: "-".join(map(str, c)))
 def test_every_mixing_op_is_exact_on_4_ranks(grid4, case):
     _check(grid4, case)
