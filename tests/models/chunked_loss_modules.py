@@ -1,4 +1,5 @@
-"""Chunked language-model losses as the libraries write them, on a tiny causal transformer.
+"""Chunked language-model losses as the libraries write them, on a tiny causal transformer
+(litgpt's code checked against litgpt 0.5.13's ``utils.py``; neither library is a dependency).
 
   * litgpt ``chunked_cross_entropy``: ``logits.reshape(-1, V).split(chunk)`` with the targets
     split alike, per-chunk ``cross_entropy(reduction="none")``, ``torch.cat(...).sum()`` over the

@@ -26,6 +26,12 @@ def _litgpt_across_rows(logits, labels):
     return litgpt_chunked_cross_entropy(logits, labels, chunk_size=24)     # 64 = 24 + 24 + 16: chunks span rows
 
 
+def _litgpt_finetune(logits, labels):
+    """litgpt's finetune step: the LM head's chunks, the last one shifted, targets shifted alike."""
+    logits[-1] = logits[-1][..., :-1, :]
+    return litgpt_chunked_cross_entropy(logits, labels[..., 1:], chunk_size=128)
+
+
 def _torchtune(logits, labels):
     return TorchtuneChunkedCE(num_output_chunks=4)(logits, labels)
 
@@ -36,6 +42,8 @@ CASES = {
     "litgpt-flat-split-across-rows": ({}, _litgpt_across_rows, False, "zigzag"),
     "litgpt-flat-split-across-rows-striped": ({}, _litgpt_across_rows, False, "striped"),
     "litgpt-head-chunks": ({"head_chunks": 4, "chunk_with": "split"}, _litgpt, False, "zigzag"),
+    "litgpt-finetune-shifted-head-chunks": ({"head_chunks": 4, "chunk_with": "split"}, _litgpt_finetune, False,
+                                            "zigzag"),
     "torchtune-chunked-output": ({"head_chunks": 4, "chunk_with": "chunk"}, _torchtune, False, "zigzag"),
     "torchtune-chunked-output-disabled": ({"head_chunks": 4, "chunk_with": "chunk"}, _torchtune, True, "zigzag"),
 }

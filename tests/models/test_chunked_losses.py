@@ -13,12 +13,19 @@ import chunked_loss_workers as W
 from seqpar_compiler.launch import run_ranks
 
 TOL = 1e-10
-SHARDED = [n for n in W.CASES if "disabled" not in n]
+# one spawn in the default run (the flat split across rows, litgpt's finetune step); the rest slow
+DEFAULT = ["litgpt-flat-split-across-rows", "litgpt-finetune-shifted-head-chunks"]
+MORE = [n for n in W.CASES if n not in DEFAULT and "disabled" not in n]
 
 
 @pytest.fixture(scope="module")
 def res():
-    return run_ranks(W.run_loss_cases, 2, SHARDED, timeout=900, pg_timeout=300)
+    return run_ranks(W.run_loss_cases, 2, DEFAULT, timeout=900, pg_timeout=300)
+
+
+@pytest.fixture(scope="module")
+def res_more():
+    return run_ranks(W.run_loss_cases, 2, MORE, timeout=900, pg_timeout=300)
 
 
 def _exact(rank, rr):
@@ -29,11 +36,21 @@ def _exact(rank, rr):
     assert rr["ring_calls"] == 2, (rank, rr["ring_calls"])
 
 
-@pytest.mark.parametrize("name", SHARDED)
-def test_chunked_loss_is_exact_and_fully_sharded(res, name):
+def _fully_sharded(res, name):
     for rank, r in enumerate(res):
         _exact(rank, r[name])
         assert r[name]["warnings"] == [], (rank, r[name]["warnings"])
+
+
+@pytest.mark.parametrize("name", DEFAULT)
+def test_chunked_loss_is_exact_and_fully_sharded(res, name):
+    _fully_sharded(res, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MORE)
+def test_more_chunked_losses_are_exact_and_fully_sharded(res_more, name):
+    _fully_sharded(res_more, name)
 
 
 @pytest.mark.slow
