@@ -11,7 +11,8 @@ left: the lookup at ``[S, S]`` indices dies with the attention it fed.
 Accepted only when, evaluated at the global length:
   * the term is reached from one lookup ``embedding(idx, W)`` / ``W[idx]`` (W requires grad,
     ``idx [S, S]`` integer and static: computed from positions, constants and buffers) through
-    layout ops only (permute, transpose, unsqueeze, expand, view, reshape, contiguous, casts);
+    layout ops only (permute, transpose, unsqueeze, expand, view, reshape, contiguous, casts,
+    basic indexing);
   * ``idx[i, j]`` depends on j − i alone (``idx[i, j] = g[j − i + S − 1]``);
   * with W replaced by distinct random values W', the term evaluates to exactly
     ``W'[idx[i, j], h]`` at every ``[b, h, i, j]``: the layout ops put the lookup's last dim on
@@ -50,14 +51,22 @@ class LearnedTable:
 
 
 def _lookup(node: fx.Node):
-    """(indices node, weight node) of an embedding lookup, or None."""
+    """(indices node, weight node) of a plain embedding lookup, or None. Refused: a padding index
+    (its row gets no gradient), ``max_norm`` (renormalizes the weight in place) and
+    ``scale_grad_by_freq`` (scales the gradient by how often an index occurs: S × S lookups and
+    the table's 2S − 1 do not count alike)."""
     if is_call(node, fns={F.embedding}):
-        if any(a is not None for a in node.args[2:4]) or node.kwargs.get("max_norm") is not None:
-            return None                        # max_norm renormalizes the weight in place
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        return node.args[0], weight
+        names = ["input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"]
+        a = {**dict(zip(names, node.args)), **node.kwargs}
+        if a.get("padding_idx") is not None or a.get("max_norm") is not None or a.get("scale_grad_by_freq"):
+            return None
+        return a.get("input"), a.get("weight")
     if is_call(node, fns={torch.embedding}):
-        return node.args[1], node.args[0]
+        names = ["weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse"]
+        a = {**dict(zip(names, node.args)), **node.kwargs}
+        if a.get("padding_idx", -1) not in (None, -1) or a.get("scale_grad_by_freq"):
+            return None
+        return a.get("indices"), a.get("weight")
     if is_call(node, fns={operator.getitem}) and isinstance(node.args[1], fx.Node):
         return node.args[1], node.args[0]
     return None
@@ -75,11 +84,17 @@ def _walk_to_lookup(node: fx.Node) -> fx.Node | None:
             node = node.args[0]
         elif node.op == "call_function" and node.target in _LAYOUT_FNS:
             node = node.args[0]
+        elif is_call(node, fns={operator.getitem}) and not any(isinstance(a, fx.Node) for a in _flat(node.args[1])):
+            node = node.args[0]                        # x[None], x[:, :s]: basic indexing
         else:
             return None
         if not isinstance(node, fx.Node):
             return None
     return None
+
+
+def _flat(index) -> list:
+    return list(index) if isinstance(index, (tuple, list)) else [index]
 
 
 def _offset_index(idx: torch.Tensor, S: int) -> torch.Tensor | None:

@@ -39,6 +39,7 @@ def _per_token(s):
         (f"{s}-band-padding-softcap", "accuracy", dict(schedule=s, band=(3, 9), padding=True, softcap=2.0)),
         (f"{s}-table-causal-4x2", "accuracy", dict(schedule=s, causal=True, table=True, Hkv=2)),
         (f"{s}-learned-table-padding-4x2", "accuracy", dict(schedule=s, padding=True, table="learned", Hkv=2)),
+        (f"{s}-learned-table-causal-window", "accuracy", dict(schedule=s, causal=True, window=6, table="learned")),
     ]
 
 

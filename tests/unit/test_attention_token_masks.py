@@ -219,3 +219,46 @@ def test_learned_bias_that_is_no_function_of_the_offset_is_left_alone_with_the_r
             return scores.softmax(-1) @ v
     found, reasons, err = _canonicalized(PairBias(), _x())
     assert found == [] and reasons and "learned function of k - q" in reasons[0] and err < 1e-12
+
+
+class BucketBiasDecoder(nn.Module):
+    """A decoder's learned bias written by hand: ``nn.Embedding(buckets, H)`` looked up at a
+    one-sided bucket of q − k (clamped), added to causal scores."""
+
+    def __init__(self, scale_grad_by_freq=False):
+        super().__init__()
+        self.proj = nn.Linear(32, 96)
+        self.bias = nn.Embedding(6, 4, scale_grad_by_freq=scale_grad_by_freq)
+
+    def forward(self, x):
+        q, k, v = self.proj(x).view(B, S, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(S)
+        bucket = (pos[:, None] - pos[None, :]).clamp(0, 5)                      # [S, S]
+        scores = q @ k.transpose(-1, -2) * 8 ** -0.5 + self.bias(bucket).permute(2, 0, 1)[None]
+        scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+        return scores.softmax(-1) @ v
+
+
+def test_a_decoders_learned_bucket_bias_is_a_causal_table_with_its_gradient():
+    module, ref = BucketBiasDecoder().double(), BucketBiasDecoder().double()
+    ref.load_state_dict(module.state_dict())
+    found, reasons, err = _canonicalized(module, _x())
+    spec = AttentionSpec.decode(found[0][3])
+    assert len(found) == 1 and spec.causal and spec.rel_bias and reasons == [] and err < 1e-12
+    torch._dynamo.reset()
+
+    def canonicalizing(gm, ex):
+        static = {n for n in gm.graph.nodes if n.op == "placeholder" and "_parameters_" in str(n.target)}
+        assert canonicalize_handwritten_attention(gm, ex, static) == 1
+        return gm.forward
+    torch.compile(module, backend=canonicalizing)(_x()).pow(2).sum().backward()
+    ref(_x()).pow(2).sum().backward()
+    for p, r in zip(module.parameters(), ref.parameters()):
+        assert float((p.grad - r.grad).norm() / r.grad.norm()) < 1e-12
+
+
+def test_a_learned_bias_scaled_by_index_frequency_is_left_alone():
+    """``scale_grad_by_freq`` scales the weight's gradient by how often each index occurs, which
+    the [2S − 1] table does not reproduce: left alone, with the reason."""
+    found, reasons, err = _canonicalized(BucketBiasDecoder(scale_grad_by_freq=True), _x())
+    assert found == [] and reasons and "learned function of k - q" in reasons[0] and err < 1e-12
