@@ -140,8 +140,24 @@ def _rank_and_size(group_name: str):
     return dist.get_rank(group), dist.get_world_size(group), group
 
 
-def _index(values, device) -> Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+@dataclass(frozen=True)
+class _MapIndices:
+    local_slots: Tensor
+    local_rows: Tensor
+    recv: dict          # peer -> output slots
+    send: dict          # peer -> own rows
+
+
+@lru_cache(maxsize=256)
+def _indices(kind: str, schedule: str, rank: int, P: int, S: int, device: torch.device) -> _MapIndices:
+    """``fetch_map`` as index tensors on ``device``, made once (a roll's map is S/P long: not
+    worth rebuilding from Python every call)."""
+    m = fetch_map(kind, schedule, rank, P, S)
+
+    def idx(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+    return _MapIndices(idx(m.local[0]), idx(m.local[1]), {p: idx(v) for p, v in m.recv.items()},
+                       {p: idx(v) for p, v in m.send.items()})
 
 
 def _exchange(group, sends: dict, recv_shapes: dict) -> dict:
@@ -167,13 +183,14 @@ def sequence_fetch_op(x: Tensor, dim: int, kind: str, schedule: str, group_name:
     rank, P, group = _rank_and_size(group_name)
     dim %= x.dim()
     m = fetch_map(kind, schedule, rank, P, x.shape[dim] * P)
+    ix = _indices(kind, schedule, rank, P, x.shape[dim] * P, x.device)
     out = x.new_zeros(_sized(x, dim, m.rows))
     if m.local[0]:
-        out.index_copy_(dim, _index(m.local[0], x.device), x.index_select(dim, _index(m.local[1], x.device)))
-    sends = {peer: x.index_select(dim, _index(rows, x.device)).contiguous() for peer, rows in m.send.items()}
+        out.index_copy_(dim, ix.local_slots, x.index_select(dim, ix.local_rows))
+    sends = {peer: x.index_select(dim, rows).contiguous() for peer, rows in ix.send.items()}
     shapes = {peer: (_sized(x, dim, len(slots)), x.dtype, x.device) for peer, slots in m.recv.items()}
     for peer, got in _exchange(group, sends, shapes).items():
-        out.index_copy_(dim, _index(m.recv[peer], x.device), got)
+        out.index_copy_(dim, ix.recv[peer], got)
     return out
 
 
@@ -190,14 +207,15 @@ def sequence_fetch_backward_op(grad: Tensor, dim: int, kind: str, schedule: str,
     rank, P, group = _rank_and_size(group_name)
     dim %= grad.dim()
     m = fetch_map(kind, schedule, rank, P, local_rows * P)
+    ix = _indices(kind, schedule, rank, P, local_rows * P, grad.device)
     out = grad.new_zeros(_sized(grad, dim, local_rows))
     if m.local[0]:
-        out.index_add_(dim, _index(m.local[1], grad.device), grad.index_select(dim, _index(m.local[0], grad.device)))
+        out.index_add_(dim, ix.local_rows, grad.index_select(dim, ix.local_slots))
     # the mirror of the forward: gradients of rows fetched from a peer go back to it
-    sends = {peer: grad.index_select(dim, _index(slots, grad.device)).contiguous() for peer, slots in m.recv.items()}
+    sends = {peer: grad.index_select(dim, slots).contiguous() for peer, slots in ix.recv.items()}
     shapes = {peer: (_sized(grad, dim, len(rows)), grad.dtype, grad.device) for peer, rows in m.send.items()}
     for peer, got in _exchange(group, sends, shapes).items():
-        out.index_add_(dim, _index(m.send[peer], grad.device), got)
+        out.index_add_(dim, ix.send[peer], got)
     return out
 
 

@@ -109,3 +109,24 @@ def test_padded_conv1d_gradient():
     w = torch.randn(3, 1, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: padded_conv1d_op(x, w, b, 4, 0, 2, 3), (x, w, b))
+
+
+def test_the_sharded_ops_on_one_rank_are_the_plain_ops():
+    """With no group (one rank) the fetch, the halo convolution and the scan compute what torch
+    does on the whole sequence, gradients included."""
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 3, dtype=torch.float64)
+    cases = [
+        (lambda t: torch.ops.seqpar.sequence_fetch.default(t, 2, "shift:3:1", "ring", ""), lambda t: torch.roll(t, 3, 2)),
+        (lambda t: torch.ops.seqpar.sequence_fetch.default(t, 2, "flip", "zigzag", ""), lambda t: torch.flip(t, [2])),
+        (lambda t: torch.ops.seqpar.halo_conv1d.default(t, w, None, 4, 0, 2, 3, "ring", ""),
+         lambda t: F.conv1d(F.pad(t, (4, 0)), w, dilation=2, groups=3)),
+        (lambda t: torch.ops.seqpar.sequence_scan.default(t, 2, "logcumsumexp", "ring", ""),
+         lambda t: torch.logcumsumexp(t, 2)),
+    ]
+    g = torch.randn(2, 3, 8, dtype=torch.float64)
+    for ours, theirs in cases:
+        a, = torch.autograd.grad((ours(x) * g).sum(), x)
+        b, = torch.autograd.grad((theirs(x) * g).sum(), x)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-13)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
