@@ -151,6 +151,7 @@ def test_multihead_attention_key_padding_mask_is_key_validity(causal):
     assert len(found) == 1 and spec.key_padding and spec.causal == causal and err < 1e-12
 
 
+@pytest.mark.slow
 def test_symmetric_alibi_of_an_encoder_is_a_table_of_the_offset():
     """x-transformers' encoder ALiBi, −slope·|j − i| on 2 of 4 heads: no signed slope fits, a per-head
     function of j − i does (the ring evaluates it per block from a [H, 2S − 1] table)."""
@@ -175,7 +176,7 @@ def _t5_encoder(impl: str):
     return encoder
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("impl", [pytest.param("eager", marks=pytest.mark.slow), "sdpa"])
 def test_learned_relative_bias_of_t5_is_a_table_of_the_offset_with_its_gradient(impl):
     """T5's bucketed bias, an embedding of bucket(j − i) computed once and added in every layer
     (eager: to the scores; SDPA: as the float mask): each attention gets the [H, 2S − 1] table
