@@ -68,7 +68,7 @@ def _worker(rank, P, name, S, chunk, layers, steps, seqpar_alone=False):
             loss = out["loss"] if isinstance(out, dict) else out.loss
         saves.update(mib=sum(saved.values()) / 2**20, full=full)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}        # model state, not activations
     own = {kwargs["input_ids"].untyped_storage().data_ptr(), kwargs["labels"].untyped_storage().data_ptr()}
     start = time.perf_counter()

@@ -293,7 +293,8 @@ def _body_module(zone: _Zone, final: tuple, *, local: tuple | None) -> fx.GraphM
 
 def _random_inputs(zone: _Zone, gen: torch.Generator) -> list[torch.Tensor]:
     # in (-1/2, 0): decays stay decays (exp of a negative sum), products stay small
-    return [-0.5 * torch.rand(_shape(a), generator=gen, dtype=torch.float64).to(_ex(a).dtype) for a in zone.inputs]
+    return [(-0.5 * torch.rand(_shape(a), generator=gen, dtype=torch.float64)).to(_ex(a).device, _ex(a).dtype)
+            for a in zone.inputs]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -301,14 +302,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _prove(zone: _Zone, whole, part, P: int, S: int, seed_shape, seed_dtype) -> str | None:
+def _prove(zone: _Zone, whole, part, P: int, S: int, seed_shape, seed_dtype, device) -> str | None:
     """None when chaining the part's function over P parts equals the whole, and it is affine in
     the carried state; else why not."""
     gen = torch.Generator().manual_seed(0)
     xs = _random_inputs(zone, gen)
     tol = 1e-9 if seed_dtype == torch.float64 else 1e-4
     with torch.no_grad():
-        zero = torch.zeros(seed_shape, dtype=seed_dtype)
+        zero = torch.zeros(seed_shape, dtype=seed_dtype, device=device)
         try:
             ref, ref_T = whole(*xs, zero)
             parts = [[x if d is None else x.chunk(P, d)[r] for x, d in zip(xs, zone.seq_dims)] for r in range(P)]
@@ -318,8 +319,8 @@ def _prove(zone: _Zone, whole, part, P: int, S: int, seed_shape, seed_dtype) -> 
         err = max(_rel(torch.cat(outs, zone.out_dim), ref), _rel(hT, ref_T))
         if not err < tol:
             return f"chaining the zone over {P} parts differs from the whole (relative error {err:.2e})"
-        h1 = torch.randn(seed_shape, generator=gen, dtype=torch.float64).to(seed_dtype)
-        h2 = torch.randn(seed_shape, generator=gen, dtype=torch.float64).to(seed_dtype)
+        h1 = torch.randn(seed_shape, generator=gen, dtype=torch.float64).to(device, seed_dtype)
+        h2 = torch.randn(seed_shape, generator=gen, dtype=torch.float64).to(device, seed_dtype)
         (a, aT), (b, bT), (m, mT) = (part(*parts[0], h) for h in (h1, h2, (h1 + h2) / 2))
         err = max(_rel(m, (a + b) / 2), _rel(mT, (aT + bT) / 2))
         if not err < tol:
@@ -373,7 +374,7 @@ def collapse_recurrences(gm: fx.GraphModule, S: int, P: int, rank: int = 0) -> l
         whole = _body_module(zone, final, local=None)
         part = _body_module(zone, final, local=(n_chunks, P, S))
         seed = _ex(zone.seed)
-        why = _prove(zone, whole, part, P, S, tuple(seed.shape), seed.dtype)
+        why = _prove(zone, whole, part, P, S, tuple(seed.shape), seed.dtype, seed.device)
         if why is not None:
             _say(rank, f"the chunked scan ending at {_where(zone.merge)} is not proved to be a carried linear "
                        f"recurrence ({why})")

@@ -72,14 +72,21 @@ def _neighbours(group):
     return prev, nxt
 
 
+def _staged(t: Tensor, group) -> bool:
+    """gloo moves no CUDA tensors: the state then travels through host memory (it is small)."""
+    return t.device.type != "cpu" and "nccl" not in str(dist.get_backend(group))
+
+
 def _recv(like: Tensor, src: int, group) -> Tensor:
-    buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    device = "cpu" if _staged(like, group) else like.device
+    buf = torch.empty(like.shape, dtype=like.dtype, device=device)
     dist.recv(buf, src=src, group=group, tag=_TAG)
-    return buf
+    return buf.to(like.device)
 
 
 def _send(t: Tensor, dst: int, group) -> None:
-    dist.send(t.detach().contiguous(), dst=dst, group=group, tag=_TAG)
+    t = t.detach().contiguous()
+    dist.send(t.cpu() if _staged(t, group) else t, dst=dst, group=group, tag=_TAG)
 
 
 def _zeros_state(body: RecurrenceBody, like: Tensor) -> Tensor:
