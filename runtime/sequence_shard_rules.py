@@ -251,7 +251,10 @@ def _nll_backward(func, spec, grad, x, target, weight, reduction, ignore_index, 
 
 @_rule(aten.nonzero.default)
 def _nonzero(func, spec, x):
-    """Each rank's own nonzero entries (eager MoE token lists): ``token_rows.py``."""
+    """Each rank's own nonzero entries (eager MoE token lists): ``token_rows.py``. While Dynamo
+    traces (``capture_dynamic_output_shape_ops``) the count is unbacked: the gather as before."""
+    if _is_fake(x._local):
+        return NotImplemented
     from .token_rows import nonzero_rows
     return nonzero_rows(x)
 

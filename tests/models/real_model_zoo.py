@@ -152,6 +152,11 @@ ARCHITECTURES = {
                            "causal", "grouped_mm"),
     "mixtral-eager": (_moe("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2),
                       "causal", "eager"),
+    # the router's load-balancing loss in the loss (weight 1: its errors would show): sums over every token.
+    # Exact; not fully sharded: transformers' output capturing breaks the first layer's graph before its
+    # attention, and that piece (an RMSNorm) runs replicated, warned
+    "mixtral-eager-aux": (_moe("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2,
+                               router_aux_loss_coef=1.0), "aux", "eager"),
     "qwen3-moe-grouped_mm": (_moe("Qwen3MoeForCausalLM", "Qwen3MoeConfig", num_experts=4, num_experts_per_tok=2,
                                   moe_intermediate_size=32, head_dim=16), "causal", "grouped_mm"),
     "qwen3-moe-eager": (_moe("Qwen3MoeForCausalLM", "Qwen3MoeConfig", num_experts=4, num_experts_per_tok=2,
@@ -190,6 +195,8 @@ def batch_for(name: str, B: int = 2, S: int = 32) -> dict:
         mask[1, S - 7:] = 0
         kwargs["attention_mask"] = mask
         kwargs["labels"] = torch.where(mask.bool(), ids, -100)
+    elif kind == "aux":
+        kwargs["output_router_logits"] = True
     elif kind == "packed":
         kwargs["position_ids"] = torch.stack([torch.cat([torch.arange(12), torch.arange(S - 12)]),
                                               torch.cat([torch.arange(5), torch.arange(S - 5)])])
