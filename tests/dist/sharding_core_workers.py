@@ -62,6 +62,9 @@ def cases():
         "reshape-merge": (aten.reshape.default, [("shard", x, 1), [B, S * D]], {}),
         "mean-all": (aten.mean.default, [("shard", x, 1)], {}),
         "cat-features": (aten.cat.default, [[("shard", x, 1), ("shard", y, 1)], -1], {}),
+        # elementwise ops DTensor has no strategy for, planned as mul (Llama 4's rotary table)
+        "polar-rotary-table": (aten.polar.default, [("shard", x.abs(), 1), ("shard", y, 1)], {}),
+        "complex-shard-broadcast": (aten.complex.default, [("shard", x, 1), ("rep", _x(1, 1, D, seed=8))], {}),
         # mixing along the sequence through an op that knows the group (a halo, a carry)
         "cumsum-sequence": (aten.cumsum.default, [("shard", x, 1), 1], {}),
         "cumprod-sequence": (aten.cumprod.default, [("shard", 1.0 + 0.1 * x.tanh(), 1), 1], {}),
