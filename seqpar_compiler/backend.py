@@ -329,8 +329,13 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
             dump.finish(f"seqpar dump: no self-attention of one length; the graph runs replicated on {P} ranks")
         return None
     schedule, overlap, decision = opts["schedule"], opts["overlap"], None
+    with stage("placements and rewrite"):
+        from seqpar_compiler.passes.recurrences import collapse_recurrences
+        # chunked linear recurrences: state passed rank to rank; collapsed before the layout is
+        # chosen, which must then be contiguous for them
+        collapse_recurrences(gm, S, P, dist.get_rank(pg))
     from .cost_model_mixing import mixing_specs
-    mixing = mixing_specs(gm, S)             # convolutions over time, rolls, scans: the layout and the dump
+    mixing = mixing_specs(gm, S)     # convolutions over time, rolls, scans, recurrences: the layout and the dump
     if schedule == "auto" and not attention:     # nothing to decide on; later pieces adopt the shards' layout
         schedule = "zigzag"
     if schedule == "auto":
@@ -349,8 +354,6 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
                           kernel=opts["kernel"], overlap=overlap, grad_reduce=opts["grad_reduce"])
     from .frames import entry_activations, exit_specs, seed_shard_inputs
     with stage("placements and rewrite"):
-        from seqpar_compiler.passes.recurrences import collapse_recurrences
-        collapse_recurrences(gm, S, P, ctx.rank)     # chunked linear recurrences: state passed rank to rank
         entry = (entry_activations(gm, example_inputs, S, schedule, pg.group_name, static, opts["grad_reduce"])
                  if attention else {})
         already = seed_shard_inputs(ctx, gm, {**(shards or {}), **entry})

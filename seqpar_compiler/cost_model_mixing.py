@@ -8,6 +8,10 @@ rank), the bytes forward and backward (the halo's gradient goes back; the totals
 all-reduced), the number of messages, and the bytes a convolution saves for its backward (its
 runs with their halos: S/P + runs·(L+R) positions, where one process saves S + L + R).
 
+A linear recurrence collapsed by ``passes/recurrences.py`` (``seqpar::carried_recurrence``)
+carries one state per rank to the next (its gradient back): a message of the state's bytes,
+P−1 hops in sequence, only on a contiguous layout.
+
 ``auto`` uses it twice (``choose_schedule``): a layout on which an op cannot run sharded (striped:
 a rank's tokens are not runs) is no candidate for a graph that has one, and the others pay the
 seconds of their traffic at the profile's bandwidth and latency. The dump lists the traffic
@@ -24,7 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .runtime.layout import local_segments
+from .runtime.layout import layout_of, local_segments
 from .runtime.sequence_fetch import fetch_map, fetched_rows_from_others, halo_kind, shift_kind
 from .runtime.sequence_mixing import halo_runs_ok, scan_runs_ok
 
@@ -68,7 +72,10 @@ def _fetch_kind(spec: MixingSpec) -> str | None:
 
 
 def layout_ok(spec: MixingSpec, schedule: str, P: int) -> bool:
-    """Whether ``spec`` runs sharded on ``schedule`` (a roll or flip does on every layout)."""
+    """Whether ``spec`` runs sharded on ``schedule`` (a roll or flip does on every layout; a
+    carried recurrence passes its state in sequence order, so only a contiguous one)."""
+    if spec.kind == "state":
+        return layout_of(schedule).contiguous
     if spec.kind == "halo":
         return halo_runs_ok(schedule, P, spec.S // P)
     if spec.kind == "scan":
@@ -79,6 +86,8 @@ def layout_ok(spec: MixingSpec, schedule: str, P: int) -> bool:
 def traffic(spec: MixingSpec, schedule: str, P: int) -> MixingTraffic:
     """What one call moves and saves on ``schedule`` (module docstring)."""
     back = 1 if spec.backward else 0
+    if spec.kind == "state":          # one state to the next rank; its gradient comes back
+        return MixingTraffic(1, spec.row_bytes, spec.row_bytes * back, 1 + back, spec.row_bytes * back)
     kind = _fetch_kind(spec)
     if kind is not None:
         rows = max(fetched_rows_from_others(kind, schedule, r, P, spec.S) for r in range(P))
@@ -96,7 +105,9 @@ def traffic(spec: MixingSpec, schedule: str, P: int) -> MixingTraffic:
 def mixing_seconds(spec: MixingSpec, schedule: str, P: int, profile) -> float:
     """The traffic's seconds at the profile's neighbour bandwidth and per-message latency."""
     t = traffic(spec, schedule, P)
-    return (t.bytes_forward + t.bytes_backward) / profile.ring_bandwidth(P) + t.messages * profile.latency
+    seconds = (t.bytes_forward + t.bytes_backward) / profile.ring_bandwidth(P) + t.messages * profile.latency
+    # a carried state crosses the ranks one after another: P−1 hops on the critical path
+    return seconds * (P - 1) if spec.kind == "state" else seconds
 
 
 def describe(spec: MixingSpec, schedule: str, P: int) -> str:
@@ -105,7 +116,8 @@ def describe(spec: MixingSpec, schedule: str, P: int) -> str:
         return f"{spec.op}: not sharded on {schedule} (its tokens are not runs): gathered"
     t = traffic(spec, schedule, P)
     what = {"halo": f"halo of {spec.left}+{spec.right} positions per run", "shift": f"roll by {spec.left}",
-            "flip": "flip", "scan": "run totals from every rank"}[spec.kind]
+            "flip": "flip", "scan": "run totals from every rank",
+            "state": f"state passed rank to rank, {P - 1} hops in sequence"}[spec.kind]
     line = (f"{spec.op} ({what}): receives {t.rows} rows = {t.bytes_forward} B forward, "
             f"{t.bytes_backward} B backward, {t.messages} messages per step")
     return line + (f"; saves {t.saved_bytes} B per rank for its backward" if t.saved_bytes else "")
@@ -130,6 +142,26 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
+def _is_recurrence(target) -> bool:
+    return getattr(target, "__name__", None) == "carried_recurrence" and \
+        getattr(target, "__module__", "").endswith("passes.recurrences")
+
+
+def _recurrence_state_bytes(node: fx.Node) -> int | None:
+    """The bytes of the state a collapsed recurrence (``passes/recurrences.py``) carries."""
+    import sys
+    module = sys.modules.get(node.target.__module__)
+    proved = getattr(module, "_PROVED", {}).get(node.args[0])
+    if proved is None:
+        return None
+    from .runtime.recurrence_op import body_of
+    body = body_of(proved.local)
+    n = 1
+    for d in body.state_shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=body.state_dtype).element_size()
+
+
 def mixing_specs(gm: fx.GraphModule, S: int) -> list[MixingSpec]:
     """The graph's convolutions over time, rolls, flips and scans along a dim of length ``S``
     (after ``passes/causal_conv.py`` made each padded convolution one node). A dim of that length
@@ -141,6 +173,12 @@ def mixing_specs(gm: fx.GraphModule, S: int) -> list[MixingSpec]:
         if node.op not in ("call_function", "call_method"):
             continue
         target = node.target
+        if _is_recurrence(target):
+            state = _recurrence_state_bytes(node)
+            if state is not None:
+                grad = any(isinstance(_example(a), torch.Tensor) and _example(a).requires_grad for a in node.args[1:])
+                out.append(MixingSpec("state", "carried_recurrence", S, state, backward=grad))
+            continue
         x = _example(node.args[0]) if node.args else None
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             continue

@@ -64,3 +64,37 @@ def test_mixing_specs_read_from_the_graph():
     torch.compile(_Hybrid(), backend=capture)(torch.randn(2, 16, 4))
     kinds = sorted((m.kind, m.op, m.left) for m in seen["specs"])
     assert kinds == [("halo", "padded_conv1d", 3), ("scan", "cumsum", 0), ("shift", "roll", 1)]
+
+
+def test_a_carried_recurrence_is_one_state_per_hop_on_contiguous_layouts_only():
+    """A chunked GLA collapsed into a carried recurrence (``passes/recurrences.py``): the cost
+    model reads its state's bytes, and ``auto`` keeps to a contiguous layout for it."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+    from fla_modules import chunk_simple_gla
+    from seqpar_compiler.passes.recurrences import _PROVED, collapse_recurrences
+    from seqpar_compiler.runtime.recurrence_op import body_of
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    gate = F.logsigmoid(torch.randn(1, 2, 64, generator=g, dtype=torch.float64)) / 4
+    seen = {}
+
+    def capture(gm, example_inputs):
+        keys = collapse_recurrences(gm, 64, 2)
+        seen["specs"], seen["key"] = mixing_specs(gm, 64), keys[0]
+        return gm
+    torch._dynamo.reset()
+    torch.compile(lambda *a: chunk_simple_gla(*a, 16, 0.5), backend=capture, fullgraph=True)(q, k, v, gate)
+    (spec,) = seen["specs"]
+    body = body_of(_PROVED[seen["key"]].local)
+    assert spec.kind == "state" and spec.row_bytes == torch.zeros(body.state_shape, dtype=body.state_dtype).nbytes
+    assert layout_ok(spec, "ring", 2) and not layout_ok(spec, "zigzag", 2)
+    t = traffic(spec, "ring", 4)
+    assert (t.rows, t.bytes_forward, t.messages) == (1, spec.row_bytes, 1)
+    assert "3 hops in sequence" in describe(spec, "ring", 4) and "gathered" in describe(spec, "zigzag", 4)
+    profile = load_profile("h100-dgx")
+    attn = [AttentionSpec(B=1, Hq=8, Hkv=8, S=4096, D=64, causal=True)]
+    big = MixingSpec("state", "carried_recurrence", 4096, spec.row_bytes)
+    schedule, _, totals = choose_schedule(attn, 4, profile, (True,), (big,))
+    assert schedule in ("ring", "distflash", "ulysses") and ("zigzag", True) not in totals
