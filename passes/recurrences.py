@@ -138,7 +138,8 @@ def _zones(gm: fx.GraphModule, S: int) -> list[_Zone | str]:
             members |= g[0]
             merges = list(dict.fromkeys([*g[1], *merges]))
         splits = [s for g in touching for s in g[2]] + [n]
-        groups.append((members, merges, splits, found[1]))
+        chunks = {found[1], *(g[3] for g in touching)}
+        groups.append((members, merges, splits, chunks.pop() if len(chunks) == 1 else None))
     return [_make_zone(members, merges, chunk, S, order, splits) for members, merges, splits, chunk in groups]
 
 
@@ -166,6 +167,8 @@ def _constant_ancestors(members: set) -> set:
 def _make_zone(members, merges, chunk, S, order, splits) -> _Zone | str | None:
     if not any(n.target in _ZERO_SEEDS and any(u.target in _CAT for u in n.users) for n in members):
         return None              # chunks with no state carried across them: not a recurrence
+    if chunk is None:
+        return "sequence values viewed as chunks of different lengths"
     if len(merges) != 1:
         return f"{len(merges)} results leave the chunked zone (one is taken)"
     merge = merges[0]

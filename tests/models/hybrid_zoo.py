@@ -47,12 +47,26 @@ def _granite_hybrid(chunk: int, layers: int):
     return transformers.GraniteMoeHybridForCausalLM(cfg)
 
 
+def _qwen3_next(chunk: int, layers: int):
+    """Gated DeltaNet layers whose chunk loop is a Python loop (unrolled by Dynamo; chunk 64 in
+    transformers' code, ``chunk`` unused): not recognised as a carried recurrence, gathered."""
+    import transformers
+    cfg = transformers.Qwen3NextConfig(**_COMMON, num_hidden_layers=layers, head_dim=16,
+                                       layer_types=["linear_attention", "full_attention"] * (layers // 2),
+                                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                                       linear_value_head_dim=16, num_experts=2, num_experts_per_tok=1,
+                                       moe_intermediate_size=32, mlp_only_layers=list(range(layers)),
+                                       attention_dropout=0.0)
+    return transformers.Qwen3NextForCausalLM(cfg)
+
+
 def _fla_gla(chunk: int, layers: int):
     from fla_modules import GLAHybridLM
     return GLAHybridLM(vocab=VOCAB, width=64, heads=4, layers=layers, chunk=chunk)
 
 
-HYBRIDS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "granite_hybrid": _granite_hybrid, "fla_gla": _fla_gla}
+HYBRIDS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "granite_hybrid": _granite_hybrid, "fla_gla": _fla_gla,
+           "qwen3_next": _qwen3_next}
 
 
 def build(name: str, *, chunk: int = 16, layers: int = 2) -> torch.nn.Module:
