@@ -23,9 +23,11 @@ EAGER_GATHERED_BACKWARD = {"cumprod": ("aten.max.dim", "aten.scatter_.value", "a
 
 def _grid(P):
     return [(kind, name, schedule, 8 * P) for kind in ("compiled", "eager") for name in W.MIXERS
-            for schedule in SCHEDULES if kind == "compiled" or name in W.EAGER_OPS] + STRIPED
+            for schedule in SCHEDULES if kind == "compiled" or name in W.EAGER_OPS] + STRIPED + HYBRID.get(P, [])
 
 
+# the hybrid layout (Ulysses inside groups of 2, zigzag across them) on 4 ranks: each rank holds one run
+HYBRID = {4: [("compiled", name, "hybrid", 32) for name in ("causal_conv_slice_depthwise", "cumsum", "roll_forward")]}
 # on striped a rank's tokens are not runs: a convolution or a scan gathers, warned, and stays exact
 STRIPED = [("compiled", "causal_conv_slice_depthwise", "striped", 16), ("compiled", "cumsum", "striped", 16),
            ("eager", "cumsum", "striped", 16)]
