@@ -244,10 +244,12 @@ def _final_state(zone: _Zone) -> tuple[fx.Node, int] | str:
 
 
 # -- the zone as functions: whole and on one rank's part ----------------------------------------
-def _localise(node: fx.Node, args: tuple, n_chunks: int, P: int, S: int) -> tuple:
+def _localise(node: fx.Node, args: tuple, n_chunks: int, P: int, S: int, chunk: int, keep_chunk: bool) -> tuple:
     """The arguments of ``node`` at one rank's part: sizes that count chunks (n or n+1, the
     chunks with the initial state in front) or tokens become the part's; ``expand`` keeps the
-    sizes of dims that are not broadcast (-1). The chained evaluation checks the result."""
+    sizes of dims that are not broadcast (-1). With ``keep_chunk``, a factory's size equal to
+    the chunk length stays (a mask inside a chunk when n = c, S = c², e.g. 65536 = 256²). The
+    chained evaluation checks the result."""
     sizes = {n_chunks: n_chunks // P, n_chunks + 1: n_chunks // P + 1, S: S // P}
 
     def swap(v):
@@ -267,13 +269,16 @@ def _localise(node: fx.Node, args: tuple, n_chunks: int, P: int, S: int) -> tupl
             dims = [swap(v) for v in dims]
         return (args[0], dims) if listed else (args[0], *dims)
     if t in _SIZE_FACTORIES or t in ("new_zeros", "new_ones", "new_empty", "new_full"):
+        if keep_chunk:
+            sizes.pop(chunk, None)
+
         def deep(v):
             return type(v)(swap(x) for x in v) if isinstance(v, (list, tuple)) else swap(v)
         return tuple(deep(v) for v in args)
     return args
 
 
-def _body_module(zone: _Zone, final: tuple, *, local: tuple | None) -> fx.GraphModule:
+def _body_module(zone: _Zone, final: tuple, *, local: tuple | None, keep_chunk: bool = False) -> fx.GraphModule:
     """``fn(*inputs, h0) -> (out, hT)``; ``local = (n, P, S)`` makes the sizes one rank's."""
     g = fx.Graph()
     env = {a: g.placeholder(f"in_{i}") for i, a in enumerate(zone.inputs)}
@@ -284,7 +289,7 @@ def _body_module(zone: _Zone, final: tuple, *, local: tuple | None) -> fx.GraphM
             continue
         new = g.node_copy(n, lambda a: env[a])
         if local is not None:
-            new.args = _localise(n, new.args, *local)
+            new.args = _localise(n, new.args, *local, zone.chunk, keep_chunk)
         env[n] = new
     value, d = final
     idx = tuple([slice(None)] * d + [slice(-1, None)])
@@ -378,6 +383,9 @@ def collapse_recurrences(gm: fx.GraphModule, S: int, P: int, rank: int = 0) -> l
         part = _body_module(zone, final, local=(n_chunks, P, S))
         seed = _ex(zone.seed)
         why = _prove(zone, whole, part, P, S, tuple(seed.shape), seed.dtype, seed.device)
+        if why is not None and zone.chunk in (n_chunks, n_chunks + 1):     # a chunk mask's size read as a count
+            part = _body_module(zone, final, local=(n_chunks, P, S), keep_chunk=True)
+            why = _prove(zone, whole, part, P, S, tuple(seed.shape), seed.dtype, seed.device)
         if why is not None:
             _say(rank, f"the chunked scan ending at {_where(zone.merge)} is not proved to be a carried linear "
                        f"recurrence ({why})")

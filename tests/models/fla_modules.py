@@ -27,10 +27,10 @@ def chunk_simple_gla(q, k, v, g, chunk_size: int, scale: float, initial_state=No
     V = v.shape[-1]
     C = chunk_size
     n = T // C
-    q = (q * scale).reshape(B, H, n, C, K)
-    k = k.reshape(B, H, n, C, K)
-    v = v.reshape(B, H, n, C, V)
-    g = g.reshape(B, H, n, C).cumsum(-1)                                  # log decay from the chunk start
+    q = (q * scale).reshape(B, H, -1, C, K)                               # [B, H, n, C, K]
+    k = k.reshape(B, H, -1, C, K)
+    v = v.reshape(B, H, -1, C, V)
+    g = g.reshape(B, H, -1, C).cumsum(-1)                                 # log decay from the chunk start
     causal = torch.tril(torch.ones(C, C, dtype=torch.bool, device=q.device))
     decay = (g[..., :, None] - g[..., None, :]).masked_fill(~causal, float("-inf")).exp()   # [B, H, n, C, C]
     intra = ((q @ k.transpose(-1, -2)) * decay) @ v                       # [B, H, n, C, V]

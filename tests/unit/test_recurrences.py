@@ -113,10 +113,32 @@ def test_a_state_multiplied_by_itself_is_left_alone_and_said():
     assert keys == [] and len(said) == 1 and "multiplied by itself" in said[0], said
 
 
+def _explicit_views(q, k, v, g):
+    """The chunk form with every chunk view's sizes written out (no -1)."""
+    B, H, T, K = q.shape
+    n, C = T // 16, 16
+    q, k, v = (x.reshape(B, H, n, C, K) for x in (q, k, v))
+    kv = k.transpose(-1, -2) @ v
+    states = torch.cat([kv.new_zeros(B, H, 1, K, K), kv], dim=2)
+    new = states.cumsum(2)
+    return (q @ new[:, :, :-1]).reshape(B, H, T, K)
+
+
 def test_sizes_that_cannot_be_made_local_are_refused_by_the_proof_not_trusted():
-    """4 chunks and 4 heads: the chunk count cannot be told from the head count in the chunk
-    views, the part's function is wrong or fails, and the proof says so."""
+    """4 chunks and 4 heads in a view with its sizes written out: the chunk count cannot be told
+    from the head count, the part's function is wrong or fails, and the proof says so."""
     args = _inputs(64, H=4)
-    gm = _capture(_gla, *args)
+    gm = _capture(_explicit_views, *args)
     keys, said = _collapse(gm, 64, 2)
     assert keys == [] and len(said) == 1 and "not proved" in said[0], said
+
+
+def test_as_many_chunks_as_tokens_per_chunk_still_localises():
+    """S = c² (64 = 8·8): the chunk mask ``ones(c, c)`` has the size of the chunk count; the
+    pass retries with the chunk-sized masks kept and proves that."""
+    def gla8(q, k, v, g):
+        return chunk_simple_gla(q, k, v, g, 8, 0.5)
+    args = _inputs(64, K=16)
+    gm = _capture(gla8, *args)
+    keys, said = _collapse(gm, 64, 2)
+    assert len(keys) == 1 and said == [], said
