@@ -88,11 +88,23 @@ class InPlaceScanAlongSequence(_Block):
 
 
 class WriteThroughViewSplittingSequence(_Block):
-    """A write through a view that splits the sequence dim into (S/4, 4)."""
+    """A write through a view that splits the sequence dim into rows of 4 tokens: every layout
+    chunk holds whole rows, so each rank's rows are its own and the write stays on the shard."""
 
     def forward_case(self, x, q, k, v):
         h = self.attend(q, k, v).clone()
         grid = h.view(B, S // 4, 4, D)
+        grid[:, :, 0].mul_(2.0)
+        return self.mlp(h)
+
+
+class WriteThroughViewStraddlingRanks(_Block):
+    """A write through a view that splits the sequence into two rows of S/2 tokens: under
+    zigzag (the test asks for it) each row lies on both ranks, so the rows are no rank's own."""
+
+    def forward_case(self, x, q, k, v):
+        h = self.attend(q, k, v).clone()
+        grid = h.view(B, 2, S // 2, D)
         grid[:, :, 0].mul_(2.0)
         return self.mlp(h)
 
@@ -121,6 +133,7 @@ class WriteIntoInput(nn.Module):
 
 CASES = {cls.__name__: cls for cls in (NewEmptyCopySlices, AddInPlaceIntoActivation, SetitemAlongSequence,
                                        InPlaceScanAlongSequence, WriteThroughViewSplittingSequence,
+                                       WriteThroughViewStraddlingRanks,
                                        SliceWriteAlongFeatures, WriteIntoInput)}
 
 
