@@ -185,13 +185,13 @@ def run_cases(rank, P, cases):
 
 def entry_gradient_fallback_case(rank, P, grad_reduce):
     """The entry shard's gradient (a SequenceShard) reaching eager code with no shard rule for it
-    (a ``cumsum`` over the sequence before the frame): gathered and exact, warned, under ``sum``;
+    (an FFT over the sequence before the frame): gathered and exact, warned, under ``sum``;
     refused under ``none``, where a gathered gradient would be whole instead of partial."""
     from seqpar_compiler.runtime.grad_collectives import shard_entry_activation
     from seqpar_compiler.runtime.sequence_shard import ShardSpec, from_local
     spec = ShardSpec(1, S, "zigzag", dist.group.WORLD.group_name, grad_reduce=grad_reduce)
     w = torch.randn(B, S, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_()
-    local = shard_entry_activation(w.cumsum(1), spec)
+    local = shard_entry_activation(torch.fft.fft(w, dim=1).real, spec)
     loss = from_local(local.pow(2), spec).sum()
     error = None
     with warnings.catch_warnings(record=True) as caught:
@@ -201,7 +201,7 @@ def entry_gradient_fallback_case(rank, P, grad_reduce):
         except RuntimeError as e:
             error = str(e)
     ref = w.detach().clone().requires_grad_()
-    ref.cumsum(1).pow(2).sum().backward()
+    torch.fft.fft(ref, dim=1).real.pow(2).sum().backward()
     return {"error": error, "grad": None if error else _rel(w.grad, ref.grad),
             "warnings": [str(c.message)[:200] for c in caught if "seqpar" in str(c.message)]}
 
