@@ -413,6 +413,15 @@ def _rewrite_once(gm: fx.GraphModule, ctx: ShardingContext, input_dims: dict) ->
             if writes:
                 ctx.emitted[node] = _nodes_after(before, ctx.graph)
             continue
+        sizes = ctx.example(node)
+        if isinstance(sizes, (list, tuple)) and sizes and all(type(v) is int for v in sizes) or type(sizes) is int:
+            # x.size() of a sharded value in a graph traced with a symbolic length: once
+            # specialised to a length, the full value's sizes are numbers, the same on every rank
+            ctx.env[node] = ctx.emit(_sizes_of_the_full_value, (tuple(sizes) if not isinstance(sizes, int) else sizes,),
+                                     {}, Replicate())
+            ctx.place[node] = Replicate()
+            ctx.env[node].meta["seqpar_placement"] = Replicate()
+            continue
         rule = rule_for(node)
         try:
             result = rule(ctx, node) if rule is not None else None
@@ -448,6 +457,11 @@ def _rewrite_once(gm: fx.GraphModule, ctx: ShardingContext, input_dims: dict) ->
                            for old, new in ctx.env.items()
                            if isinstance(new, fx.Node) and new.name in alive}
     return out
+
+
+def _sizes_of_the_full_value(sizes):
+    """The global sizes a ``size()`` call reads (a graph node, so later nodes can take them)."""
+    return torch.Size(sizes) if isinstance(sizes, tuple) else sizes
 
 
 def _derived_sequence_dim(ctx: ShardingContext, node: fx.Node) -> int | None:

@@ -43,6 +43,7 @@ sequence and runs replicated, with a warning naming the op (correct, slower).
 from __future__ import annotations
 
 import pickle
+from fractions import Fraction
 import warnings
 from dataclasses import dataclass, field
 
@@ -98,7 +99,10 @@ class ShardSpec:
 
     @property
     def global_size(self) -> int:
-        return int(self.pre * self.S * self.post)     # post = 1/W: a token grid's rows (placements.py)
+        # post = p/W (a Fraction): a token grid's rows (placements.py). Integer arithmetic only, so
+        # a symbolic S (one trace for every length) stays symbolic instead of being specialised
+        post = Fraction(self.post)
+        return (self.pre * self.S * post.numerator) // post.denominator
 
 
 _gathers = [0]
@@ -150,7 +154,9 @@ class SequenceShard(torch.Tensor):
         # with a source it can guard on); rebuilding them from the inner tensor gives sizes
         # with no source, and guard building fails (IndexError in produce_guards_verbose).
         dim, schedule, group_name, pre, post, grad_reduce = ctx
-        spec = ShardSpec(dim, outer_size[dim] // (pre * post), schedule, group_name, pre, post, grad_reduce)
+        frac = Fraction(post)                    # integer arithmetic: a symbolic size stays symbolic
+        S = (outer_size[dim] * frac.denominator) // (pre * frac.numerator)
+        spec = ShardSpec(dim, S, schedule, group_name, pre, post, grad_reduce)
         return SequenceShard(inner["_local"], spec, shape=outer_size, stride=outer_stride)
 
     def __coerce_same_metadata_as_tangent__(self, expected_metadata, expected_type=None):

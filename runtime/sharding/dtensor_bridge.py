@@ -85,11 +85,22 @@ def _mesh_for(P: int, group_name: str | None):
     return _mesh(P, ranks)
 
 
+def _example_size(s) -> int:
+    """A size as a plain int without specialising it: a symbolic size (a frame traced for every
+    length) gives its example value. DTensor's placements depend on which dims are sharded, not
+    on their lengths; ``int(s)`` would add a guard on the length and recompile the frame at every
+    new one."""
+    if isinstance(s, torch.SymInt):
+        hint = getattr(s.node, "hint", None)
+        return int(hint) if hint is not None else int(s)
+    return int(s)
+
+
 def _contiguous_stride(shape):
     stride, acc = [], 1
     for s in reversed(shape):
         stride.append(acc)
-        acc *= max(int(s), 1)
+        acc *= max(s, 1)
     return tuple(reversed(stride))
 
 
@@ -132,7 +143,8 @@ def propagate(op, args: tuple, kwargs: dict, P: int, group_name: str | None = No
     def to_spec(a):
         if isinstance(a, ArgSpec):
             pl = Replicate() if a.shard is None else Shard(a.shard)
-            return DTensorSpec(mesh, (pl,), TensorMeta(torch.Size(a.shape), _contiguous_stride(a.shape), a.dtype))
+            shape = tuple(_example_size(d) for d in a.shape)
+            return DTensorSpec(mesh, (pl,), TensorMeta(torch.Size(shape), _contiguous_stride(shape), a.dtype))
         if isinstance(a, (list, tuple)) and any(isinstance(x, ArgSpec) for x in a):
             return type(a)(to_spec(x) for x in a)
         return a
