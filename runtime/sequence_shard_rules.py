@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .gathered_view import GatheredView, check_detached, detach_from, is_view_op, written_arguments
 from .sharding.dtensor_bridge import TENSOR
-from .sharding.ops import Refusal, TensorArg, plan_op
+from .sharding.ops import Refusal, TensorArg, op_registrar, plan_op
 from .sharding.placements import Partial, Replicate, Shard
 from .sequence_shard import (SequenceShard, ShardSpec, _is_fake, all_reduce_sum, gather_local, grad_sum, slice_local,
                              warn_gather)
@@ -37,12 +37,7 @@ _RULES: dict[Any, Callable] = {}
 _READS = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default}
 
 
-def _rule(*ops):
-    def register(fn):
-        for op in ops:
-            _RULES[op] = fn
-        return fn
-    return register
+_rule = op_registrar(_RULES)
 
 
 def dispatch(func, args, kwargs):

@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .layout import local_positions
+from .sharding.ops import op_registrar
 from .sharding.placements import RowIndex, Rows
 from .sequence_shard import SequenceShard, ShardSpec, gather_local, grad_sum, warn_gather
 
@@ -167,12 +168,7 @@ def nonzero_rows(x: SequenceShard) -> TokenRows:
 _RULES: dict[Any, Callable] = {}
 
 
-def _rule(*ops):
-    def register(fn):
-        for op in ops:
-            _RULES[op] = fn
-        return fn
-    return register
+_rule = op_registrar(_RULES)
 
 
 def dispatch(func, args, kwargs):

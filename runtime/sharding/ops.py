@@ -104,12 +104,19 @@ _DIM_DEFAULT = {aten.sort.default: -1, aten.topk.default: -1, aten.diff.default:
 RULES: dict[Any, Callable] = {}
 
 
-def _rule(*ops):
-    def register(fn):
-        for op in ops:
-            RULES[op] = fn
-        return fn
-    return register
+def op_registrar(table: dict) -> Callable:
+    """A decorator factory: ``@rule(op, ...)`` files the function under each ATen op in ``table``
+    (the core's RULES here; the eager shard and token-row dispatchers keep their own tables)."""
+    def rule(*ops):
+        def register(fn):
+            for op in ops:
+                table[op] = fn
+            return fn
+        return register
+    return rule
+
+
+_rule = op_registrar(RULES)
 
 
 @dataclass(frozen=True)
