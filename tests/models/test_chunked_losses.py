@@ -56,7 +56,9 @@ def test_more_chunked_losses_are_exact_and_fully_sharded(res_more, name):
 @pytest.mark.slow
 def test_chunked_loss_in_a_disabled_function_is_exact():
     """The chunks leave the compiled frame gathered (a frame's exits carry whole shards, not
-    parts), so the eager loss runs on whole chunks: exact, not yet sharded."""
+    parts), so the eager loss runs on whole chunks: exact, not yet sharded, and warned."""
     res = run_ranks(W.run_loss_cases, 2, ["torchtune-chunked-output-disabled"], timeout=600, pg_timeout=300)
     for rank, r in enumerate(res):
         _exact(rank, r["torchtune-chunked-output-disabled"])
+    said = [w for w in res[0]["torchtune-chunked-output-disabled"]["warnings"] if "leaves the frame" in w]
+    assert said, res[0]["torchtune-chunked-output-disabled"]["warnings"]     # the gather is warned, not quiet
