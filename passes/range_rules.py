@@ -394,9 +394,7 @@ def _exit(ctx, node, result):
     if not any(u.op == "output" for u in node.users):
         return result
     new, pl = result
-    # said like any fallback (once, op and line; an error under SEQPAR_FALLBACK=error): every rank
-    # then holds the whole chunk, which is the sequence parallelism lost for what reads it
-    ctx.fall_back(node, "a part of the sequence (a chunk) leaves the frame, whose exits carry whole shards only")
+    ctx.note_exit_gather(node)
     if isinstance(pl, SeqRange):
         ex = ctx.example(node)
         return gather_part(ctx, new, pl, ex.shape, ex.device), Replicate()

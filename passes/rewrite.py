@@ -194,6 +194,15 @@ class ShardingContext:
             raise SeqparFallbackError(message.replace("; gathering", ". SEQPAR_FALLBACK=error forbids gathering"))
         self.messages.append(message)          # said by rewrite_graph once its last attempt stands
 
+    def note_exit_gather(self, node: fx.Node) -> None:
+        """A part of the sequence (a chunk) returned by the frame is gathered at the exit: frames
+        hand whole shards only. Not a fallback (nothing in the frame ran replicated, and the value
+        is what the program returns), so ``SEQPAR_FALLBACK=error`` does not refuse it; but what
+        reads the chunk afterwards gets it whole on every rank, so it is said once."""
+        self.messages.append(f"seqpar: a part of the sequence ({_op_name(node)}) leaves the frame at "
+                             f"{_source_line(node)}; every rank gets the whole part (gathered at the exit), "
+                             f"so what reads it next runs on all of it (correct)")
+
     def reset(self, preset: dict) -> None:
         """Back to the state before the walk (placements preset by the frame edges kept), for
         another attempt with more storages forced replicated."""
