@@ -112,7 +112,7 @@ def _getitem(ctx, node):
     if isinstance(pl, tuple) and isinstance(index, int):
         return ctx.emit(operator.getitem, (ctx.env[container], index), placement=pl[index]), pl[index]
     if not isinstance(pl, Shard):
-        return "indexing a sharded container"
+        return _lookup_at_sharded_index(ctx, node, container, index)
     out = _index_placement(ctx, ctx.example(container), index, pl)
     if out == "indexing along the sequence dim":
         return getitem_part(ctx, node, _index_placement)
@@ -120,6 +120,26 @@ def _getitem(ctx, node):
         return out
     new_index = fx.node.map_arg(index, lambda a: ctx.env[a])
     return ctx.emit(operator.getitem, (ctx.env[container], new_index), placement=out), out
+
+
+def _lookup_at_sharded_index(ctx, node, container, index):
+    """``table[idx]``: a whole (replicated) table read at per-token integer indices, e.g. a
+    sinusoid table at ``position_ids`` (CodeGen, GPT-J). The result has the index's dims first,
+    so its rows are the index's rows: each rank looks up its own tokens, with no communication.
+    A table that needs a gradient gets it by the scatter-add of its local rows, summed over the
+    group like any replicated weight's. Masks (bool indices) and several index tensors are not
+    lookups: refused, so the caller gathers."""
+    items = index if isinstance(index, tuple) else (index,)
+    idx = items[0] if len(items) == 1 else None
+    if not isinstance(idx, fx.Node):
+        return "indexing a replicated tensor with more than one index, or not at a tensor of indices"
+    at = ctx.placement_of(idx)
+    ex = ctx.example(idx)
+    if (not isinstance(at, Shard) or isinstance(at, SeqRange) or not isinstance(ex, torch.Tensor)
+            or ex.dtype == torch.bool or ex.is_floating_point() or ex.is_complex()):
+        return "indexing a replicated tensor by a sharded mask or non-integer index"
+    new = ctx.emit(operator.getitem, (ctx.env[container], ctx.env[idx]), placement=at)
+    return new, at
 
 
 def _index_placement(ctx, ex, index, pl: Shard):

@@ -106,6 +106,28 @@ class _ChunkReturned(_LM):
 idiom("sequence-slice-returned")(_lm(_ChunkReturned))
 
 
+class _TableAtIndices(_LM):
+    """Whole tables read at per-token indices by plain indexing (CodeGen / GPT-J's sinusoid
+    buffer ``embed_positions[position_ids]``, a learned table ``bias[ids]``): each rank reads its
+    own tokens' rows; the learned table's gradient is the scatter of its local rows, summed."""
+
+    def __init__(self):
+        super().__init__()
+        angle = torch.arange(2 * S)[:, None] / 10.0 ** (torch.arange(4) / 4.0)
+        self.register_buffer("sincos", torch.cat([angle.sin(), angle.cos()], -1), persistent=False)
+        self.bias = nn.Parameter(torch.randn(V, 8) * 0.1)
+
+    def forward(self, ids, y):
+        pos = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+        table = torch.cat([self.sincos[pos + 3], self.bias[ids]], -1)          # [B, S, 16]
+        h = self.emb(ids)
+        h = h + table.repeat(1, 1, h.shape[-1] // 16)
+        return self.loss(self.head(self.body(h)), y)
+
+
+idiom("table-read-at-per-token-indices")(_lm(_TableAtIndices))
+
+
 class _CumsumInChunk(_LM):
     """A running sum inside a chunk of the sequence: no exact rule on a part, so the part is
     gathered (warned, exact) and the loss of that chunk runs replicated."""
