@@ -166,6 +166,14 @@ ARCHITECTURES = {
     "llama4-moe-chunked": (lambda experts: _llama4(experts, chunk=8), "causal", "eager"),
     "deepseek-v3-mla-grouped_mm": (_deepseek_v3, "causal", "grouped_mm"),
     "deepseek-v3-mla-eager": (_deepseek_v3, "causal", "eager"),
+    # interleaved sliding / full layers; a shared expert beside the routed ones; partial rotary
+    # read from a sinusoid table at position_ids by plain indexing (CodeGen)
+    "gemma3-interleaved": (_plain("Gemma3ForCausalLM", "Gemma3TextConfig", num_key_value_heads=2, head_dim=16,
+                                  sliding_window=8, layer_types=["sliding_attention", "full_attention"]), "causal"),
+    "qwen2-moe-shared-eager": (_moe("Qwen2MoeForCausalLM", "Qwen2MoeConfig", num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, shared_expert_intermediate_size=32), "causal", "eager"),
+    "codegen-table-rotary": (_plain("CodeGenForCausalLM", "CodeGenConfig", rotary_dim=8, n_embd=64, n_head=4,
+                                    n_layer=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "causal"),
 }
 
 

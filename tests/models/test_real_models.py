@@ -22,7 +22,7 @@ FULLY_SHARDED = ["llama", "llama-packed", "mistral-window", "qwen2", "qwen3", "p
                  "gpt2", "gpt-neox", "opt", "falcon-mqa", "mixtral-grouped_mm", "qwen3-moe-grouped_mm",
                  "deepseek-v3-mla-grouped_mm", "mixtral-eager", "qwen3-moe-eager", "deepseek-v3-mla-eager",
                  "llama4-moe", "llama-padded", "bert-padded", "modernbert-padded", "bloom-alibi", "mpt-alibi",
-                 "llama4-moe-chunked"]
+                 "llama4-moe-chunked", "gemma3-interleaved", "qwen2-moe-shared-eager", "codegen-table-rotary"]
 
 
 @pytest.fixture(scope="module")
