@@ -77,6 +77,7 @@ class ShardingContext:
     forced: set = field(default_factory=set)        # written storages computed replicated
     refuted: dict = field(default_factory=dict)     # local sort orders that failed -> why (token_local.py)
     emitted: dict = field(default_factory=dict)     # old writing node -> the new nodes its rule emitted
+    sourced: dict = field(default_factory=dict)     # (old, dim) -> its rows computed from sliced indices
     _grad_summed: dict = field(default_factory=dict)
     _gathered: dict = field(default_factory=dict)
     _from_data: set = field(default_factory=set)    # replicated values computed from the user's inputs
@@ -128,8 +129,10 @@ class ShardingContext:
 
     def local(self, old: Any, dim: int, pre: int = 1, post: int = 1) -> Any:
         """``old`` as this rank's shard along ``dim``: sharded values as they are, replicated
-        values of full sequence length sliced in the layout (gradient gathered). With pre/post,
-        ``dim`` is a merged (pre, sequence, post) dim."""
+        values of full sequence length sliced in the layout (gradient gathered). A lookup of
+        per-token indices (a learned position embedding) is computed from sliced indices
+        instead, so nothing is gathered (``source_slicing``). With pre/post, ``dim`` is a merged
+        (pre, sequence, post) dim."""
         if not isinstance(old, fx.Node):
             return old
         pl = self.placement_of(old)
@@ -137,6 +140,10 @@ class ShardingContext:
             return self.env[old]
         new = self.env[old]
         if pre == 1 and post == 1:
+            from .source_slicing import local_at_source
+            at_source = local_at_source(self, old, dim)
+            if at_source is not None:
+                return at_source
             return self.emit(self._slicer(), (new, dim, self.schedule, self.group_name), placement=Shard(dim))
         shape = list(self.example(old).shape)
         split = shape[:dim] + list(seq_factors(pre, post, self.S)) + shape[dim + 1:]
@@ -209,6 +216,7 @@ class ShardingContext:
         self.graph, self.env, self.place = fx.Graph(), {}, dict(preset)
         self.seq_inputs, self.constants, self.fallbacks, self.collectives = {}, {}, [], []
         self.messages, self.emitted, self._grad_summed, self._gathered = [], {}, {}, {}
+        self.sourced = {}
         self._from_data = set()
 
 

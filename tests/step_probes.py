@@ -4,9 +4,11 @@
   of the whole sequence length, other than the user's inputs. The pack hook reads storage
   pointers, which a FakeTensor refuses: it also pins that compilation runs none of the user's
   hooks on example values (it did: HF's mask went unproved, attention ran replicated).
-- ``SequenceGatherCounter``: ``dist.all_gather`` calls on tensors of 2 dims or more (what
-  ``gather_sequence`` and the backward of ``shard_sequence`` call; control traffic gathers
-  small vectors).
+- ``SequenceGatherCounter``: ``dist.all_gather`` calls on floating-point tensors of 2 dims or
+  more: activations and their gradients (what ``gather_sequence`` and the backward of
+  ``shard_sequence`` call). Control traffic gathers small vectors, and Ulysses gathers each
+  layer's per-token integer data (document ids, key validity: ``[B, S]``, no hidden dim) by
+  design; neither is the sequence's activations.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class SequenceGatherCounter:
         self.calls, self._orig = 0, dist.all_gather
 
         def counting(tensor_list, tensor, *args, **kwargs):
-            if tensor.dim() >= 2:
+            if tensor.dim() >= 2 and tensor.is_floating_point():
                 self.calls += 1
             return self._orig(tensor_list, tensor, *args, **kwargs)
         dist.all_gather = counting

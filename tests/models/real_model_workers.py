@@ -3,6 +3,8 @@ against the same step in this process: the real-code tier's measurement.
 
 A case never raises: it returns what happened (``status``: ``exact``, ``wrong`` or ``crash``,
 with the errors, the seqpar warnings, ring calls and gathers), so one spawn reports every model.
+Fully sharded means exact, the ring ran, and nothing was gathered: no gather seqpar warned of,
+and no all-gather of activations in the step (``gathers``) that it did not.
 """
 from __future__ import annotations
 
@@ -83,6 +85,10 @@ def real_model_case(rank: int, P: int, name: str, *, S: int = 32, B: int = 2, in
                       warnings=messages, fallbacks=_fallback_kind(messages))
         exact = result["loss"] <= LOSS_TOL and result["logits"] <= LOSS_TOL and worst[1] <= GRAD_TOL
         result["status"] = "exact" if exact else "wrong"
+        if gathers.calls and not result["fallbacks"]:
+            # a gather of activations seqpar did not say (the backward of a slice of a full-length
+            # value): the model is not fully sharded, and the table names it
+            result["fallbacks"] = [f"unwarned gathers: {gathers.calls} all-gather(s) of activations in the step"]
         result["fully_sharded"] = exact and not result["fallbacks"] and st.attention_forward_calls > 0
     except Exception as err:  # noqa: BLE001 - the tier reports crashes, it does not stop at one
         result.update(status="crash", error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",

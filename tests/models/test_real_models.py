@@ -15,9 +15,11 @@ from seqpar_compiler.launch import run_ranks
 pytest.importorskip("transformers")
 
 # exact and sharded end to end, each pinning a fix: OPT's wrapper views its ids before the
-# embedding (it ran replicated), GPT-2 and Llama as the plain baselines, BLOOM's real ALiBi code
-# and its GELU (an elementwise autograd.Function, which was gathered)
-FAST = ["opt", "gpt2", "llama", "bloom-alibi"]
+# embedding (it ran replicated) and its positions come from a cumsum of a mask of ones, BERT's
+# positions and token types from buffers (both looked up at full length and sliced: the
+# backward gathered their gradients, unwarned), GPT-2 and Llama as the plain baselines, BLOOM's
+# real ALiBi code and its GELU (an elementwise autograd.Function, which was gathered)
+FAST = ["opt", "bert-padded", "gpt2", "llama", "bloom-alibi"]
 FULLY_SHARDED = ["llama", "llama-packed", "mistral-window", "qwen2", "qwen3", "phi3", "gemma2-softcap-window",
                  "gpt2", "gpt-neox", "opt", "falcon-mqa", "mixtral-grouped_mm", "qwen3-moe-grouped_mm",
                  "deepseek-v3-mla-grouped_mm", "mixtral-eager", "qwen3-moe-eager", "deepseek-v3-mla-eager",
@@ -49,6 +51,7 @@ def test_subset_is_exact_and_fully_sharded(fast, name):
     for r in fast:
         assert r[name]["fully_sharded"], r[name]["fallbacks"]
         assert r[name]["ring_calls"] == 2, r[name]["ring_calls"]
+        assert r[name]["gathers"] == 0, r[name]["gathers"]
 
 
 @pytest.mark.slow
@@ -63,3 +66,4 @@ def test_every_architecture_is_exact(tier, name):
 def test_listed_architectures_are_fully_sharded(tier, name):
     for r in tier:
         assert r[name]["fully_sharded"], r[name]["fallbacks"]
+        assert r[name]["gathers"] == 0, r[name]["gathers"]
