@@ -8,7 +8,13 @@ op, its arguments with tensors replaced by ``ArgSpec`` (shape, dtype, sharded di
 an answer saying where each output is sharded, which inputs DTensor wants resharded, and the
 arguments with shape arguments made local.
 
-Shapes: every shape is a *global* shape; ``Shard(d)`` on a 1-D mesh of the group size P.
+Shapes: every shape is a *global* shape; ``Shard(d)`` on a 1-D mesh of the group size P. A
+symbolic size (a frame Dynamo traces once for every length) reaches DTensor as its example value
+and never comes back from it: DTensor runs the op on example-sized fake tensors, so a symbolic
+size argument beside them would be compared with an example size (a guard on one length), and a
+size DTensor derives from the example is that length's number. The caller gets its own symbolic
+arguments back, and ``Propagation.shape_arg`` names the one DTensor would have made local, for
+the caller to compute from the symbolic output shape.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
-__all__ = ["ArgSpec", "Propagation", "NoStrategy", "TENSOR", "propagate", "has_strategy"]
+__all__ = ["ArgSpec", "Propagation", "NoStrategy", "TENSOR", "propagate", "has_strategy", "is_symbolic"]
 
 TENSOR = object()   # marks where a tensor argument goes in ``Propagation.args``
 
@@ -50,12 +56,19 @@ class Propagation:
         args: the positional arguments with shape arguments made local, each tensor argument
             replaced by ``TENSOR`` (fill them in, in order).
         kwargs: likewise.
+        shape_arg: the index of the positional argument that is the output's shape (``expand``,
+            ``view``, ``new_zeros``, ...) when the output is sharded: DTensor's local value
+            there is computed from example sizes, so a caller with symbolic sizes computes it
+            itself (the global output shape with the sharded dim divided by P); else None.
+        stride_arg: likewise for a stride argument (``new_empty_strided``).
     """
 
     outputs: tuple
     inputs: tuple
     args: tuple
     kwargs: dict
+    shape_arg: int | None = None
+    stride_arg: int | None = None
 
 
 def _imports():
@@ -94,6 +107,25 @@ def _example_size(s) -> int:
         hint = getattr(s.node, "hint", None)
         return int(hint) if hint is not None else int(s)
     return int(s)
+
+
+def is_symbolic(value) -> bool:
+    """Whether ``value`` (a number or a nest of lists and tuples) holds a symbolic number."""
+    if isinstance(value, (list, tuple)):
+        return any(is_symbolic(v) for v in value)
+    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _example_value(value):
+    """A non-tensor argument with every symbolic number replaced by its example value."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_example_value(v) for v in value)
+    if isinstance(value, torch.SymInt):
+        return _example_size(value)
+    if isinstance(value, (torch.SymFloat, torch.SymBool)):
+        hint = getattr(value.node, "hint", None)
+        return hint if hint is not None else (float(value) if isinstance(value, torch.SymFloat) else bool(value))
+    return value
 
 
 def _contiguous_stride(shape):
@@ -147,7 +179,7 @@ def propagate(op, args: tuple, kwargs: dict, P: int, group_name: str | None = No
             return DTensorSpec(mesh, (pl,), TensorMeta(torch.Size(shape), _contiguous_stride(shape), a.dtype))
         if isinstance(a, (list, tuple)) and any(isinstance(x, ArgSpec) for x in a):
             return type(a)(to_spec(x) for x in a)
-        return a
+        return _example_value(a)
     schema = OpSchema(op, tuple(to_spec(a) for a in args), {k: to_spec(v) for k, v in kwargs.items()})
     prop = DTensor._op_dispatcher.sharding_propagator
     try:
@@ -165,14 +197,42 @@ def propagate(op, args: tuple, kwargs: dict, P: int, group_name: str | None = No
     def slot(a, orig):
         if isinstance(a, DTensorSpec):
             return TENSOR
+        if is_symbolic(orig):
+            return orig    # DTensor saw its example value: ours stays symbolic (module docstring)
         if isinstance(orig, (int, float, bool)) and not isinstance(a, type(orig)):
             return orig    # DTensor canonicalises some scalars (squeeze's dim becomes a tuple): keep ours
         if isinstance(a, (list, tuple)):
             return type(a)(slot(x, None) for x in a)
         return a
     orig_args = list(args) + [None] * (len(src.args_schema) - len(args))
+    shape_arg = stride_arg = None
+    if any(o is not None and o[0] == "shard" for o in outputs):
+        shape_arg, stride_arg = _shape_and_stride_args(prop, op)
+    rewritten = [i for i, (a, o) in enumerate(zip(src.args_schema, orig_args))
+                 if is_symbolic(o) and not _same(a, _example_value(o))]
+    rewritten += [k for k, v in src.kwargs_schema.items() if is_symbolic(kwargs.get(k))
+                  and not _same(v, _example_value(kwargs.get(k)))]
+    if set(rewritten) - {shape_arg, stride_arg}:
+        # a symbolic argument DTensor changed for a reason this module does not know: its value
+        # for the example would be one length's number in a graph traced for every length
+        raise NoStrategy(f"DTensor rewrote the symbolic arguments {rewritten} of {op}")
     return Propagation(outputs, inputs, tuple(slot(a, o) for a, o in zip(src.args_schema, orig_args)),
-                       {k: slot(v, kwargs.get(k)) for k, v in src.kwargs_schema.items()})
+                       {k: slot(v, kwargs.get(k)) for k, v in src.kwargs_schema.items()}, shape_arg, stride_arg)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _shape_and_stride_args(prop, op) -> tuple[int | None, int | None]:
+    """Which positional arguments of ``op`` DTensor rewrites from the global output shape (and
+    stride) to the local one when the output is sharded (its ``op_to_shape_and_stride_idx``)."""
+    idx = getattr(prop, "op_to_shape_and_stride_idx", {}).get(op)
+    if idx is None:
+        return None, None
+    return idx if isinstance(idx, tuple) else (idx, None)
 
 
 def _flat(args):

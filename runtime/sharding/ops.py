@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from .dtensor_bridge import TENSOR, ArgSpec, NoStrategy, propagate
+from .dtensor_bridge import TENSOR, ArgSpec, NoStrategy, is_symbolic, propagate
 from .layout import Layout, layout_of
 from .placements import Partial, Replicate, Shard, local_view_shape, view_placement
 
@@ -254,7 +254,26 @@ def _dtensor_plan(op, args, kwargs, ctx: _Context) -> OpPlan:
             outputs.append(Partial(o[1]))
         else:
             raise Refusal(f"{op}: DTensor places its result as {o}, which the layout cannot carry")
-    return OpPlan(tuple(operands), prop.args, prop.kwargs, tuple(outputs), (ctx.pre, ctx.post))
+    return OpPlan(tuple(operands), _local_shape_args(op, prop, args, outputs, ctx), prop.kwargs, tuple(outputs),
+                  (ctx.pre, ctx.post))
+
+
+def _local_shape_args(op, prop, args, outputs, ctx: _Context) -> tuple:
+    """DTensor's local arguments, with an output-shape argument (``expand``'s sizes) computed
+    from the global output shape as ``local_view_shape`` does: the sharded dim divided by P.
+    DTensor computes the same from example sizes, a number that would pin a symbolic length
+    (HF's ``repeat_kv`` expands a shard between frames: one compile per length)."""
+    if prop.shape_arg is None:
+        return prop.args
+    if prop.stride_arg is not None and is_symbolic(args[prop.shape_arg:prop.stride_arg + 1]):
+        # the local stride follows from the local shape in DTensor's terms only: not rebuilt here
+        raise Refusal(f"{op}: symbolic shape and stride arguments of a sharded result")
+    shard = outputs[0]
+    if not isinstance(shard, Shard) or ctx.out_shapes[0] is None:
+        raise Refusal(f"{op}: DTensor made a shape argument local for a result the layout does not shard")
+    local = list(prop.args)
+    local[prop.shape_arg] = local_view_shape(tuple(ctx.out_shapes[0]), shard, ctx.P)
+    return tuple(local)
 
 
 def _check_layout_op(op, args, kwargs) -> None:

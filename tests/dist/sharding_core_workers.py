@@ -60,6 +60,10 @@ def cases():
         "new-empty-like-shard": (aten.new_empty.default, [("shard", x, 1), [B, S, D]], {}),
         "unsafe-view-merge": (aten._unsafe_view.default, [("shard", x, 1), [B * S, D]], {}),
         "reshape-merge": (aten.reshape.default, [("shard", x, 1), [B, S * D]], {}),
+        # sizes naming the full length, made local from the output shape (GQA's repeat_kv)
+        "expand-repeat-heads": (aten.expand.default, [("shard", x.view(B, 1, 1, S, D), 3), [B, H, 2, S, D]], {}),
+        "expand-minus-one": (aten.expand.default, [("shard", x[:, None], 2), [B, 3, -1, D]], {}),
+        "expand-merged-rows": (aten.expand.default, [("shard", x.reshape(B * S, 1, D), 0, B), [B * S, H, D]], {}),
         "mean-all": (aten.mean.default, [("shard", x, 1)], {}),
         "cat-features": (aten.cat.default, [[("shard", x, 1), ("shard", y, 1)], -1], {}),
         # elementwise ops DTensor has no strategy for, planned as mul (Llama 4's rotary table)

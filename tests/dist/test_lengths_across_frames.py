@@ -18,15 +18,7 @@ CASES = [("gpt-per-block-automatic", "frames", dict(model="gpt", arrangement="pe
          ("hf-llama-graph-break-dynamic", "hf", dict(lengths=LENGTHS)),
          ("llama-fsdp-per-block-dynamic", "frames", dict(model="llama", arrangement="fsdp-per-block",
                                                          lengths=LENGTHS[:10], dynamic=True))]
-# The HF graph-break Llama recompiles its decoder-layer frame at every length: the eager plan of
-# repeat_kv's expand on a SequenceShard takes its local sizes from DTensor's answer, computed on the
-# example length, and Dynamo guards on it. Exact at every length (the first test below still
-# checks it), but past the recompile limit the layer runs replicated, warned.
-_RECOMPILES = pytest.mark.xfail(strict=True, reason="HF Llama graph-break frame recompiles per length "
-                                                    "(eager expand sized from DTensor's example-length answer)")
 NAMES = [c[0] for c in CASES]
-NAMES_COMPILING_ONCE = [pytest.param(n, marks=_RECOMPILES) if n == "hf-llama-graph-break-dynamic" else n
-                        for n in NAMES]
 # FSDP2 per-block under automatic dynamic shapes (no dynamic=True): the recompile at the second
 # length builds Dynamo's guards with no sourceless symbol (the eager rules keep the length symbolic)
 FAILING = [("llama-fsdp-per-block-automatic", "failure", dict(model="llama", arrangement="fsdp-per-block",
@@ -47,14 +39,14 @@ def test_every_length_is_exact(res, name):
             assert rr["loss"] <= 1e-5 and worst[1] <= 1e-4, (rank, S, rr["loss"], worst)
 
 
-@pytest.mark.parametrize("name", NAMES_COMPILING_ONCE)
+@pytest.mark.parametrize("name", NAMES)
 def test_every_length_rings_once_per_layer(res, name):
     for rank, r in enumerate(res):
         for S, rr in r[name]["lengths"].items():
             assert rr["ring_calls"] == r[name]["layers"], (rank, S, rr["ring_calls"])
 
 
-@pytest.mark.parametrize("name", NAMES_COMPILING_ONCE)
+@pytest.mark.parametrize("name", NAMES)
 def test_frames_stop_compiling_after_the_length_turns_symbolic(res, name):
     """Dynamo compiles each frame at most twice (static first length, then symbolic): no compile
     after the second length, so the recompile limit is never near."""
@@ -63,7 +55,7 @@ def test_frames_stop_compiling_after_the_length_turns_symbolic(res, name):
         assert compiles[1] == compiles[-1], (rank, compiles)
 
 
-@pytest.mark.parametrize("name", NAMES_COMPILING_ONCE)
+@pytest.mark.parametrize("name", NAMES)
 def test_no_recompile_limit_and_no_fallback_warnings(res, name):
     for r in res:
         bad = [w for w in r[name]["warnings"] if "recompile" in w or "replicated" in w or "cannot shard" in w
