@@ -108,6 +108,22 @@ class ShardSpec:
 _gathers = [0]
 
 
+def _global_stride(local: Tensor, dim: int, global_size) -> list | None:
+    """The full value's strides laid out as this rank's local tensor is: the dims outside ``dim``
+    in memory grow by the shard factor, the ones inside and the broadcast (stride 0) ones keep
+    theirs. Why not contiguous strides: a transposed or expanded shard (GQA's ``unsqueeze →
+    expand → flatten``) must look non-viewable to the graph traced on the full value exactly
+    when its local tensor is, or the graph says ``view`` where the local tensor needs a copy.
+    None (contiguous) when the factor is not a whole number or the shard is empty."""
+    n = local.shape[dim]
+    if isinstance(n, torch.SymInt) or isinstance(global_size, torch.SymInt) or n == 0 or global_size % n:
+        return None
+    factor = global_size // n
+    span = local.stride(dim) * n
+    return [st * factor if i != dim and st != 0 and st >= span and span > 0 else st
+            for i, st in enumerate(local.stride())]
+
+
 def gather_count() -> int:
     """All-gathers of SequenceShards run eagerly so far on this rank (fallbacks and reads)."""
     return _gathers[0]
@@ -133,6 +149,8 @@ class SequenceShard(torch.Tensor):
         if shape is None:
             shape = list(local.shape)
             shape[spec.dim] = spec.global_size
+        if stride is None:
+            stride = _global_stride(local, spec.dim, shape[spec.dim])
         out = torch.Tensor._make_wrapper_subclass(cls, shape, strides=stride, dtype=local.dtype,
                                                   device=local.device, requires_grad=requires_grad)
         out._local = local
