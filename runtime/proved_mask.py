@@ -168,6 +168,8 @@ class ProvedMask(torch.Tensor):
         if masks and not _is_fake(masks[0].tokens):
             warnings.warn(f"seqpar: eager op {func} on a proved {masks[0].facts.describe()} attention mask: "
                           f"materialising it ({list(masks[0].shape)}); inside a compiled frame it stays "
-                          f"facts, outside one it costs the full S x S", stacklevel=3)
+                          f"facts, outside one it costs the full S x S, and attention run outside compiled "
+                          f"frames runs over the whole sequence on every rank (a torch.utils.checkpoint'ed "
+                          f"layer whose body has a graph break runs uncompiled: docs/training.md)", stacklevel=3)
         plain = tree_map(lambda a: a.full_tensor() if isinstance(a, ProvedMask) else a, (args, kwargs))
         return func(*plain[0], **plain[1])
