@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
+from seqpar_compiler.runtime.rank_dropout import rank_dropout_op  # noqa: F401  (registers the op)
 
 from .attention_patterns import canonical_attention
 from .attention_rules import canonical_attention_rule, sdpa_rule
@@ -43,6 +44,30 @@ def _tensor_nodes(value) -> list[fx.Node]:
     found = []
     fx.node.map_arg(value, found.append)
     return found
+
+
+# -- dropout -----------------------------------------------------------------------------------
+def _dropout(ctx, node):
+    """``F.dropout`` / ``torch.dropout`` of a shard: a mask drawn per rank
+    (``runtime/rank_dropout.py``: the plain op would draw one mask on every rank for different
+    tokens). Off (eval, p = 0) it is the identity, as pointwise. In place, or with a probability
+    only known at run time, it is refused: the generic rule then refuses the random ATen op and
+    the value is computed whole (one device's mask, bitwise)."""
+    names = ["input", "p", "training", "inplace"] if node.target is F.dropout else ["input", "p", "train"]
+    a = call_arguments(node, names, {"p": 0.5, "training": True, "train": True, "inplace": False})
+    training = a.get("training", a.get("train"))
+    if not isinstance(a["p"], (int, float)) or not isinstance(training, bool):
+        return "dropout with a probability or mode known only at run time"
+    if not training or a["p"] == 0:
+        return _pointwise(ctx, node)
+    if a.get("inplace"):
+        return "dropout in place"
+    pl = ctx.shard_of(a["input"])
+    if pl is None or not isinstance(ctx.example(a["input"]), torch.Tensor):
+        return "dropout whose input is not a shard"
+    pair = ctx.emit(torch.ops.seqpar.rank_dropout.default, (ctx.env[a["input"]], float(a["p"]), ctx.group_name),
+                    placement=(pl, pl))
+    return ctx.emit(operator.getitem, (pair, 0), placement=pl), pl
 
 
 # -- pointwise ---------------------------------------------------------------------------------
@@ -249,7 +274,7 @@ def _arange(ctx, node):
 POINTWISE_FUNCTIONS = [operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
                        torch.add, torch.sub, torch.mul, torch.div, torch.rsqrt, torch.exp, torch.tanh,
                        torch.sigmoid, torch.sin, torch.cos, torch.sqrt, torch.neg, torch.pow, torch.where,
-                       F.gelu, F.silu, F.relu, F.dropout, torch.nn.functional.tanh, F.logsigmoid]
+                       F.gelu, F.silu, F.relu, torch.nn.functional.tanh, F.logsigmoid]
 POINTWISE_METHODS = ["add", "sub", "mul", "div", "neg", "pow", "rsqrt", "exp", "tanh", "sigmoid", "sin", "cos",
                      "sqrt", "float", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "relu",
                      "detach", "__add__", "__mul__", "__radd__", "__rmul__", "masked_fill"]
@@ -345,6 +370,7 @@ RULES = {
     canonical_attention: canonical_attention_rule,
     **{k: extreme_rule for k in EXTREME_KEYS},
     carried_recurrence: recurrence_rule,
+    F.dropout: _dropout, torch.dropout: _dropout,
 }
 if AUTOGRAD_FUNCTION_APPLY is not None:          # a user's elementwise autograd.Function (BLOOM's GELU)
     RULES[AUTOGRAD_FUNCTION_APPLY] = autograd_function_rule

@@ -4,6 +4,7 @@ Knows nothing of graphs (docs/architecture.md); the passes import op handles and
 """
 from .layout import SCHEDULES, Segment, check_sequence_length, local_positions, local_segments
 from .plan import RingPlan, build_plan
+from .rank_dropout import rank_dropout_op
 from .ring_op import ring_attention_backward_op, ring_attention_op
 from .sequence_ops import gather_sequence_op, shard_sequence_op
 from .sequence_fetch import sequence_fetch_op
@@ -26,6 +27,7 @@ __all__ = [
     "shard_sequence_op",
     "sequence_fetch_op",
     "padded_conv1d_op",
+    "rank_dropout_op",
     "stats",
     "ulysses_attention_backward_op",
     "ulysses_attention_op",

@@ -189,6 +189,9 @@ def plan_op(op, args: tuple, kwargs: dict, *, S: int, P: int, group_name: str | 
     pre, post = kinds.pop()
     ctx = _Context(S, P, group_name, pre, post, tuple(out_shapes), layout_of(schedule))
     rule = RULES.get(op)
+    if rule is None and _draws_random(op, args, kwargs):
+        raise Refusal(f"{op} draws random numbers: run on shards, every rank would draw the same ones for its "
+                      f"own tokens (computed whole, every rank draws the whole sequence's, as one device does)")
     if rule is not None:
         plan = rule(op, args, kwargs, ctx)
     else:
@@ -197,6 +200,32 @@ def plan_op(op, args: tuple, kwargs: dict, *, S: int, P: int, group_name: str | 
         plan = _dtensor_plan(op, args, kwargs, ctx)
     _check_writes(op, args, kwargs, plan)
     return plan
+
+
+def _draws_random(op, args, kwargs) -> bool:
+    """A random ATen op (tagged ``nondeterministic_seeded``) that draws: dropout with p = 0 or
+    off is deterministic."""
+    if not isinstance(op, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in op.tags:
+        return False
+    if op is aten.native_dropout.default:
+        p, train = (list(args[1:3]) + [None, None])[:2]
+        return not (p == 0 or train is False)
+    return True
+
+
+@_rule(aten.native_dropout.default)
+def _native_dropout(op, args, kwargs, ctx: _Context) -> OpPlan:
+    """Dropout of a shard (the fused kernel accelerators decompose ``F.dropout`` to): a mask
+    drawn per rank (``runtime/rank_dropout.py``); the same op when off."""
+    x, p, train = (list(args) + [None, None])[:3]
+    if len(args) != 3 or kwargs or not isinstance(p, (int, float)) or not isinstance(train, bool) \
+            or not isinstance(x, TensorArg) or not isinstance(x.placement, Shard):
+        raise Refusal(f"{op} with arguments the per-rank dropout does not take")
+    outputs = (x.placement, x.placement)
+    if not train or p == 0:
+        return OpPlan(("local",), (TENSOR, p, train), {}, outputs, (ctx.pre, ctx.post))
+    return OpPlan(("local",), (TENSOR, float(p), ctx.group_name or ""), {}, outputs, (ctx.pre, ctx.post),
+                  call=torch.ops.seqpar.rank_dropout.default)
 
 
 def _check_writes(op, args, kwargs, plan: OpPlan) -> None:
@@ -422,3 +451,4 @@ def _new_buffer(op, args, kwargs, ctx: _Context) -> OpPlan:
 
 # the rules for ops that mix the sequence (they need the group: a halo, a carry) live beside
 from . import mixing_rules  # noqa: E402,F401  (registers into RULES)
+from .. import rank_dropout  # noqa: E402,F401  (seqpar::rank_dropout, the dropout rule's call)

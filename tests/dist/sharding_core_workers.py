@@ -74,6 +74,8 @@ def cases():
         "cumprod-sequence": (aten.cumprod.default, [("shard", 1.0 + 0.1 * x.tanh(), 1), 1], {}),
         "logcumsumexp-sequence": (aten.logcumsumexp.default, [("shard", x, 1), 1], {}),
         "roll-sequence": (aten.roll.default, [("shard", x, 1), [3], [1]], {}),
+        # dropout's rule (a mask per rank when it draws, test_random_ops.py); off, it must agree exactly
+        "native-dropout-off": (aten.native_dropout.default, [("shard", x, 1), 0.3, False], {}),
         "flip-sequence": (aten.flip.default, [("shard", x, 1), [1]], {}),
         "pad-shift-sequence": (aten.constant_pad_nd.default, [("shard", x, 1), [0, 0, 2, -2]], {}),
         "convolution-same-length": (aten.convolution.default, [("shard", xt, 2), ("rep", _x(D, 1, 5, seed=8)),

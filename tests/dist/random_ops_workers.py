@@ -1,0 +1,77 @@
+"""Random ops on shards of the sequence, on each spawned rank (test_random_ops.py).
+
+One attention layer (so the frame is sequence-parallel) followed by a random op on its sharded
+output. Every rank is seeded alike, as training scripts do; the cases return what the full value
+looks like on this rank.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["run_cases"]
+
+B, S, C, H = 2, 32, 16, 2
+
+
+class _Attend(nn.Module):
+    """qkv → causal SDPA → ``after`` (a random op on the [B, S, C] sharded output)."""
+
+    def __init__(self, after):
+        super().__init__()
+        self.qkv = nn.Linear(C, 3 * C)
+        self.after = after
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(B, S, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, C)
+        return self.after(a)
+
+
+def _dropout(a):
+    return F.dropout(torch.ones_like(a) + 0 * a, 0.5, training=True)
+
+
+def _rand_like(a):
+    return a + torch.rand_like(a)
+
+
+def _drop_path(a):
+    keep = a.new_empty(B, 1, 1).bernoulli_(0.5)            # per sample: must agree across ranks
+    return a * keep
+
+
+AFTER = {"dropout": _dropout, "rand_like": _rand_like, "drop_path": _drop_path}
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def random_case(rank: int, P: int, name: str) -> dict:
+    import seqpar_compiler as sp
+    torch.manual_seed(0)
+    m = _Attend(AFTER[name])
+    x = torch.randn(B, S, C, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    c = torch.compile(m, backend=sp.backend(inner="aot_eager", schedule="zigzag"))
+    torch.manual_seed(123)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = c(x)
+        out.sum().backward()
+    grad = m.qkv.weight.grad.clone()
+    torch.manual_seed(123)
+    m.zero_grad()
+    ref = m(x)                                          # one device, same seed
+    ref.sum().backward()
+    return {"full": _full(out).detach(), "ref": ref.detach(), "type": type(out).__name__,
+            "grad": grad, "ref_grad": m.qkv.weight.grad.clone(),
+            "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
+
+
+def run_cases(rank: int, P: int, names: list[str]) -> dict:
+    return {n: random_case(rank, P, n) for n in names}
