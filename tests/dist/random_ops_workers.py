@@ -73,5 +73,28 @@ def random_case(rank: int, P: int, name: str) -> dict:
             "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
 
 
+def eager_case(rank: int, P: int) -> dict:
+    """Dropout and ``rand_like`` run eagerly on the frame's SequenceShard output (between frames)."""
+    import seqpar_compiler as sp
+    torch.manual_seed(0)
+    m = _Attend(lambda a: a)
+    x = torch.randn(B, S, C, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    c = torch.compile(m, backend=sp.backend(inner="aot_eager", schedule="zigzag"))
+    torch.manual_seed(5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = c(x)
+        dropped, noise = F.dropout(a, 0.5, training=True), torch.rand_like(a)
+    torch.manual_seed(5)
+    ref_a = m(x)
+    ref_dropped, ref_noise = F.dropout(ref_a, 0.5, training=True), torch.rand_like(ref_a)
+    return {"mask": _full(dropped).detach() == 0, "ref_mask": ref_dropped.detach() == 0,
+            "noise": _full(noise), "ref_noise": ref_noise,
+            "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
+
+
 def run_cases(rank: int, P: int, names: list[str]) -> dict:
-    return {n: random_case(rank, P, n) for n in names}
+    out = {n: random_case(rank, P, n) for n in names}
+    out["eager"] = eager_case(rank, P)
+    return out

@@ -56,3 +56,12 @@ def test_a_random_value_of_replicated_shape_agrees_across_ranks(res):
     assert torch.equal(a["full"], b["full"])
     assert torch.equal(a["full"] == 0, a["ref"] == 0)              # the same per-sample mask as one device
     assert torch.allclose(a["full"], a["ref"], atol=1e-5, rtol=0)
+
+
+def test_random_ops_between_frames_are_computed_whole_and_warned(res):
+    """Eager dropout / rand_like on a frame's SequenceShard output: one device's numbers."""
+    for r in res:
+        e = r["eager"]
+        assert torch.equal(e["mask"], e["ref_mask"]) and torch.equal(e["noise"], e["ref_noise"])
+    said = res[0]["eager"]["warnings"]
+    assert any("bernoulli" in w or "native_dropout" in w for w in said) and any("rand_like" in w for w in said), said
