@@ -201,7 +201,7 @@ def _compile_frame(gm, example_inputs, pg, opts, pristine) -> Callable:
         shards = frame_shard_inputs(example_inputs)
     with _hide_user_saved_tensor_hooks():
         sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
-    target = sharded if sharded is not None else gm
+    target = sharded if sharded is not None else _replicated_target(gm)
     verify = opts["verify"] != "off" and sharded is not None      # a replicated frame is its own reference
     compiled = _inner_compile(target, mask_examples(local_examples(target, example_inputs), mask_inputs),
                               opts["inner"], checkpoint=opts["checkpoint"], ffn_chunks=opts["ffn_chunks"],
@@ -219,6 +219,22 @@ def _compile_frame(gm, example_inputs, pg, opts, pristine) -> Callable:
         return frame
     return verifying(frame, compiled, pristine=pristine.module(), sharded=sharded, pg=pg, opts=opts,
                      frame=_frame_name())
+
+
+def _replicated_target(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The frame's graph to compile whole when nothing in it is sharded.
+
+    Canonicalization may already have added proved score data as buffers (``_seqpar_*``: ALiBi
+    slopes, a relative-position index) before the frame turned out to have nothing to shard (an
+    encoder-decoder whose two lengths differ). Dynamo gave those buffers no source, and AOT checks
+    every buffer of a Dynamo graph against Dynamo's sources; so such a graph is compiled as a copy
+    without them, as the rewritten graphs are, instead of failing and being recompiled pristine."""
+    if not hasattr(gm, "_param_name_to_source"):
+        return gm
+    known = gm._param_name_to_source
+    if all(name in known for name, _ in gm.named_buffers()):
+        return gm
+    return torch.fx.GraphModule(gm, gm.graph)
 
 
 def _hide_user_saved_tensor_hooks():

@@ -35,8 +35,19 @@ CASES[4] += [(f"ckpt-llama-hybrid2-{c}", "checkpoint",
              for c in ("remat-aware", "full")]
 CASES[4] += [("dump-hybrid2", "dump", dict(schedule="hybrid", ulysses_degree=2)),
              ("dump-auto", "dump", dict(schedule="auto", profile="h100-dgx"))]
-CHECKPOINT = [(P, n) for P, cases in CASES.items() for n, kind, _ in cases if kind == "checkpoint"]
-EXACT = [(P, n) for P, cases in CASES.items() for n, kind, _ in cases if kind not in ("local", "dump")]
+
+
+def _params(kinds):
+    """(P, name) of the cases of ``kinds``; the 4-rank spawn (the hybrid's model-level cases,
+    ~100 s on 2 cores) is slow: the default run keeps the 2-rank one, and the hybrid op itself is
+    checked against float64 in tests/dist/test_ulysses_attention.py."""
+    return [pytest.param(P, n, marks=pytest.mark.slow if P == 4 else (), id=f"P{P}-{n}")
+            for P, cases in CASES.items() for n, kind, _ in cases if kinds(kind)]
+
+
+CHECKPOINT = _params(lambda kind: kind == "checkpoint")
+EXACT = _params(lambda kind: kind not in ("local", "dump"))
+LOCAL = _params(lambda kind: kind == "local")
 
 
 # the first test of a group pays for its spawn (P = 4: minutes on a shared 2-core machine)
@@ -54,7 +65,7 @@ def results():
     return get
 
 
-@pytest.mark.parametrize("P,name", EXACT, ids=[f"P{P}-{n}" for P, n in EXACT])
+@pytest.mark.parametrize("P,name", EXACT)
 def test_model_under_all_to_all_matches_single_device_eager(results, P, name):
     for rank, res in enumerate(results(P)):
         r = res[name]
@@ -67,14 +78,14 @@ def test_model_under_all_to_all_matches_single_device_eager(results, P, name):
         assert not [w for w in r["warnings"] if "cannot shard" in w], r["warnings"]
 
 
-@pytest.mark.parametrize("P,name", [(P, n) for P, cases in CASES.items() for n, kind, _ in cases if kind == "local"])
+@pytest.mark.parametrize("P,name", LOCAL)
 def test_local_output_is_this_ranks_rows_in_the_all_to_all_layout(results, P, name):
     for r in results(P):
         assert r[name]["shape"][1] == 32 // P
         assert r[name]["err"] <= 1e-5 and r[name]["gathered_err"] <= 1e-5, r[name]
 
 
-@pytest.mark.parametrize("P,name", CHECKPOINT, ids=[f"P{P}-{n}" for P, n in CHECKPOINT])
+@pytest.mark.parametrize("P,name", CHECKPOINT)
 def test_checkpoint_policy_applies_to_the_all_to_all_op(results, P, name):
     """remat-aware: the op's outputs saved, one attention forward per attention per step; full:
     attention recomputed, two. The policy applied (no 'not applied' fallback) on every rank."""
@@ -85,6 +96,7 @@ def test_checkpoint_policy_applies_to_the_all_to_all_op(results, P, name):
         assert r["policy_log"] and not [m for m in r["policy_log"] if "not applied" in m], r["policy_log"]
 
 
+@pytest.mark.slow
 def test_dump_of_a_fixed_hybrid_names_the_layout_and_where_its_degree_came_from(results):
     (summary,) = results(4)[0]["dump-hybrid2"]["summaries"]
     print(summary)
@@ -93,6 +105,7 @@ def test_dump_of_a_fixed_hybrid_names_the_layout_and_where_its_degree_came_from(
     assert "degree 2 from SEQPAR_ULYSSES_DEGREE" in summary
 
 
+@pytest.mark.slow
 def test_dump_of_auto_names_the_chosen_schedule_and_why(results):
     (summary,) = results(4)[0]["dump-auto"]["summaries"]
     print(summary)
