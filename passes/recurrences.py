@@ -42,7 +42,7 @@ carried_recurrence_op = torch.ops.seqpar.carried_recurrence.default    # an FX t
 
 from .placement import Shard
 
-__all__ = ["collapse_recurrences", "carried_recurrence", "recurrence_rule"]
+__all__ = ["recurrence_length", "collapse_recurrences", "carried_recurrence", "recurrence_rule"]
 
 _VIEWS = {"reshape", "view", torch.reshape}
 _ZERO_SEEDS = {torch.zeros_like, "new_zeros", torch.zeros}
@@ -356,6 +356,20 @@ def carried_recurrence(key: str, *inputs):
     body = body_of(_PROVED[key].whole)
     h0 = torch.zeros(body.state_shape, dtype=body.state_dtype, device=inputs[0].device)
     return body.fn(*inputs, h0)[0]
+
+
+def recurrence_length(gm: fx.GraphModule, candidates) -> int | None:
+    """The sequence length of a frame with no attention (a pure state-space model: Mamba-2), read
+    off its chunked scans: the first candidate length (the user inputs' dim 1) at which a chunk
+    zone is found. None when none is, or when finding one fails (the frame then runs replicated,
+    warned, as before)."""
+    for S in dict.fromkeys(candidates):
+        try:
+            if any(isinstance(z, _Zone) for z in _zones(gm, S)):
+                return S
+        except Exception:  # noqa: BLE001 - an unusual graph is simply not a recurrence of this length
+            continue
+    return None
 
 
 def collapse_recurrences(gm: fx.GraphModule, S: int, P: int, rank: int = 0) -> list[str]:

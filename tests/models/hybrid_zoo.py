@@ -60,12 +60,20 @@ def _qwen3_next(chunk: int, layers: int):
     return transformers.Qwen3NextForCausalLM(cfg)
 
 
+def _mamba2(chunk: int, layers: int):
+    """A pure state-space model (no attention): the frame's length comes from its chunked scans."""
+    import transformers
+    cfg = transformers.Mamba2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, state_size=16,
+                                    expand=2, n_groups=1, head_dim=16, num_heads=8, chunk_size=chunk)
+    return transformers.Mamba2ForCausalLM(cfg)
+
+
 def _fla_gla(chunk: int, layers: int):
     from fla_modules import GLAHybridLM
     return GLAHybridLM(vocab=VOCAB, width=64, heads=4, layers=layers, chunk=chunk)
 
 
-HYBRIDS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "granite_hybrid": _granite_hybrid, "fla_gla": _fla_gla,
+HYBRIDS = {"mamba2": _mamba2, "bamba": _bamba, "nemotron_h": _nemotron_h, "granite_hybrid": _granite_hybrid, "fla_gla": _fla_gla,
            "qwen3_next": _qwen3_next}
 
 

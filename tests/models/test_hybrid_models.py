@@ -19,8 +19,10 @@ pytest.importorskip("transformers")
 
 # float64 models; transformers' Mamba-2 path computes its scan in float32 whatever the model's
 # dtype (``hidden_states.float()``), so those agree to float32 rounding of a different order
-TOL = {"fla_gla": 1e-10, "bamba": 1e-5, "nemotron_h": 1e-5, "granite_hybrid": 1e-5, "qwen3_next": 1e-5}
-DEFAULT = [("fla_gla", 96)]          # the default run's budget: one model, no transformers import
+TOL = {"mamba2": 1e-5, "fla_gla": 1e-10, "bamba": 1e-5, "nemotron_h": 1e-5, "granite_hybrid": 1e-5, "qwen3_next": 1e-5}
+# the default run's budget: the fla-style model and a pure state-space model (no attention at all:
+# its chunked scans give the frame its length, and auto picks the contiguous layout they need)
+DEFAULT = [("fla_gla", 96), ("mamba2", 96, {"schedule": "auto"})]
 SLOW_2 = [("bamba", 96), ("nemotron_h", 96), ("granite_hybrid", 96), ("bamba", 224, {"layers": 4}),
           ("bamba", 288, {"schedule": "zigzag"}), ("qwen3_next", 96)]
 SLOW_4 = [("bamba", 320), ("fla_gla", 320)]
@@ -52,6 +54,10 @@ def two_ranks():
 
 def test_fla_style_gla_is_exact_with_state_passing_and_nothing_gathered(two_ranks):
     _check(two_ranks, "fla_gla@96", ring_calls=1)
+
+
+def test_a_model_with_no_attention_is_sharded_by_its_recurrences(two_ranks):
+    _check(two_ranks, "mamba2@96", ring_calls=0)
 
 
 @pytest.fixture(scope="module")
