@@ -35,8 +35,9 @@ from .rewrite import call_arguments
 __all__ = ["extreme_rule", "EXTREME_KEYS"]
 
 _c10d = torch.ops._c10d_functional
-EXTREME_KEYS = [torch.max, torch.min, torch.amax, torch.amin,
-                ("method", "max"), ("method", "min"), ("method", "amax"), ("method", "amin")]
+EXTREME_KEYS = [torch.max, torch.min, torch.amax, torch.amin, torch.argmax, torch.argmin,
+                ("method", "max"), ("method", "min"), ("method", "amax"), ("method", "amin"),
+                ("method", "argmax"), ("method", "argmin")]
 
 
 def _name(node: fx.Node) -> str:
@@ -52,7 +53,8 @@ def extreme_rule(ctx, node: fx.Node):
     """Rule for max / min / amax / amin: over the sequence dim as in the module docstring; over
     other dims DTensor's rule (``aten_rules``); ``torch.max(a, b)`` is pointwise."""
     name = _name(node)
-    base = name[1:] if name.startswith("a") else name          # "max" or "min"
+    arg = name in ("argmax", "argmin")                         # max(dim)'s index alone
+    base = name[3:] if arg else name[1:] if name.startswith("a") else name          # "max" or "min"
     names = ["input", "dim", "keepdim"]
     a = call_arguments(node, names, {"dim": None, "keepdim": False})
     if isinstance(a["dim"], fx.Node) or "other" in node.kwargs:
@@ -63,7 +65,9 @@ def extreme_rule(ctx, node: fx.Node):
     ex = ctx.example(x)
     nd = ex.dim()
     dims = a["dim"]
-    by_index = not name.startswith("a") and dims is not None and not isinstance(dims, (list, tuple))
+    if arg and (dims is None or isinstance(dims, (list, tuple))):
+        return decomposed_rule(ctx, node)          # argmax of the flattened tensor: its flat index
+    by_index = (arg or not name.startswith("a")) and dims is not None and not isinstance(dims, (list, tuple))
     dims = list(range(nd)) if dims is None or dims == [] or dims == () else (
         [dims] if isinstance(dims, int) else list(dims))
     dims = sorted(d % nd for d in dims)
@@ -77,7 +81,7 @@ def extreme_rule(ctx, node: fx.Node):
     extreme = _all_reduce(ctx, local, base)
     ties = ctx.emit(operator.eq, (det, extreme))
     if by_index:
-        return _first_index(ctx, node, xl, ties, pl.dim, a["keepdim"], ex)
+        return _first_index(ctx, node, xl, ties, pl.dim, a["keepdim"], ex, values=not arg)
     count = _all_reduce(ctx, ctx.emit(torch.sum, (ties,), {"dim": dims, "keepdim": True}), "sum")
     picked = ctx.emit("masked_fill", (xl, ctx.emit(torch.logical_not, (ties,)), 0), op="call_method")
     part = ctx.emit(torch.sum, (picked,), {"dim": dims, "keepdim": True})
@@ -88,8 +92,9 @@ def extreme_rule(ctx, node: fx.Node):
     return out, Replicate()
 
 
-def _first_index(ctx, node, xl, ties, d: int, keepdim: bool, ex):
-    """(values, indices) of max(dim) / min(dim): the first global position among the ties."""
+def _first_index(ctx, node, xl, ties, d: int, keepdim: bool, ex, values: bool = True):
+    """(values, indices) of max(dim) / min(dim): the first global position among the ties; the
+    index alone for argmax / argmin."""
     S_local = ex.shape[d] // ctx.P
     pos = ctx.constant("positions", ctx.positions(ex.device, torch.long))
     view = [1] * ex.dim()
@@ -97,6 +102,10 @@ def _first_index(ctx, node, xl, ties, d: int, keepdim: bool, ex):
     pos = ctx.emit("view", (pos, view), op="call_method")
     cand = ctx.emit(torch.where, (ties, pos, ctx.S))
     winner = _all_reduce(ctx, ctx.emit(torch.amin, (cand, [d], True)), "min")
+    if not values:
+        if not keepdim:
+            winner = ctx.emit("squeeze", (winner, d), op="call_method")
+        return winner, Replicate()
     win = ctx.emit(operator.eq, (pos, winner))
     picked = ctx.emit("masked_fill", (xl, ctx.emit(torch.logical_not, (win,)), 0), op="call_method")
     values = ctx.emit(all_reduce_to_replicated, (ctx.emit(torch.sum, (picked,), {"dim": [d], "keepdim": True}),

@@ -16,7 +16,9 @@ import torch.fx as fx
 from .aten_rules import decomposed_rule
 from seqpar_compiler.runtime.sharding.ops import split_refusal
 
-from .placement import SeqRange, Shard, local_view_shape, view_placement
+from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated
+
+from .placement import Replicate, SeqRange, Shard, local_view_shape, view_placement
 from .range_rules import getitem_part, slice_part, split_into_parts
 from .rewrite import call_arguments
 
@@ -116,6 +118,10 @@ def _getitem(ctx, node):
     out = _index_placement(ctx, ctx.example(container), index, pl)
     if out == "indexing along the sequence dim":
         return getitem_part(ctx, node, _index_placement)
+    if out == "advanced indexing of a sharded tensor":
+        picked = _pick_at_positions(ctx, container, index, pl)
+        if picked is not None:
+            return picked
     if isinstance(out, str):
         return out
     new_index = fx.node.map_arg(index, lambda a: ctx.env[a])
@@ -140,6 +146,40 @@ def _lookup_at_sharded_index(ctx, node, container, index):
         return "indexing a replicated tensor by a sharded mask or non-integer index"
     new = ctx.emit(operator.getitem, (ctx.env[container], ctx.env[idx]), placement=at)
     return new, at
+
+
+def _pick_at_positions(ctx, container, index, pl: Shard):
+    """``x[rows, positions]``: one row of the sequence per pick, at global positions held in a
+    replicated integer tensor (HF's sequence classifiers pool ``logits[arange(B), last_token]``).
+    Each rank picks the rows it holds (a position's slot on this rank, from the layout), zeros
+    the others, and one all-reduce sums the picks: exact, the gradient reaching the rank that
+    holds each row. Only the paired form: every index before the sequence dim a replicated
+    integer tensor, the sequence dim's one too, nothing after it; else None (the caller gathers)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    ex = ctx.example(container)
+    if not pl.plain or len(items) != pl.dim + 1:
+        return None
+    for item in items:
+        iex = ctx.example(item) if isinstance(item, fx.Node) else None
+        if (not isinstance(iex, torch.Tensor) or iex.dtype in (torch.bool, torch.uint8) or iex.is_floating_point()
+                or ctx.shard_of(item) is not None):
+            return None
+    slots = torch.full((ctx.S,), -1, dtype=torch.long, device=ex.device)
+    positions = ctx.positions(ex.device, torch.long)
+    slots[positions] = torch.arange(positions.numel(), device=ex.device)
+    name = f"_seqpar_position_slots_{len(ctx.constants)}"
+    ctx.constants[name] = slots
+    slot_of = ctx.emit(name, (), op="get_attr", placement=Replicate())
+    slot = ctx.emit(operator.getitem, (slot_of, ctx.env[items[-1]]))            # -1: not on this rank
+    mine = ctx.emit(torch.ge, (slot, 0))
+    local_index = tuple(ctx.env[i] for i in items[:-1]) + (ctx.emit(torch.clamp, (slot,), {"min": 0}),)
+    picked = ctx.emit(operator.getitem, (ctx.env[container], local_index))    # [picks..., rest of x]
+    rest = ex.dim() - len(items)
+    keep = ctx.emit("view", (mine, [*ctx.example(items[-1]).shape] + [1] * rest), op="call_method") if rest else mine
+    picked = ctx.emit(torch.where, (keep, picked, ctx.emit(torch.zeros_like, (picked,))))
+    out = ctx.emit(all_reduce_to_replicated, (picked, ctx.group_name), placement=Replicate())
+    ctx.collectives.append(f"all-reduce sum {out.name}")
+    return out, Replicate()
 
 
 def _index_placement(ctx, ex, index, pl: Shard):

@@ -128,6 +128,24 @@ class _TableAtIndices(_LM):
 idiom("table-read-at-per-token-indices")(_lm(_TableAtIndices))
 
 
+class _SequenceClassifier(_LM):
+    """HF's sequence classifiers: each row's last non-padding token found by ``argmax`` over the
+    sequence of position × mask, its logits picked by ``logits[arange(B), last]``; and an
+    ``argmin`` over the sequence with ``keepdim`` picked the same way (pairs of [B, 1] indices)."""
+
+    def forward(self, ids, y):
+        logits = self.head(self.body(self.emb(ids)))                                   # [B, S, V]
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        last = (torch.arange(ids.shape[1], device=ids.device) * (ids != 3).int()).argmax(-1)
+        pooled = logits[rows, last]                                                   # [B, V]
+        lowest = logits[..., 0].argmin(dim=1, keepdim=True)                           # [B, 1]
+        picked = logits[rows[:, None], lowest]                                        # [B, 1, V]
+        return F.cross_entropy(pooled, y[:, 0]) + picked.square().mean()
+
+
+idiom("sequence-classifier-pooling")(_lm(_SequenceClassifier))
+
+
 class _CumsumInChunk(_LM):
     """A running sum inside a chunk of the sequence: no exact rule on a part, so the part is
     gathered (warned, exact) and the loss of that chunk runs replicated."""
