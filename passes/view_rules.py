@@ -117,7 +117,8 @@ def _getitem(ctx, node):
         return _lookup_at_sharded_index(ctx, node, container, index)
     out = _index_placement(ctx, ctx.example(container), index, pl)
     if out == "indexing along the sequence dim":
-        return getitem_part(ctx, node, _index_placement)
+        picked = _select_position(ctx, container, index, pl)
+        return picked if picked is not None else getitem_part(ctx, node, _index_placement)
     if out == "advanced indexing of a sharded tensor":
         picked = _pick_at_positions(ctx, container, index, pl)
         if picked is not None:
@@ -146,6 +147,34 @@ def _lookup_at_sharded_index(ctx, node, container, index):
         return "indexing a replicated tensor by a sharded mask or non-integer index"
     new = ctx.emit(operator.getitem, (ctx.env[container], ctx.env[idx]), placement=at)
     return new, at
+
+
+def _select_position(ctx, container, index, pl: Shard):
+    """``x[:, 0]``: one fixed position of the sequence (BERT's pooler reads the [CLS] token,
+    ``hidden[:, 0]``). The rank that holds it selects its slot, the others a zero of the same
+    shape, and one all-reduce makes it every rank's: exact, its gradient reaching that rank only.
+    Only plain indexing (ints and slices, the int at the sequence dim); else None."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if ctx.example(container).shape[pl.dim] != ctx.S or not pl.plain or len(items) <= pl.dim or not isinstance(items[pl.dim], int) or any(
+            not isinstance(i, (int, slice)) for i in items):
+        return None
+    S = ctx.example(container).shape[pl.dim]
+    if not -S <= items[pl.dim] < S:
+        return None                                 # out of range: the gathered path raises as eager does
+    position = items[pl.dim] % S
+    slots = (ctx.positions(torch.device("cpu"), torch.long) == position).nonzero().flatten().tolist()
+    local = list(items)
+    local[pl.dim] = slots[0] if slots else 0
+    value = ctx.emit(operator.getitem, (ctx.env[container], tuple(local)))
+    if not slots:
+        # held by another rank: this rank adds zero, still through its own rows, so its backward
+        # reaches everything before (the ring's backward needs every rank); where, not a product,
+        # so an inf in the row it reads adds no NaN
+        off = ctx.emit(torch.zeros_like, (value,), {"dtype": torch.bool})
+        value = ctx.emit(torch.where, (off, value, 0.0))
+    out = ctx.emit(all_reduce_to_replicated, (value, ctx.group_name), placement=Replicate())
+    ctx.collectives.append(f"all-reduce sum {out.name}")
+    return out, Replicate()
 
 
 def _pick_at_positions(ctx, container, index, pl: Shard):

@@ -146,6 +146,20 @@ class _SequenceClassifier(_LM):
 idiom("sequence-classifier-pooling")(_lm(_SequenceClassifier))
 
 
+class _TokenPooling(_LM):
+    """BERT's pooler: the [CLS] token ``h[:, 0]``, and a token in another rank's half
+    ``h[:, S // 2, :]``, through a head into the loss (the rank that holds neither still runs
+    its backward: the ring's needs every rank)."""
+
+    def forward(self, ids, y):
+        h = self.body(self.emb(ids))
+        pooled = torch.tanh(h[:, 0]) + h[:, S // 2, :]
+        return F.cross_entropy(self.head(pooled), y[:, 0])
+
+
+idiom("token-pooling-at-fixed-positions")(_lm(_TokenPooling))
+
+
 class _CumsumInChunk(_LM):
     """A running sum inside a chunk of the sequence: no exact rule on a part, so the part is
     gathered (warned, exact) and the loss of that chunk runs replicated."""
