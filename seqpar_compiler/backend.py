@@ -343,9 +343,13 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
             # so the warning keeps meaning "model layers run replicated here"
             log.info("seqpar: frame %s has %s self-attention and no parameters; it runs replicated", _frame_name(), what)
         elif not hidden:
+            # "none" may also be attention of a form nobody proves (heads mixed before the softmax,
+            # an einsum-written one behind such a step): say what is recognised
+            known = ("" if attention else " seqpar recognises (F.scaled_dot_product_attention, flex_attention, "
+                     "or softmax(q·kᵀ)·v whose mask or bias it proves)")
             if dist.get_rank(pg) == 0:
-                warnings.warn(f"seqpar: frame {_frame_name()} has {what} self-attention; it runs replicated on each "
-                              f"of the {P} ranks", stacklevel=3)
+                warnings.warn(f"seqpar: frame {_frame_name()} has {what} self-attention{known}; it runs replicated "
+                              f"on each of the {P} ranks", stacklevel=3)
             if dump:
                 dump.section("attention run replicated", [f"this frame has {what} self-attention"])
         if dump:
