@@ -24,12 +24,18 @@ def find_attention(gm: fx.GraphModule) -> list[fx.Node]:
     return nodes
 
 
-def sequence_length(attention: list[fx.Node]) -> int | None:
-    """The common query/key length of all self-attention calls, or None if they differ."""
+def sequence_length(attention: list[fx.Node], prefer: int | None = None) -> int | None:
+    """The sequence length to split: the query/key length of the self-attention calls (query and
+    key of one length). Several lengths (an encoder-decoder whose target is shorter than its
+    source): ``prefer`` (the length of the shards the frame received) when it is one of them,
+    else the longest — the encoder's, where long context costs — and the other attention calls
+    (the decoder's, the cross-attention) run replicated, said by the replicated-attention report.
+    None when there is no self-attention."""
     lengths = set()
     for n in attention:
         q, k = n.args[0].meta["example_value"], n.args[1].meta["example_value"]
-        if q.dim() < 2 or k.dim() < 2 or q.shape[-2] != k.shape[-2]:
-            return None
-        lengths.add(int(q.shape[-2]))
-    return lengths.pop() if len(lengths) == 1 else None
+        if q.dim() >= 2 and k.dim() >= 2 and q.shape[-2] == k.shape[-2]:
+            lengths.add(int(q.shape[-2]))
+    if not lengths:
+        return None
+    return prefer if prefer in lengths else max(lengths)

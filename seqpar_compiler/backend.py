@@ -310,7 +310,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         attention = find_attention(gm)
         if dump:
             dump.graph("canonicalize", gm)
-        S = sequence_length(attention)
+        S = sequence_length(attention, prefer=next((spec.S for spec in (shards or {}).values()), None))
     P = dist.get_world_size(pg)
     if shards:          # inputs already sharded by an earlier frame: their length and layout (frames.py)
         from .frames import check_frame_shards
@@ -396,7 +396,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         out.seqpar_local_exits = exit_specs(gm, ctx) if opts["output"] == "local" else None
         out.seqpar_entry = entry
         out.seqpar_layout = (S, schedule, pg.group_name)       # SEQPAR_VERIFY gathers node values with it
-    replicated = replicated_attention_causes(attention, ctx.place) + hidden
+    replicated = replicated_attention_causes(attention, ctx.place, S) + hidden
     _report_replicated(replicated, pg, opts, dump)
     log.info("seqpar: sharded a graph over %d ranks (S=%d, schedule %s): %d fallbacks, collectives: %s",
              P, S, schedule, len(ctx.fallbacks), ", ".join(ctx.collectives))

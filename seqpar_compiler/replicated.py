@@ -102,10 +102,11 @@ def _mask_of(node: fx.Node):
     return None
 
 
-def replicated_attention_causes(attention: list[fx.Node], placements: dict) -> list[str]:
+def replicated_attention_causes(attention: list[fx.Node], placements: dict, S: int | None = None) -> list[str]:
     """For each attention node the rewrite left replicated, why (one line each, duplicates merged).
 
-    ``placements`` is the rewrite's old node → placement map; ``Shard`` placements have a ``dim``.
+    ``placements`` is the rewrite's old node → placement map; ``Shard`` placements have a ``dim``;
+    ``S`` the length the frame splits (an attention over another length is said as such).
     """
     from seqpar_compiler.passes.placement import Shard
     causes: list[str] = []
@@ -121,6 +122,10 @@ def replicated_attention_causes(attention: list[fx.Node], placements: dict) -> l
                      f"from positions (arange / position ids), or pass is_causal=True")
         elif own:
             cause = f"attention at {source_line(att)}: {own}"
+        elif S is not None and _query_length(att) not in (None, S):
+            cause = (f"attention at {source_line(att)} is over a sequence of another length "
+                     f"({_query_length(att)} queries; this frame splits the length-{S} one, e.g. an encoder's): "
+                     f"it runs whole on every rank")
         else:
             upstream = [a for a in _ancestors(att) if a.meta.get("seqpar_fallback")]
             if upstream:
@@ -135,6 +140,11 @@ def replicated_attention_causes(attention: list[fx.Node], placements: dict) -> l
         if cause not in causes:
             causes.append(cause)
     return causes
+
+
+def _query_length(att: fx.Node) -> int | None:
+    q = att.args[0].meta.get("example_value") if att.args and isinstance(att.args[0], fx.Node) else None
+    return int(q.shape[-2]) if isinstance(q, torch.Tensor) and q.dim() >= 2 else None
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
