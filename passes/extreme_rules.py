@@ -7,8 +7,8 @@ two kinds of max differentiate differently, and seqpar must match each:
     every position that ties for the extreme. Here each rank marks its ties, the tie count is
     all-reduced, and the value is rebuilt as ``all_reduce_sum(sum(x at ties) / count)``, whose
     backward (identity, docs/architecture.md) gives each tie ``grad / count`` on the rank that holds it.
-  * ``max(dim)`` / ``min(dim)`` return the first index that attains the extreme and send the
-    whole gradient there. Here the winner is the smallest global position among the ties (an
+  * ``max(dim)`` / ``min(dim)`` (and ``argmax`` / ``argmin``, the index alone) return the first
+    index that attains the extreme and send the whole gradient there. Here the winner is the smallest global position among the ties (an
     all-reduce MIN over the positions the layout gives this rank's rows, ``runtime/layout.py``);
     the value is ``all_reduce_sum(x at the winner, 0 elsewhere)`` (exactly one non-zero term, so
     the forward is bitwise the maximum) and the returned index is that global position.
@@ -50,8 +50,9 @@ def _all_reduce(ctx, value: fx.Node, op: str) -> fx.Node:
 
 
 def extreme_rule(ctx, node: fx.Node):
-    """Rule for max / min / amax / amin: over the sequence dim as in the module docstring; over
-    other dims DTensor's rule (``aten_rules``); ``torch.max(a, b)`` is pointwise."""
+    """Rule for max / min / amax / amin / argmax / argmin: over the sequence dim as in the module
+    docstring (argmax is max(dim)'s index); over other dims DTensor's rule (``aten_rules``);
+    ``torch.max(a, b)`` is pointwise."""
     name = _name(node)
     arg = name in ("argmax", "argmin")                         # max(dim)'s index alone
     base = name[3:] if arg else name[1:] if name.startswith("a") else name          # "max" or "min"

@@ -155,13 +155,12 @@ def _select_position(ctx, container, index, pl: Shard):
     shape, and one all-reduce makes it every rank's: exact, its gradient reaching that rank only.
     Only plain indexing (ints and slices, the int at the sequence dim); else None."""
     items = list(index) if isinstance(index, tuple) else [index]
-    if ctx.example(container).shape[pl.dim] != ctx.S or not pl.plain or len(items) <= pl.dim or not isinstance(items[pl.dim], int) or any(
-            not isinstance(i, (int, slice)) for i in items):
+    if (ctx.example(container).shape[pl.dim] != ctx.S or not pl.plain or len(items) <= pl.dim
+            or not isinstance(items[pl.dim], int) or any(not isinstance(i, (int, slice)) for i in items)):
         return None
-    S = ctx.example(container).shape[pl.dim]
-    if not -S <= items[pl.dim] < S:
+    if not -ctx.S <= items[pl.dim] < ctx.S:
         return None                                 # out of range: the gathered path raises as eager does
-    position = items[pl.dim] % S
+    position = items[pl.dim] % ctx.S
     slots = (ctx.positions(torch.device("cpu"), torch.long) == position).nonzero().flatten().tolist()
     local = list(items)
     local[pl.dim] = slots[0] if slots else 0
@@ -169,10 +168,16 @@ def _select_position(ctx, container, index, pl: Shard):
     if not slots:
         # held by another rank: this rank adds zero, still through its own rows, so its backward
         # reaches everything before (the ring's backward needs every rank); where, not a product,
-        # so an inf in the row it reads adds no NaN
-        off = ctx.emit(torch.zeros_like, (value,), {"dtype": torch.bool})
-        value = ctx.emit(torch.where, (off, value, 0.0))
-    out = ctx.emit(all_reduce_to_replicated, (value, ctx.group_name), placement=Replicate())
+        # so an inf in the row it reads adds no NaN; zeros of its dtype, so an integer pick stays one
+        value = ctx.emit(torch.where, (ctx.emit(torch.zeros_like, (value,), {"dtype": torch.bool}), value,
+                                       ctx.emit(torch.zeros_like, (value,))))
+    return _summed_over_group(ctx, value)
+
+
+def _summed_over_group(ctx, picked):
+    """The ranks' picks (each rank's own rows, zeros elsewhere) summed: every rank's value; the
+    backward is the identity, so each row's gradient stays on the rank that holds it."""
+    out = ctx.emit(all_reduce_to_replicated, (picked, ctx.group_name), placement=Replicate())
     ctx.collectives.append(f"all-reduce sum {out.name}")
     return out, Replicate()
 
@@ -205,10 +210,7 @@ def _pick_at_positions(ctx, container, index, pl: Shard):
     picked = ctx.emit(operator.getitem, (ctx.env[container], local_index))    # [picks..., rest of x]
     rest = ex.dim() - len(items)
     keep = ctx.emit("view", (mine, [*ctx.example(items[-1]).shape] + [1] * rest), op="call_method") if rest else mine
-    picked = ctx.emit(torch.where, (keep, picked, ctx.emit(torch.zeros_like, (picked,))))
-    out = ctx.emit(all_reduce_to_replicated, (picked, ctx.group_name), placement=Replicate())
-    ctx.collectives.append(f"all-reduce sum {out.name}")
-    return out, Replicate()
+    return _summed_over_group(ctx, ctx.emit(torch.where, (keep, picked, ctx.emit(torch.zeros_like, (picked,)))))
 
 
 def _index_placement(ctx, ex, index, pl: Shard):

@@ -18,9 +18,10 @@ Shapes: x any shape (this rank's shard); returns (out like x, keep: bool like x)
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from .sequence_fetch import _rank_and_size
+from .ring_op import resolve_group
 
 __all__ = ["rank_dropout_op"]
 
@@ -30,7 +31,8 @@ _SEED_BITS = (1 << 63) - 1
 
 
 def _keep_mask(x: Tensor, p: float, group_name: str) -> Tensor:
-    rank, _, _ = _rank_and_size(group_name)
+    group = resolve_group(group_name)
+    rank = 0 if group is None else dist.get_rank(group)
     seed = int(torch.randint(0, _SEED_BITS, (), dtype=torch.int64))        # same on every rank
     gen = torch.Generator(device=x.device)
     gen.manual_seed((seed + rank * _RANK_MIX) & _SEED_BITS)

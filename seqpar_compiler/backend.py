@@ -326,15 +326,15 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     if not attention and not shards:     # a DDPOptimizer piece before the first attention (frames.py)
         from .frames import ddp_piece_length
         S = piece_S = ddp_piece_length(attention)
-    recurrent_only = False
     if not attention and not shards and piece_S is None:
         # no attention at all (a pure state-space model): its chunked scans give the length
         from seqpar_compiler.passes.recurrences import recurrence_length
-        S = piece_S = recurrence_length(gm, [int(x.shape[1]) for x in example_inputs if isinstance(x, torch.Tensor)
-                                             and x.dim() >= 2 and not isinstance(x.shape[1], torch.SymInt)])
-        recurrent_only = S is not None
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        S = piece_S = recurrence_length(gm, [int(x.shape[1]) for n, x in zip(placeholders, example_inputs)
+                                             if isinstance(x, torch.Tensor) and x.dim() >= 2
+                                             and not _is_model_state(n, x) and not isinstance(x.shape[1], torch.SymInt)])
     if (not attention or S is None) and not shards and piece_S is None:
-        what = "no" if not attention else "no common-length"
+        what = "no" if not attention else "only cross-attention, no"
         _report_replicated(hidden, pg, opts, dump)
         if not hidden and getattr(gm, "seqpar_carries_masks", False):     # mask_frames.py
             log.info("seqpar: frame %s builds attention masks; they leave it as proved facts", _frame_name())
@@ -365,7 +365,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     mixing = mixing_specs(gm, S)     # convolutions over time, rolls, scans, recurrences: the layout and the dump
     if schedule == "auto" and not attention:     # nothing to decide on; later pieces adopt the shards' layout
         # a state passed rank to rank needs each rank's positions in one contiguous run
-        schedule = "ring" if recurrent_only else "zigzag"
+        schedule = "ring" if any(spec.kind == "state" for spec in mixing) else "zigzag"
     if schedule == "auto":
         from .auto_schedule import decide_schedule   # lazily, like the dump (modules runnable with -m)
         agreement_checkpoint()                       # a collective follows: nobody may have failed before it

@@ -189,7 +189,7 @@ def plan_op(op, args: tuple, kwargs: dict, *, S: int, P: int, group_name: str | 
     pre, post = kinds.pop()
     ctx = _Context(S, P, group_name, pre, post, tuple(out_shapes), layout_of(schedule))
     rule = RULES.get(op)
-    if rule is None and _draws_random(op, args, kwargs):
+    if rule is None and _draws_random(op):
         raise Refusal(f"{op} draws random numbers: run on shards, every rank would draw the same ones for its "
                       f"own tokens (computed whole, every rank draws the whole sequence's, as one device does)")
     if rule is not None:
@@ -202,15 +202,9 @@ def plan_op(op, args: tuple, kwargs: dict, *, S: int, P: int, group_name: str | 
     return plan
 
 
-def _draws_random(op, args, kwargs) -> bool:
-    """A random ATen op (tagged ``nondeterministic_seeded``) that draws: dropout with p = 0 or
-    off is deterministic."""
-    if not isinstance(op, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in op.tags:
-        return False
-    if op is aten.native_dropout.default:
-        p, train = (list(args[1:3]) + [None, None])[:2]
-        return not (p == 0 or train is False)
-    return True
+def _draws_random(op) -> bool:
+    """A random ATen op (tagged ``nondeterministic_seeded``); dropout has its own rule."""
+    return isinstance(op, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in op.tags
 
 
 @_rule(aten.native_dropout.default)
@@ -218,8 +212,7 @@ def _native_dropout(op, args, kwargs, ctx: _Context) -> OpPlan:
     """Dropout of a shard (the fused kernel accelerators decompose ``F.dropout`` to): a mask
     drawn per rank (``runtime/rank_dropout.py``); the same op when off."""
     x, p, train = (list(args) + [None, None])[:3]
-    if len(args) != 3 or kwargs or not isinstance(p, (int, float)) or not isinstance(train, bool) \
-            or not isinstance(x, TensorArg) or not isinstance(x.placement, Shard):
+    if len(args) != 3 or kwargs or not isinstance(p, (int, float)) or not isinstance(train, bool):
         raise Refusal(f"{op} with arguments the per-rank dropout does not take")
     outputs = (x.placement, x.placement)
     if not train or p == 0:
