@@ -9,13 +9,14 @@
   ``shard_sequence`` call). Control traffic gathers small vectors, and Ulysses gathers each
   layer's per-token integer data (document ids, key validity: ``[B, S]``, no hidden dim) by
   design; neither is the sequence's activations.
+- ``grad_errors``: every parameter's gradient against the same parameter of a reference model.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["full_length_saves", "SequenceGatherCounter"]
+__all__ = ["full_length_saves", "SequenceGatherCounter", "grad_errors"]
 
 
 def full_length_saves(step, inputs, S: int):
@@ -47,3 +48,20 @@ class SequenceGatherCounter:
 
     def __exit__(self, *exc):
         dist.all_gather = self._orig
+
+
+def grad_errors(model: torch.nn.Module, ref: torch.nn.Module) -> tuple[dict, list]:
+    """({name: ||g - g_ref|| / ||g_ref||} in float64 for every parameter the reference gave a
+    gradient, [names of those the model gave none]); the two models list their parameters alike.
+    A reference gradient of norm 0 gives the absolute error."""
+    errors, missing = {}, []
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad is None:
+            continue
+        if p.grad is None:
+            missing.append(name)
+            continue
+        a, b = p.grad.detach().double(), q.grad.detach().double()
+        norm = float(b.norm())
+        errors[name] = float((a - b).norm()) / (norm if norm else 1.0)
+    return errors, missing

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import seqpar_compiler as sp
-from step_probes import SequenceGatherCounter
+from step_probes import SequenceGatherCounter, grad_errors
 
 __all__ = ["MODELS", "run_cases"]
 
@@ -114,10 +114,7 @@ def _case(rank: int, P: int, name: str, schedule: str, S: int) -> dict:
         warnings.simplefilter("always")
         out = compiled(ids, w)
         out.backward()
-    grads = {n: _rel(p.grad, rp.grad) for (n, p), rp in zip(model.named_parameters(), ref_model.parameters())
-             if rp.grad is not None}
-    missing = [n for (n, p), rp in zip(model.named_parameters(), ref_model.parameters())
-               if rp.grad is not None and p.grad is None]
+    grads, missing = grad_errors(model, ref_model)
     return {"out": _rel(out, ref), "grads": grads, "missing": missing, "gathers": gathers.calls,
             "warnings": [str(m.message) for m in caught if "seqpar" in str(m.message)]}
 

@@ -51,13 +51,18 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def random_case(rank: int, P: int, name: str) -> dict:
+def _compiled(after):
+    """The seeded module, its input, and the module compiled with seqpar (2-rank zigzag)."""
     import seqpar_compiler as sp
     torch.manual_seed(0)
-    m = _Attend(AFTER[name])
+    m = _Attend(after)
     x = torch.randn(B, S, C, generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
-    c = torch.compile(m, backend=sp.backend(inner="aot_eager", schedule="zigzag"))
+    return m, x, torch.compile(m, backend=sp.backend(inner="aot_eager", schedule="zigzag"))
+
+
+def random_case(rank: int, P: int, name: str) -> dict:
+    m, x, c = _compiled(AFTER[name])
     torch.manual_seed(123)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -75,12 +80,7 @@ def random_case(rank: int, P: int, name: str) -> dict:
 
 def eager_case(rank: int, P: int) -> dict:
     """Dropout and ``rand_like`` run eagerly on the frame's SequenceShard output (between frames)."""
-    import seqpar_compiler as sp
-    torch.manual_seed(0)
-    m = _Attend(lambda a: a)
-    x = torch.randn(B, S, C, generator=torch.Generator().manual_seed(1))
-    torch._dynamo.reset()
-    c = torch.compile(m, backend=sp.backend(inner="aot_eager", schedule="zigzag"))
+    m, x, c = _compiled(lambda a: a)
     torch.manual_seed(5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

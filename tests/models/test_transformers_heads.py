@@ -1,4 +1,10 @@
-"""Encoder-decoder models (transformers' T5 and BART, 2 ranks, zigzag, fp32).
+"""transformers models with other heads (2 ranks, zigzag, fp32): encoder-decoders (T5, BART) and
+sequence classifiers.
+
+Sequence classifiers: Llama pools each row's last non-padding token (``argmax`` over the sequence,
+``logits[arange(B), last]``), BERT and RoBERTa the [CLS] token (``hidden[:, 0]``); each picks its
+rows on the rank that holds them and all-reduces: the ring in every layer, nothing gathered, no
+warning.
 
 Source and target of one length: the encoder's self-attention, the decoder's causal
 self-attention and the cross-attention all run as the ring (3 attention layers per block pair).
@@ -8,7 +14,7 @@ and the cross-attention reads the gathered encoder keys/values, both said — ex
 """
 import pytest
 
-import encoder_decoder_workers as W
+import transformers_heads_workers as W
 from seqpar_compiler.launch import run_ranks
 
 pytest.importorskip("transformers")
@@ -39,3 +45,10 @@ def test_a_shorter_target_leaves_the_encoder_sharded_and_says_what_runs_whole(re
     assert any("another length" in w for w in said), said          # the decoder's self-attention
     assert any("cannot shard scaled_dot_product_attention" in w for w in said), said     # cross-attention
     assert not any("failed" in w for w in said), said
+
+
+@pytest.mark.parametrize("name", ["llama-sequence-classifier", "bert-sequence-classifier",
+                                  "roberta-sequence-classifier"])
+def test_sequence_classifiers_pool_without_a_gather(res, name):
+    for r in res:
+        assert r[name]["ring_calls"] == 2 and not r[name]["warnings"], r[name]

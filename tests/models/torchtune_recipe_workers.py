@@ -47,7 +47,7 @@ def _rel(a, b) -> float:
 def recipe_step(rank: int, P: int, _=None) -> dict:
     """Compile as the recipe does, run one forward + backward, compare with eager."""
     import seqpar_compiler as sp
-    from step_probes import SequenceGatherCounter
+    from step_probes import SequenceGatherCounter, grad_errors
     from torchtune import training
     from torchtune.modules.loss import CEWithChunkedOutputLoss
     model, ref = build(), build()
@@ -64,9 +64,6 @@ def recipe_step(rank: int, P: int, _=None) -> dict:
         loss.backward()
     ref_loss = ref_loss_fn(ref(ids), labels)
     ref_loss.backward()
-    grads = {n: _rel(p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())
-             if q.grad is not None}
-    missing = [n for (n, p), q in zip(model.named_parameters(), ref.parameters())
-               if q.grad is not None and p.grad is None]
+    grads, missing = grad_errors(model, ref)
     return {"loss": _rel(loss, ref_loss), "grads": grads, "missing": missing, "ring_calls": st.attention_forward_calls,
             "gathers": gathers.calls, "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}

@@ -1,5 +1,6 @@
-"""Encoder-decoder models from transformers (tiny configs) through seqpar on each spawned rank,
-against the same step in one process (test_encoder_decoder.py)."""
+"""transformers models with other heads than a causal LM (tiny configs) through seqpar on each
+spawned rank, against the same step in one process (test_transformers_heads.py): encoder-decoders
+(T5, BART) and sequence classifiers (Llama's last-token pooling, BERT's and RoBERTa's [CLS])."""
 from __future__ import annotations
 
 import os
@@ -29,8 +30,30 @@ def _bart():
         decoder_start_token_id=2))
 
 
-# name -> (builder, source length, target length)
-CASES = {"t5-same-lengths": (_t5, 32, 32), "t5-target-shorter": (_t5, 32, 8), "bart-target-shorter": (_bart, 32, 12)}
+def _llama_classifier():
+    import transformers
+    return transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0))
+
+
+def _encoder_classifier(kind):
+    def build():
+        import transformers
+        cfg = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                   max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                   classifier_dropout=0.0, num_labels=3, pad_token_id=1)
+        if kind == "bert":
+            return transformers.BertForSequenceClassification(transformers.BertConfig(**cfg))
+        return transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**cfg))
+    return build
+
+
+# name -> (builder, source length, target length; None: a class per sequence)
+CASES = {"t5-same-lengths": (_t5, 32, 32), "t5-target-shorter": (_t5, 32, 8), "bart-target-shorter": (_bart, 32, 12),
+         "llama-sequence-classifier": (_llama_classifier, 32, None),
+         "bert-sequence-classifier": (_encoder_classifier("bert"), 32, None),
+         "roberta-sequence-classifier": (_encoder_classifier("roberta"), 32, None)}
 
 
 def _rel(a, b) -> float:
@@ -46,7 +69,11 @@ def case(rank: int, P: int, name: str) -> dict:
     ref = build().train()
     ref.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(1)
-    kw = {"input_ids": torch.randint(3, 128, (2, S), generator=g), "labels": torch.randint(3, 128, (2, T), generator=g)}
+    ids = torch.randint(3, 128, (2, S), generator=g)
+    if build is _llama_classifier:
+        ids[1, -5:] = 0                     # right padding (pad id 0): row 1 pools an earlier token
+    labels = torch.randint(0, 3, (2,), generator=g) if T is None else torch.randint(3, 128, (2, T), generator=g)
+    kw = {"input_ids": ids, "labels": labels}
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=sp.backend(inner="aot_eager", schedule="zigzag"))
     with warnings.catch_warnings(record=True) as caught, sp.stats() as st:
