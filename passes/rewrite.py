@@ -37,7 +37,7 @@ from seqpar_compiler.runtime.grad_collectives import shard_sequence_partial, sum
 from .alias_sets import AliasFacts, check_local_aliasing, eliminate_dead_code, is_write
 from .hop_bodies import copy_region_meta
 from .token_local import Refuted, applies, check_exit, token_local_rule
-from .placement import Replicate, Shard, seq_factors
+from .placement import Replicate, SeqRange, Shard, seq_factors
 
 __all__ = ["ShardingContext", "SeqparFallbackError", "call_arguments", "rewrite_graph"]
 
@@ -308,7 +308,10 @@ def _local_inputs(gm: fx.GraphModule, ctx: ShardingContext, preset: dict) -> lis
             continue
         shape = [int(d) for d in ex.shape]
         pl = preset.get(node)
-        if isinstance(pl, Shard):
+        if isinstance(pl, SeqRange):
+            from .range_layout import local_count
+            shape[pl.dim] = pl.pre * local_count(ctx, pl) * pl.post
+        elif isinstance(pl, Shard):
             shape[pl.dim] //= ctx.P
         specs.append((tuple(shape), ex.dtype, ex.device))
     return specs

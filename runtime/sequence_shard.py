@@ -82,6 +82,10 @@ class ShardSpec:
     # over the sequence (a weight's, a bias's, an embedding table's) partial, as the compiled
     # frames do, so the one sum DDP/FSDP does over dp × sp ranks counts each token once
     grad_reduce: str = "sum"
+    # a part of the sequence (a chunk of a chunked loss: ``h.chunk(n, dim=1)``): the global
+    # positions [start, stop) of it; this rank holds its tokens among them, in local order (their
+    # number differs between ranks and may be 0: ``Layout.part_rows``). None: the whole sequence
+    part: tuple[int, int] | None = None
 
     @property
     def P(self) -> int:
@@ -95,14 +99,38 @@ class ShardSpec:
 
     def moved(self, dim: int, pre: int | None = None, post: int | None = None) -> "ShardSpec":
         return ShardSpec(dim, self.S, self.schedule, self.group_name,
-                         self.pre if pre is None else pre, self.post if post is None else post, self.grad_reduce)
+                         self.pre if pre is None else pre, self.post if post is None else post, self.grad_reduce,
+                         self.part)
+
+    def with_part(self, part: tuple[int, int] | None) -> "ShardSpec":
+        """The same dims, holding the positions ``part`` (the whole sequence when it is [0, S))."""
+        if part is not None and tuple(part) == (0, self.S):
+            part = None
+        return ShardSpec(self.dim, self.S, self.schedule, self.group_name, self.pre, self.post, self.grad_reduce,
+                         None if part is None else (int(part[0]), int(part[1])))
+
+    @property
+    def length(self):
+        """The number of sequence positions the value spans: S, or the part's length."""
+        return self.S if self.part is None else self.part[1] - self.part[0]
 
     @property
     def global_size(self) -> int:
         # post = p/W (a Fraction): a token grid's rows (placements.py). Integer arithmetic only, so
         # a symbolic S (one trace for every length) stays symbolic instead of being specialised
         post = Fraction(self.post)
-        return (self.pre * self.S * post.numerator) // post.denominator
+        return (self.pre * self.length * post.numerator) // post.denominator
+
+    def part_rows(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """This rank's tokens of the part: their local row indices (among its S/P) and their
+        offsets in the part, in local order."""
+        start, stop = self.part if self.part is not None else (0, self.S)
+        return layout_of(self.schedule).part_rows(self.rank, self.P, self.S, start, stop)
+
+    @property
+    def local_length(self) -> int:
+        """How many of the value's positions this rank holds."""
+        return self.S // self.P if self.part is None else len(self.part_rows()[0])
 
 
 _gathers = [0]
@@ -163,15 +191,21 @@ class SequenceShard(torch.Tensor):
     def __tensor_flatten__(self):
         # the length is left out: Dynamo guards on this context by equality, and a length in it
         # would recompile every frame at every new length (recompile limit after 8)
+        # A part keeps its range and S: its outer size is the part's length, not S, and frames
+        # given different chunks are different frames (their rows differ by rank and by chunk)
         s = self.spec
-        return ["_local"], (s.dim, s.schedule, s.group_name, s.pre, s.post, s.grad_reduce)
+        part = None if s.part is None else (*s.part, s.S)
+        return ["_local"], (s.dim, s.schedule, s.group_name, s.pre, s.post, s.grad_reduce, part)
 
     @staticmethod
     def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
         # Dynamo passes the outer size and stride it made (symbolic under dynamic shapes, each
         # with a source it can guard on); rebuilding them from the inner tensor gives sizes
         # with no source, and guard building fails (IndexError in produce_guards_verbose).
-        dim, schedule, group_name, pre, post, grad_reduce = ctx
+        dim, schedule, group_name, pre, post, grad_reduce, part = ctx
+        if part is not None:
+            spec = ShardSpec(dim, part[2], schedule, group_name, pre, post, grad_reduce, part[:2])
+            return SequenceShard(inner["_local"], spec, shape=outer_size, stride=outer_stride)
         frac = Fraction(post)                    # integer arithmetic: a symbolic size stays symbolic
         S = (outer_size[dim] * frac.denominator) // (pre * frac.numerator)
         spec = ShardSpec(dim, S, schedule, group_name, pre, post, grad_reduce)
@@ -188,10 +222,10 @@ class SequenceShard(torch.Tensor):
             return gather_local(self._local, self.spec)
         if expected_metadata == self.__tensor_flatten__()[1]:
             return self
-        dim, schedule, group_name, pre, post, grad_reduce = expected_metadata
+        dim, schedule, group_name, pre, post, grad_reduce, part = expected_metadata
         if dim != self.spec.dim or group_name != self.spec.group_name:
             return None                          # not the same value's layout: AOT reports it
-        if (pre, post) != (self.spec.pre, self.spec.post):
+        if (pre, post) != (self.spec.pre, self.spec.post) or part is not None or self.spec.part is not None:
             return None
         spec = ShardSpec(dim, self.spec.S, schedule, group_name, pre, post, grad_reduce)
         return SequenceShard(slice_local(gather_local(self._local, self.spec), spec), spec,
@@ -281,10 +315,30 @@ def gather_local(local: Tensor, spec: ShardSpec) -> Tensor:
         return local
     if not _is_fake(local):
         _gathers[0] += 1
+    if spec.part is not None:
+        return _gather_part(local, spec)
     shape = list(local.shape)
     shape[spec.dim] = spec.global_size
     full = gather_sequence_op(_unmerged(local, spec, spec.S // spec.P), spec.dim + 1, spec.schedule, spec.group_name)
     return full.reshape(shape)
+
+
+def _part_offsets(spec: ShardSpec, device) -> Tensor:
+    return torch.tensor(spec.part_rows()[1], dtype=torch.long, device=device)
+
+
+def _gather_part(local: Tensor, spec: ShardSpec) -> Tensor:
+    """The whole part: each rank's rows placed at their offsets in zeros, summed over the group
+    (ranks hold different numbers of its rows, so no equal-sized all-gather fits)."""
+    shape = list(local.shape)
+    shape[spec.dim] = spec.global_size
+    rows = _unmerged(local, spec, spec.local_length)
+    unmerged = list(rows.shape)
+    unmerged[spec.dim + 1] = spec.length
+    wide = torch.int64 if not local.is_floating_point() and not local.is_complex() else local.dtype
+    full = rows.new_zeros(unmerged, dtype=wide).index_copy(spec.dim + 1, _part_offsets(spec, local.device),
+                                                            rows.to(wide))
+    return all_reduce_sum(full, spec).to(local.dtype).reshape(shape)
 
 
 def slice_local(full: Tensor, spec: ShardSpec) -> Tensor:
@@ -292,6 +346,11 @@ def slice_local(full: Tensor, spec: ShardSpec) -> Tensor:
     P = spec.P
     if P == 1:
         return full
+    if spec.part is not None:
+        shape = list(full.shape)
+        shape[spec.dim] = spec.global_size // spec.length * spec.local_length
+        rows = _unmerged(full, spec, spec.length).index_select(spec.dim + 1, _part_offsets(spec, full.device))
+        return rows.reshape(shape)
     shape = list(full.shape)
     shape[spec.dim] = spec.global_size // P
     return layout_of(spec.schedule).local_part(_unmerged(full, spec, spec.S), spec.dim + 1, spec.rank, P).reshape(shape)

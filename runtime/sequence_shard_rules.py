@@ -113,17 +113,18 @@ def _in_backward() -> bool:
 def _planned(func, shards, args, kwargs):
     """Run ``func`` as the sharding core plans it; NotImplemented where it refuses."""
     first = shards[0].spec
-    if any((s.spec.S, s.spec.schedule, s.spec.group_name) != (first.S, first.schedule, first.group_name)
-           for s in shards):
-        return NotImplemented                    # shards of different layouts: gathered
+    if any((s.spec.S, s.spec.schedule, s.spec.group_name, s.spec.part) !=
+           (first.S, first.schedule, first.group_name, first.part) for s in shards):
+        return NotImplemented                    # shards of different layouts or parts: gathered
     try:
         out_shapes = _global_out_shapes(func, args, kwargs)
     except Exception:  # noqa: BLE001 - no meta kernel (a data-dependent op): the fallback runs it
         return NotImplemented
     targs, tkwargs = tree_map(_as_arg, (args, kwargs))
     try:
-        plan = plan_op(func, targs, tkwargs, S=first.S, P=first.P, group_name=first.group_name,
-                       out_shapes=out_shapes, schedule=first.schedule)
+        plan = plan_op(func, targs, tkwargs, S=first.length, P=first.P, group_name=first.group_name,
+                       out_shapes=out_shapes, schedule=first.schedule,
+                       local_len=None if first.part is None else first.local_length)
     except Refusal:
         return NotImplemented
     pre, post = plan.merged
@@ -195,6 +196,9 @@ def _global_out_shapes(func, args, kwargs) -> tuple:
         if isinstance(v, Tensor):
             return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
         return v
+    # a device argument (``x.float()`` is ``_to_copy(dtype=..., device=cpu)`` here) would copy
+    # the meta tensor out to it: the shapes are the same on meta
+    kwargs = {k: ("meta" if k == "device" and v is not None else v) for k, v in kwargs.items()}
     out = func(*tree_map(meta, args), **tree_map(meta, kwargs))
     outs = out if isinstance(out, (list, tuple)) else (out,)
     return tuple(tuple(o.shape) if isinstance(o, Tensor) else None for o in outs)
@@ -262,3 +266,7 @@ def _vector_norm(func, spec, x, ord=2, dim=None, keepdim=False, *, dtype=None):
         return NotImplemented
     local = x._local if dtype is None else x._local.to(dtype)
     return all_reduce_sum(local.pow(2).sum(), spec).sqrt()
+
+
+# split / slice / cat along the sequence dim: parts of the sequence (a chunked loss between frames)
+from . import sequence_shard_parts  # noqa: E402,F401  (registers into _RULES)

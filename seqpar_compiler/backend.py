@@ -99,6 +99,14 @@ def _warn_at_recompile_limit(example_inputs: Sequence[Any]) -> None:
     limit = torch._dynamo.config.recompile_limit
     if compiled != limit:
         return
+    from .runtime.sequence_shard import SequenceShard
+    if any(isinstance(x, SequenceShard) and x.spec.part is not None for x in example_inputs):
+        # a chunk of the sequence (a chunked loss) is compiled once per chunk, since each rank holds
+        # other tokens of each; past the limit Dynamo runs the frame eagerly, where the chunk still
+        # computes on each rank's own tokens (the eager rules): slower, not replicated
+        log.info("seqpar: frame %s has been compiled %d times, once per chunk of the sequence it received; "
+                 "further chunks run eagerly, still on each rank's own tokens", _frame_name(), compiled)
+        return
     shapes = ", ".join(str(list(x.shape)) for x in example_inputs
                        if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter))
     warnings.warn(f"seqpar: frame {_frame_name()} has now been compiled {compiled} times (this time for inputs "

@@ -82,13 +82,15 @@ def check_frame_shards(shards: dict[int, ShardSpec], S: int | None, group_name: 
 
 
 def seed_shard_inputs(ctx, gm: torch.fx.GraphModule, shards: dict[int, ShardSpec]) -> set[str]:
-    """Mark the frame's shard placeholders as ``Shard`` before the rewrite walks the graph (the
+    """Mark the frame's shard placeholders as ``Shard`` (a part as ``SeqRange``) before the rewrite walks the graph (the
     rewrite keeps a placement it finds), and return their names (not user inputs to shard)."""
-    from .passes.placement import Shard
+    from .passes.placement import SeqRange, Shard
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = set()
     for i, spec in shards.items():
-        ctx.place[placeholders[i]] = Shard(spec.dim, spec.pre, spec.post)
+        # a part of the sequence (a chunk split off between frames) is the rewrite's SeqRange
+        ctx.place[placeholders[i]] = (Shard(spec.dim, spec.pre, spec.post) if spec.part is None
+                                      else SeqRange(spec.dim, spec.pre, spec.post, *spec.part))
         names.add(placeholders[i].name)
     return names
 

@@ -103,6 +103,18 @@ class Layout:
                  for seg in self.segments(rank, P, S // P)]
         return torch.cat(parts)
 
+    def part_rows(self, rank: int, P: int, S: int, start: int, stop: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Rank ``rank``'s tokens at global positions [start, stop) (a chunk of a chunked loss):
+        their indices among its S/P local rows and their offsets from ``start``, both in local
+        order. The one place a part's rows are worked out, so the eager and the compiled path
+        agree on where each token of a part lives."""
+        return _cached_part_rows(self, rank, P, S, start, stop)
+
+    def increasing(self, rank: int, P: int, S: int) -> bool:
+        """Do this rank's local rows run in increasing global position? Then the parts of a
+        sequence, concatenated in position order, are its local rows in order."""
+        return P == 1 or bool((self.positions(rank, P, S).diff() > 0).all())
+
     def local_part(self, x: torch.Tensor, dim: int, rank: int, P: int) -> torch.Tensor:
         """Rank ``rank``'s part of a replicated ``x`` along its sequence dim ``dim`` (a copy)."""
         if P == 1:
@@ -199,6 +211,13 @@ class Hybrid(Layout):
 
 _ZIGZAG = Zigzag("zigzag")
 _cached_segments = lru_cache(maxsize=None)(lambda layout, rank, P, S_local: layout._segments(rank, P, S_local))
+
+
+@lru_cache(maxsize=512)
+def _cached_part_rows(layout: Layout, rank: int, P: int, S: int, start: int, stop: int):
+    mine = layout.positions(rank, P, S).tolist() if P > 1 else list(range(S))
+    hits = [(i, p - start) for i, p in enumerate(mine) if start <= p < stop]
+    return tuple(i for i, _ in hits), tuple(o for _, o in hits)
 
 
 def layout_of(schedule) -> Layout:

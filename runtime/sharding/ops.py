@@ -128,6 +128,21 @@ class _Context:
     post: int
     out_shapes: tuple             # global shapes of the outputs (None for a non-tensor output)
     layout: Layout = layout_of("zigzag")
+    # a part of the sequence (a chunk): S is the part's length and this rank holds ``local_len``
+    # of its positions (not S/P); None for the whole sequence
+    local_len: int | None = None
+
+    @property
+    def part(self) -> bool:
+        return self.local_len is not None
+
+    def local_shape(self, dst: tuple, pl: Shard) -> list:
+        """This rank's shape of a ``dst``-shaped value placed ``pl``."""
+        if self.local_len is None:
+            return local_view_shape(dst, pl, self.P)
+        shape = list(dst)
+        shape[pl.dim] = shape[pl.dim] // self.S * self.local_len
+        return shape
 
     @property
     def full(self) -> int:
@@ -139,8 +154,9 @@ class _Context:
         return self.layout.name
 
     def rows_allowed(self, per_position) -> bool:
-        """May a dim of S·per_position elements in position order stay a band of rows?"""
-        return self.layout.keeps_band(self.S, self.P, per_position)
+        """May a dim of S·per_position elements in position order stay a band of rows? (Never
+        a part's: its rows are no band of the layout.)"""
+        return not self.part and self.layout.keeps_band(self.S, self.P, per_position)
 
 
 def _flat_tensors(args, kwargs) -> list:
@@ -172,11 +188,14 @@ def _written_names(op) -> set:
 
 
 def plan_op(op, args: tuple, kwargs: dict, *, S: int, P: int, group_name: str | None,
-            out_shapes: tuple, schedule: str | Layout = "zigzag") -> OpPlan:
+            out_shapes: tuple, schedule: str | Layout = "zigzag", local_len: int | None = None) -> OpPlan:
     """The plan of ``op`` with tensor arguments given as ``TensorArg`` (module docstring).
 
     ``out_shapes``: the global shape of each output (``None`` for a non-tensor), as tracing it on
     full-size examples gives; ``schedule``: the layout of the shards (a name or a ``Layout``).
+    ``local_len``: the shards are a part of the sequence (a chunk) ``S`` positions long, of which
+    this rank holds ``local_len``: an op that treats positions alike plans as for a whole shard,
+    one that needs the layout's runs (a halo, a scan, a band of rows) is refused.
     Raises ``Refusal``."""
     tensors = _flat_tensors(args, kwargs)
     shards = [t for t in tensors if isinstance(t.placement, Shard)]
@@ -187,8 +206,10 @@ def plan_op(op, args: tuple, kwargs: dict, *, S: int, P: int, group_name: str | 
     if len(kinds) > 1:
         raise Refusal(f"{op}: operands merged with the sequence differently")
     pre, post = kinds.pop()
-    ctx = _Context(S, P, group_name, pre, post, tuple(out_shapes), layout_of(schedule))
+    ctx = _Context(S, P, group_name, pre, post, tuple(out_shapes), layout_of(schedule), local_len)
     rule = RULES.get(op)
+    if rule is not None and ctx.part and op not in _PART_RULES:
+        raise Refusal(f"{op} on a part of the sequence (its rule needs the layout's whole shards)")
     if rule is None and _draws_random(op):
         raise Refusal(f"{op} draws random numbers: run on shards, every rank would draw the same ones for its "
                       f"own tokens (computed whole, every rank draws the whole sequence's, as one device does)")
@@ -294,7 +315,7 @@ def _local_shape_args(op, prop, args, outputs, ctx: _Context) -> tuple:
     if not isinstance(shard, Shard) or ctx.out_shapes[0] is None:
         raise Refusal(f"{op}: DTensor made a shape argument local for a result the layout does not shard")
     local = list(prop.args)
-    local[prop.shape_arg] = local_view_shape(tuple(ctx.out_shapes[0]), shard, ctx.P)
+    local[prop.shape_arg] = ctx.local_shape(tuple(ctx.out_shapes[0]), shard)
     return tuple(local)
 
 
@@ -344,7 +365,7 @@ def _view(op, args, kwargs, ctx: _Context) -> OpPlan:
     pl = view_placement(tuple(src.shape), tuple(dst), src.placement, ctx.S, rows_allowed=ctx.rows_allowed)
     if pl is None:
         raise Refusal(split_refusal(tuple(src.shape), tuple(dst), ctx.layout, ctx.S, ctx.P))
-    return OpPlan(("local",), (TENSOR, local_view_shape(tuple(dst), pl, ctx.P)), {}, (pl,), (ctx.pre, ctx.post))
+    return OpPlan(("local",), (TENSOR, ctx.local_shape(tuple(dst), pl)), {}, (pl,), (ctx.pre, ctx.post))
 
 
 def split_refusal(src: tuple, dst: tuple, layout: Layout, S: int, P: int) -> str:
@@ -436,11 +457,15 @@ def _new_buffer(op, args, kwargs, ctx: _Context) -> OpPlan:
     pl = src.placement
     slots = (TENSOR, *args[1:])
     if isinstance(pl, Shard) and len(size) == len(src.shape) and size[pl.dim] == ctx.full:
-        size[pl.dim] //= ctx.P
+        size = ctx.local_shape(tuple(size), pl)
         return OpPlan(("local",), (TENSOR, size, *args[2:]), dict(kwargs), (Shard(pl.dim, pl.pre, pl.post),),
                       (ctx.pre, ctx.post))
     return OpPlan(("local",), slots, dict(kwargs), (Replicate(),), (ctx.pre, ctx.post))
 
+
+# the rules that hold on a part of the sequence as on a whole shard (they treat positions alike)
+_PART_RULES = {*VIEW_OPS, aten.index.Tensor, *_REDUCTIONS, *_ELEMENTWISE_AS_MUL, *_NEW_BUFFERS,
+               aten.native_dropout.default}
 
 # the rules for ops that mix the sequence (they need the group: a halo, a carry) live beside
 from . import mixing_rules  # noqa: E402,F401  (registers into RULES)

@@ -1,0 +1,180 @@
+"""Parts of the sequence between frames: ``split`` / ``chunk`` / ``x[:, a:b]`` of a ``SequenceShard``
+along its sequence dim, and the ``cat`` that joins them back.
+
+Why: a chunked loss written eagerly (torchtune's ``chunked_output``, a ``torch.compiler.disable``d
+method: ``[self.output(c) for c in h.chunk(n, dim=1)]``) splits the sequence between compiled
+frames. Gathered, the output projection and the loss would run on every rank for every token.
+A chunk is instead a ``SequenceShard`` whose spec names its positions (``ShardSpec.part``): each
+rank holds its own tokens of the chunk, in local order, possibly none. Ops that treat positions
+alike run on it as on a whole shard (the sharding core's plan with the part's local length:
+linears, norms, log-softmax, cross entropy with its global count), a compiled frame that receives
+it seeds the compiled rewrite's part placement (``SeqRange``, ``passes/range_rules.py``), and
+anything that needs the layout's runs gathers the part, warned.
+
+The backward of a split is a ``cat`` of the chunks' gradients (zeros for a chunk no loss used);
+that of a slice is ``slice_backward``: both give the whole shard back without communication.
+Which rank holds which token of a part comes from ``Layout.part_rows`` only, the same answer the
+compiled rewrite uses.
+
+Shape legend: S global sequence length; a part [start, stop) spans L = stop − start positions,
+this rank holds n of them; its dim has global size L·post and local size n·post (pre = 1: the
+sequence is the outer factor of the dim; a part merged with the batch, ``[B·L, V]``, only
+arises from views of a part, which the core plans).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .sequence_shard import SequenceShard, ShardSpec, _unmerged, slice_local
+from .sequence_shard_rules import _planned, _rule
+
+__all__: list[str] = []
+
+aten = torch.ops.aten
+
+
+def _splittable(x, dim) -> ShardSpec | None:
+    """The spec of ``x`` when ``dim`` is its sequence dim with the sequence outermost (pre = 1,
+    whole positions per element run), else None (the core plans it or it gathers)."""
+    if not isinstance(x, SequenceShard):
+        return None
+    spec = x.spec
+    if dim % x.dim() != spec.dim or spec.pre != 1 or not isinstance(spec.post, int) or isinstance(spec.S, torch.SymInt):
+        return None
+    return spec
+
+
+def _rows_of(spec: ShardSpec, a: int, b: int) -> list[int]:
+    """Which of the value's local rows (positions, in local order) hold its offsets [a, b)."""
+    _, offsets = spec.part_rows()
+    return [j for j, o in enumerate(offsets) if a <= o < b]
+
+
+def _take(x: SequenceShard, spec: ShardSpec, rows: list[int]) -> Tensor:
+    """The local rows ``rows`` of ``x`` (a view when they are one run)."""
+    post = spec.post
+    local = x._local
+    if not rows:
+        return local.narrow(spec.dim, 0, 0)
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return local.narrow(spec.dim, rows[0] * post, len(rows) * post)
+    unmerged = _unmerged(local, spec, spec.local_length)
+    picked = unmerged.index_select(spec.dim + 1, torch.tensor(rows, device=local.device))
+    shape = list(local.shape)
+    shape[spec.dim] = len(rows) * post
+    return picked.reshape(shape)
+
+
+def _pieces(x: SequenceShard, spec: ShardSpec, bounds: list[tuple[int, int]]) -> list[SequenceShard]:
+    """``x`` cut at the element ``bounds`` of its sequence dim into parts; NotImplemented when a
+    bound falls inside a position's elements."""
+    post, lo = spec.post, (spec.part or (0, spec.S))[0]
+    out = []
+    for a, b in bounds:
+        if a % post or b % post:
+            return NotImplemented
+        pa, pb = a // post, b // post
+        child = spec.with_part((lo + pa, lo + pb))
+        out.append(SequenceShard(_take(x, spec, _rows_of(spec, pa, pb)), child))
+    return out
+
+
+@_rule(aten.split.Tensor, aten.unsafe_split.Tensor)
+def _split(func, spec, x, split_size, dim=0):
+    s = _splittable(x, dim)
+    if s is None:
+        return _planned(func, [x], (x, split_size, dim), {})
+    size = x.shape[s.dim]
+    return _pieces(x, s, [(a, min(a + split_size, size)) for a in range(0, size, split_size)] or [(0, 0)])
+
+
+@_rule(aten.split_with_sizes.default, aten.unsafe_split_with_sizes.default)
+def _split_with_sizes(func, spec, x, sizes, dim=0):
+    s = _splittable(x, dim)
+    if s is None:
+        return _planned(func, [x], (x, sizes, dim), {})
+    bounds, at = [], 0
+    for n in sizes:
+        bounds.append((at, at + n))
+        at += n
+    return _pieces(x, s, bounds)
+
+
+@_rule(aten.slice.Tensor)
+def _slice(func, spec, x, dim=0, start=None, end=None, step=1):
+    s = _splittable(x, dim) if step == 1 else None
+    size = x.shape[dim] if isinstance(x, SequenceShard) else None
+    if s is None:
+        return _planned(func, [x], (x, dim, start, end, step), {})
+    a = 0 if start is None else (start + size if start < 0 else start)
+    b = size if end is None else (end + size if end < 0 else end)
+    a, b = max(0, min(a, size)), max(0, min(b, size))
+    if (a, b) == (0, size):
+        return _planned(func, [x], (x, dim, start, end, step), {})
+    pieces = _pieces(x, s, [(a, max(a, b))])
+    return pieces if pieces is NotImplemented else pieces[0]
+
+
+@_rule(aten.cat.default)
+def _cat(func, spec, tensors, dim=0):
+    """Parts (and plain values standing for the parts between them) concatenated along the
+    sequence dim in position order: each rank's rows of them, in order, are its rows of the
+    joined range, when its local order runs in increasing position (every layout but a hybrid
+    one's)."""
+    shards = [t for t in tensors if isinstance(t, SequenceShard)]
+    first = shards[0]
+    s = _splittable(first, dim)
+    if s is None:
+        return _planned(func, shards, (tensors, dim), {})
+    post = s.post
+    if any(_splittable(t, dim) is None or (t.spec.S, t.spec.schedule, t.spec.group_name, t.spec.post)
+           != (s.S, s.schedule, s.group_name, post) for t in shards):
+        return NotImplemented
+    from .layout import layout_of
+    if not layout_of(s.schedule).increasing(s.rank, s.P, s.S):
+        return NotImplemented
+    lengths = []
+    for t in tensors:
+        if t.shape[s.dim] % post:
+            return NotImplemented
+        lengths.append(t.shape[s.dim] // post)
+    k = next(i for i, t in enumerate(tensors) if isinstance(t, SequenceShard))
+    lo = (first.spec.part or (0, s.S))[0] - sum(lengths[:k])
+    at, locals_ = lo, []
+    for t, n in zip(tensors, lengths):
+        if at < 0 or at + n > s.S:
+            return NotImplemented
+        if isinstance(t, SequenceShard):
+            if (t.spec.part or (0, s.S)) != (at, at + n):
+                return NotImplemented               # not consecutive parts of one sequence
+            locals_.append(t._local)
+        else:
+            locals_.append(slice_local(t, s.with_part((at, at + n))))
+        at += n
+    joined = s.with_part((lo, at))
+    return SequenceShard(torch.cat(locals_, s.dim), joined)
+
+
+@_rule(aten.slice_backward.default)
+def _slice_backward(func, spec, grad, input_sizes, dim, start, end, step):
+    """The gradient of ``x[:, a:b]`` (a part of ``x``) back at ``x``: zeros where no row of the
+    part lies, the part's rows at theirs; ``x``'s range follows from the part's and ``a``."""
+    s = _splittable(grad, dim) if step == 1 else None
+    if s is None or s.part is None:
+        return _planned(func, [grad], (grad, input_sizes, dim, start, end, step), {})
+    size, post = input_sizes[s.dim], s.post
+    a = 0 if start is None else (start + size if start < 0 else start)
+    if size % post or a % post:
+        return NotImplemented
+    lo = s.part[0] - a // post
+    whole = s.with_part((lo, lo + size // post))
+    rows = _rows_of(whole, a // post, a // post + s.length)
+    shape = list(grad._local.shape)
+    shape[s.dim] = whole.local_length * post
+    out = grad._local.new_zeros(shape)
+    if rows:
+        target = _unmerged(out, whole, whole.local_length)
+        target.index_copy_(s.dim + 1, torch.tensor(rows, device=out.device),
+                           _unmerged(grad._local, s, s.local_length))
+    return SequenceShard(out, whole)

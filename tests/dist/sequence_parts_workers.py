@@ -1,0 +1,95 @@
+"""Parts of the sequence between frames, on each spawned rank: a ``SequenceShard`` split along
+its sequence dim (``chunk``, uneven ``split``, ``tensor_split``, ``x[:, a:b]``), an output
+projection and a cross entropy per chunk (eager, or in a frame compiled with seqpar), the
+chunks joined back with ``cat``; each against the same code on the full float64 tensors (the
+cross entropy upcasts to float32 as torchtune's does: its errors are float32 rounding).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["part_cases"]
+
+B, S, D, V = 2, 32, 8, 16
+SPLITS = {
+    "chunk": lambda h: h.chunk(8, dim=1),                     # 8 chunks of 4: whole blocks
+    "uneven": lambda h: h.split([5, 11, 3, 13], dim=1),      # chunks that straddle ranks' blocks
+    "tensor_split": lambda h: h.tensor_split(3, dim=1),       # slices (11, 11, 10): slice_backward
+    "slice": lambda h: [h[:, 3:-2]],                          # x[:, a:b]
+}
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def _ce(logits, labels):
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+
+
+def _loss(h, W, labels, split, ce):
+    """The chunked loss as torchtune writes it: project each chunk, flatten, sum the per-chunk
+    cross entropies, divide by the count of targets."""
+    chunks = SPLITS[split](h)
+    bounds = [c.shape[1] for c in chunks]
+    at = 3 if split == "slice" else 0
+    total, count = 0.0, 0
+    for c, n in zip(chunks, bounds):
+        lab = labels[:, at:at + n]
+        at += n
+        logits = F.linear(c, W)
+        total = total + ce(logits.reshape(-1, V), lab.reshape(-1))
+        count = count + (lab != -100).sum()
+    return total / count, chunks
+
+
+def part_cases(rank: int, P: int) -> dict:
+    from seqpar_compiler.runtime.sequence_shard import SequenceShard, ShardSpec, from_local, gather_count, slice_local
+    torch.manual_seed(0)
+    h = torch.randn(B, S, D, dtype=torch.float64)
+    W = torch.randn(V, D, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, S))
+    labels[:, -1] = -100
+    labels[1, :5] = -100
+    group = dist.group.WORLD.group_name
+    compiled_ce = torch.compile(_ce, backend="seqpar")
+    out = {}
+    for schedule in ("zigzag", "ring", "striped"):
+        for split in SPLITS:
+            for kind, ce in (("eager", _ce), ("compiled", compiled_ce)):
+                if kind == "compiled":
+                    if schedule != "zigzag":
+                        continue                          # one layout compiled: each chunk is a compile
+                    torch._dynamo.reset()                 # each split's chunks within the recompile limit
+                href, Wref = h.clone().requires_grad_(), W.clone().requires_grad_()
+                ref, _ = _loss(href, Wref, labels, split, _ce)
+                ref.backward()
+                spec = ShardSpec(1, S, schedule, group)
+                local = slice_local(h, spec).requires_grad_()
+                Wsp = W.clone().requires_grad_()
+                before = gather_count()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    loss, chunks = _loss(from_local(local, spec), Wsp, labels, split, ce)
+                    loss.backward()
+                held = torch.tensor([c.to_local().shape[1] if isinstance(c, SequenceShard) else -1 for c in chunks])
+                dist.all_reduce(held)
+                out[(schedule, split, kind)] = {
+                    "loss": _rel(loss, ref), "grad_h": _rel(local.grad, slice_local(href.grad, spec)),
+                    "grad_W": _rel(Wsp.grad, Wref.grad), "gathers": gather_count() - before,
+                    "parts": all(isinstance(c, SequenceShard) and c.spec.part is not None for c in chunks),
+                    "held": held.tolist(), "lengths": [c.shape[1] for c in chunks],
+                    "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
+        # joined back: cat of the parts (and of a plain tensor standing for one) is the whole shard
+        spec = ShardSpec(1, S, schedule, group)
+        x = from_local(slice_local(h, spec), spec)
+        parts = x.split([5, 11, 16], dim=1)
+        joined = torch.cat([parts[0] * 2, h[:, 5:16] * 2, parts[2] * 2], dim=1)
+        out[(schedule, "cat")] = {"whole": isinstance(joined, SequenceShard) and joined.spec.part is None,
+                                  "error": _rel(joined.full_tensor(), h * 2)}
+    return out

@@ -1,0 +1,50 @@
+"""Parts of the sequence between frames (``ShardSpec.part``): a SequenceShard split along its
+sequence dim stays split, each rank its own tokens of every chunk, through an output projection
+and a cross entropy (eager or in a compiled frame), and back (``cat``, the split's and the
+slice's backward). 2 and 4 gloo ranks, float64, zigzag / ring / striped layouts.
+"""
+import pytest
+
+import sequence_parts_workers as W
+from seqpar_compiler.launch import run_ranks
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["P2", "P4"])
+def results(request):
+    env = {"SEQPAR_INNER": "aot_eager"}
+    return request.param, run_ranks(W.part_cases, request.param, timeout=600, pg_timeout=300, env=env)
+
+
+def _cases(results):
+    _, by_rank = results
+    return [(key, r) for rank_out in by_rank for key, r in rank_out.items() if len(key) == 3]
+
+
+def test_chunked_loss_on_parts_is_exact(results):
+    for key, r in _cases(results):        # float32 cross entropy: float32 rounding
+        assert r["loss"] <= 1e-6, (key, r)
+        assert r["grad_h"] <= 1e-6, (key, r)
+        assert r["grad_W"] <= 1e-6, (key, r)
+
+
+def test_chunks_stay_parts_and_nothing_is_gathered(results):
+    P, _ = results
+    for key, r in _cases(results):
+        assert r["parts"], key
+        # every token of every chunk is held by exactly one rank
+        assert r["held"] == r["lengths"], (key, r["held"], r["lengths"])
+        assert r["gathers"] == 0, (key, r)
+
+
+def test_nothing_is_warned(results):
+    for key, r in _cases(results):
+        assert not r["warnings"], (key, r["warnings"])
+
+
+def test_cat_of_parts_is_the_whole_shard(results):
+    _, by_rank = results
+    for rank_out in by_rank:
+        for key, r in rank_out.items():
+            if len(key) == 2:
+                assert r["whole"], key
+                assert r["error"] <= 1e-15, (key, r)
