@@ -32,7 +32,9 @@ from seqpar_compiler.runtime.grad_collectives import all_reduce_to_replicated, s
 
 from seqpar_compiler.runtime.sharding.dtensor_bridge import TENSOR, NoStrategy
 from seqpar_compiler.runtime.sharding.ops import Refusal, TensorArg, plan_op
-from seqpar_compiler.runtime.sharding.placements import Partial, Replicate, Shard, seq_factors
+from seqpar_compiler.runtime.sharding.placements import Partial, Replicate, SeqRange, Shard, seq_factors
+
+from .range_layout import local_count, part_positions, take_rows
 
 __all__ = ["decomposed_rule", "DECOMPOSITIONS"]
 
@@ -177,9 +179,27 @@ def _constant_piece(ctx, gm: fx.GraphModule, p: fx.Node) -> fx.Node:
     return ctx.emit(name, (), op="get_attr", placement=Replicate())
 
 
+def _shared_part(place, tensor_args) -> SeqRange | None:
+    """The one part of the sequence the piece's sharded operands hold (a chunk: ``SeqRange``),
+    None when they are whole shards; a mix, or chunks of merged sequences, is refused."""
+    shards = [place.get(a) for a in tensor_args if isinstance(place.get(a), Shard)]
+    parts = {(pl.start, pl.stop, pl.outer) for pl in shards if isinstance(pl, SeqRange)}
+    if not parts:
+        return None
+    if len(parts) > 1 or len(parts) == 1 and any(not isinstance(pl, SeqRange) for pl in shards):
+        raise _Refuse("operands hold different parts of the sequence")
+    part = next(pl for pl in shards if isinstance(pl, SeqRange))
+    if part.outer != 1 or type(part) is not SeqRange:
+        raise _Refuse("a chunk of merged sequences, or pieces in no layout's order")
+    return part
+
+
 def _piece(ctx, p: fx.Node, vals, place, olds):
-    """One ATen piece: its plan from the sharding core (``runtime/sharding/ops.py``), emitted."""
+    """One ATen piece: its plan from the sharding core (``runtime/sharding/ops.py``), emitted.
+    On a part of the sequence (``SeqRange``) the core plans with the part's length and this
+    rank's count of its rows, as the eager path does for a part between frames."""
     tensor_args = tensor_args_in_order(p)
+    part = _shared_part(place, tensor_args)
 
     def as_arg(a):
         pl = place.get(a)
@@ -188,8 +208,9 @@ def _piece(ctx, p: fx.Node, vals, place, olds):
     vals_out = p.meta["val"] if isinstance(p.meta["val"], (list, tuple)) else [p.meta["val"]]
     out_shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals_out)
     try:
-        plan = plan_op(p.target, args, kwargs, S=ctx.S, P=ctx.P, group_name=ctx.group_name, out_shapes=out_shapes,
-                       schedule=ctx.schedule)
+        plan = plan_op(p.target, args, kwargs, S=ctx.S if part is None else part.length, P=ctx.P,
+                       group_name=ctx.group_name, out_shapes=out_shapes, schedule=ctx.schedule,
+                       local_len=None if part is None else local_count(ctx, part))
     except Refusal as err:
         raise _Refuse(str(err)) from err
     if not any(isinstance(place.get(a), Shard) for a in tensor_args):
@@ -204,6 +225,8 @@ def _piece(ctx, p: fx.Node, vals, place, olds):
     def fill(v):
         if v is TENSOR:
             a, how = next(operands)
+            if part is not None and isinstance(how, tuple):
+                return _slice_to_part(ctx, a, vals, olds, how[1], pre, post, part)
             return _operand(ctx, a, how, vals, olds, pre, post)
         if isinstance(v, (list, tuple)):
             return type(v)(fill(x) for x in v)
@@ -212,6 +235,8 @@ def _piece(ctx, p: fx.Node, vals, place, olds):
     new_kwargs = {k: fill(v) for k, v in plan.kwargs.items()}
     single = not isinstance(p.meta["val"], (list, tuple))
     outs = plan.outputs
+    if part is not None:                 # the part's range carried to where the core put the sequence
+        outs = tuple(part.moved(o) if isinstance(o, Shard) else o for o in outs)
     new = ctx.emit(plan.call or p.target, new_args, new_kwargs, outs[0] if single else outs)
     if plan.call is not None:            # a halo exchange or a carry across ranks
         ctx.collectives.append(f"{plan.call} for {p.target}: {new.name}")
@@ -271,6 +296,26 @@ def _slice(ctx, new, shape, d, pre, post):
     unmerged = ctx.emit(aten.reshape.default, (new, split))
     sliced = ctx.emit(shard_sequence_op, (unmerged, d + 1, ctx.schedule, ctx.group_name))
     return ctx.emit(aten.reshape.default, (sliced, local), placement=Shard(d, pre, post))
+
+
+def _slice_to_part(ctx, a, vals, olds, d, pre, post, part: SeqRange):
+    """A replicated value's rows of the part along dim ``d`` (merged (pre, L, post)). Each rank
+    takes other rows, so where the value needs a gradient it is summed over the group first."""
+    new = vals[a]
+    if a in olds and ctx.grad_reduce != "none":
+        new = ctx.weight(olds[a]) if olds[a] is not None else ctx.emit(
+            sum_grad_over_group, (new, ctx.group_name), placement=Replicate())
+    shape = list(_shape(a))
+    rows = [q - part.start for q in part_positions(ctx, part)]
+    if pre == 1 and post == 1:
+        out = take_rows(ctx, new, d, rows, shape[d], a.meta["val"].device)
+    else:
+        split = shape[:d] + [pre, part.length, post] + shape[d + 1:]
+        unmerged = ctx.emit(aten.reshape.default, (new, split))
+        taken = take_rows(ctx, unmerged, d + 1, rows, part.length, a.meta["val"].device)
+        out = ctx.emit(aten.reshape.default, (taken, shape[:d] + [pre * len(rows) * post] + shape[d + 1:]))
+    out.meta["seqpar_placement"] = SeqRange(d, pre, post, part.start, part.stop)
+    return out
 
 
 def _reduce_partial(ctx, new, op: str, p):

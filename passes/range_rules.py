@@ -321,6 +321,12 @@ def dispatch(ctx, node: fx.Node, base, kind: str | None, hand=None):
     except Exception as err:  # noqa: BLE001 - a rule that cannot handle this use: the exact fallback
         result = f"its rule failed ({type(err).__name__}: {err})"
     if isinstance(result, str) or result is None:
+        # no rule of its own for a part: the sharding core's plan with the part's local length
+        # (log-softmax, an RMS norm, a cast ... on a chunk), as the eager path runs it between frames
+        from .aten_rules import decomposed_rule
+        core = decomposed_rule(ctx, node) if node.op in ("call_function", "call_method") else None
+        if isinstance(core, tuple):
+            return _exit(ctx, node, core)
         return _fallback(ctx, node, result or "no rule for a part of the sequence")
     return _exit(ctx, node, result)
 
@@ -380,7 +386,7 @@ def _fallback(ctx, node, reason: str):
 
 
 def _gathered(ctx, old):
-    cache = ctx.__dict__.setdefault("_seqpar_parts_gathered", {})
+    cache = ctx.parts_gathered
     if old not in cache:
         ex = ctx.example(old)
         cache[old] = gather_part(ctx, ctx.env[old], ctx.placement_of(old), ex.shape, ex.device)

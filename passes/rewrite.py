@@ -81,6 +81,7 @@ class ShardingContext:
     _grad_summed: dict = field(default_factory=dict)
     _gathered: dict = field(default_factory=dict)
     _from_data: set = field(default_factory=set)    # replicated values computed from the user's inputs
+    parts_gathered: dict = field(default_factory=dict)  # old part -> its gathered new node (range_rules)
 
     # -- values ---------------------------------------------------------------------------
     @property
@@ -218,6 +219,7 @@ class ShardingContext:
         self.messages, self.emitted, self._grad_summed, self._gathered = [], {}, {}, {}
         self.sourced = {}
         self._from_data = set()
+        self.parts_gathered = {}         # new nodes of the discarded attempt's graph
 
 
 def call_arguments(node: fx.Node, names: list[str], defaults: dict) -> dict:

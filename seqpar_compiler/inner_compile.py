@@ -26,6 +26,15 @@ def is_model_state(node: torch.fx.Node, value) -> bool:
     return isinstance(value, torch.nn.Parameter) or "_parameters_" in name or "_buffers_" in name
 
 
+def _rank_dependent(gm: torch.fx.GraphModule) -> bool:
+    """Does the rewritten graph hold a part of the sequence (shapes that differ by rank)?"""
+    from seqpar_compiler.passes.placement import SeqRange
+
+    def part(pl) -> bool:
+        return isinstance(pl, SeqRange) or isinstance(pl, tuple) and any(part(p) for p in pl)
+    return any(part(n.meta.get("seqpar_placement")) for n in gm.graph.nodes)
+
+
 def inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inner: str, *,
                    checkpoint: str = "none", ffn_chunks: int = 1, verify: bool = False) -> Callable:
     """The memory passes (blockwise FFN on the torch-level graph, the checkpoint policy in the
@@ -50,6 +59,12 @@ def inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inner
     patches = {"force_non_lazy_backward_lowering": True} if in_window() else {}
     if verify:         # SEQPAR_VERIFY takes a second backward of a checked call (retain_graph): no donated buffers
         patches["donated_buffer"] = False
+    if _rank_dependent(gm):
+        # a graph with parts of the sequence differs by rank (each rank's rows of a chunk, maybe
+        # none): two collectives whose inputs happen to be equal on one rank only (the zero rows
+        # of two chunks it does not hold) would be merged by aot's common-subexpression pass on
+        # that rank alone, and the ranks' collectives would pair up wrongly
+        patches["cse"] = False
     with stage("inner compile"), torch._functorch.config.patch(**patches):
         if inner == "aot_eager":
             from torch._dynamo.backends.debugging import aot_eager

@@ -113,8 +113,48 @@ def grid_cases():
     }
 
 
-def _spec(dim, pre=1, post=1, schedule=SCHEDULE):
-    return ShardSpec(dim, S, schedule, "0", pre=pre, post=post)
+# a part of the sequence: positions [3, 13) of S = 16 (zigzag on 2 ranks: 2 rows on rank 0, 8 on
+# rank 1; on 4 ranks some hold none)
+PART = (3, 13)
+
+
+def part_cases():
+    """Ops on a part of the sequence (a chunk, ``("part", value of the chunk, dim)``): the core
+    plans them with the part's local length on both paths; a scan along it is refused on both."""
+    L = PART[1] - PART[0]
+    x, y = _x(B, L, D), _x(B, L, D, seed=1)
+    w, b = _x(D, seed=2), _x(D, seed=3)
+    idx = torch.randint(0, D, (B, L, 1), generator=torch.Generator().manual_seed(4))
+    return {
+        "part-add-replicated": (aten.add.Tensor, [("part", x, 1), ("rep", y)], {}),
+        "part-mul-parts": (aten.mul.Tensor, [("part", x, 1), ("part", y, 1)], {}),
+        "part-log-softmax": (aten._log_softmax.default, [("part", x, 1), -1, False], {}),
+        "part-layer-norm": (aten.native_layer_norm.default, [("part", x, 1), [D], ("rep", w), ("rep", b), 1e-5], {}),
+        "part-view-merges-batch": (aten.view.default, [("part", x, 1), [B * L, D]], {}),
+        "part-mm-weight": (aten.mm.default, [("part", x.reshape(B * L, D), 0, B), ("rep", w.repeat(D, 1))], {}),
+        "part-sum-over-sequence": (aten.sum.dim_IntList, [("part", x, 1), [1]], {}),
+        "part-gather-features": (aten.gather.default, [("part", x, 1), -1, ("part", idx, 1)], {}),
+        "part-tanh": (aten.tanh.default, [("part", x, 1)], {}),
+        "part-cumsum-refused": (aten.cumsum.default, [("part", x, 1), 1], {}),
+    }
+
+
+def _spec(dim, pre=1, post=1, schedule=SCHEDULE, part=None):
+    return ShardSpec(dim, S, schedule, "0", pre=pre, post=post, part=part)
+
+
+def _part_local(t, dim, pre=1):
+    from seqpar_compiler.runtime.sequence_shard import slice_local
+    return slice_local(t, _spec(dim, pre, part=PART))
+
+
+def _placed(spec_or_pl) -> object:
+    """A shard's placement as the compiled rewrite writes it: a part is a SeqRange."""
+    from seqpar_compiler.runtime.sharding.placements import SeqRange
+    s = spec_or_pl
+    if s.part is not None:
+        return SeqRange(s.dim, s.pre, s.post, *s.part)
+    return Shard(s.dim, s.pre, s.post)
 
 
 def _local(t, dim, pre=1, post=1, schedule=SCHEDULE):
@@ -133,7 +173,7 @@ def _map_args(args, leaf):
     for a in args:
         if isinstance(a, list) and a and isinstance(a[0], tuple) and a[0] and a[0][0] in ("shard", "rep"):
             out.append([leaf(x) for x in a])
-        elif isinstance(a, tuple) and a and a[0] in ("shard", "rep"):
+        elif isinstance(a, tuple) and a and a[0] in ("shard", "rep", "part"):
             out.append(leaf(a))
         else:
             out.append(a)
@@ -142,14 +182,16 @@ def _map_args(args, leaf):
 
 def _eager(op, args, schedule=SCHEDULE):
     def leaf(a):
+        if a[0] == "part":
+            pre = a[3] if len(a) > 3 else 1
+            return from_local(_part_local(a[1], a[2], pre), _spec(a[2], pre, part=PART))
         if a[0] == "shard":
             pre, post = (a[3] if len(a) > 3 else 1), (a[4] if len(a) > 4 else 1)
             return from_local(_local(a[1], a[2], pre, post, schedule), _spec(a[2], pre, post, schedule))
         return a[1]
     out = op(*_map_args(args, leaf))
     first = out[0] if isinstance(out, (tuple, list)) else out
-    placement = (Shard(first.spec.dim, first.spec.pre, first.spec.post) if isinstance(first, SequenceShard)
-                 else Replicate())
+    placement = _placed(first.spec) if isinstance(first, SequenceShard) else Replicate()
     return full_tensor(first), placement
 
 
@@ -162,7 +204,11 @@ def _compiled(op, args, rank, P, schedule=SCHEDULE):
         node = graph.placeholder(f"in{len(leaves)}")
         node.meta["example_value"] = a[1]
         leaves.append((node, a))
-        if a[0] == "shard":
+        if a[0] == "part":
+            pre = a[3] if len(a) > 3 else 1
+            preset[node] = _placed(_spec(a[2], pre, part=PART))
+            local_inputs.append(_part_local(a[1], a[2], pre))
+        elif a[0] == "shard":
             pre, post = (a[3] if len(a) > 3 else 1), (a[4] if len(a) > 4 else 1)
             preset[node] = Shard(a[2], pre, post)
             local_inputs.append(_local(a[1], a[2], pre, post, schedule))
@@ -176,7 +222,13 @@ def _compiled(op, args, rank, P, schedule=SCHEDULE):
         node.meta["example_value"], (tuple, list)) else node
     if first is not node:
         first.meta["example_value"] = node.meta["example_value"][0]
-    graph.output(first)
+    on_part = any(a[0] == "part" for _, a in leaves)
+    if on_part:          # a part leaving the frame is gathered there: read its placement one op before
+        last = graph.call_function(aten.alias.default, (first,))
+        last.meta["example_value"] = first.meta["example_value"]
+        graph.output(last)
+    else:
+        graph.output(first)
     gm = fx.GraphModule(torch.nn.Module(), graph)
     ctx = ShardingContext(S=S, P=P, rank=rank, schedule=schedule, group_name="0", fallback="gather",
                           output="local", kernel="auto", overlap=False)
@@ -184,7 +236,13 @@ def _compiled(op, args, rank, P, schedule=SCHEDULE):
     out_gm = rewrite_graph(gm, [a[1] for _, a in leaves], ctx, {})
     placement = ctx.place.get(first, Replicate())
     local = out_gm(*local_inputs)
-    if isinstance(placement, Shard):
+    from seqpar_compiler.runtime.sharding.placements import SeqRange
+    if on_part:
+        value = local                                 # the whole value, gathered at the exit
+    elif isinstance(placement, SeqRange):
+        value = full_tensor(from_local(local, _spec(placement.dim, placement.pre, placement.post,
+                                                    part=(placement.start, placement.stop))))
+    elif isinstance(placement, Shard):
         value = full_tensor(from_local(local, _spec(placement.dim, placement.pre, placement.post, schedule)))
     else:
         value = local
@@ -199,6 +257,7 @@ def run_registry(rank: int, P: int) -> dict:
     out = {}
     walk = [(name, case, SCHEDULE) for name, case in cases().items()]
     walk += [(name, case, GRID) for name, case in grid_cases().items()]
+    walk += [(name, case, SCHEDULE) for name, case in part_cases().items()]
     for name, (op, args, _), schedule in walk:
         ref = op(*_map_args(args, lambda a: a[1]))
         ref = ref[0] if isinstance(ref, (tuple, list)) else ref

@@ -7,13 +7,14 @@ advanced indexing, reductions over the sequence, buffers shaped like a shard; DT
 strategies: pointwise, matmuls, softmax, norms, embedding, transposes, slices, cat; the ops that
 mix the sequence through the group: scans, roll, flip, convolutions over time and their backward;
 and a position-aware op it refuses along the sequence), each op must land on the same placement
-in both paths and equal the op on the full tensors."""
+in both paths and equal the op on the full tensors. The same for ops on a part of the sequence
+(a chunk: ``SeqRange`` compiled, ``ShardSpec.part`` eager), planned with the part's local length."""
 import pytest
 
 import sharding_core_workers as W
 from seqpar_compiler.launch import run_ranks
 
-NAMES = list(W.cases()) + list(W.grid_cases())
+NAMES = list(W.cases()) + list(W.grid_cases()) + list(W.part_cases())
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,14 @@ def test_token_grid_rows_stay_sharded_under_a_contiguous_layout_only(res):
     assert r["grid-view-rows-back-to-sequence"]["compiled"] == "Shard(1)", r
     assert r["grid-permute-channels-first"]["compiled"] == "Shard(2, pre=1, post=1/4)", r
     assert r["view-token-grid-zigzag"]["compiled"] == "Replicate()", r
+
+
+def test_ops_on_a_part_stay_on_the_part_and_a_scan_along_it_is_gathered(res):
+    for r in res:
+        assert r["part-log-softmax"]["compiled"] == "SeqRange(1, [3, 13))", r["part-log-softmax"]
+        assert r["part-view-merges-batch"]["compiled"] == "SeqRange(0, pre=2, post=1, [3, 13))", r
+        assert r["part-sum-over-sequence"]["compiled"] == "Replicate()", r
+        assert r["part-cumsum-refused"]["compiled"] == "Replicate()", r
 
 
 def test_every_rule_of_the_core_is_walked():

@@ -1,5 +1,6 @@
 """Idioms of the corpus along the sequence itself (issue 12 follow-up): chunked losses (parts of
-the sequence, ``passes/range_rules.py``), max/min over the sequence (``passes/extreme_rules.py``),
+the sequence, ``passes/range_rules.py``; ops with no part rule of their own through the
+sharding core), max/min over the sequence (``passes/extreme_rules.py``),
 a slice returned from the frame, and a scan inside a chunk (a warned, exact fallback)."""
 from __future__ import annotations
 
@@ -160,6 +161,25 @@ class _TokenPooling(_LM):
 idiom("token-pooling-at-fixed-positions")(_lm(_TokenPooling))
 
 
+class _NormAndLogSoftmaxInChunk(_LM):
+    """Ops on a chunk that no part rule names, planned by the sharding core with the chunk's
+    local length: an RMS norm and a final-logit soft-cap per chunk, then log-softmax and a
+    ``gather`` of the target's log-probability along the vocabulary (a hand-written NLL)."""
+
+    def forward(self, ids, y):
+        h = self.body(self.emb(ids))
+        total = 0
+        for hc, yc in zip(h.chunk(4, dim=1), y.chunk(4, dim=1)):
+            logits = self.head(F.rms_norm(hc, (hc.shape[-1],), eps=1e-6))
+            logits = 30.0 * torch.tanh(logits / 30.0)
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            total = total - lp.gather(-1, yc.unsqueeze(-1)).sum()
+        return total / y.numel()
+
+
+idiom("norm-and-log-softmax-inside-a-chunk")(_lm(_NormAndLogSoftmaxInChunk))
+
+
 class _CumsumInChunk(_LM):
     """A running sum inside a chunk of the sequence: no exact rule on a part, so the part is
     gathered (warned, exact) and the loss of that chunk runs replicated."""
@@ -171,3 +191,22 @@ class _CumsumInChunk(_LM):
 
 
 idiom("cumsum-inside-a-chunk", fallback="cumsum")(_lm(_CumsumInChunk))
+
+
+class _CumsumInChunksOfOneRank(_LM):
+    """A running sum inside each of 4 chunks, each held whole by one rank (zigzag on 2 ranks):
+    every chunk is gathered for the warned fallback, and a rank gathers the zero rows of two
+    chunks it does not hold. Those two gathers are equal expressions on that rank only; merged
+    by a common-subexpression pass, the ranks' collectives paired up wrongly (a silently wrong
+    loss, now compiled without that pass for graphs that differ by rank)."""
+
+    def forward(self, ids, y):
+        h = self.body(self.emb(ids))
+        total = 0
+        for hc, yc in zip(h.chunk(4, dim=1), y.chunk(4, dim=1)):
+            inner = self.head(hc).float().cumsum(1) / 8
+            total = total + F.cross_entropy(inner.flatten(0, 1), yc.flatten(), reduction="sum")
+        return total / y.numel()
+
+
+idiom("cumsum-inside-chunks-held-by-one-rank", fallback="cumsum")(_lm(_CumsumInChunksOfOneRank))
