@@ -10,8 +10,11 @@ part's length are sliced like it), views and flatten (merged batch × part dims)
 projections, norms, embeddings, transposes, indexing of other dims, sum / mean (local + one
 all-reduce, divided by the global count), cross entropy (``none`` / ``sum`` / ``mean`` over the
 valid targets of the part, all-reduced). Anything else gathers the part (``range_layout.
-gather_part``) and runs replicated with the usual warning: exact, never a guess. A part that
-leaves the frame is gathered the same way (exits and frame specs know only whole shards).
+gather_part``) and runs replicated with the usual warning: exact, never a guess. An op with
+no rule here takes the sharding core's plan with the part's local length first
+(``aten_rules.decomposed_rule``). A part that leaves the frame leaves as a part (its frame
+spec names the range: ``ShardSpec.part``), except a chunk of merged sequences or any part under
+``SEQPAR_OUTPUT=local``, which is gathered the same way.
 
 Reads the placements the rewrite has given a node's inputs; returns ``(new node, placement)``
 like any rule (``sharding_rules.py``). Entry point: ``dispatch``, which every rule goes through.
@@ -46,6 +49,13 @@ class Pieces(SeqRange):
     part order (litgpt's ``torch.cat(loss_chunks)`` of chunks merged with the batch): the order
     is no layout's, so only a reduction over every element may read it (``_cat`` makes one only
     when every user is one)."""
+
+
+def _leaves_as_part(pl) -> bool:
+    """Can a frame output placed ``pl`` leave as a part (``ShardSpec.part`` says it)?"""
+    if isinstance(pl, tuple):
+        return all(_leaves_as_part(p) for p in pl if isinstance(p, SeqRange))
+    return type(pl) is SeqRange and pl.outer == 1
 
 
 def _key(node):
@@ -394,12 +404,17 @@ def _gathered(ctx, old):
 
 
 def _exit(ctx, node, result):
-    """A part returned by the frame is gathered: outputs and frame specs carry whole shards."""
+    """A part returned by the frame leaves it as a part (a ``SequenceShard`` whose spec names its
+    range: the next frame or eager code computes on each rank's rows of it) when the frame's
+    outputs are SequenceShards; a chunk of merged sequences, pieces in no layout's order, or a
+    frame whose outputs are plain local shards (``SEQPAR_OUTPUT=local``) gathers it."""
     if isinstance(result, str) or result is None or not _has_part(result[1]):
         return result
     if not any(u.op == "output" for u in node.users):
         return result
     new, pl = result
+    if ctx.parts_leave and _leaves_as_part(pl):
+        return result
     ctx.note_exit_gather(node)
     if isinstance(pl, SeqRange):
         ex = ctx.example(node)

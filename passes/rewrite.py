@@ -82,6 +82,9 @@ class ShardingContext:
     _gathered: dict = field(default_factory=dict)
     _from_data: set = field(default_factory=set)    # replicated values computed from the user's inputs
     parts_gathered: dict = field(default_factory=dict)  # old part -> its gathered new node (range_rules)
+    # a part of the sequence (a chunk) may leave the frame as a part (the frame's outputs become
+    # SequenceShards: SEQPAR_OUTPUT=gather); else it is gathered at the exit
+    parts_leave: bool = False
 
     # -- values ---------------------------------------------------------------------------
     @property

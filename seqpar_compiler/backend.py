@@ -387,7 +387,8 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         check_sequence_length(S, schedule, P, what="the model's sequence length")
     ctx = ShardingContext(S=S, P=P, rank=dist.get_rank(pg), schedule=schedule,
                           group_name=pg.group_name, fallback=opts["fallback"], output="local",
-                          kernel=opts["kernel"], overlap=overlap, grad_reduce=opts["grad_reduce"])
+                          kernel=opts["kernel"], overlap=overlap, grad_reduce=opts["grad_reduce"],
+                          parts_leave=opts["output"] == "gather")
     from .frames import entry_activations, exit_specs, seed_shard_inputs
     with stage("placements and rewrite"):
         entry = (entry_activations(gm, example_inputs, S, schedule, pg.group_name, static, opts["grad_reduce"])

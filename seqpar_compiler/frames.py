@@ -97,14 +97,15 @@ def seed_shard_inputs(ctx, gm: torch.fx.GraphModule, shards: dict[int, ShardSpec
 
 def exit_specs(gm: torch.fx.GraphModule, ctx) -> list[ShardSpec | None]:
     """Per output of the (original) graph: the spec of a sequence-carrying output, else None."""
-    from .passes.placement import Shard
+    from .passes.placement import SeqRange, Shard
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     values = out if isinstance(out, (tuple, list)) else (out,)
     specs = []
     for v in values:
         pl = ctx.place.get(v) if isinstance(v, torch.fx.Node) else None
+        part = (pl.start, pl.stop) if isinstance(pl, SeqRange) else None      # a chunk leaves as a part
         specs.append(ShardSpec(pl.dim, ctx.S, ctx.schedule, ctx.group_name, pl.pre, pl.post,
-                               ctx.grad_reduce)
+                               ctx.grad_reduce, part).with_part(part)
                      if isinstance(pl, Shard) else None)
     return specs
 

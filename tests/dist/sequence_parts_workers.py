@@ -93,3 +93,48 @@ def part_cases(rank: int, P: int) -> dict:
         out[(schedule, "cat")] = {"whole": isinstance(joined, SequenceShard) and joined.spec.part is None,
                                   "error": _rel(joined.full_tensor(), h * 2)}
     return out
+
+
+class _Layer(torch.nn.Module):
+    """Embedding, one causal attention layer and a head: the loss of positions [3, 29) only, cut
+    off before a graph break, as TRL's fused head cuts ``hidden[:, :-1]`` before its Function."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(V, D)
+        self.qkv = torch.nn.Linear(D, 3 * D)
+        self.head = torch.nn.Linear(D, V)
+
+    def forward(self, ids, labels):
+        h = self.emb(ids)
+        q, k, v = self.qkv(h).view(B, S, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, D)
+        part = (h + a)[:, 3:29]
+        torch._dynamo.graph_break()
+        logits = self.head(part).float()
+        return F.cross_entropy(logits.reshape(-1, V), labels[:, 3:29].reshape(-1))
+
+
+def part_across_a_graph_break(rank: int, P: int) -> dict:
+    """A part made in one frame, leaving it as a part, and its loss in the next frame."""
+    import copy
+
+    import seqpar_compiler as sp
+    from seqpar_compiler.runtime.sequence_shard import gather_count
+    torch.manual_seed(0)
+    model = _Layer().double()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
+    compiled = torch.compile(model, backend="seqpar")
+    before = gather_count()
+    with warnings.catch_warnings(record=True) as caught, sp.stats() as st:
+        warnings.simplefilter("always")
+        loss = compiled(ids, labels)
+        loss.backward()
+    ref_loss = ref(ids, labels)
+    ref_loss.backward()
+    grads = {n: _rel(p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())}
+    return {"loss": _rel(loss, ref_loss), "grads": grads, "ring_calls": st.attention_forward_calls,
+            "gathers": gather_count() - before,
+            "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}

@@ -48,3 +48,15 @@ def test_cat_of_parts_is_the_whole_shard(results):
             if len(key) == 2:
                 assert r["whole"], key
                 assert r["error"] <= 1e-15, (key, r)
+
+
+def test_a_part_leaves_a_frame_as_a_part_and_its_loss_shards_in_the_next():
+    """The chunk ``(h + a)[:, 3:29]`` returned at a graph break crosses it as a part (not
+    gathered at the exit); the head and the loss in the next frame run on each rank's rows."""
+    env = {"SEQPAR_INNER": "aot_eager", "SEQPAR_SCHEDULE": "zigzag"}
+    for r in run_ranks(W.part_across_a_graph_break, 2, timeout=300, pg_timeout=120, env=env):
+        assert r["loss"] <= 1e-6, r                 # float32 cross entropy
+        assert max(r["grads"].values()) <= 1e-6, r["grads"]
+        assert r["ring_calls"] == 1, r
+        assert r["gathers"] == 0, r
+        assert not r["warnings"], r["warnings"]
