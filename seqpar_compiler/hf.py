@@ -3,8 +3,9 @@
 A sequence group's ranks must see the same batch (transparent mode), and groups must see
 different ones (data parallelism across groups). Every Hugging Face client shards data by rank,
 so each rank gets its own batch, and each wraps the model in DDP over the whole world, which then
-averages gradients seqpar has already summed. This module closes both gaps without patching
-anything, through the clients' public extension points:
+averages gradients seqpar has already summed. This module closes both gaps through the clients'
+public extension points (the one library name it replaces, while a loss is computed, is TRL's
+fused LM head: ``trl_fused_head.py``):
 
   * ``sequence_parallel(Trainer)`` (or ``SequenceParallelMixin`` first in the bases): any
     ``transformers.Trainer`` subclass, TRL's ``SFTTrainer`` included, whose loaders give every
@@ -261,7 +262,9 @@ class SequenceParallelMixin:
       * evaluation gathers one copy per group (``gather_for_metrics``), so sample counts and
         metrics are the dataset's;
       * a warning when the first training step ran no sequence-parallel attention (the model was
-        not compiled with seqpar, or its compiled call was bypassed).
+        not compiled with seqpar, or its compiled call was bypassed);
+      * while a loss is computed, TRL's fused LM head runs on each rank's own tokens
+        (``trl_fused_head.py``).
     ``seqpar_degree`` (class attribute or keyword): ranks per group, default ``SEQPAR_DEGREE``.
     """
 
@@ -301,6 +304,12 @@ class SequenceParallelMixin:
                           "building the trainer (TRL replaces the forward of the wrapper torch.compile(model) "
                           "returns, so that wrapper's compiled code never runs)", stacklevel=2)
         return loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # TRL's fused LM head scores each rank's own tokens (trl_fused_head.py)
+        from .trl_fused_head import fused_head_on_shards
+        with fused_head_on_shards():
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, *args, **kwargs):
         return super().prediction_step(model, _without_trivial_mask(inputs, model), *args, **kwargs)

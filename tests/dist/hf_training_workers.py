@@ -203,15 +203,21 @@ def sft_client(rank: int, world: int, *, compiled: bool, packing: bool, steps: i
         model=model, args=args, processing_class=tok, train_dataset=token_rows(n_train, 3, lengths),
         eval_dataset=token_rows(n_eval, 4, lengths), callbacks=[rec.callback])
     import seqpar_compiler as sp
+    from seqpar_compiler.runtime.sequence_shard import gather_count
+    before = gather_count()
     try:
-        with sp.stats() as st:
-            trainer.train()
-        metrics = trainer.evaluate()
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            with sp.stats() as st:
+                trainer.train()
+            metrics = trainer.evaluate()
     finally:
         logging.getLogger("seqpar").removeHandler(capture)
         checkpointing._LAYER_INPUT_THROUGH_VALUE = True
     return {**_history(trainer), "grads": rec.grads, "params": _params(model), "eval_loss": metrics["eval_loss"],
-            "ring_calls": st.attention_forward_calls, "seqpar_warnings": _seqpar_warnings(capture.records)}
+            "ring_calls": st.attention_forward_calls, "seqpar_warnings": _seqpar_warnings(capture.records),
+            "warned": sorted({str(w.message) for w in said if "seqpar" in str(w.message)}),
+            "eager_gathers": gather_count() - before}
 
 
 def accelerate_client(rank: int, world: int, *, compiled: bool, steps: int = 3, ga: int = 2):

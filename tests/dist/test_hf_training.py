@@ -100,6 +100,16 @@ def test_each_layer_runs_as_a_ring_once_per_step(runs, name):
     assert all(r["ring_calls"] == 2 * backwards for r in ranks), [r["ring_calls"] for r in ranks]
 
 
+def test_trl_fused_lm_head_scores_each_ranks_own_tokens(runs):
+    """SFTTrainer's fused LM head (``ChunkedLogProbFunction``, after a graph break) runs on each
+    rank's rows of ``hidden[:, :-1]``: no sequence gathered between frames, nothing warned, and
+    the step matches one process (the tests above)."""
+    ranks, _ = runs("sft-packing")
+    for r in ranks:
+        assert r["eager_gathers"] == 0, r["eager_gathers"]
+        assert not r["warned"], r["warned"]
+
+
 def test_every_rank_of_a_group_trains_on_the_same_batches_as_one_process(runs):
     ranks, ref = runs("trainer")
     assert ranks[0]["seen"] == ranks[1]["seen"] == ref["seen"]
