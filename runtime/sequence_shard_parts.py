@@ -132,7 +132,8 @@ def _cat(func, spec, tensors, dim=0):
            != (s.S, s.schedule, s.group_name, post) for t in shards):
         return NotImplemented
     from .layout import layout_of
-    if not layout_of(s.schedule).increasing(s.rank, s.P, s.S):
+    layout = layout_of(s.schedule)
+    if not all(layout.increasing(r, s.P, s.S) for r in range(s.P)):    # every rank decides alike
         return NotImplemented
     lengths = []
     for t in tensors:

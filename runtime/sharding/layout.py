@@ -113,7 +113,7 @@ class Layout:
     def increasing(self, rank: int, P: int, S: int) -> bool:
         """Do this rank's local rows run in increasing global position? Then the parts of a
         sequence, concatenated in position order, are its local rows in order."""
-        return P == 1 or bool((self.positions(rank, P, S).diff() > 0).all())
+        return P == 1 or _cached_increasing(self, rank, P, S)
 
     def local_part(self, x: torch.Tensor, dim: int, rank: int, P: int) -> torch.Tensor:
         """Rank ``rank``'s part of a replicated ``x`` along its sequence dim ``dim`` (a copy)."""
@@ -211,6 +211,11 @@ class Hybrid(Layout):
 
 _ZIGZAG = Zigzag("zigzag")
 _cached_segments = lru_cache(maxsize=None)(lambda layout, rank, P, S_local: layout._segments(rank, P, S_local))
+
+
+@lru_cache(maxsize=512)
+def _cached_increasing(layout: Layout, rank: int, P: int, S: int) -> bool:
+    return bool((layout.positions(rank, P, S).diff() > 0).all())
 
 
 @lru_cache(maxsize=512)

@@ -20,6 +20,7 @@ SPLITS = {
     "uneven": lambda h: h.split([5, 11, 3, 13], dim=1),      # chunks that straddle ranks' blocks
     "tensor_split": lambda h: h.tensor_split(3, dim=1),       # slices (11, 11, 10): slice_backward
     "slice": lambda h: [h[:, 3:-2]],                          # x[:, a:b]
+    "nested": lambda h: [q for c in h.split([12, 20], dim=1) for q in c.chunk(2, dim=1)],   # parts of parts
 }
 
 
