@@ -34,7 +34,7 @@ from seqpar_compiler.runtime.sharding.dtensor_bridge import TENSOR, NoStrategy
 from seqpar_compiler.runtime.sharding.ops import Refusal, TensorArg, plan_op
 from seqpar_compiler.runtime.sharding.placements import Partial, Replicate, SeqRange, Shard, seq_factors
 
-from .range_layout import local_count, part_positions, take_rows
+from .range_layout import local_count, take_part_rows
 
 __all__ = ["decomposed_rule", "DECOMPOSITIONS"]
 
@@ -305,17 +305,8 @@ def _slice_to_part(ctx, a, vals, olds, d, pre, post, part: SeqRange):
     if a in olds and ctx.grad_reduce != "none":
         new = ctx.weight(olds[a]) if olds[a] is not None else ctx.emit(
             sum_grad_over_group, (new, ctx.group_name), placement=Replicate())
-    shape = list(_shape(a))
-    rows = [q - part.start for q in part_positions(ctx, part)]
-    if pre == 1 and post == 1:
-        out = take_rows(ctx, new, d, rows, shape[d], a.meta["val"].device)
-    else:
-        split = shape[:d] + [pre, part.length, post] + shape[d + 1:]
-        unmerged = ctx.emit(aten.reshape.default, (new, split))
-        taken = take_rows(ctx, unmerged, d + 1, rows, part.length, a.meta["val"].device)
-        out = ctx.emit(aten.reshape.default, (taken, shape[:d] + [pre * len(rows) * post] + shape[d + 1:]))
-    out.meta["seqpar_placement"] = SeqRange(d, pre, post, part.start, part.stop)
-    return out
+    return take_part_rows(ctx, new, list(_shape(a)), d, SeqRange(d, pre, post, part.start, part.stop),
+                          a.meta["val"].device)
 
 
 def _reduce_partial(ctx, new, op: str, p):

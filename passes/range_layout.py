@@ -20,10 +20,11 @@ import torch
 import torch.fx as fx
 
 from seqpar_compiler.runtime import local_positions
+from seqpar_compiler.runtime.layout import layout_of
 
 from .placement import Replicate, SeqRange, Shard
 
-__all__ = ["part_positions", "local_count", "sub_range", "take_rows", "slice_replicated", "gather_part",
+__all__ = ["part_positions", "local_count", "sub_range", "take_rows", "slice_replicated", "take_part_rows", "gather_part",
            "normalize", "local_shape", "flat_source"]
 
 shard_sequence_op = torch.ops.seqpar.shard_sequence.default
@@ -45,8 +46,11 @@ def _outer(pl: Shard) -> int:
 
 def part_positions(ctx, pl: Shard) -> tuple[int, ...]:
     """Global positions of this rank's rows of a value placed ``pl``, in local order (flat
-    indices b·S + position over ``outer`` merged sequences: local rows are b-major)."""
+    indices b·S + position over ``outer`` merged sequences: local rows are b-major). A range of
+    one sequence is ``Layout.part_rows``'s answer, the one the eager path uses."""
     lo, hi = _bounds(ctx, pl)
+    if _outer(pl) == 1:
+        return tuple(lo + o for o in layout_of(ctx.schedule).part_rows(ctx.rank, ctx.P, ctx.S, lo, hi)[1])
     mine = _positions(ctx.schedule, ctx.rank, ctx.P, ctx.S)
     return tuple(f for b in range(_outer(pl)) for p in mine if lo <= (f := b * ctx.S + p) < hi)
 
@@ -112,16 +116,21 @@ def slice_replicated(ctx, old: fx.Node, dim: int, pl: SeqRange) -> fx.Node:
     """A replicated value whose ``dim`` is the part's global range (pre·L·post) as this rank's
     rows of it. The slice's gradient is partial (this rank's rows), so it is summed over the
     group first (``ctx.weight``): the ranks' rows partition the range, each counted once."""
-    new = ctx.weight(old)
     ex = ctx.example(old)
-    shape = list(ex.shape)
+    return take_part_rows(ctx, ctx.weight(old), list(ex.shape), dim, pl, ex.device)
+
+
+def take_part_rows(ctx, new: fx.Node, shape: list[int], dim: int, pl: SeqRange, device=None) -> fx.Node:
+    """This rank's rows of the part ``pl`` from ``new``, a whole value of ``shape`` whose ``dim``
+    is the part's global range (pre·L·post), placed ``pl`` (its gradient, if it needs one, is
+    the caller's to sum: each rank takes other rows)."""
     lo, _ = _bounds(ctx, pl)
     rows = [p - lo for p in part_positions(ctx, pl)]
     if pl.plain:
-        out = take_rows(ctx, new, dim, rows, shape[dim], ex.device)
+        out = take_rows(ctx, new, dim, rows, shape[dim], device)
     else:
         out = take_rows(ctx, _unmerged(ctx, new, shape, dim, pl.pre, pl.length, pl.post), dim + 1, rows, pl.length,
-                        ex.device)
+                        device)
         out = ctx.emit("reshape", (out, local_shape(ctx, shape, pl)), op="call_method")
     out.meta["seqpar_placement"] = pl
     return out
@@ -139,8 +148,7 @@ def gather_part(ctx, new: fx.Node, pl: SeqRange, global_shape, device=None) -> f
     d = pl.dim if pl.plain else pl.dim + 1
     x = new if pl.plain else _unmerged(ctx, new, local_shape(ctx, shape, pl), pl.dim, pl.pre, n, pl.post)
     xshape = list(shape) if pl.plain else shape[:pl.dim] + [pl.pre, pl.length, pl.post] + shape[pl.dim + 1:]
-    mine = _positions(ctx.schedule, ctx.rank, ctx.P, ctx.S)
-    rows = [i for i, p in enumerate(mine) if pl.start <= p < pl.stop]
+    rows = list(layout_of(ctx.schedule).part_rows(ctx.rank, ctx.P, ctx.S, pl.start, pl.stop)[0])
     zeros_shape = list(xshape)
     zeros_shape[d] = S_local
     if rows and rows == list(range(rows[0], rows[0] + n)):

@@ -52,9 +52,8 @@ class Pieces(SeqRange):
 
 
 def _leaves_as_part(pl) -> bool:
-    """Can a frame output placed ``pl`` leave as a part (``ShardSpec.part`` says it)?"""
-    if isinstance(pl, tuple):
-        return all(_leaves_as_part(p) for p in pl if isinstance(p, SeqRange))
+    """Can a frame output placed ``pl`` leave as a part (``ShardSpec.part`` says it)? One part
+    of one sequence; a container of parts is gathered."""
     return type(pl) is SeqRange and pl.outer == 1
 
 

@@ -104,9 +104,9 @@ def _split_with_sizes(func, spec, x, sizes, dim=0):
 @_rule(aten.slice.Tensor)
 def _slice(func, spec, x, dim=0, start=None, end=None, step=1):
     s = _splittable(x, dim) if step == 1 else None
-    size = x.shape[dim] if isinstance(x, SequenceShard) else None
     if s is None:
         return _planned(func, [x], (x, dim, start, end, step), {})
+    size = x.shape[dim]
     a = 0 if start is None else (start + size if start < 0 else start)
     b = size if end is None else (end + size if end < 0 else end)
     a, b = max(0, min(a, size)), max(0, min(b, size))

@@ -105,7 +105,7 @@ def exit_specs(gm: torch.fx.GraphModule, ctx) -> list[ShardSpec | None]:
         pl = ctx.place.get(v) if isinstance(v, torch.fx.Node) else None
         part = (pl.start, pl.stop) if isinstance(pl, SeqRange) else None      # a chunk leaves as a part
         specs.append(ShardSpec(pl.dim, ctx.S, ctx.schedule, ctx.group_name, pl.pre, pl.post,
-                               ctx.grad_reduce, part).with_part(part)
+                               ctx.grad_reduce).with_part(part)
                      if isinstance(pl, Shard) else None)
     return specs
 

@@ -11,7 +11,7 @@ project every token.
 The function is per token: row i of every output depends on row i of the hidden states and of
 the targets only, and the weight's gradient is a sum over tokens. So on a shard it runs on this
 rank's rows, with the targets cut to the same rows, and the weight's (and bias's) gradient is
-summed over the group (``grad_sum``: left partial under ``SEQPAR_GRAD_REDUCE=none``); its
+summed over the group (``sum_grad_over_group``; left partial under ``SEQPAR_GRAD_REDUCE=none``); its
 per-token outputs are shards of the same rows. TRL's compact form (``hidden[mask]``, chosen on
 Triton devices) would select rows across ranks first, so while the head is replaced the full
 form is chosen (every position scored, the masked ones zeroed after: the same values, a little
@@ -32,23 +32,19 @@ import contextlib
 import torch
 from torch import Tensor
 
-from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, grad_sum, slice_local, to_local
+from .runtime.grad_collectives import sum_grad_over_group
+from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, slice_local, to_local
 
 __all__ = ["fused_head_on_shards"]
 
 
-class _GradSummed(torch.autograd.Function):
-    """Identity forward; the backward sums the gradient over the group (a weight used by each
-    rank's own tokens: each rank's gradient is its tokens' part of the sum)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, spec: ShardSpec):
-        ctx.spec = spec
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad_sum(grad, ctx.spec), None
+def _grad_summed(x: Tensor | None, spec: ShardSpec):
+    """``x`` used by each rank's own tokens: its gradient summed over the group (each rank's is
+    its tokens' part of the sum), or left partial under ``SEQPAR_GRAD_REDUCE=none``, as the
+    compiled frames leave a replicated weight's."""
+    if x is None or spec.grad_reduce == "none" or spec.P == 1:
+        return x
+    return sum_grad_over_group(x, spec.group_name)
 
 
 def _rows(value, spec: ShardSpec):
@@ -67,8 +63,8 @@ def _on_shards(function):
                 and isinstance(targets, Tensor) and targets.dim() == 1 and targets.shape[0] == hidden.shape[0]):
             return function.apply(hidden, weight, bias, targets, *rest)
         spec = hidden.spec
-        outs = function.apply(to_local(hidden), _GradSummed.apply(weight, spec),
-                              None if bias is None else _GradSummed.apply(bias, spec), _rows(targets, spec), *rest)
+        outs = function.apply(to_local(hidden), _grad_summed(weight, spec), _grad_summed(bias, spec),
+                              _rows(targets, spec), *rest)
         return tuple(None if o is None else from_local(o, spec) for o in outs)
     return apply
 
