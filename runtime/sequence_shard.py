@@ -104,7 +104,7 @@ class ShardSpec:
 
     def with_part(self, part: tuple[int, int] | None) -> "ShardSpec":
         """The same dims, holding the positions ``part`` (the whole sequence when it is [0, S))."""
-        if part is not None and tuple(part) == (0, self.S):
+        if part is not None and tuple(part) == (0, self.S) and layout_of(self.schedule).balanced:
             part = None
         return ShardSpec(self.dim, self.S, self.schedule, self.group_name, self.pre, self.post, self.grad_reduce,
                          None if part is None else (int(part[0]), int(part[1])))
@@ -403,7 +403,8 @@ def _local_of(grad, spec: ShardSpec):
     if grad is None:
         return None
     if isinstance(grad, SequenceShard):
-        if grad.spec == spec:
+        from .sequence_shard_parts import same_rows
+        if same_rows(grad.spec, spec):
             return grad._local
         grad = gather_local(grad._local, grad.spec)
     return slice_local(grad, spec)

@@ -26,10 +26,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .layout import layout_of
 from .sequence_shard import SequenceShard, ShardSpec, _unmerged, slice_local
+from .sharding.layout import Rows
 from .sequence_shard_rules import _planned, _rule
 
-__all__: list[str] = []
+__all__ = ["as_rows", "same_rows"]
 
 aten = torch.ops.aten
 
@@ -43,6 +45,93 @@ def _splittable(x, dim) -> ShardSpec | None:
     if dim % x.dim() != spec.dim or spec.pre != 1 or not isinstance(spec.post, int) or isinstance(spec.S, torch.SymInt):
         return None
     return spec
+
+
+def _cuttable(x, dim) -> ShardSpec | None:
+    """``_splittable``, and also a sequence dim merged with the batch (``[B·S, V]``, pre > 1),
+    seen as the ``Rows`` it is: a split across the batch rows is a part of those rows."""
+    s = _splittable(x, dim)
+    if s is not None or not isinstance(x, SequenceShard):
+        return s
+    spec = x.spec
+    if dim % x.dim() != spec.dim or not isinstance(spec.post, int) or isinstance(spec.S, torch.SymInt):
+        return None
+    return as_rows(spec)
+
+
+def as_rows(spec: ShardSpec) -> ShardSpec:
+    """``spec`` (a whole sequence or a part, merged with ``pre`` batch rows) as a part of a
+    ``Rows`` layout listing the same local rows in the same order (pre = 1)."""
+    if not layout_of(spec.schedule).balanced:
+        return spec
+    start, stop = spec.part or (0, spec.S)
+    rows = _rows_layout(spec.schedule, spec.S, ((start, stop, spec.pre),))
+    return ShardSpec(spec.dim, rows.length, rows, spec.group_name, 1, spec.post, spec.grad_reduce, (0, rows.length))
+
+
+def same_rows(a: ShardSpec, b: ShardSpec) -> bool:
+    """Do two specs name the same local rows in the same order? A join of parts is named as a
+    plain shard (``_cat_rows``) while the backward's cut of it is named as parts again, so one
+    value can reach an op under both names."""
+    if a == b:
+        return True
+    if (a.dim, a.group_name, a.post, a.grad_reduce) != (b.dim, b.group_name, b.post, b.grad_reduce):
+        return False
+    if any(not isinstance(s.post, int) or isinstance(s.S, torch.SymInt) for s in (a, b)):
+        return False
+    ra, rb = (layout_of(_normal(as_rows(s)).schedule) for s in (a, b))
+    return (ra.base, ra.S, ra.blocks) == (rb.base, rb.S, rb.blocks)
+
+
+def _rows_layout(schedule, S: int, blocks) -> Rows:
+    return Rows(f"rows of {schedule}", str(schedule), S, tuple(blocks))
+
+
+def _normal(spec: ShardSpec, whole: bool = False) -> ShardSpec:
+    """A part of a ``Rows`` value as the ``Rows`` of just its rows (its own blocks, the range
+    all of them); with ``whole``, as the plain spec (whole sequence or part, merged with the
+    batch) when its rows are one block: a joined value is then a shard like any other."""
+    rows = layout_of(spec.schedule)
+    if rows.balanced:
+        return spec
+    a, b = spec.part
+    blocks, at = [], 0
+    for start, stop, times in rows.blocks:
+        n = stop - start
+        for _ in range(times):
+            lo, hi = max(a, at), min(b, at + n)
+            if lo < hi:
+                blocks.append((start + lo - at, start + hi - at, 1))
+            at += n
+    blocks = _merged_blocks(blocks, rows.base, rows.S, spec.P)
+    if whole and len(blocks) == 1:
+        start, stop, times = blocks[0]
+        return ShardSpec(spec.dim, rows.S, rows.base, spec.group_name, times, spec.post,
+                         spec.grad_reduce).with_part((start, stop))
+    joined = _rows_layout(rows.base, rows.S, blocks)
+    return ShardSpec(spec.dim, joined.length, joined, spec.group_name, 1, spec.post, spec.grad_reduce,
+                     (0, joined.length))
+
+
+def _merged_blocks(blocks: list, base, S: int, P: int) -> list:
+    """Neighbouring blocks joined: consecutive ranges read once each (when every rank's rows run
+    in increasing position, so one range's rows are the two ranges' rows in order), then repeats
+    of one range counted."""
+    layout = layout_of(base)
+    increasing = all(layout.increasing(r, P, S) for r in range(P))
+    ranges = []
+    for start, stop, times in blocks:
+        if increasing and ranges and times == 1 and ranges[-1][2] == 1 and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], stop, 1)
+        else:
+            ranges.append((start, stop, times))
+    out = []
+    for start, stop, times in ranges:
+        if out and out[-1][:2] == (start, stop):
+            out[-1] = (start, stop, out[-1][2] + times)
+        else:
+            out.append((start, stop, times))
+    return out
 
 
 def _rows_of(spec: ShardSpec, a: int, b: int) -> list[int]:
@@ -75,14 +164,14 @@ def _pieces(x: SequenceShard, spec: ShardSpec, bounds: list[tuple[int, int]]) ->
         if a % post or b % post:
             return NotImplemented
         pa, pb = a // post, b // post
-        child = spec.with_part((lo + pa, lo + pb))
+        child = _normal(spec.with_part((lo + pa, lo + pb)))
         out.append(SequenceShard(_take(x, spec, _rows_of(spec, pa, pb)), child))
     return out
 
 
 @_rule(aten.split.Tensor, aten.unsafe_split.Tensor)
 def _split(func, spec, x, split_size, dim=0):
-    s = _splittable(x, dim)
+    s = _cuttable(x, dim)
     if s is None:
         return _planned(func, [x], (x, split_size, dim), {})
     size = x.shape[s.dim]
@@ -91,7 +180,7 @@ def _split(func, spec, x, split_size, dim=0):
 
 @_rule(aten.split_with_sizes.default, aten.unsafe_split_with_sizes.default)
 def _split_with_sizes(func, spec, x, sizes, dim=0):
-    s = _splittable(x, dim)
+    s = _cuttable(x, dim)
     if s is None:
         return _planned(func, [x], (x, sizes, dim), {})
     bounds, at = [], 0
@@ -103,7 +192,7 @@ def _split_with_sizes(func, spec, x, sizes, dim=0):
 
 @_rule(aten.slice.Tensor)
 def _slice(func, spec, x, dim=0, start=None, end=None, step=1):
-    s = _splittable(x, dim) if step == 1 else None
+    s = _cuttable(x, dim) if step == 1 else None
     if s is None:
         return _planned(func, [x], (x, dim, start, end, step), {})
     size = x.shape[dim]
@@ -118,6 +207,41 @@ def _slice(func, spec, x, dim=0, start=None, end=None, step=1):
 
 @_rule(aten.cat.default)
 def _cat(func, spec, tensors, dim=0):
+    """Parts joined along the sequence dim: consecutive parts of one sequence as that range
+    (``_cat_parts``), else shards of one sequence in any order and merged with the batch or not
+    as the ``Rows`` they make (``_cat_rows``); anything else as the core plans it."""
+    shards = [t for t in tensors if isinstance(t, SequenceShard)]
+    if _splittable(shards[0], dim) is None and _cuttable(shards[0], dim) is None:
+        return _planned(func, shards, (tensors, dim), {})
+    out = _cat_parts(tensors, dim) if _splittable(shards[0], dim) is not None else NotImplemented
+    return _cat_rows(tensors, dim) if out is NotImplemented else out
+
+
+def _cat_rows(tensors, dim):
+    """Every operand a shard of one sequence along ``dim`` (a part, a batch-merged dim, rows):
+    the local rows joined in operand order are this rank's rows of the ``Rows`` whose blocks are
+    the operands' blocks in that order (a plain spec again when they make one block)."""
+    if not all(isinstance(t, SequenceShard) for t in tensors):
+        return NotImplemented           # a plain operand's rows belong to no rank
+    specs = [_cuttable(t, dim) for t in tensors]
+    if any(s is None for s in specs):
+        return NotImplemented
+    specs = [as_rows(s) for s in specs]
+    first = layout_of(specs[0].schedule)
+    key = (first.base, first.S, specs[0].group_name, specs[0].post, specs[0].grad_reduce)
+    blocks = []
+    for s in specs:
+        rows = layout_of(_normal(s).schedule)
+        if (rows.base, rows.S, s.group_name, s.post, s.grad_reduce) != key:
+            return NotImplemented       # shards of different sequences, groups or widths
+        blocks.extend(rows.blocks)
+    joined = _rows_layout(first.base, first.S, blocks)
+    spec = ShardSpec(specs[0].dim, joined.length, joined, specs[0].group_name, 1, specs[0].post,
+                     specs[0].grad_reduce, (0, joined.length))
+    return SequenceShard(torch.cat([t._local for t in tensors], spec.dim), _normal(spec, whole=True))
+
+
+def _cat_parts(tensors, dim):
     """Parts (and plain values standing for the parts between them) concatenated along the
     sequence dim in position order: each rank's rows of them, in order, are its rows of the
     joined range, when its local order runs in increasing position (every layout but a hybrid
@@ -125,8 +249,6 @@ def _cat(func, spec, tensors, dim=0):
     shards = [t for t in tensors if isinstance(t, SequenceShard)]
     first = shards[0]
     s = _splittable(first, dim)
-    if s is None:
-        return _planned(func, shards, (tensors, dim), {})
     post = s.post
     if any(_splittable(t, dim) is None or (t.spec.S, t.spec.schedule, t.spec.group_name, t.spec.post)
            != (s.S, s.schedule, s.group_name, post) for t in shards):
@@ -162,6 +284,8 @@ def _slice_backward(func, spec, grad, input_sizes, dim, start, end, step):
     """The gradient of ``x[:, a:b]`` (a part of ``x``) back at ``x``: zeros where no row of the
     part lies, the part's rows at theirs; ``x``'s range follows from the part's and ``a``."""
     s = _splittable(grad, dim) if step == 1 else None
+    if s is not None and not layout_of(s.schedule).balanced:
+        return NotImplemented      # rows of a batch-merged dim: which rows the input held is not known here
     if s is None or s.part is None:
         return _planned(func, [grad], (grad, input_sizes, dim, start, end, step), {})
     size, post = input_sizes[s.dim], s.post

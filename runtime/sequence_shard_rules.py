@@ -114,7 +114,8 @@ def _planned(func, shards, args, kwargs):
     """Run ``func`` as the sharding core plans it; NotImplemented where it refuses."""
     first = shards[0].spec
     if any((s.spec.S, s.spec.schedule, s.spec.group_name, s.spec.part) !=
-           (first.S, first.schedule, first.group_name, first.part) for s in shards):
+           (first.S, first.schedule, first.group_name, first.part)
+           and not _same_rows(s.spec.moved(first.dim), first) for s in shards):
         return NotImplemented                    # shards of different layouts or parts: gathered
     try:
         out_shapes = _global_out_shapes(func, args, kwargs)
@@ -209,7 +210,7 @@ def _localize(value, spec: ShardSpec, dim: int | None):
     (NotImplemented when it lies elsewhere), a plain tensor of full size there sliced, anything
     else as it is."""
     if isinstance(value, SequenceShard):
-        if dim is None or value.spec != spec.moved(dim):
+        if dim is None or not _same_rows(value.spec, spec.moved(dim)):
             return NotImplemented
         return value._local
     if isinstance(value, Tensor) and dim is not None and 0 <= dim < value.dim() and value.shape[dim] != 1:
@@ -240,12 +241,23 @@ def _nll_forward(func, spec, x, target, weight, reduction, ignore_index):
 
 @_rule(aten.nll_loss_backward.default)
 def _nll_backward(func, spec, grad, x, target, weight, reduction, ignore_index, total_weight):
-    if not isinstance(x, SequenceShard) or spec.dim != 0 or isinstance(grad, SequenceShard):
+    """A mean or sum's gradient is a replicated scalar; ``reduction="none"``'s is one value per
+    row, this rank's rows of it (a shard as it is, a plain full one cut in the layout)."""
+    if not isinstance(x, SequenceShard) or x.spec.dim != 0:
         return NotImplemented
+    spec = x.spec
     t = _localize(target, spec, 0)
-    if t is NotImplemented:
+    g = _localize(grad, spec, 0) if reduction == 0 else grad
+    if t is NotImplemented or g is NotImplemented or isinstance(g, SequenceShard):
         return NotImplemented
-    return SequenceShard(func(grad, x._local, t, weight, reduction, ignore_index, total_weight), spec)
+    return SequenceShard(func(g, x._local, t, weight, reduction, ignore_index, total_weight), spec)
+
+
+def _same_rows(a: ShardSpec, b: ShardSpec) -> bool:
+    if a == b:
+        return True
+    from .sequence_shard_parts import same_rows
+    return same_rows(a, b)
 
 
 @_rule(aten.nonzero.default)

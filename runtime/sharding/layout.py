@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["Layout", "Contiguous", "Zigzag", "Striped", "Hybrid", "Segment", "layout_of", "SCHEDULES",
+__all__ = ["Layout", "Contiguous", "Zigzag", "Striped", "Hybrid", "Rows", "Segment", "layout_of", "SCHEDULES",
            "A2A_SCHEDULES", "ALLOWED"]
 
 # the ring's schedules (their layouts: contiguous, zigzag, striped, contiguous)
@@ -60,6 +60,9 @@ class Layout:
     kind = "abstract"
     all_to_all = False        # attention by all-to-all (Ulysses) instead of a ring
     contiguous = False        # rank r holds one run of positions, ranks in order
+    # every rank holds S/P of the positions; False (``Rows``): ranks hold different counts, and a
+    # value in this layout always names the range it holds (``ShardSpec.part``)
+    balanced = True
 
     def __str__(self) -> str:
         return self.name
@@ -209,6 +212,52 @@ class Hybrid(Layout):
         return tuple(out)
 
 
+@dataclass(frozen=True)
+class Rows(Layout):
+    """The rows of a value cut from the sequence and rearranged: a sequence dim merged with the
+    batch (``logits.reshape(-1, V)``: ``[B·S, V]``) and split across the batch rows
+    (``.split(n)``), or parts of it concatenated in another order (``torch.cat`` of per-chunk
+    losses). Its positions index the value's rows, which lie in ``blocks`` of the ``base``
+    layout's sequence of length ``S``: block (start, stop, times) is positions [start, stop)
+    repeated ``times`` times (once per batch row), blocks and repeats in order. Each rank holds
+    its own tokens of every block, in its local order; the counts differ between ranks
+    (``balanced`` False), so values in this layout always carry their range.
+
+    Why a layout: every rule that works on a part (the sharding core with the part's local
+    count, the zero-padded gather, the cut of a replicated operand) asks the layout which rows a
+    rank holds; a layout that lists them makes a merged or reordered value one more part.
+    """
+
+    base: str = "zigzag"           # the schedule name of the sequence the rows come from
+    S: int = 0
+    blocks: tuple = ()
+
+    kind = "rows"
+    balanced = False
+
+    @property
+    def length(self) -> int:
+        return sum((stop - start) * times for start, stop, times in self.blocks)
+
+    def positions(self, rank, P, S, device=None):
+        return torch.tensor(_cached_rows_positions(self, rank, P), dtype=torch.long, device=device)
+
+    def _segments(self, rank, P, S_local):
+        raise ValueError("seqpar: a Rows layout has no equal shards (use its positions)")
+
+
+@lru_cache(maxsize=512)
+def _cached_rows_positions(layout: Rows, rank: int, P: int) -> tuple[int, ...]:
+    out, at = [], 0
+    for start, stop, times in layout.blocks:
+        n = stop - start
+        offsets = layout_of(layout.base).part_rows(rank, P, layout.S, start, stop)[1] if P > 1 else tuple(range(n))
+        for t in range(times):
+            out.extend(at + t * n + o for o in offsets)
+        at += times * n
+    return tuple(out)
+
+
 _ZIGZAG = Zigzag("zigzag")
 _cached_segments = lru_cache(maxsize=None)(lambda layout, rank, P, S_local: layout._segments(rank, P, S_local))
 
@@ -220,7 +269,7 @@ def _cached_increasing(layout: Layout, rank: int, P: int, S: int) -> bool:
 
 @lru_cache(maxsize=512)
 def _cached_part_rows(layout: Layout, rank: int, P: int, S: int, start: int, stop: int):
-    mine = layout.positions(rank, P, S).tolist() if P > 1 else list(range(S))
+    mine = layout.positions(rank, P, S).tolist() if P > 1 or not layout.balanced else list(range(S))
     hits = [(i, p - start) for i, p in enumerate(mine) if start <= p < stop]
     return tuple(i for i, _ in hits), tuple(o for _, o in hits)
 

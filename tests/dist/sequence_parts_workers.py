@@ -93,7 +93,79 @@ def part_cases(rank: int, P: int) -> dict:
         joined = torch.cat([parts[0] * 2, h[:, 5:16] * 2, parts[2] * 2], dim=1)
         out[(schedule, "cat")] = {"whole": isinstance(joined, SequenceShard) and joined.spec.part is None,
                                   "error": _rel(joined.full_tensor(), h * 2)}
+    schedules = ("zigzag", "ring", "striped") + (("hybrid:2",) if P == 4 else ())
+    for schedule in schedules:
+        for batch in (1, 3):
+            for case in ROW_CASES:
+                out[("rows", schedule, case, batch)] = _row_case(schedule, case, batch, group)
     return out
+
+
+# the batch merged into the sequence dim (``[B·S, V]``) and cut across batch rows, litgpt's
+# chunked cross entropy written eagerly; each returns (loss, the values that should stay shards)
+def _flat_split(logits, labels, n):
+    chunks = logits.reshape(-1, V).split(n)
+    targets = labels.reshape(-1).split(n)
+    losses = [F.cross_entropy(c, t, ignore_index=-100, reduction="none") for c, t in zip(chunks, targets)]
+    return torch.cat(losses).sum() / (labels != -100).sum(), list(chunks) + losses
+
+
+def _head_chunks(logits, labels):
+    """litgpt's finetune form: chunks along the sequence (the last shifted), each flattened with
+    the batch, the per-chunk losses joined chunk by chunk (no order of the merged rows)."""
+    chunks = list(logits.split(8, dim=1))
+    chunks[-1] = chunks[-1][..., :-1, :]
+    flat = [c.reshape(-1, V) for c in chunks]
+    targets = [t.reshape(-1) for t in labels[..., 1:].split(8, dim=1)]
+    losses = [F.cross_entropy(c, t, ignore_index=-100, reduction="none") for c, t in zip(flat, targets)]
+    joined = torch.cat(losses)
+    return joined.sum() / (labels[..., 1:] != -100).sum(), flat + losses + [joined]
+
+
+def _reordered(logits, labels):
+    """Pieces of the merged rows joined in reverse order, weighted by a plain vector: the
+    result depends on every row landing where its rank says it is."""
+    pieces = logits.reshape(-1, V).split(10)
+    joined = torch.cat(pieces[::-1])
+    weights = torch.linspace(0.5, 2.0, joined.shape[0], dtype=joined.dtype)[:, None]
+    return (joined * weights).square().sum(), [joined]
+
+
+ROW_CASES = {
+    "flat-split-16": lambda lg, lab: _flat_split(lg, lab, 16),
+    "flat-split-across-rows": lambda lg, lab: _flat_split(lg, lab, 24),
+    "flat-split-uneven": lambda lg, lab: _flat_split(lg, lab, 7),
+    "head-chunks-shifted": _head_chunks,
+    "reordered": _reordered,
+}
+
+
+def _row_case(schedule: str, case: str, batch: int, group: str) -> dict:
+    from seqpar_compiler.runtime.sequence_shard import SequenceShard, ShardSpec, from_local, gather_count, slice_local
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(batch, S, D, dtype=torch.float64, generator=g)
+    W = torch.randn(V, D, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, V, (batch, S), generator=g)
+    labels[0, :5] = -100
+    href, Wref = h.clone().requires_grad_(), W.clone().requires_grad_()
+    ref, ref_kept = ROW_CASES[case](F.linear(href, Wref), labels)
+    ref.backward()
+    spec = ShardSpec(1, S, schedule, group)
+    local = slice_local(h, spec).requires_grad_()
+    Wsp = W.clone().requires_grad_()
+    before = gather_count()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, kept = ROW_CASES[case](F.linear(from_local(local, spec), Wsp), labels)
+        loss.backward()
+    return {"loss": _rel(loss, ref), "grad_h": _rel(local.grad, slice_local(href.grad, spec)),
+            "grad_W": _rel(Wsp.grad, Wref.grad),
+            "shards": all(isinstance(k, SequenceShard) for k in kept),
+            # what each kept value reads as (a gather of its rows) equals the one-process value
+            "values": max(_rel(k.full_tensor() if isinstance(k, SequenceShard) else k, r)
+                          for k, r in zip(kept, ref_kept)),
+            "gathers": gather_count() - before - len(kept),
+            "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
 
 
 class _Layer(torch.nn.Module):
