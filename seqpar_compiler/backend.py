@@ -329,7 +329,8 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     # a graph break no longer leaves attention replicated: the sequence crosses it as a
     # SequenceShard and the code at the break runs sharded (frames.py); a function
     # Dynamo was told not to compile (torch.compiler.disable) is still a region it cannot see
-    hidden = hidden_attention_causes(gm) + _new_disabled_regions()
+    disabled = _new_disabled_regions()
+    hidden = hidden_attention_causes(gm) + disabled
     piece_S = None
     if not attention and not shards:     # a DDPOptimizer piece before the first attention (frames.py)
         from .frames import ddp_piece_length
@@ -405,6 +406,13 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         out.seqpar_local_exits = exit_specs(gm, ctx) if opts["output"] == "local" else None
         out.seqpar_entry = entry
         out.seqpar_layout = (S, schedule, pg.group_name)       # SEQPAR_VERIFY gathers node values with it
+    if disabled and any(getattr(out, "seqpar_exits", None) or ()):
+        # the sequence leaves this frame as SequenceShards, so a disabled function run on them
+        # (a chunked loss kept out of Dynamo) is on the eager path, whose rules shard each op
+        # or warn naming it: no attention is hidden from seqpar there
+        log.info("seqpar: frame %s is followed by a function Dynamo does not compile; it runs eagerly on "
+                 "SequenceShards", _frame_name())
+        hidden = [c for c in hidden if c not in disabled]
     replicated = replicated_attention_causes(attention, ctx.place, S) + hidden
     _report_replicated(replicated, pg, opts, dump)
     log.info("seqpar: sharded a graph over %d ranks (S=%d, schedule %s): %d fallbacks, collectives: %s",

@@ -36,17 +36,20 @@ def _torchtune(logits, labels):
     return TorchtuneChunkedCE(num_output_chunks=4)(logits, labels)
 
 
-# name -> (TinyLM options, loss, whether the loss runs in a torch.compiler.disable'd function, schedule)
-CASES = {
-    "litgpt-flat-split": ({}, _litgpt, False, "zigzag"),
-    "litgpt-flat-split-across-rows": ({}, _litgpt_across_rows, False, "zigzag"),
-    "litgpt-flat-split-across-rows-striped": ({}, _litgpt_across_rows, False, "striped"),
-    "litgpt-head-chunks": ({"head_chunks": 4, "chunk_with": "split"}, _litgpt, False, "zigzag"),
-    "litgpt-finetune-shifted-head-chunks": ({"head_chunks": 4, "chunk_with": "split"}, _litgpt_finetune, False,
-                                            "zigzag"),
-    "torchtune-chunked-output": ({"head_chunks": 4, "chunk_with": "chunk"}, _torchtune, False, "zigzag"),
-    "torchtune-chunked-output-disabled": ({"head_chunks": 4, "chunk_with": "chunk"}, _torchtune, True, "zigzag"),
+# name -> (TinyLM options, loss, where the loss runs, schedule): "step" compiled with the model in one
+# frame, "disabled" in a torch.compiler.disable'd function inside it, "eager" after the compiled
+# model returns (litgpt's and torchtune's recipes compile the model and call the loss eagerly)
+_BASE = {
+    "litgpt-flat-split": ({}, _litgpt, "zigzag"),
+    "litgpt-flat-split-across-rows": ({}, _litgpt_across_rows, "zigzag"),
+    "litgpt-flat-split-across-rows-striped": ({}, _litgpt_across_rows, "striped"),
+    "litgpt-head-chunks": ({"head_chunks": 4, "chunk_with": "split"}, _litgpt, "zigzag"),
+    "litgpt-finetune-shifted-head-chunks": ({"head_chunks": 4, "chunk_with": "split"}, _litgpt_finetune, "zigzag"),
+    "torchtune-chunked-output": ({"head_chunks": 4, "chunk_with": "chunk"}, _torchtune, "zigzag"),
 }
+CASES = {name: (options, loss, "step", schedule) for name, (options, loss, schedule) in _BASE.items()}
+CASES.update({f"{name}-eager": (options, loss, "eager", schedule) for name, (options, loss, schedule) in _BASE.items()})
+CASES["torchtune-chunked-output-disabled"] = (*_BASE["torchtune-chunked-output"][:2], "disabled", "zigzag")
 
 
 class _Step(torch.nn.Module):
@@ -63,7 +66,8 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / max(float(b.norm()), 1e-30))
 
 
-def _case(options: dict, loss, disabled: bool, schedule: str) -> dict:
+def _case(options: dict, loss, where: str, schedule: str) -> dict:
+    from seqpar_compiler.runtime.sequence_shard import gather_count
     torch.manual_seed(0)
     model, ref = TinyLM(**options).double(), TinyLM(**options).double()
     ref.load_state_dict(model.state_dict())
@@ -72,15 +76,24 @@ def _case(options: dict, loss, disabled: bool, schedule: str) -> dict:
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[0, :5] = -100                                   # ignored targets: the count is global
     torch._dynamo.reset()
-    step = torch.compile(_Step(model, loss, disabled), backend=sp.backend(inner="aot_eager", schedule=schedule))
+    backend = sp.backend(inner="aot_eager", schedule=schedule)
+    if where == "eager":
+        compiled = torch.compile(model, backend=backend)
+
+        def step(ids, labels):
+            return loss(compiled(ids), labels)
+    else:
+        step = torch.compile(_Step(model, loss, where == "disabled"), backend=backend)
+    before = gather_count()
     with warnings.catch_warnings(record=True) as caught, sp.stats() as st:
         warnings.simplefilter("always")
         out = step(ids, labels)
         out.backward()
+    gathers = gather_count() - before
     ref_out = _Step(ref, loss, False)(ids, labels)
     ref_out.backward()
     grads = {n: _rel(p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())}
-    return {"loss": _rel(out, ref_out), "grads": grads,
+    return {"loss": _rel(out, ref_out), "grads": grads, "gathers": gathers,
             "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)],
             "ring_calls": st.attention_forward_calls}
 

@@ -6,16 +6,20 @@ litgpt's ``chunked_cross_entropy`` splits the flattened logits (``[B·T, V].spli
 merged sequences, possibly across batch rows) or takes the LM head's own chunks along T, and
 sums ``torch.cat`` of the per-chunk losses; torchtune's ``CEWithChunkedOutputLoss`` sums
 per-chunk ``reduction="sum"`` losses. Zigzag and striped layouts: a rank's rows of a chunk are
-scattered over the chunk."""
+scattered over the chunk. Each loss runs three ways: compiled with the model in one frame, in a
+``torch.compiler.disable``d function inside it, and eagerly after the compiled model returns (as
+litgpt's and torchtune's recipes call it): in every case nothing is gathered."""
 import pytest
 
 import chunked_loss_workers as W
 from seqpar_compiler.launch import run_ranks
 
 TOL = 1e-10
-# one spawn in the default run (the flat split across rows, litgpt's finetune step); the rest slow
-DEFAULT = ["litgpt-flat-split-across-rows", "litgpt-finetune-shifted-head-chunks"]
-MORE = [n for n in W.CASES if n not in DEFAULT and "disabled" not in n]
+# one spawn in the default run (the flat split across rows, litgpt's finetune step, each in the
+# compiled step and eagerly after the compiled model); the rest slow
+DEFAULT = ["litgpt-flat-split-across-rows", "litgpt-finetune-shifted-head-chunks",
+           "litgpt-flat-split-across-rows-eager", "litgpt-finetune-shifted-head-chunks-eager"]
+MORE = [n for n in W.CASES if n not in DEFAULT]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,7 @@ def _fully_sharded(res, name):
     for rank, r in enumerate(res):
         _exact(rank, r[name])
         assert r[name]["warnings"] == [], (rank, r[name]["warnings"])
+        assert r[name]["gathers"] == 0, (rank, r[name]["gathers"])
 
 
 @pytest.mark.parametrize("name", DEFAULT)
@@ -51,14 +56,3 @@ def test_chunked_loss_is_exact_and_fully_sharded(res, name):
 @pytest.mark.parametrize("name", MORE)
 def test_more_chunked_losses_are_exact_and_fully_sharded(res_more, name):
     _fully_sharded(res_more, name)
-
-
-@pytest.mark.slow
-def test_chunked_loss_in_a_disabled_function_is_exact():
-    """The chunks leave the compiled frame gathered (a frame's exits carry whole shards, not
-    parts), so the eager loss runs on whole chunks: exact, not yet sharded, and warned."""
-    res = run_ranks(W.run_loss_cases, 2, ["torchtune-chunked-output-disabled"], timeout=600, pg_timeout=300)
-    for rank, r in enumerate(res):
-        _exact(rank, r["torchtune-chunked-output-disabled"])
-    said = [w for w in res[0]["torchtune-chunked-output-disabled"]["warnings"] if "leaves the frame" in w]
-    assert said, res[0]["torchtune-chunked-output-disabled"]["warnings"]     # the gather is warned, not quiet
