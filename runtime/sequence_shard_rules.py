@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.distributed import _functional_collectives as _c10d
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .gathered_view import GatheredView, check_detached, detach_from, is_view_op, written_arguments
@@ -221,36 +222,86 @@ def _localize(value, spec: ShardSpec, dim: int | None):
 
 
 # -- losses and reads ---------------------------------------------------------------------------------
-@_rule(aten.nll_loss_forward.default)
+# the target's and a per-row result's sequence dim, from the scores' (nll_loss: [N, C] over N, the
+# merged batch × sequence; nll_loss2d: [N, C, 1, S] over S, what cross_entropy makes of [N, C, S]
+# scores, the class-second form einops-style code writes)
+_LOSS_TARGET_DIM = {aten.nll_loss_forward.default: {0: 0}, aten.nll_loss2d_forward.default: {2: 1, 3: 2},
+                    aten.nll_loss_backward.default: {0: 0}, aten.nll_loss2d_backward.default: {2: 1, 3: 2}}
+_LOSS_SCORES_DIMS = {aten.nll_loss_forward.default: 2, aten.nll_loss2d_forward.default: 4,
+                     aten.nll_loss_backward.default: 2, aten.nll_loss2d_backward.default: 4}
+
+
+@_rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
 def _nll_forward(func, spec, x, target, weight, reduction, ignore_index):
-    """[N, C] scores sharded over N (the merged batch × sequence): local sums and counts, summed
-    over the group; ``mean`` divides by the global count."""
-    if not isinstance(x, SequenceShard) or spec.dim != 0 or x.dim() != 2 or weight is not None:
+    """Scores sharded over their rows: local sums and counts, summed over the group; ``mean``
+    divides by the global count of targets that are not ignored."""
+    if not isinstance(x, SequenceShard) or weight is not None:
         return NotImplemented
-    t = _localize(target, spec, 0)
+    spec = x.spec
+    d = _LOSS_TARGET_DIM[func].get(spec.dim)
+    if d is None or x.dim() != _LOSS_SCORES_DIMS[func]:
+        return NotImplemented
+    t = _localize(target, spec, d)
     if t is NotImplemented:
         return NotImplemented
     if reduction == 0:
         out, tw = func(x._local, t, weight, 0, ignore_index)
-        return SequenceShard(out, spec), tw
+        return SequenceShard(out, spec.moved(d)), tw
     total, count = func(x._local, t, weight, 2, ignore_index)
     count = (t != ignore_index).sum().to(total.dtype)      # aten's total_weight under "sum" is 0
     total, count = all_reduce_sum(torch.stack([total, count]), spec).unbind(0)
     return (total / count if reduction == 1 else total), count
 
 
-@_rule(aten.nll_loss_backward.default)
+@_rule(aten.nll_loss_backward.default, aten.nll_loss2d_backward.default)
 def _nll_backward(func, spec, grad, x, target, weight, reduction, ignore_index, total_weight):
     """A mean or sum's gradient is a replicated scalar; ``reduction="none"``'s is one value per
     row, this rank's rows of it (a shard as it is, a plain full one cut in the layout)."""
-    if not isinstance(x, SequenceShard) or x.spec.dim != 0:
+    if not isinstance(x, SequenceShard):
         return NotImplemented
     spec = x.spec
-    t = _localize(target, spec, 0)
-    g = _localize(grad, spec, 0) if reduction == 0 else grad
+    d = _LOSS_TARGET_DIM[func].get(spec.dim)
+    if d is None or x.dim() != _LOSS_SCORES_DIMS[func]:
+        return NotImplemented
+    t = _localize(target, spec, d)
+    g = _localize(grad, spec, d) if reduction == 0 else grad
     if t is NotImplemented or g is NotImplemented or isinstance(g, SequenceShard):
         return NotImplemented
     return SequenceShard(func(g, x._local, t, weight, reduction, ignore_index, total_weight), spec)
+
+
+@_rule(aten.select.int)
+def _select(func, spec, x, dim, index):
+    """One position of the sequence (``logits[:, -1]``, a classification token): only the rank
+    holding it has the row, so the row alone is summed over the group (zeros elsewhere), not the
+    whole sequence gathered. The result is a plain tensor, the same on every rank."""
+    spec = x.spec
+    size = x.shape[dim]
+    if (dim % x.dim() != spec.dim or spec.pre != 1 or not isinstance(spec.post, int)
+            or isinstance(spec.S, torch.SymInt) or not -size <= index < size):
+        return _planned(func, [x], (x, dim, index), {})
+    index %= size
+    lo = (spec.part or (0, spec.S))[0]
+    position, element = divmod(index, spec.post)
+    row = spec.with_part((lo + position, lo + position + 1))
+    mine = [i for i, o in zip(*spec.part_rows()) if o == position]
+    local = x._local.narrow(spec.dim, mine[0] * spec.post, spec.post) if mine else \
+        x._local.narrow(spec.dim, 0, 0)
+    return gather_local(local, row).select(spec.dim, element)
+
+
+@_rule(aten.amax.default, aten.amin.default)
+def _extreme(func, spec, x, dim=(), keepdim=False):
+    """The largest (smallest) value along dims that include the sequence: each rank's, then the
+    group's (an all-reduce of the reduced tensor). Its backward (the positions equal to it, the
+    count of ties summed over the group) runs through the core as elementwise ops and a sum."""
+    spec = x.spec
+    dims = {d % x.dim() for d in (dim if isinstance(dim, (list, tuple)) else [dim])} or set(range(x.dim()))
+    if spec.dim not in dims or spec.part is not None or x._local.shape[spec.dim] == 0 or _is_fake(x._local):
+        return _planned(func, [x], (x, dim, keepdim), {})
+    local = func(x._local, list(dims), keepdim)
+    how = "max" if func is aten.amax.default else "min"
+    return _c10d.wait_tensor(_c10d.all_reduce(local.contiguous(), how, spec.group_name)) if spec.P > 1 else local
 
 
 def _same_rows(a: ShardSpec, b: ShardSpec) -> bool:
