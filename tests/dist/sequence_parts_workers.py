@@ -60,7 +60,8 @@ def part_cases(rank: int, P: int) -> dict:
     group = dist.group.WORLD.group_name
     compiled_ce = torch.compile(_ce, backend="seqpar")
     out = {}
-    for schedule in ("zigzag", "ring", "striped"):
+    # hybrid:2 on 4 ranks: two ranks share each zigzag shard
+    for schedule in ("zigzag", "ring", "striped") + (("hybrid:2",) if P == 4 else ()):
         for split in SPLITS:
             for kind, ce in (("eager", _ce), ("compiled", compiled_ce)):
                 if kind == "compiled":
