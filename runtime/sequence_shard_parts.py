@@ -28,10 +28,10 @@ from torch import Tensor
 
 from .layout import layout_of
 from .sequence_shard import SequenceShard, ShardSpec, _unmerged, slice_local
-from .sharding.layout import Rows
+from .sharding.layout import Blocks
 from .sequence_shard_rules import _planned, _rule
 
-__all__ = ["as_rows", "same_rows"]
+__all__ = ["as_blocks", "same_rows"]
 
 aten = torch.ops.aten
 
@@ -49,29 +49,29 @@ def _splittable(x, dim) -> ShardSpec | None:
 
 def _cuttable(x, dim) -> ShardSpec | None:
     """``_splittable``, and also a sequence dim merged with the batch (``[B·S, V]``, pre > 1),
-    seen as the ``Rows`` it is: a split across the batch rows is a part of those rows."""
+    seen as the ``Blocks`` it is: a split across the batch rows is a part of those rows."""
     s = _splittable(x, dim)
     if s is not None or not isinstance(x, SequenceShard):
         return s
     spec = x.spec
     if dim % x.dim() != spec.dim or not isinstance(spec.post, int) or isinstance(spec.S, torch.SymInt):
         return None
-    return as_rows(spec)
+    return as_blocks(spec)
 
 
-def as_rows(spec: ShardSpec) -> ShardSpec:
+def as_blocks(spec: ShardSpec) -> ShardSpec:
     """``spec`` (a whole sequence or a part, merged with ``pre`` batch rows) as a part of a
-    ``Rows`` layout listing the same local rows in the same order (pre = 1)."""
+    ``Blocks`` layout listing the same local rows in the same order (pre = 1)."""
     if not layout_of(spec.schedule).balanced:
         return spec
     start, stop = spec.part or (0, spec.S)
-    rows = _rows_layout(spec.schedule, spec.S, ((start, stop, spec.pre),))
+    rows = _blocks_layout(spec.schedule, spec.S, ((start, stop, spec.pre),))
     return ShardSpec(spec.dim, rows.length, rows, spec.group_name, 1, spec.post, spec.grad_reduce, (0, rows.length))
 
 
 def same_rows(a: ShardSpec, b: ShardSpec) -> bool:
     """Do two specs name the same local rows in the same order? A join of parts is named as a
-    plain shard (``_cat_rows``) while the backward's cut of it is named as parts again, so one
+    plain shard (``_cat_blocks``) while the backward's cut of it is named as parts again, so one
     value can reach an op under both names."""
     if a == b:
         return True
@@ -79,16 +79,16 @@ def same_rows(a: ShardSpec, b: ShardSpec) -> bool:
         return False
     if any(not isinstance(s.post, int) or isinstance(s.S, torch.SymInt) for s in (a, b)):
         return False
-    ra, rb = (layout_of(_normal(as_rows(s)).schedule) for s in (a, b))
+    ra, rb = (layout_of(_normal(as_blocks(s)).schedule) for s in (a, b))
     return (ra.base, ra.S, ra.blocks) == (rb.base, rb.S, rb.blocks)
 
 
-def _rows_layout(schedule, S: int, blocks) -> Rows:
-    return Rows(f"rows of {schedule}", str(schedule), S, tuple(blocks))
+def _blocks_layout(schedule, S: int, blocks) -> Blocks:
+    return Blocks(f"blocks of {schedule}", str(schedule), S, tuple(blocks))
 
 
 def _normal(spec: ShardSpec, whole: bool = False) -> ShardSpec:
-    """A part of a ``Rows`` value as the ``Rows`` of just its rows (its own blocks, the range
+    """A part of a ``Blocks`` value as the ``Blocks`` of just its rows (its own blocks, the range
     all of them); with ``whole``, as the plain spec (whole sequence or part, merged with the
     batch) when its rows are one block: a joined value is then a shard like any other."""
     rows = layout_of(spec.schedule)
@@ -108,7 +108,7 @@ def _normal(spec: ShardSpec, whole: bool = False) -> ShardSpec:
         start, stop, times = blocks[0]
         return ShardSpec(spec.dim, rows.S, rows.base, spec.group_name, times, spec.post,
                          spec.grad_reduce).with_part((start, stop))
-    joined = _rows_layout(rows.base, rows.S, blocks)
+    joined = _blocks_layout(rows.base, rows.S, blocks)
     return ShardSpec(spec.dim, joined.length, joined, spec.group_name, 1, spec.post, spec.grad_reduce,
                      (0, joined.length))
 
@@ -209,24 +209,24 @@ def _slice(func, spec, x, dim=0, start=None, end=None, step=1):
 def _cat(func, spec, tensors, dim=0):
     """Parts joined along the sequence dim: consecutive parts of one sequence as that range
     (``_cat_parts``), else shards of one sequence in any order and merged with the batch or not
-    as the ``Rows`` they make (``_cat_rows``); anything else as the core plans it."""
+    as the ``Blocks`` they make (``_cat_blocks``); anything else as the core plans it."""
     shards = [t for t in tensors if isinstance(t, SequenceShard)]
     if _splittable(shards[0], dim) is None and _cuttable(shards[0], dim) is None:
         return _planned(func, shards, (tensors, dim), {})
     out = _cat_parts(tensors, dim) if _splittable(shards[0], dim) is not None else NotImplemented
-    return _cat_rows(tensors, dim) if out is NotImplemented else out
+    return _cat_blocks(tensors, dim) if out is NotImplemented else out
 
 
-def _cat_rows(tensors, dim):
+def _cat_blocks(tensors, dim):
     """Every operand a shard of one sequence along ``dim`` (a part, a batch-merged dim, rows):
-    the local rows joined in operand order are this rank's rows of the ``Rows`` whose blocks are
+    the local rows joined in operand order are this rank's rows of the ``Blocks`` whose blocks are
     the operands' blocks in that order (a plain spec again when they make one block)."""
     if not all(isinstance(t, SequenceShard) for t in tensors):
         return NotImplemented           # a plain operand's rows belong to no rank
     specs = [_cuttable(t, dim) for t in tensors]
     if any(s is None for s in specs):
         return NotImplemented
-    specs = [as_rows(s) for s in specs]
+    specs = [as_blocks(s) for s in specs]
     first = layout_of(specs[0].schedule)
     key = (first.base, first.S, specs[0].group_name, specs[0].post, specs[0].grad_reduce)
     blocks = []
@@ -235,7 +235,7 @@ def _cat_rows(tensors, dim):
         if (rows.base, rows.S, s.group_name, s.post, s.grad_reduce) != key:
             return NotImplemented       # shards of different sequences, groups or widths
         blocks.extend(rows.blocks)
-    joined = _rows_layout(first.base, first.S, blocks)
+    joined = _blocks_layout(first.base, first.S, blocks)
     spec = ShardSpec(specs[0].dim, joined.length, joined, specs[0].group_name, 1, specs[0].post,
                      specs[0].grad_reduce, (0, joined.length))
     return SequenceShard(torch.cat([t._local for t in tensors], spec.dim), _normal(spec, whole=True))

@@ -10,7 +10,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-__all__ = ["Stats", "stats", "record", "record_kernel", "counting"]
+__all__ = ["Stats", "stats", "record", "record_kernel", "counting", "not_counted"]
 
 
 @dataclass(eq=False)
@@ -64,6 +64,20 @@ def stats() -> Iterator[Stats]:
     finally:
         with _lock:
             _open.remove(s)
+
+
+@contextlib.contextmanager
+def not_counted() -> Iterator[None]:
+    """Work seqpar does for itself (timing the kernels to calibrate the cost model at the first
+    ``schedule="auto"`` compile) is not the user's: open ``stats()`` blocks do not count it."""
+    with _lock:
+        hidden = list(_open)
+        _open.clear()
+    try:
+        yield
+    finally:
+        with _lock:
+            _open[:0] = hidden
 
 
 def counting() -> bool:

@@ -215,7 +215,14 @@ def calibrate(group: dist.ProcessGroup | None = None, *, save: bool = True, reps
 
     Collective over ``group`` (default: the default group). Without a process group, two
     one-thread gloo ranks are spawned to measure the link. Every rank returns the same profile.
+    The attention it times is not counted by an open ``seqpar_compiler.stats()``.
     """
+    from .runtime.stats import not_counted
+    with not_counted():
+        return _calibrate(group, save=save, reps=reps)
+
+
+def _calibrate(group: dist.ProcessGroup | None, *, save: bool, reps: int) -> Profile:
     if not (dist.is_available() and dist.is_initialized()):
         from .launch import run_ranks
         figures = run_ranks(_calibrate_worker, 2, reps, timeout=600)[0]

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["Layout", "Contiguous", "Zigzag", "Striped", "Hybrid", "Rows", "Segment", "layout_of", "SCHEDULES",
+__all__ = ["Layout", "Contiguous", "Zigzag", "Striped", "Hybrid", "Blocks", "Segment", "layout_of", "SCHEDULES",
            "A2A_SCHEDULES", "ALLOWED"]
 
 # the ring's schedules (their layouts: contiguous, zigzag, striped, contiguous)
@@ -60,7 +60,7 @@ class Layout:
     kind = "abstract"
     all_to_all = False        # attention by all-to-all (Ulysses) instead of a ring
     contiguous = False        # rank r holds one run of positions, ranks in order
-    # every rank holds S/P of the positions; False (``Rows``): ranks hold different counts, and a
+    # every rank holds S/P of the positions; False (``Blocks``): ranks hold different counts, and a
     # value in this layout always names the range it holds (``ShardSpec.part``)
     balanced = True
 
@@ -213,7 +213,7 @@ class Hybrid(Layout):
 
 
 @dataclass(frozen=True)
-class Rows(Layout):
+class Blocks(Layout):
     """The rows of a value cut from the sequence and rearranged: a sequence dim merged with the
     batch (``logits.reshape(-1, V)``: ``[B·S, V]``) and split across the batch rows
     (``.split(n)``), or parts of it concatenated in another order (``torch.cat`` of per-chunk
@@ -232,7 +232,7 @@ class Rows(Layout):
     S: int = 0
     blocks: tuple = ()
 
-    kind = "rows"
+    kind = "blocks"
     balanced = False
 
     @property
@@ -240,14 +240,14 @@ class Rows(Layout):
         return sum((stop - start) * times for start, stop, times in self.blocks)
 
     def positions(self, rank, P, S, device=None):
-        return torch.tensor(_cached_rows_positions(self, rank, P), dtype=torch.long, device=device)
+        return torch.tensor(_cached_block_positions(self, rank, P), dtype=torch.long, device=device)
 
     def _segments(self, rank, P, S_local):
-        raise ValueError("seqpar: a Rows layout has no equal shards (use its positions)")
+        raise ValueError("seqpar: a Blocks layout has no equal shards (use its positions)")
 
 
 @lru_cache(maxsize=512)
-def _cached_rows_positions(layout: Rows, rank: int, P: int) -> tuple[int, ...]:
+def _cached_block_positions(layout: Blocks, rank: int, P: int) -> tuple[int, ...]:
     out, at = [], 0
     for start, stop, times in layout.blocks:
         n = stop - start

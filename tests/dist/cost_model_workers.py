@@ -31,9 +31,11 @@ def calibrate_case(rank, P, cache_dir):
     import os
     os.environ["XDG_CACHE_HOME"] = cache_dir
     from seqpar_compiler.profile import cache_path, calibrate
-    profile = calibrate(dist.group.WORLD)
+    with sp.stats() as st:                  # the user's counters do not count calibration's own attention
+        profile = calibrate(dist.group.WORLD)
     dist.barrier()
-    return {"profile": profile.as_dict(), "cached": cache_path().exists()}
+    return {"profile": profile.as_dict(), "cached": cache_path().exists(),
+            "counted": (st.attention_forward_calls, st.attention_flops)}
 
 
 def run(rank, P, cache_dir):

@@ -98,6 +98,8 @@ def part_cases(rank: int, P: int) -> dict:
     for schedule in schedules:
         for batch in (1, 3):
             for case in ROW_CASES:
+                if case in COMPILED_ROW_CASES and (schedule, batch) != ("zigzag", 3):
+                    continue                  # a compile per chunk: one layout, one batch
                 out[("rows", schedule, case, batch)] = _row_case(schedule, case, batch, group)
     return out
 
@@ -132,7 +134,18 @@ def _reordered(logits, labels):
     return (joined * weights).square().sum(), [joined]
 
 
+def _compiled_chunk_losses(logits, labels):
+    """The per-chunk loss compiled with seqpar: each chunk of merged rows enters a frame as a part."""
+    torch._dynamo.reset()                     # each case's chunks within the recompile limit
+    ce = torch.compile(lambda c, t: F.cross_entropy(c, t, ignore_index=-100, reduction="sum"), backend="seqpar")
+    chunks = logits.reshape(-1, V).split(24)
+    losses = [ce(c, t) for c, t in zip(chunks, labels.reshape(-1).split(24))]
+    return sum(losses) / (labels != -100).sum(), list(chunks)
+
+
+COMPILED_ROW_CASES = {"flat-split-compiled-loss"}
 ROW_CASES = {
+    "flat-split-compiled-loss": _compiled_chunk_losses,
     "flat-split-16": lambda lg, lab: _flat_split(lg, lab, 16),
     "flat-split-across-rows": lambda lg, lab: _flat_split(lg, lab, 24),
     "flat-split-uneven": lambda lg, lab: _flat_split(lg, lab, 7),

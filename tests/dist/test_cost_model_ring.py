@@ -32,3 +32,10 @@ def test_calibration_gives_every_rank_the_same_profile_and_caches_it(results):
     assert results[0]["calibrate"]["cached"]
     prof = profiles[0]
     assert prof["flops_per_second"] > 1e8 and prof["bandwidth"] > 1e6 and prof["shared_cores"] >= 1
+
+
+def test_calibration_is_not_counted_as_the_users_attention(results):
+    """The first ``schedule="auto"`` compile on a new machine calibrates inside whatever
+    ``stats()`` block the user has open; the attention it times is seqpar's, not the user's."""
+    for res in results:
+        assert res["calibrate"]["counted"] == (0, 0), res["calibrate"]["counted"]
