@@ -16,10 +16,15 @@ that of a slice is ``slice_backward``: both give the whole shard back without co
 Which rank holds which token of a part comes from ``Layout.part_rows`` only, the same answer the
 compiled rewrite uses.
 
+A dim merged with the batch (``logits.reshape(-1, V)``: ``[B·S, V]``) split across the batch
+rows, and shards joined in any order (litgpt's per-chunk losses, chunk by chunk), are parts of a
+``Blocks`` layout, which lists the blocks of the sequence their rows come from: the same part
+rules then apply to them.
+
 Shape legend: S global sequence length; a part [start, stop) spans L = stop − start positions,
 this rank holds n of them; its dim has global size L·post and local size n·post (pre = 1: the
-sequence is the outer factor of the dim; a part merged with the batch, ``[B·L, V]``, only
-arises from views of a part, which the core plans).
+sequence is the outer factor of the dim; a dim merged with the batch, pre = B, is cut as the
+``Blocks`` it is).
 """
 from __future__ import annotations
 

@@ -13,6 +13,9 @@ Layouts (S global length, P ranks, chunks of S/(2P) tokens):
   hybrid:u    G = P/u groups of u consecutive ranks; group g holds zigzag(G) chunks g and
               2G−1−g (chunks of S/(2G)), split contiguously over its u ranks, so the
               all-to-all inside a group hands each rank exactly ring rank g's zigzag shard
+  Blocks      not a schedule: the rows of a value cut from one of the above and rearranged
+              (a batch-merged dim split across batch rows, shards joined in another order);
+              ranks hold different counts of them
 
 A rank's tokens are a short list of affine ``Segment``s (start, count, stride), which is what
 block masks need: global position of local row i of a segment = start + i·stride.
