@@ -28,6 +28,7 @@ pre·S·post and local size pre·(S/P)·post.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -411,11 +412,26 @@ def _index(op, args, kwargs, ctx: _Context) -> OpPlan:
 _REDUCTIONS = {aten.sum.dim_IntList: "sum", aten.sum.default: "sum", aten.mean.dim: "avg", aten.mean.default: "avg"}
 
 
+# a mean over a part of the sequence: this rank's sum over the global count (ranks hold different
+# counts of a part's rows, so averaging the ranks' local means would weigh them wrongly).
+# Composite: it decomposes into sum and div wherever it runs, eager or traced, with their autograd
+_LIB = torch.library.Library("seqpar", "FRAGMENT")
+_LIB.define("part_mean(Tensor x, int[] dims, bool keepdim, int count, *, ScalarType? dtype=None) -> Tensor")
+
+
+def _part_mean(x, dims, keepdim, count, *, dtype=None):
+    return torch.sum(x, dims, keepdim, dtype=dtype) / count
+
+
+_LIB.impl("part_mean", _part_mean, "CompositeImplicitAutograd")
+
+
 @_rule(*_REDUCTIONS)
 def _reduction(op, args, kwargs, ctx: _Context) -> OpPlan:
     """sum / mean: over other dims the shard stays where it is (moved past the reduced dims);
     over the sequence the local result is this rank's part of the whole, summed over the group —
-    a mean's local part averages equal shares, so the group averages them."""
+    a mean's local part averages equal shares, so the group averages them. On a part of the
+    sequence the shares are not equal: each rank's sum over the global count, summed."""
     src = args[0]
     if not (isinstance(src, TensorArg) and isinstance(src.placement, Shard)):
         raise Refusal(f"{op} of a replicated value")
@@ -426,6 +442,10 @@ def _reduction(op, args, kwargs, ctx: _Context) -> OpPlan:
     pl = src.placement
     slots = (TENSOR, *args[1:])
     kw = {k: v for k, v in kwargs.items()}
+    if pl.dim in dims and _REDUCTIONS[op] == "avg" and ctx.part:
+        count = math.prod(src.shape[d] for d in dims)
+        return OpPlan(("local",), (TENSOR, dims, bool(keepdim), int(count)), {"dtype": kwargs.get("dtype")},
+                      (Partial("sum"),), (ctx.pre, ctx.post), call=torch.ops.seqpar.part_mean.default)
     if pl.dim in dims:
         return OpPlan(("local",), slots, kw, (Partial(_REDUCTIONS[op]),), (ctx.pre, ctx.post))
     dim = pl.dim if keepdim else pl.dim - sum(1 for d in dims if d < pl.dim)

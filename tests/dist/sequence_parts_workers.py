@@ -94,6 +94,9 @@ def part_cases(rank: int, P: int) -> dict:
         joined = torch.cat([parts[0] * 2, h[:, 5:16] * 2, parts[2] * 2], dim=1)
         out[(schedule, "cat")] = {"whole": isinstance(joined, SequenceShard) and joined.spec.part is None,
                                   "error": _rel(joined.full_tensor(), h * 2)}
+    for cut in PART_CUTS:
+        for name in PART_REDUCTIONS:
+            out[("reduce", cut, name)] = _reduce_case(cut, name, group)
     schedules = ("zigzag", "ring", "striped") + (("hybrid:2",) if P == 4 else ())
     for schedule in schedules:
         for batch in (1, 3):
@@ -225,3 +228,42 @@ def part_across_a_graph_break(rank: int, P: int) -> dict:
     return {"loss": _rel(loss, ref_loss), "grads": grads, "ring_calls": st.attention_forward_calls,
             "gathers": gather_count() - before,
             "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
+
+
+# reductions of a part (ranks hold different counts of its rows): a mean is each rank's sum over
+# the global count, never the ranks' local means averaged; the backward of var/std subtracts
+# that mean. Ops without a rule gather (warned); all must be exact, values and gradients
+PART_CUTS = {
+    "part": lambda x: x.split([5, 20, 7], dim=1)[1].reshape(-1, x.shape[-1]),
+    "blocks": lambda x: x.reshape(-1, x.shape[-1]).split(24)[1],
+}
+PART_REDUCTIONS = {
+    "mean": lambda c: c.mean(),
+    "mean-over-rows": lambda c: c.mean(0),
+    "mean-keepdim": lambda c: (c - c.mean(0, keepdim=True)).pow(2).sum(),
+    "var": lambda c: c.var(),
+    "std-over-rows": lambda c: c.std(0),
+    "sum": lambda c: c.sum(0),
+    "amax": lambda c: c.amax(0),
+    "softmax-over-rows": lambda c: c.softmax(0).pow(2).sum(0),
+    "mse": lambda c: F.mse_loss(c, torch.ones_like(c)),
+}
+
+
+def _reduce_case(cut: str, name: str, group: str) -> dict:
+    from seqpar_compiler.runtime.sequence_shard import ShardSpec, from_local, slice_local
+    h = torch.randn(3, S, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    spec = ShardSpec(1, S, "zigzag", group)
+    local = slice_local(h, spec).requires_grad_()
+    href = h.clone().requires_grad_()
+    op = PART_REDUCTIONS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = op(PART_CUTS[cut](from_local(local, spec)))
+        got.sum().backward()
+    ref = op(PART_CUTS[cut](href))
+    ref.sum().backward()
+    got = got.full_tensor() if hasattr(got, "full_tensor") else got
+    # relative to the whole gradient's norm: this rank's rows of it may all be zero (amax)
+    grad = float((local.grad - slice_local(href.grad, spec)).norm() / href.grad.norm())
+    return {"value": _rel(got, ref), "grad": grad}
