@@ -220,6 +220,9 @@ def plan_op(op, args: tuple, kwargs: dict, *, S: int, P: int, group_name: str | 
         if op in LAYOUT_OPS:
             _check_layout_op(op, args, kwargs)
         plan = _dtensor_plan(op, args, kwargs, ctx)
+    if ctx.part and any(isinstance(o, Partial) and o.reduce != "sum" for o in plan.outputs):
+        # ranks hold different counts of a part's rows: only a sum of their results is the whole
+        raise Refusal(f"{op} on a part of the sequence reduces its rows by {plan.outputs} (unequal shares)")
     _check_writes(op, args, kwargs, plan)
     return plan
 
