@@ -60,9 +60,9 @@ def dispatch(func, args, kwargs):
         tree_map(lambda o: detach_from(o, args[0]) if isinstance(o, SequenceShard) else o, result)
     if result is NotImplemented:
         result = _fallback(func, args, kwargs)
-        if view:
-            result = tree_map(lambda o: GatheredView(o, args[0]) if isinstance(o, Tensor)
-                              and not isinstance(o, SequenceShard) else o, result)
+    if view:       # a plain result of a view op (the fallback's, or one row read: select) views no shard
+        result = tree_map(lambda o: GatheredView(o, args[0]) if isinstance(o, Tensor)
+                          and not isinstance(o, SequenceShard) else o, result)
     return result
 
 
