@@ -228,6 +228,10 @@ def _cat_blocks(tensors, dim):
     the operands' blocks in that order (a plain spec again when they make one block)."""
     if not all(isinstance(t, SequenceShard) for t in tensors):
         return NotImplemented           # a plain operand's rows belong to no rank
+    if any(t.spec.part is None and t.spec.pre == 1 for t in tensors):
+        # a whole sequence joined to more (a longer sequence made between frames): gathered, so
+        # the frame that receives it shards it at its own length
+        return NotImplemented
     specs = [_cuttable(t, dim) for t in tensors]
     if any(s is None for s in specs):
         return NotImplemented

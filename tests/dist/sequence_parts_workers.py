@@ -267,3 +267,42 @@ def _reduce_case(cut: str, name: str, group: str) -> dict:
     # relative to the whole gradient's norm: this rank's rows of it may all be zero (amax)
     grad = float((local.grad - slice_local(href.grad, spec)).norm() / href.grad.norm())
     return {"value": _rel(got, ref), "grad": grad}
+
+
+class _Doubled(torch.nn.Module):
+    """Attention over S, a graph break, then the sequence joined to itself (a longer sequence
+    made between frames) and attention over 2S."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(V, D)
+        self.qkv1, self.qkv2 = torch.nn.Linear(D, 3 * D), torch.nn.Linear(D, 3 * D)
+
+    @staticmethod
+    def _attend(qkv, h):
+        n = h.shape[1]
+        q, k, v = qkv(h).view(B, n, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        return h + F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, n, D)
+
+    def forward(self, ids):
+        h = self._attend(self.qkv1, self.emb(ids))
+        torch._dynamo.graph_break()
+        h = torch.cat([h, h * 2], dim=1)
+        return self._attend(self.qkv2, h).square().mean()
+
+
+def longer_sequence_across_a_break(rank: int, P: int) -> dict:
+    """A whole shard joined to another along the sequence between frames is gathered (the next
+    frame shards the longer sequence at its own length), not named a merged dim of S."""
+    import copy
+    torch.manual_seed(0)
+    model = _Doubled().double()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, backend="seqpar")
+    loss = compiled(ids)
+    loss.backward()
+    ref_loss = ref(ids)
+    ref_loss.backward()
+    return {"loss": _rel(loss, ref_loss),
+            "grads": max(_rel(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()))}

@@ -92,3 +92,9 @@ def test_reductions_of_a_part_are_exact_in_value_and_gradient(results):
     assert len(cases) == len(by_rank) * len(W.PART_CUTS) * len(W.PART_REDUCTIONS)
     for key, r in cases:
         assert r["value"] <= 1e-12 and r["grad"] <= 1e-12, (key, r)
+
+
+def test_a_whole_sequence_joined_to_another_between_frames_feeds_a_longer_attention():
+    env = {"SEQPAR_INNER": "aot_eager", "SEQPAR_SCHEDULE": "zigzag"}
+    for r in run_ranks(W.longer_sequence_across_a_break, 2, timeout=300, pg_timeout=120, env=env):
+        assert r["loss"] <= 1e-12 and r["grads"] <= 1e-12, r
