@@ -234,8 +234,9 @@ _LOSS_SCORES_DIMS = {aten.nll_loss_forward.default: 2, aten.nll_loss2d_forward.d
 @_rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
 def _nll_forward(func, spec, x, target, weight, reduction, ignore_index):
     """Scores sharded over their rows: local sums and counts, summed over the group; ``mean``
-    divides by the global count of targets that are not ignored."""
-    if not isinstance(x, SequenceShard) or weight is not None:
+    divides by the global count of targets that are not ignored (with class weights, the sum of
+    their weights)."""
+    if not isinstance(x, SequenceShard) or isinstance(weight, SequenceShard):
         return NotImplemented
     spec = x.spec
     d = _LOSS_TARGET_DIM[func].get(spec.dim)
@@ -248,7 +249,8 @@ def _nll_forward(func, spec, x, target, weight, reduction, ignore_index):
         out, tw = func(x._local, t, weight, 0, ignore_index)
         return SequenceShard(out, spec.moved(d)), tw
     total, count = func(x._local, t, weight, 2, ignore_index)
-    count = (t != ignore_index).sum().to(total.dtype)      # aten's total_weight under "sum" is 0
+    kept = t != ignore_index                                 # aten's total_weight under "sum" is 0
+    count = (kept.sum() if weight is None else (weight[t.masked_fill(~kept, 0)] * kept).sum()).to(total.dtype)
     total, count = all_reduce_sum(torch.stack([total, count]), spec).unbind(0)
     return (total / count if reduction == 1 else total), count
 

@@ -50,6 +50,10 @@ IDIOMS = {
     "none-then-masked-mean": lambda lg, lab: _masked_mean(
         torch.nn.CrossEntropyLoss(reduction="none")(lg.view(-1, V), lab.view(-1)).view(B, T), lab),
     "label-smoothing": lambda lg, lab: F.cross_entropy(lg.view(-1, V), lab.view(-1), label_smoothing=0.1),
+    "class-weighted": lambda lg, lab: F.cross_entropy(lg.view(-1, V), lab.view(-1),
+                                                      weight=torch.linspace(0.5, 2.0, V, dtype=lg.dtype)),
+    "class-weighted-classes-second": lambda lg, lab: F.cross_entropy(
+        lg.transpose(1, 2), lab, weight=torch.linspace(0.5, 2.0, V, dtype=lg.dtype), reduction="sum"),
     "z-loss": lambda lg, lab: F.cross_entropy(lg.flatten(0, 1), lab.flatten()) + 1e-2 * lg.logsumexp(-1).pow(2).mean(),
     "kl-to-a-detached-copy": lambda lg, lab: F.kl_div(F.log_softmax(lg, -1), F.log_softmax(lg.detach() * 0.5, -1),
                                                       log_target=True, reduction="batchmean"),
