@@ -313,6 +313,20 @@ def _same_rows(a: ShardSpec, b: ShardSpec) -> bool:
     return same_rows(a, b)
 
 
+@_rule(aten.index.Tensor)
+def _index(func, spec, x, indices):
+    """``x[mask]`` with a boolean mask through the sequence dim (``logits[labels != -100]``):
+    each rank's own selected rows (``token_rows.masked_rows``); any other indexing as the core
+    plans it."""
+    if (isinstance(x, SequenceShard) and len(indices) == 1 and isinstance(indices[0], Tensor)
+            and not _is_fake(x._local)):
+        from .token_rows import masked_rows
+        rows = masked_rows(x, indices[0])
+        if rows is not None:
+            return rows
+    return _planned(func, [a for a in [x, *indices] if isinstance(a, SequenceShard)], (x, indices), {})
+
+
 @_rule(aten.nonzero.default)
 def _nonzero(func, spec, x):
     """Each rank's own nonzero entries (eager MoE token lists): ``token_rows.py``. While Dynamo

@@ -6,7 +6,13 @@ depends on the data, so Dynamo breaks the graph and the loop runs eagerly on ``S
 Routing is per token, so each rank can answer for its own tokens: ``nonzero`` of a shard taken
 locally gives this rank's entries, ``x[token_idx]`` picks its own rows, ``index_add_`` writes
 them back into its own rows. That is the compiled token-local pass (``passes/token_local.py``)
-in eager form, with the sharding core's placements:
+in eager form, with the sharding core's placements. A loss that picks rows by a boolean mask
+(``logits[labels != -100]``) is the same kind of selection (``masked_rows``): its softmax,
+``gather``, cross entropy and their gradients run on this rank's rows, and a plain value with
+one entry per selected row (the targets, a mean's gradient) is cut at this rank's places in the
+one-process result.
+
+The placements:
 
   * ``Rows(dim, 1, 1, order)``: this rank's rows of a selection (one ``nonzero`` call is one
     ``order``), in local order; row i of every value of one order belongs to the same entry;
@@ -45,9 +51,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .layout import local_positions
 from .sharding.ops import op_registrar
 from .sharding.placements import RowIndex, Rows
-from .sequence_shard import SequenceShard, ShardSpec, gather_local, grad_sum, warn_gather
+from .sequence_shard import SequenceShard, ShardSpec, all_reduce_sum, gather_local, grad_sum, slice_local, warn_gather
 
-__all__ = ["RowOrder", "TokenRows", "nonzero_rows", "full_rows"]
+__all__ = ["RowOrder", "TokenRows", "nonzero_rows", "masked_rows", "full_rows"]
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
@@ -64,6 +70,10 @@ class RowOrder:
     counts: tuple
     keys: Tensor
     _order: Tensor | None = field(default=None, repr=False)
+    # a selection by a boolean mask (``masked_rows``): this rank's part of the mask, which picks
+    # the same rows again for the gradient (``index_put``)
+    local_mask: Tensor | None = field(default=None, repr=False)
+    _places: Tensor | None = field(default=None, repr=False)
 
     @property
     def total(self) -> int:
@@ -164,6 +174,46 @@ def nonzero_rows(x: SequenceShard) -> TokenRows:
     return TokenRows(coords, order, 0, index=spec.dim)
 
 
+def masked_rows(x: SequenceShard, mask) -> TokenRows | None:
+    """``x[mask]`` with a boolean ``mask`` over ``x``'s leading dims through its sequence dim
+    (``logits[labels != -100]``): this rank's selected rows, in local order, keyed by their
+    places in the one-process result. None where the mask is not such a mask (the caller plans
+    or gathers)."""
+    spec = x.spec
+    if (mask.dtype != torch.bool or spec.part is not None or (spec.pre, spec.post) != (1, 1)
+            or mask.dim() <= spec.dim or tuple(mask.shape) != tuple(x.shape[:mask.dim()])):
+        return None
+    if isinstance(mask, SequenceShard):
+        if (mask.spec.dim, mask.spec.S, mask.spec.schedule, mask.spec.group_name, mask.spec.part) != \
+                (spec.dim, spec.S, spec.schedule, spec.group_name, None):
+            return None
+        local_mask = mask._local
+    else:
+        local_mask = slice_local(mask, spec)
+    rows = x._local[local_mask]
+    coords = torch.nonzero(local_mask)
+    glob = coords.clone()
+    glob[:, spec.dim] = _global_token_index(coords[:, spec.dim], spec)
+    strides = torch.tensor([math.prod(mask.shape[i + 1:]) for i in range(mask.dim())], device=coords.device)
+    keys = (glob * strides).sum(-1)                   # where the row sits in the one-process x[mask]
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    counts = _c10d.wait_tensor(_c10d.all_gather_into_tensor(count, spec.P, spec.group_name)).tolist()
+    order = RowOrder(f"mask{next(_names)}", spec, tuple(counts), keys, local_mask=local_mask)
+    return TokenRows(rows, order, 0)
+
+
+def _places(order: RowOrder) -> Tensor:
+    """This rank's rows' indices in the one-process result (a plain operand of the selection's
+    length is cut with them)."""
+    if order._places is None:
+        gathered_to_global = torch.empty_like(order.global_order())
+        gathered_to_global[order.global_order()] = torch.arange(order.total, device=gathered_to_global.device)
+        rank = order.token.rank
+        start = sum(order.counts[:rank])
+        order._places = gathered_to_global[start:start + order.counts[rank]]
+    return order._places
+
+
 # -- dispatch ----------------------------------------------------------------------------------------------
 _RULES: dict[Any, Callable] = {}
 
@@ -232,10 +282,18 @@ def _pointwise(func, order, *args, **kwargs):
     if len(offsets) != 1:
         return NotImplemented
     k = offsets.pop()
+    cut = {}
     for a in flat:
         if isinstance(a, Tensor) and not isinstance(a, TokenRows) and a.ndim >= k and a.shape[a.ndim - k] != 1:
-            return NotImplemented
-    out = func(*tree_map(_loc, args), **tree_map(_loc, kwargs))
+            if a.shape[a.ndim - k] != order.total or _inplace(func, args) and a is args[0]:
+                return NotImplemented
+            # a plain value with one entry per row of the selection (a sum's gradient expanded
+            # over the rows): this rank's rows of it
+            cut[id(a)] = a.index_select(a.ndim - k, _places(order).to(a.device))
+
+    def local(v):
+        return cut.get(id(v), _loc(v)) if isinstance(v, Tensor) else v
+    out = func(*tree_map(local, args), **tree_map(local, kwargs))
     if _inplace(func, args) and isinstance(args[0], TokenRows):
         return args[0]
     keep = ours[0].index if func in _PRESERVING and len(ours) == 1 else None
@@ -259,12 +317,13 @@ def _new_buffer(func, order, x, size, *args, **kwargs):
     the token dim at full length a shard of it (autograd's buffer for ``x[idx]``'s gradient),
     else a plain tensor."""
     size = list(size)
-    if size == list(x.shape):
+    if len(size) == x.ndim and size[x.dim] == x.shape[x.dim]:    # the rows' count at their dim: rows
         size[x.dim] = x._local.shape[x.dim]
         return _wrap(func(x._local, size, *args, **kwargs), order, x.dim)
     token = order.token
     if token.global_size in size:
-        d = size.index(token.global_size)
+        d = token.dim if len(size) > token.dim and size[token.dim] == token.global_size else \
+            size.index(token.global_size)
         size[d] //= token.P
         return SequenceShard(func(x._local, size, *args, **kwargs), token.moved(d))
     return func(x._local, size, *args, **kwargs)
@@ -372,13 +431,16 @@ def _cat(func, order, tensors, dim=0):
     return _wrap(torch.cat([t._local for t in tensors], dim), order, tensors[0].dim)
 
 
-@_rule(aten.sum.dim_IntList, aten.sum.default)
+@_rule(aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default)
 def _sum(func, order, x, dims=None, keepdim=False, *, dtype=None):
     """Over other dims the rows stay; over the row dim, this rank's part of the sum over the
-    group's rows (a weight's gradient): summed over the group."""
+    group's rows (a weight's gradient): summed over the group. A mean is that sum over the
+    global count (ranks hold different numbers of rows)."""
     nd = x.ndim
     dims = list(range(nd)) if not dims else [d % nd for d in ([dims] if isinstance(dims, int) else dims)]
     local = x._local.sum(dims, keepdim=keepdim, dtype=dtype)
+    if func in (aten.mean.dim, aten.mean.default):
+        local = local / math.prod(x.shape[d] for d in dims)
     if x.dim in dims:
         return grad_sum(local, x.order.token)
     return _wrap(local, order, x.dim if keepdim else x.dim - sum(d < x.dim for d in dims))
@@ -451,7 +513,12 @@ def _index_add(func, order, dst, dim, idx, source, *, alpha=1):
 
 @_rule(aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default)
 def _index_put(func, order, dst, indices, values, accumulate=False, *rest):
-    """``dst[idx, pos] = / += rows``: a shard's own rows (autograd's gradient of ``x[idx, pos]``)."""
+    """``dst[idx, pos] = / += rows``: a shard's own rows (autograd's gradient of ``x[idx, pos]``),
+    or ``dst[mask] += rows`` of the selection that mask made (the gradient of ``x[mask]``)."""
+    if _by_own_mask(order, dst, indices, values):
+        local_mask = order.local_mask
+        out = func(dst._local, [local_mask], values._local, accumulate, *rest)
+        return SequenceShard(out, dst.spec) if func is aten.index_put.default else dst
     used = [d for d, i in enumerate(indices) if i is not None]
     if not isinstance(dst, SequenceShard) or used != list(range(len(used))) or dst.spec.dim not in used:
         return NotImplemented
@@ -462,3 +529,107 @@ def _index_put(func, order, dst, indices, values, accumulate=False, *rest):
         return NotImplemented
     out = func(dst._local, [None if i is None else i._local for i in indices], _loc(values), accumulate, *rest)
     return SequenceShard(out, dst.spec) if func is aten.index_put.default else dst
+
+
+def _by_own_mask(order: RowOrder, dst, indices, values) -> bool:
+    """``dst[mask]`` where ``values`` are the rows ``masked_rows`` selected with this mask from a
+    shard laid out as ``dst``: the same local mask picks the same rows in the same order."""
+    local_mask = order.local_mask
+    if local_mask is None or not isinstance(dst, SequenceShard) or not isinstance(values, TokenRows) \
+            or values.dim != 0 or len(indices) != 1 or not isinstance(indices[0], Tensor):
+        return False
+    mask, spec = indices[0], order.token
+    if (dst.spec.dim, dst.spec.S, dst.spec.schedule, dst.spec.group_name, dst.spec.part, dst.spec.pre,
+            dst.spec.post) != (spec.dim, spec.S, spec.schedule, spec.group_name, None, 1, 1):
+        return False
+    if isinstance(mask, SequenceShard):
+        mine = mask._local if mask.spec.dim == spec.dim else None
+    else:
+        mine = slice_local(mask, spec) if mask.dim() > spec.dim and mask.shape[spec.dim] == spec.S else None
+    return mine is not None and mine.shape == local_mask.shape and bool(torch.equal(mine, local_mask))
+
+
+# softmax along a dim that is not the rows', and losses over rows --------------------------------------
+@_rule(aten._softmax.default, aten._log_softmax.default)
+def _softmax(func, order, x, dim, half_to_float):
+    if dim % x.ndim == x.dim:
+        return NotImplemented
+    return _wrap(func(x._local, dim, half_to_float), order, x.dim)
+
+
+@_rule(aten._softmax_backward_data.default, aten._log_softmax_backward_data.default)
+def _softmax_backward(func, order, grad, output, dim, input_dtype):
+    """The gradient may arrive as rows or as a plain value with one entry per row (a mean's
+    gradient expanded over them): this rank's rows of it."""
+    if not isinstance(output, TokenRows) or dim % output.ndim == output.dim:
+        return NotImplemented
+    rows = _rows_of(grad, order, output.dim)
+    if rows is None:
+        return NotImplemented
+    return _wrap(func(rows, output._local, dim, input_dtype), order, output.dim)
+
+
+def _rows_of(value, order: RowOrder, dim: int):
+    """This rank's rows of ``value`` at ``dim``: rows of the order as they are, a plain value
+    with one entry per row of the selection cut at this rank's places; else None."""
+    if isinstance(value, TokenRows):
+        return value._local if value.order is order and value.dim == dim else None
+    if isinstance(value, Tensor) and not isinstance(value, SequenceShard) and value.dim() > dim \
+            and value.shape[dim] == order.total:
+        return value.index_select(dim, _places(order).to(value.device))
+    return None
+
+
+def _own_targets(target, order: RowOrder):
+    """A loss's (or gather's) per-row operand for this rank's rows at dim 0."""
+    return _rows_of(target, order, 0)
+
+
+@_rule(aten.gather.default)
+def _gather(func, order, x, dim, index, *, sparse_grad=False):
+    """``rows.gather(-1, targets)`` (per-token log-probs of selected rows): along a dim that is not
+    the rows', with the targets cut to this rank's rows."""
+    idx = _own_targets(index, order)
+    if not isinstance(x, TokenRows) or x.dim != 0 or dim % x.ndim == 0 or idx is None:
+        return NotImplemented
+    return _wrap(func(x._local, dim, idx, sparse_grad=sparse_grad), order, 0)
+
+
+@_rule(aten.scatter_add.default, aten.scatter_add_.default)
+def _scatter_add(func, order, dst, dim, index, src):
+    """``rows.scatter_add(-1, targets, values)`` (the gradient of ``gather`` above): along a dim
+    that is not the rows', targets and values cut to this rank's rows."""
+    idx, values = _own_targets(index, order), _own_targets(src, order)
+    if not isinstance(dst, TokenRows) or dst.dim != 0 or dim % dst.ndim == 0 or idx is None or values is None:
+        return NotImplemented
+    out = func(dst._local, dim, idx, values)
+    return dst if func is aten.scatter_add_.default else _wrap(out, order, 0)
+
+
+@_rule(aten.nll_loss_forward.default)
+def _nll_forward(func, order, x, target, weight, reduction, ignore_index):
+    """Cross entropy over selected rows (``F.cross_entropy(logits[mask], labels[mask])``): local
+    sums and counts summed over the group, ``mean`` by the global count."""
+    t = _own_targets(target, order)
+    if not isinstance(x, TokenRows) or x.dim != 0 or x.ndim != 2 or t is None or isinstance(weight, TokenRows):
+        return NotImplemented
+    if reduction == 0:
+        out, tw = func(x._local, t, weight, 0, ignore_index)
+        return _wrap(out, order, 0), tw
+    total, _ = func(x._local, t, weight, 2, ignore_index)
+    kept = t != ignore_index
+    count = (kept.sum() if weight is None else (weight[t.masked_fill(~kept, 0)] * kept).sum()).to(total.dtype)
+    total, count = all_reduce_sum(torch.stack([total, count]), order.token).unbind(0)
+    return (total / count if reduction == 1 else total), count
+
+
+@_rule(aten.nll_loss_backward.default)
+def _nll_backward(func, order, grad, x, target, weight, reduction, ignore_index, total_weight):
+    t = _own_targets(target, order)
+    if not isinstance(x, TokenRows) or x.dim != 0 or t is None:
+        return NotImplemented
+    if reduction == 0:
+        grad = _own_targets(grad, order)
+        if grad is None:
+            return NotImplemented
+    return _wrap(func(grad, x._local, t, weight, reduction, ignore_index, total_weight), order, 0)

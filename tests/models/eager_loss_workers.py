@@ -57,6 +57,11 @@ IDIOMS = {
     "z-loss": lambda lg, lab: F.cross_entropy(lg.flatten(0, 1), lab.flatten()) + 1e-2 * lg.logsumexp(-1).pow(2).mean(),
     "kl-to-a-detached-copy": lambda lg, lab: F.kl_div(F.log_softmax(lg, -1), F.log_softmax(lg.detach() * 0.5, -1),
                                                       log_target=True, reduction="batchmean"),
+    # rows picked by a boolean mask (a data-dependent count per rank): token-local rows
+    "masked-rows-ce": lambda lg, lab: F.cross_entropy(lg[lab != -100], lab[lab != -100]),
+    "masked-rows-logprobs": lambda lg, lab: -lg[lab != -100].log_softmax(-1).gather(
+        -1, lab[lab != -100].unsqueeze(-1)).mean(),
+    "masked-rows-sum": lambda lg, lab: lg[lab > 10].pow(2).sum(),
     "mean-pooled": lambda lg, lab: lg.mean(dim=1).pow(2).sum(),
     "max-pooled": lambda lg, lab: lg.amax(dim=1).sum() - lg.amin(dim=(1, 2)).sum(),
     "last-token": lambda lg, lab: F.cross_entropy(lg[:, -1], lab[:, -1].clamp(min=0)),
