@@ -286,7 +286,7 @@ def _select(func, spec, x, dim, index):
     lo = (spec.part or (0, spec.S))[0]
     position, element = divmod(index, spec.post)
     row = spec.with_part((lo + position, lo + position + 1))
-    mine = [i for i, o in zip(*spec.part_rows()) if o == position]
+    mine = [j for j, o in enumerate(spec.part_rows()[1]) if o == position]     # its row in x's local rows
     local = x._local.narrow(spec.dim, mine[0] * spec.post, spec.post) if mine else \
         x._local.narrow(spec.dim, 0, 0)
     return gather_local(local, row).select(spec.dim, element)

@@ -265,14 +265,24 @@ _ZIGZAG = Zigzag("zigzag")
 _cached_segments = lru_cache(maxsize=None)(lambda layout, rank, P, S_local: layout._segments(rank, P, S_local))
 
 
+def _real_tensors():
+    """Positions are plain integers of the layout: computed on real tensors even while a fake
+    mode is active (Dynamo tracing a frame that meets a shard), where reading a value would be
+    a data-dependent graph break."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    return unset_fake_temporarily()
+
+
 @lru_cache(maxsize=512)
 def _cached_increasing(layout: Layout, rank: int, P: int, S: int) -> bool:
-    return bool((layout.positions(rank, P, S).diff() > 0).all())
+    with _real_tensors():
+        return bool((layout.positions(rank, P, S).diff() > 0).all())
 
 
 @lru_cache(maxsize=512)
 def _cached_part_rows(layout: Layout, rank: int, P: int, S: int, start: int, stop: int):
-    mine = layout.positions(rank, P, S).tolist() if P > 1 or not layout.balanced else list(range(S))
+    with _real_tensors():
+        mine = layout.positions(rank, P, S).tolist() if P > 1 or not layout.balanced else list(range(S))
     hits = [(i, p - start) for i, p in enumerate(mine) if start <= p < stop]
     return tuple(i for i, _ in hits), tuple(o for _, o in hits)
 

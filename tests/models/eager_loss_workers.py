@@ -66,9 +66,11 @@ IDIOMS = {
     "max-pooled": lambda lg, lab: lg.amax(dim=1).sum() - lg.amin(dim=(1, 2)).sum(),
     "last-token": lambda lg, lab: F.cross_entropy(lg[:, -1], lab[:, -1].clamp(min=0)),
     "one-position": lambda lg, lab: lg[:, 5].pow(2).sum(),
+    # a position of a part (generate's logits_to_keep: the LM head on hidden[:, -k:])
+    "one-position-of-a-part": lambda lg, lab: lg[:, 7:][:, -1].pow(2).sum() + lg[:, 7:][:, 0].sum(),
 }
 # idioms that read single positions: only those rows travel (a small gather each, no warning)
-ROW_READS = {"last-token": 1, "one-position": 1}
+ROW_READS = {"last-token": 1, "one-position": 1, "one-position-of-a-part": 2}
 
 
 def _rel(a, b) -> float:
