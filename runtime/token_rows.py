@@ -73,6 +73,7 @@ class RowOrder:
     # a selection by a boolean mask (``masked_rows``): this rank's part of the mask, which picks
     # the same rows again for the gradient (``index_put``)
     local_mask: Tensor | None = field(default=None, repr=False)
+    source_shape: tuple | None = None        # the masked shard's shape (its gradient's buffer)
     _places: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -198,7 +199,8 @@ def masked_rows(x: SequenceShard, mask) -> TokenRows | None:
     keys = (glob * strides).sum(-1)                   # where the row sits in the one-process x[mask]
     count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
     counts = _c10d.wait_tensor(_c10d.all_gather_into_tensor(count, spec.P, spec.group_name)).tolist()
-    order = RowOrder(f"mask{next(_names)}", spec, tuple(counts), keys, local_mask=local_mask)
+    order = RowOrder(f"mask{next(_names)}", spec, tuple(counts), keys, local_mask=local_mask,
+                     source_shape=tuple(x.shape))
     return TokenRows(rows, order, 0)
 
 
@@ -317,10 +319,15 @@ def _new_buffer(func, order, x, size, *args, **kwargs):
     the token dim at full length a shard of it (autograd's buffer for ``x[idx]``'s gradient),
     else a plain tensor."""
     size = list(size)
+    token = order.token
+    if order.source_shape is not None and tuple(size) == order.source_shape:
+        # the masked shard's shape (autograd's buffer for x[mask]'s gradient), even where the
+        # number of selected rows happens to equal the sequence length
+        size[token.dim] = size[token.dim] // token.global_size * token.local_length
+        return SequenceShard(func(x._local, size, *args, **kwargs), token)
     if len(size) == x.ndim and size[x.dim] == x.shape[x.dim]:    # the rows' count at their dim: rows
         size[x.dim] = x._local.shape[x.dim]
         return _wrap(func(x._local, size, *args, **kwargs), order, x.dim)
-    token = order.token
     if token.global_size in size:
         d = token.dim if len(size) > token.dim and size[token.dim] == token.global_size else \
             size.index(token.global_size)

@@ -62,6 +62,8 @@ IDIOMS = {
     "masked-rows-logprobs": lambda lg, lab: -lg[lab != -100].log_softmax(-1).gather(
         -1, lab[lab != -100].unsqueeze(-1)).mean(),
     "masked-rows-sum": lambda lg, lab: lg[lab > 10].pow(2).sum(),
+    # every row of one sequence kept: the selection's count equals the sequence length
+    "masked-rows-all-of-one-row": lambda lg, lab: lg[0][torch.ones(T, dtype=torch.bool)].pow(2).mean(),
     "mean-pooled": lambda lg, lab: lg.mean(dim=1).pow(2).sum(),
     "max-pooled": lambda lg, lab: lg.amax(dim=1).sum() - lg.amin(dim=(1, 2)).sum(),
     "last-token": lambda lg, lab: F.cross_entropy(lg[:, -1], lab[:, -1].clamp(min=0)),
