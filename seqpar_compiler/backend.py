@@ -207,8 +207,14 @@ def _compile_frame(gm, example_inputs, pg, opts, pristine) -> Callable:
         mask_exits = carry_mask_outputs(gm, example_inputs, _model_state_inputs(gm, example_inputs))
         gm.seqpar_carries_masks = mask_exits is not None
         shards = frame_shard_inputs(example_inputs)
+    whole_inputs = {}
     with _hide_user_saved_tensor_hooks():
-        sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
+        try:
+            sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
+        except _ShardsOfAnotherLength:
+            example_inputs, whole_inputs = _whole_shard_inputs(gm, example_inputs, shards)
+            shards = {}
+            sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
     target = sharded if sharded is not None else _replicated_target(gm)
     verify = opts["verify"] != "off" and sharded is not None      # a replicated frame is its own reference
     compiled = _inner_compile(target, mask_examples(local_examples(target, example_inputs), mask_inputs),
@@ -222,11 +228,29 @@ def _compile_frame(gm, example_inputs, pg, opts, pristine) -> Callable:
     check = (lambda args: check_same_inputs(args, pg, hint)) if opts["check_inputs"] else None
     frame = wrap_mask_frame(wrap_frame(compiled, shards, getattr(sharded, "seqpar_exits", None), check,
                                        getattr(sharded, "seqpar_entry", None),
-                                       getattr(sharded, "seqpar_local_exits", None)), mask_exits, mask_inputs)
+                                       getattr(sharded, "seqpar_local_exits", None), whole_inputs),
+                            mask_exits, mask_inputs)
     if not verify:
         return frame
     return verifying(frame, compiled, pristine=pristine.module(), sharded=sharded, pg=pg, opts=opts,
                      frame=_frame_name())
+
+
+class _ShardsOfAnotherLength(Exception):
+    """The frame's attention runs over another length than its sequence-shard inputs hold."""
+
+
+def _whole_shard_inputs(gm: torch.fx.GraphModule, example_inputs, shards: dict) -> tuple[list, dict]:
+    """Examples with the shard inputs as whole values (the frame gathers them at entry, their
+    gradient going back as shards), and those inputs' specs."""
+    from .compile_agreement import _whole_example
+    examples = list(example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i in shards:
+        examples[i] = _whole_example(example_inputs[i])
+        if i < len(placeholders):
+            placeholders[i].meta["example_value"] = examples[i]
+    return examples, dict(shards)
 
 
 def _replicated_target(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -320,6 +344,10 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
             dump.graph("canonicalize", gm)
         S = sequence_length(attention, prefer=next((spec.S for spec in (shards or {}).values()), None))
     P = dist.get_world_size(pg)
+    if shards and S is not None and all(spec.S != S for spec in shards.values()):
+        # the frame makes a longer (or shorter) sequence from its shards (cat along the sequence)
+        # and attends over that: its shard inputs come in whole and it shards at its own length
+        raise _ShardsOfAnotherLength()
     if shards:          # inputs already sharded by an earlier frame: their length and layout (frames.py)
         from .frames import check_frame_shards
         with refusal(ValueError):

@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .runtime.grad_collectives import shard_entry_activation
 from .runtime.sequence_ops import shard_sequence_op
-from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, to_local
+from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, full_tensor, to_local
 
 __all__ = ["frame_shard_inputs", "entry_activations", "check_frame_shards", "seed_shard_inputs", "exit_specs",
            "local_examples", "ddp_piece_length", "proof_values", "wrap_frame", "LOCAL_OUTPUT_HINT",
@@ -183,24 +183,30 @@ def refuse_local_in_ddp_pieces() -> None:
 
 def wrap_frame(compiled: Callable, shards: dict[int, ShardSpec], exits: list[ShardSpec | None] | None,
                check: Callable | None, entry: dict[int, ShardSpec] | None = None,
-               local_exits: list[ShardSpec | None] | None = None) -> Callable:
-    """The frame at run time: shard inputs unwrapped, sequence outputs wrapped, and the
-    same-batch check (``check``) on the plain inputs only. Under ``SEQPAR_OUTPUT=local``
-    (``local_exits``) the sequence outputs stay plain local shards, remembered so that passing one
-    into a compiled frame is refused."""
+               local_exits: list[ShardSpec | None] | None = None,
+               whole: dict[int, ShardSpec] | None = None) -> Callable:
+    """The frame at run time: shard inputs unwrapped (those in ``whole`` gathered: the frame
+    attends over another length than they hold), sequence outputs wrapped, and the same-batch
+    check (``check``) on the plain inputs only. Under ``SEQPAR_OUTPUT=local`` (``local_exits``)
+    the sequence outputs stay plain local shards, remembered so that passing one into a compiled
+    frame is refused."""
     exits = exits or []
     wrap_any = any(s is not None for s in exits)
     local_exits = [(i, s) for i, s in enumerate(local_exits or []) if s is not None]
     entry = entry or {}
-    if not shards and not entry and not wrap_any and check is None and not local_exits:
+    whole = whole or {}
+    if not shards and not entry and not whole and not wrap_any and check is None and not local_exits:
         return compiled
 
     def run(*args):
         _refuse_local_shards(args)
         if check is not None:
             check([a for a in args if not isinstance(a, SequenceShard)])
-        if shards or entry:
+        if shards or entry or whole:
             args = list(args)
+            for i in whole:
+                if isinstance(args[i], SequenceShard):
+                    args[i] = full_tensor(args[i]).contiguous()
             for i, spec in entry.items():           # gradient back as a SequenceShard, never full length
                 args[i] = shard_entry_activation(args[i], spec)
             for i, spec in shards.items():

@@ -98,3 +98,5 @@ def test_a_whole_sequence_joined_to_another_between_frames_feeds_a_longer_attent
     env = {"SEQPAR_INNER": "aot_eager", "SEQPAR_SCHEDULE": "zigzag"}
     for r in run_ranks(W.longer_sequence_across_a_break, 2, timeout=300, pg_timeout=120, env=env):
         assert r["loss"] <= 1e-12 and r["grads"] <= 1e-12, r
+        assert r["ring_calls"] == 2, r                   # both attentions sharded, at S and at 2S
+        assert not [w for w in r["warnings"] if "replicated" in w], r["warnings"]
