@@ -1,5 +1,6 @@
 """Parts of the sequence between frames: ``split`` / ``chunk`` / ``x[:, a:b]`` of a ``SequenceShard``
-along its sequence dim, and the ``cat`` that joins them back.
+along its sequence dim, the ``cat`` that joins them back, and ``x[:, i]`` (a one-position part,
+gathered).
 
 Why: a chunked loss written eagerly (torchtune's ``chunked_output``, a ``torch.compiler.disable``d
 method: ``[self.output(c) for c in h.chunk(n, dim=1)]``) splits the sequence between compiled
@@ -32,11 +33,11 @@ import torch
 from torch import Tensor
 
 from .layout import layout_of
-from .sequence_shard import SequenceShard, ShardSpec, _unmerged, slice_local
+from .sequence_shard import SequenceShard, ShardSpec, _unmerged, gather_local, slice_local
 from .sharding.layout import Blocks
 from .sequence_shard_rules import _planned, _rule
 
-__all__ = ["as_blocks", "same_rows"]
+__all__ = ["same_rows"]
 
 aten = torch.ops.aten
 
@@ -61,10 +62,10 @@ def _cuttable(x, dim) -> ShardSpec | None:
     spec = x.spec
     if dim % x.dim() != spec.dim or not isinstance(spec.post, int) or isinstance(spec.S, torch.SymInt):
         return None
-    return as_blocks(spec)
+    return _as_blocks(spec)
 
 
-def as_blocks(spec: ShardSpec) -> ShardSpec:
+def _as_blocks(spec: ShardSpec) -> ShardSpec:
     """``spec`` (a whole sequence or a part, merged with ``pre`` batch rows) as a part of a
     ``Blocks`` layout listing the same local rows in the same order (pre = 1)."""
     if not layout_of(spec.schedule).balanced:
@@ -84,7 +85,7 @@ def same_rows(a: ShardSpec, b: ShardSpec) -> bool:
         return False
     if any(not isinstance(s.post, int) or isinstance(s.S, torch.SymInt) for s in (a, b)):
         return False
-    ra, rb = (layout_of(_normal(as_blocks(s)).schedule) for s in (a, b))
+    ra, rb = (layout_of(_normal(_as_blocks(s)).schedule) for s in (a, b))
     return (ra.base, ra.S, ra.blocks) == (rb.base, rb.S, rb.blocks)
 
 
@@ -216,7 +217,7 @@ def _cat(func, spec, tensors, dim=0):
     (``_cat_parts``), else shards of one sequence in any order and merged with the batch or not
     as the ``Blocks`` they make (``_cat_blocks``); anything else as the core plans it."""
     shards = [t for t in tensors if isinstance(t, SequenceShard)]
-    if _splittable(shards[0], dim) is None and _cuttable(shards[0], dim) is None:
+    if _cuttable(shards[0], dim) is None:
         return _planned(func, shards, (tensors, dim), {})
     out = _cat_parts(tensors, dim) if _splittable(shards[0], dim) is not None else NotImplemented
     return _cat_blocks(tensors, dim) if out is NotImplemented else out
@@ -235,7 +236,7 @@ def _cat_blocks(tensors, dim):
     specs = [_cuttable(t, dim) for t in tensors]
     if any(s is None for s in specs):
         return NotImplemented
-    specs = [as_blocks(s) for s in specs]
+    specs = [_as_blocks(s) for s in specs]
     first = layout_of(specs[0].schedule)
     key = (first.base, first.S, specs[0].group_name, specs[0].post, specs[0].grad_reduce)
     blocks = []
@@ -286,6 +287,22 @@ def _cat_parts(tensors, dim):
         at += n
     joined = s.with_part((lo, at))
     return SequenceShard(torch.cat(locals_, s.dim), joined)
+
+
+@_rule(aten.select.int)
+def _select(func, spec, x, dim, index):
+    """One position of the sequence (``logits[:, -1]``, a classification token): the one-position
+    part holding it, gathered (its row summed over the group, zeros elsewhere), not the whole
+    sequence. The result is a plain tensor, the same on every rank."""
+    s = _cuttable(x, dim)
+    size = x.shape[dim]
+    if s is None or not -size <= index < size:
+        return _planned(func, [x], (x, dim, index), {})
+    position, element = divmod(index % size, s.post)
+    pieces = _pieces(x, s, [(position * s.post, (position + 1) * s.post)])
+    if pieces is NotImplemented:
+        return NotImplemented
+    return gather_local(pieces[0]._local, pieces[0].spec).select(s.dim, element)
 
 
 @_rule(aten.slice_backward.default)

@@ -272,26 +272,6 @@ def _nll_backward(func, spec, grad, x, target, weight, reduction, ignore_index, 
     return SequenceShard(func(g, x._local, t, weight, reduction, ignore_index, total_weight), spec)
 
 
-@_rule(aten.select.int)
-def _select(func, spec, x, dim, index):
-    """One position of the sequence (``logits[:, -1]``, a classification token): only the rank
-    holding it has the row, so the row alone is summed over the group (zeros elsewhere), not the
-    whole sequence gathered. The result is a plain tensor, the same on every rank."""
-    spec = x.spec
-    size = x.shape[dim]
-    if (dim % x.dim() != spec.dim or spec.pre != 1 or not isinstance(spec.post, int)
-            or isinstance(spec.S, torch.SymInt) or not -size <= index < size):
-        return _planned(func, [x], (x, dim, index), {})
-    index %= size
-    lo = (spec.part or (0, spec.S))[0]
-    position, element = divmod(index, spec.post)
-    row = spec.with_part((lo + position, lo + position + 1))
-    mine = [j for j, o in enumerate(spec.part_rows()[1]) if o == position]     # its row in x's local rows
-    local = x._local.narrow(spec.dim, mine[0] * spec.post, spec.post) if mine else \
-        x._local.narrow(spec.dim, 0, 0)
-    return gather_local(local, row).select(spec.dim, element)
-
-
 @_rule(aten.amax.default, aten.amin.default)
 def _extreme(func, spec, x, dim=(), keepdim=False):
     """The largest (smallest) value along dims that include the sequence: each rank's, then the
@@ -307,9 +287,7 @@ def _extreme(func, spec, x, dim=(), keepdim=False):
 
 
 def _same_rows(a: ShardSpec, b: ShardSpec) -> bool:
-    if a == b:
-        return True
-    from .sequence_shard_parts import same_rows
+    from .sequence_shard_parts import same_rows      # parts registers into this module: imported late
     return same_rows(a, b)
 
 
