@@ -30,7 +30,7 @@ from .sharding.placements import Partial, Replicate, Shard
 from .sequence_shard import (SequenceShard, ShardSpec, _is_fake, all_reduce_sum, gather_local, grad_sum, slice_local,
                              warn_gather)
 
-__all__ = ["dispatch"]
+__all__ = ["dispatch", "group_loss"]
 
 aten = torch.ops.aten
 _RULES: dict[Any, Callable] = {}
@@ -248,10 +248,18 @@ def _nll_forward(func, spec, x, target, weight, reduction, ignore_index):
     if reduction == 0:
         out, tw = func(x._local, t, weight, 0, ignore_index)
         return SequenceShard(out, spec.moved(d)), tw
-    total, count = func(x._local, t, weight, 2, ignore_index)
-    kept = t != ignore_index                                 # aten's total_weight under "sum" is 0
-    count = (kept.sum() if weight is None else (weight[t.masked_fill(~kept, 0)] * kept).sum()).to(total.dtype)
-    total, count = all_reduce_sum(torch.stack([total, count]), spec).unbind(0)
+    return group_loss(func, x._local, t, weight, reduction, ignore_index, spec)
+
+
+def group_loss(func, scores: Tensor, target: Tensor, weight, reduction: int, ignore_index: int, spec: ShardSpec):
+    """An NLL loss (``func``) whose rows are split over the group, reduced as over all of them:
+    each rank's sum and count of kept targets (their class weights' sum, with ``weight``), both
+    summed over the group; ``mean`` divides. Returns the loss and the count (aten's
+    ``total_weight``, which its backward divides by)."""
+    total, _ = func(scores, target, weight, 2, ignore_index)     # aten's total_weight under "sum" is 0
+    kept = target != ignore_index
+    count = kept.sum() if weight is None else (weight[target.masked_fill(~kept, 0)] * kept).sum()
+    total, count = all_reduce_sum(torch.stack([total, count.to(total.dtype)]), spec).unbind(0)
     return (total / count if reduction == 1 else total), count
 
 

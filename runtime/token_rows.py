@@ -51,7 +51,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .layout import local_positions
 from .sharding.ops import op_registrar
 from .sharding.placements import RowIndex, Rows
-from .sequence_shard import SequenceShard, ShardSpec, all_reduce_sum, gather_local, grad_sum, slice_local, warn_gather
+from .sequence_shard import SequenceShard, ShardSpec, gather_local, grad_sum, slice_local, warn_gather
+from .sequence_shard_rules import group_loss
 
 __all__ = ["RowOrder", "TokenRows", "nonzero_rows", "masked_rows", "full_rows"]
 
@@ -623,11 +624,7 @@ def _nll_forward(func, order, x, target, weight, reduction, ignore_index):
     if reduction == 0:
         out, tw = func(x._local, t, weight, 0, ignore_index)
         return _wrap(out, order, 0), tw
-    total, _ = func(x._local, t, weight, 2, ignore_index)
-    kept = t != ignore_index
-    count = (kept.sum() if weight is None else (weight[t.masked_fill(~kept, 0)] * kept).sum()).to(total.dtype)
-    total, count = all_reduce_sum(torch.stack([total, count]), order.token).unbind(0)
-    return (total / count if reduction == 1 else total), count
+    return group_loss(func, x._local, t, weight, reduction, ignore_index, order.token)
 
 
 @_rule(aten.nll_loss_backward.default)
