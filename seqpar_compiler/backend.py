@@ -211,7 +211,10 @@ def _compile_frame(gm, example_inputs, pg, opts, pristine) -> Callable:
     with _hide_user_saved_tensor_hooks():
         try:
             sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
-        except _ShardsOfAnotherLength:
+        except _ShardsOfAnotherLength as why:
+            if _lead(pg):
+                warnings.warn(f"seqpar: frame {_frame_name()} {why}: they are gathered at its entry (their "
+                              f"gradient goes back as shards) and the frame shards at its own length", stacklevel=3)
             example_inputs, whole_inputs = _whole_shard_inputs(gm, example_inputs, shards)
             shards = {}
             sharded = _shard_graph(gm, example_inputs, pg, opts, dump, shards)
@@ -347,7 +350,9 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     if shards and S is not None and all(spec.S != S for spec in shards.values()):
         # the frame makes a longer (or shorter) sequence from its shards (cat along the sequence)
         # and attends over that: its shard inputs come in whole and it shards at its own length
-        raise _ShardsOfAnotherLength()
+        lengths = sorted({spec.S for spec in shards.values()})
+        raise _ShardsOfAnotherLength(f"attends over length {S} while its sequence-shard inputs hold length(s) "
+                                     f"{lengths} (a sequence made from them inside the frame)")
     if shards:          # inputs already sharded by an earlier frame: their length and layout (frames.py)
         from .frames import check_frame_shards
         with refusal(ValueError):

@@ -96,7 +96,11 @@ def test_reductions_of_a_part_are_exact_in_value_and_gradient(results):
 
 def test_a_whole_sequence_joined_to_another_between_frames_feeds_a_longer_attention():
     env = {"SEQPAR_INNER": "aot_eager", "SEQPAR_SCHEDULE": "zigzag"}
-    for r in run_ranks(W.longer_sequence_across_a_break, 2, timeout=300, pg_timeout=120, env=env):
+    res = run_ranks(W.longer_sequence_across_a_break, 2, timeout=300, pg_timeout=120, env=env)
+    r0 = res[0]
+    for r in res:
         assert r["loss"] <= 1e-12 and r["grads"] <= 1e-12, r
         assert r["ring_calls"] == 2, r                   # both attentions sharded, at S and at 2S
         assert not [w for w in r["warnings"] if "replicated" in w], r["warnings"]
+    said = [w for w in r0["warnings"] if "gathered at its entry" in w and "length 64" in w]
+    assert said, r0["warnings"]                      # the entry gather is said once, by rank 0
