@@ -49,8 +49,30 @@ def _loss(h, W, labels, split, ce):
     return total / count, chunks
 
 
+def _against_one_process(h, W, schedule: str, group: str, step, ref_step=None):
+    """``step(h, W) -> (loss, kept values)`` on ``h`` sharded in ``schedule`` and on the whole
+    ``h`` (with ``ref_step`` if given), both backward: relative errors of the loss and of h's and
+    W's gradients, the eager gathers and seqpar's warnings of the sharded step; its kept values
+    and the reference's."""
+    from seqpar_compiler.runtime.sequence_shard import ShardSpec, from_local, gather_count, slice_local
+    href, Wref = h.clone().requires_grad_(), W.clone().requires_grad_()
+    ref, ref_kept = (ref_step or step)(href, Wref)
+    ref.backward()
+    spec = ShardSpec(1, S, schedule, group)
+    local = slice_local(h, spec).requires_grad_()
+    Wsp = W.clone().requires_grad_()
+    before = gather_count()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, kept = step(from_local(local, spec), Wsp)
+        loss.backward()
+    return ({"loss": _rel(loss, ref), "grad_h": _rel(local.grad, slice_local(href.grad, spec)),
+             "grad_W": _rel(Wsp.grad, Wref.grad), "gathers": gather_count() - before,
+             "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}, kept, ref_kept)
+
+
 def part_cases(rank: int, P: int) -> dict:
-    from seqpar_compiler.runtime.sequence_shard import SequenceShard, ShardSpec, from_local, gather_count, slice_local
+    from seqpar_compiler.runtime.sequence_shard import SequenceShard, ShardSpec, from_local, slice_local
     torch.manual_seed(0)
     h = torch.randn(B, S, D, dtype=torch.float64)
     W = torch.randn(V, D, dtype=torch.float64)
@@ -68,25 +90,14 @@ def part_cases(rank: int, P: int) -> dict:
                     if schedule != "zigzag":
                         continue                          # one layout compiled: each chunk is a compile
                     torch._dynamo.reset()                 # each split's chunks within the recompile limit
-                href, Wref = h.clone().requires_grad_(), W.clone().requires_grad_()
-                ref, _ = _loss(href, Wref, labels, split, _ce)
-                ref.backward()
-                spec = ShardSpec(1, S, schedule, group)
-                local = slice_local(h, spec).requires_grad_()
-                Wsp = W.clone().requires_grad_()
-                before = gather_count()
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    loss, chunks = _loss(from_local(local, spec), Wsp, labels, split, ce)
-                    loss.backward()
+                r, chunks, _ = _against_one_process(h, W, schedule, group,
+                                                    lambda x, w: _loss(x, w, labels, split, ce),
+                                                    lambda x, w: _loss(x, w, labels, split, _ce))
                 held = torch.tensor([c.to_local().shape[1] if isinstance(c, SequenceShard) else -1 for c in chunks])
                 dist.all_reduce(held)
                 out[(schedule, split, kind)] = {
-                    "loss": _rel(loss, ref), "grad_h": _rel(local.grad, slice_local(href.grad, spec)),
-                    "grad_W": _rel(Wsp.grad, Wref.grad), "gathers": gather_count() - before,
-                    "parts": all(isinstance(c, SequenceShard) and c.spec.part is not None for c in chunks),
-                    "held": held.tolist(), "lengths": [c.shape[1] for c in chunks],
-                    "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
+                    **r, "parts": all(isinstance(c, SequenceShard) and c.spec.part is not None for c in chunks),
+                    "held": held.tolist(), "lengths": [c.shape[1] for c in chunks]}
         # joined back: cat of the parts (and of a plain tensor standing for one) is the whole shard
         spec = ShardSpec(1, S, schedule, group)
         x = from_local(slice_local(h, spec), spec)
@@ -158,31 +169,18 @@ ROW_CASES = {
 
 
 def _row_case(schedule: str, case: str, batch: int, group: str) -> dict:
-    from seqpar_compiler.runtime.sequence_shard import SequenceShard, ShardSpec, from_local, gather_count, slice_local
+    from seqpar_compiler.runtime.sequence_shard import SequenceShard
     g = torch.Generator().manual_seed(3)
     h = torch.randn(batch, S, D, dtype=torch.float64, generator=g)
     W = torch.randn(V, D, dtype=torch.float64, generator=g)
     labels = torch.randint(0, V, (batch, S), generator=g)
     labels[0, :5] = -100
-    href, Wref = h.clone().requires_grad_(), W.clone().requires_grad_()
-    ref, ref_kept = ROW_CASES[case](F.linear(href, Wref), labels)
-    ref.backward()
-    spec = ShardSpec(1, S, schedule, group)
-    local = slice_local(h, spec).requires_grad_()
-    Wsp = W.clone().requires_grad_()
-    before = gather_count()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loss, kept = ROW_CASES[case](F.linear(from_local(local, spec), Wsp), labels)
-        loss.backward()
-    return {"loss": _rel(loss, ref), "grad_h": _rel(local.grad, slice_local(href.grad, spec)),
-            "grad_W": _rel(Wsp.grad, Wref.grad),
-            "shards": all(isinstance(k, SequenceShard) for k in kept),
+    r, kept, ref_kept = _against_one_process(h, W, schedule, group,
+                                             lambda x, w: ROW_CASES[case](F.linear(x, w), labels))
+    return {**r, "shards": all(isinstance(k, SequenceShard) for k in kept),
             # what each kept value reads as (a gather of its rows) equals the one-process value
-            "values": max(_rel(k.full_tensor() if isinstance(k, SequenceShard) else k, r)
-                          for k, r in zip(kept, ref_kept)),
-            "gathers": gather_count() - before - len(kept),
-            "warnings": [str(w.message) for w in caught if "seqpar" in str(w.message)]}
+            "values": max(_rel(k.full_tensor() if isinstance(k, SequenceShard) else k, ref)
+                          for k, ref in zip(kept, ref_kept))}
 
 
 class _Layer(torch.nn.Module):
