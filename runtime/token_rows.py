@@ -330,8 +330,13 @@ def _new_buffer(func, order, x, size, *args, **kwargs):
         size[x.dim] = x._local.shape[x.dim]
         return _wrap(func(x._local, size, *args, **kwargs), order, x.dim)
     if token.global_size in size:
-        d = token.dim if len(size) > token.dim and size[token.dim] == token.global_size else \
-            size.index(token.global_size)
+        if len(size) == x.ndim and size[x.dim] == token.global_size and \
+                size[:x.dim] + size[x.dim + 1:] == list(x.shape[:x.dim] + x.shape[x.dim + 1:]):
+            d = x.dim       # ``x[idx]``'s gradient buffer: the rows' dim at the tokens' length
+        elif len(size) > token.dim and size[token.dim] == token.global_size:
+            d = token.dim
+        else:
+            d = size.index(token.global_size)
         size[d] //= token.P
         return SequenceShard(func(x._local, size, *args, **kwargs), token.moved(d))
     return func(x._local, size, *args, **kwargs)

@@ -21,7 +21,7 @@ def test_forward_and_every_gradient_match_one_process_in_float64(res, name):
         assert worst[1] <= 1e-12, (rank, r[name]["errors"])
 
 
-@pytest.mark.parametrize("name", ["eager_experts", "eager_experts_aux_loss"])
+@pytest.mark.parametrize("name", ["eager_experts", "eager_experts_aux_loss", "eager_experts_width_is_token_count"])
 def test_token_lists_are_each_ranks_own_rows_without_a_gather(res, name):
     for r in res:
         assert r[name]["token_types"] == ["TokenRows"], r[name]["token_types"]

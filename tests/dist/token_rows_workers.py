@@ -65,10 +65,10 @@ def aux_loss(router_logits, experts):
 
 def _step(x, params, experts_fn, with_aux):
     router, up, down = params
-    flat = x.reshape(-1, D)
+    flat = x.reshape(-1, x.shape[-1])
     weights, experts = _route(flat, router)
     out = experts_fn(flat, experts, weights, up, down)
-    loss = (out.view(B, S, D) + x).pow(2).mean()
+    loss = (out.view(x.shape) + x).pow(2).mean()
     if with_aux:
         loss = loss + aux_loss(flat @ router.t(), experts)
     return out, loss
@@ -79,7 +79,7 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _case(experts_fn, with_aux):
+def _case(experts_fn, with_aux, D=D):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, S, D, generator=g, dtype=torch.float64)
     params = [torch.randn(E, D, generator=g, dtype=torch.float64),
@@ -106,7 +106,10 @@ def _case(experts_fn, with_aux):
 
 
 CASES = {"eager_experts": (eager_experts, False), "eager_experts_aux_loss": (eager_experts, True),
-         "capacity_limited": (capacity_limited_experts, False)}
+         "capacity_limited": (capacity_limited_experts, False),
+         # the width equals the number of tokens B·S (transformers' tiny configs: 64 = 2 x 32): the
+         # gradient buffer of flat[token] is [B·S, B·S], and only its first dim is the tokens'
+         "eager_experts_width_is_token_count": (eager_experts, True, B * S)}
 
 
 def run_cases(rank: int, P: int, names: list[str]) -> dict:

@@ -46,6 +46,8 @@ def _fallback_kind(messages: list[str]) -> list[str]:
             kinds.append("gathers: " + m.split("cannot shard ", 1)[1].split(" at ", 1)[0][:90])
         elif "runs replicated" in m or "run replicated" in m or "ran replicated" in m:
             kinds.append("replicated: " + m[:110])
+        elif "gathering the sequence and computing it replicated" in m:     # an eager op between frames
+            kinds.append("gathers (eager): " + m.split("eager op ", 1)[1].split(" on a ", 1)[0][:90])
         elif "gathered at this frame's exit" in m:
             kinds.append("exit gather")
     return list(dict.fromkeys(kinds))
