@@ -167,6 +167,8 @@ def backend(*, group: dist.ProcessGroup | None = None, mesh: Any = None, mesh_di
                          "distflash")
     # auto also decides overlap, unless the user fixed it
     opts["auto_overlap"] = "overlap" not in options and not os.environ.get(OPTIONS["overlap"].env)
+    # sequence lengths this backend's frames took as token ids or attended over (frames.first_piece_length)
+    opts["lengths_seen"] = set()
 
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         pg = group if group is not None else sequence_group(opts["degree"])
@@ -375,6 +377,13 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
         S = piece_S = recurrence_length(gm, [int(x.shape[1]) for n, x in zip(placeholders, example_inputs)
                                              if isinstance(x, torch.Tensor) and x.dim() >= 2
                                              and not _is_model_state(n, x) and not isinstance(x.shape[1], torch.SymInt)])
+    from .frames import first_piece_length, note_token_lengths
+    note_token_lengths(gm, example_inputs, static, opts["lengths_seen"])
+    first_piece = False
+    if not attention and not shards and piece_S is None and _has_trainable_state(gm, example_inputs):
+        # the embedding, or a norm a graph break cut off from the first layer's attention
+        S = piece_S = first_piece_length(gm, example_inputs, static, P, opts["lengths_seen"])
+        first_piece = piece_S is not None
     if (not attention or S is None) and not shards and piece_S is None:
         what = "no" if not attention else "only cross-attention, no"
         _report_replicated(hidden, pg, opts, dump)
@@ -419,6 +428,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     with refusal(ValueError):
         schedule = hybrid_layout(schedule, opts["ulysses_degree"], pg, strict=False)
         check_sequence_length(S, schedule, P, what="the model's sequence length")
+    opts["lengths_seen"].add(S)
     ctx = ShardingContext(S=S, P=P, rank=dist.get_rank(pg), schedule=schedule,
                           group_name=pg.group_name, fallback=opts["fallback"], output="local",
                           kernel=opts["kernel"], overlap=overlap, grad_reduce=opts["grad_reduce"],
@@ -426,7 +436,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     from .frames import entry_activations, exit_specs, seed_shard_inputs
     with stage("placements and rewrite"):
         entry = (entry_activations(gm, example_inputs, S, schedule, pg.group_name, static, opts["grad_reduce"])
-                 if attention else {})
+                 if attention or first_piece or shards else {})
         already = seed_shard_inputs(ctx, gm, {**(shards or {}), **entry})
         dims = {k: v for k, v in _user_input_dims(gm, example_inputs, S).items() if k not in already}
         ctx.data_inputs = _user_data_inputs(gm, example_inputs) - already

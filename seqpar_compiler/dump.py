@@ -240,7 +240,7 @@ def record_sharded(rec: DumpRecorder, *, S: int, P: int, schedule: str, overlap:
     rec.write("schedule.txt", schedule_table(first) + "\n\n" + "\n".join(holdings_legend(schedule, P, S)) + "\n")
     draw_schedule(first, str(rec.dir / "schedule.png"))
     rec.section("options", [" ".join(f"{k}={v}" for k, v in sorted(options.items())
-                                     if k not in ("dump", "dump_all_ranks", "auto_overlap"))])
+                                     if k not in ("dump", "dump_all_ranks", "auto_overlap", "lengths_seen"))])
 
 
 def main(argv: list[str] | None = None) -> int:

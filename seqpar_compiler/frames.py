@@ -33,7 +33,7 @@ from .runtime.sequence_ops import shard_sequence_op
 from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, full_tensor, to_local
 
 __all__ = ["frame_shard_inputs", "entry_activations", "check_frame_shards", "seed_shard_inputs", "exit_specs",
-           "local_examples", "ddp_piece_length", "proof_values", "wrap_frame", "LOCAL_OUTPUT_HINT",
+           "local_examples", "ddp_piece_length", "note_token_lengths", "first_piece_length", "proof_values", "wrap_frame", "LOCAL_OUTPUT_HINT",
            "refuse_local_in_ddp_pieces"]
 
 
@@ -45,7 +45,8 @@ def frame_shard_inputs(example_inputs: Sequence[Any]) -> dict[int, ShardSpec]:
 def entry_activations(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], S: int, schedule: str,
                       group_name: str, static: set, grad_reduce: str = "sum") -> dict[int, ShardSpec]:
     """Plain activations ``[B, S, ...]`` (floating point, not model state) entering a frame that
-    has attention: sharded at the frame's edge. Under per-block compile the first block receives
+    has attention, takes sequence shards, or is the first piece before any (``first_piece_length``):
+    sharded at the frame's edge. Under per-block compile the first block receives
     the eager root's full hidden states, and a block that opens with a hand-written norm (pointwise
     ops) would otherwise never start its sharded part (the rewrite seeds inputs at embeddings,
     linears and norms only). Its backward returns the gradient as a SequenceShard (no gather):
@@ -291,3 +292,64 @@ def ddp_piece_length(attention: list) -> int | None:
                 return None
             lengths.add(int(probs.shape[-1]))
     return lengths.pop() if len(lengths) == 1 else None
+
+
+
+_EMBEDDINGS = (F.embedding, torch.embedding, torch.ops.aten.embedding.default)
+_PASS_THROUGH = {"to", "long", "int", "contiguous", "view", "reshape", "clone"}
+
+
+def note_token_lengths(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], static: set, seen: set) -> None:
+    """Adds to ``seen`` the lengths of the user's token tensors this frame takes: dim 1 of an
+    integer ``[B, S]`` input (token ids, position ids, labels). Read by ``first_piece_length``."""
+    for value in _token_ids(gm, example_inputs, static).values():
+        seen.add(int(value.shape[1]))
+
+
+def first_piece_length(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], static: set, P: int,
+                       seen: set) -> int | None:
+    """The sequence length of a frame with no attention before the first one: the embedding, or a
+    norm cut off from its layer's attention by a graph break.
+
+    Why: transformers' output capturing (router logits) breaks the first layer's graph before its
+    attention, and the model's embedding may be a frame of its own. Such a piece compiles before
+    any frame with attention: nothing gives it a length, and it would run at full length on every
+    rank, the next frame sharding its output again at entry. Its length is dim 1 of the token ids
+    it embeds, or, for an activation ``[B, S, ...]`` it takes, a length an earlier frame of this
+    backend took as token ids or attended over (``seen``: the rope and mask frames before it take
+    the position ids). The length only picks the dim to split; every rule after it is exact
+    whatever the graph. None when neither, or when ``S`` does not split into 2·P equal pieces
+    (the frame then stays replicated, as before: a decode step's one token)."""
+    ids = _token_ids(gm, example_inputs, static)
+    for node in gm.graph.nodes:
+        if not ((node.op == "call_function" and node.target in _EMBEDDINGS)
+                or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Embedding))):
+            continue
+        # F.embedding(indices, weight) and an Embedding module take the indices first;
+        # torch.embedding / aten.embedding(weight, indices) second
+        index = node.args[1] if node.op == "call_function" and node.target is not F.embedding else node.args[0]
+        for _ in range(4):                   # input_ids.long(), .to(device), .view(B, S)
+            if not (isinstance(index, torch.fx.Node) and index.op == "call_method" and index.target in _PASS_THROUGH):
+                break
+            index = index.args[0]
+        if index in ids:
+            return _splits(int(ids[index].shape[1]), P)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        if (isinstance(value, torch.Tensor) and node not in static and value.dim() >= 3 and value.is_floating_point()
+                and isinstance(value.shape[1], int) and int(value.shape[1]) in seen):
+            return _splits(int(value.shape[1]), P)
+    return None
+
+
+def _token_ids(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], static: set) -> dict:
+    """{placeholder: example} of the user's integer ``[B, S]`` inputs."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n: value for n, value in zip(placeholders, example_inputs)
+            if isinstance(value, torch.Tensor) and not isinstance(value, SequenceShard) and n not in static
+            and value.dim() == 2 and not value.is_floating_point() and not value.is_complex()
+            and value.dtype is not torch.bool and isinstance(value.shape[1], int)}
+
+
+def _splits(S: int, P: int) -> int | None:
+    return S if S > 1 and S % (2 * P) == 0 else None
