@@ -317,7 +317,8 @@ def first_piece_length(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
     rank, the next frame sharding its output again at entry. Its length is dim 1 of the token ids
     it embeds, or, for an activation ``[B, S, ...]`` it takes, a length an earlier frame of this
     backend took as token ids or attended over (``seen``: the rope and mask frames before it take
-    the position ids). The length only picks the dim to split; every rule after it is exact
+    the position ids), or the length of token ids ``[B, S]`` the calling code holds (a root Dynamo
+    skipped). The length only picks the dim to split; every rule after it is exact
     whatever the graph. None when neither, or when ``S`` does not split into 2·P equal pieces
     (the frame then stays replicated, as before: a decode step's one token)."""
     ids = _token_ids(gm, example_inputs, static)
@@ -335,11 +336,41 @@ def first_piece_length(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
         if index in ids:
             return _splits(int(ids[index].shape[1]), P)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, example_inputs):
-        if (isinstance(value, torch.Tensor) and node not in static and value.dim() >= 3 and value.is_floating_point()
-                and isinstance(value.shape[1], int) and int(value.shape[1]) in seen):
+    activations = [value for node, value in zip(placeholders, example_inputs)
+                   if isinstance(value, torch.Tensor) and node not in static and value.dim() >= 3
+                   and value.is_floating_point() and isinstance(value.shape[1], int)]
+    for value in activations:
+        if int(value.shape[1]) in seen:
             return _splits(int(value.shape[1]), P)
+    callers = _callers_token_shapes() if activations else ()
+    for value in activations:
+        B, S = int(value.shape[0]), int(value.shape[1])
+        if any(S == s and b in (B, 1) for b, s in callers):
+            return _splits(S, P)
     return None
+
+
+def _callers_token_shapes(depth: int = 64) -> set:
+    """``(B, S)`` of the integer ``[B, S]`` tensors (token or position ids) held by the user's code
+    that called this frame: the model's eager root, skipped by Dynamo (a graph break in its layer
+    loop), still holds ``input_ids`` in its locals while it runs the first layer. Frames of torch
+    and of seqpar are not read."""
+    import inspect
+    import os
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+            + "seqpar_compiler")
+    out = set()
+    frame = inspect.currentframe()
+    for _ in range(depth):
+        if frame is None:
+            break
+        if not frame.f_code.co_filename.startswith(skip):
+            for value in frame.f_locals.values():
+                if (type(value) is torch.Tensor and value.dim() == 2 and not value.is_floating_point()
+                        and not value.is_complex() and value.dtype is not torch.bool):
+                    out.add((int(value.shape[0]), int(value.shape[1])))
+        frame = frame.f_back
+    return out
 
 
 def _token_ids(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], static: set) -> dict:

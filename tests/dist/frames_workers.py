@@ -43,6 +43,19 @@ class BreakAfter(nn.Module):
         return out
 
 
+class BreakBefore(nn.Module):
+    """``torch._dynamo.graph_break()`` before a block's attention (transformers' output capturing
+    does this in Mixtral): the piece before it, the embedding and the first norm, has no attention."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, *args):
+        torch._dynamo.graph_break()
+        return self.attn(*args)
+
+
 def _batch(vocab=256):
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, vocab, (B, S), generator=g), torch.randint(0, vocab, (B, S), generator=g)
@@ -127,6 +140,10 @@ def _prepare(model: str, arrangement: str, backend):
     ref.load_state_dict(m.state_dict())
     if arrangement == "graph-break":
         m.blocks = nn.ModuleList(BreakAfter(b) for b in m.blocks)
+        return torch.compile(m, backend=backend), m, ref
+    if arrangement == "break-before-attention":
+        for b in m.blocks:
+            b.attn = BreakBefore(b.attn)
         return torch.compile(m, backend=backend), m, ref
     if arrangement == "per-block":            # torchtitan: blocks compiled one by one, the root eager
         for i, b in enumerate(m.blocks):

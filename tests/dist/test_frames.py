@@ -19,7 +19,10 @@ from seqpar_compiler.launch import run_ranks
 ARRANGEMENTS = ["graph-break", "per-block", "fsdp-per-block", "fsdp-whole"]
 CASES = {
     2: [(f"{m}-{a}", "frames", dict(model=m, arrangement=a, schedule="zigzag")) for m in ("gpt", "llama") for a in ARRANGEMENTS]
-    + [("gpt-whole", "frames", dict(model="gpt", arrangement="whole", schedule="zigzag"))],
+    + [("gpt-whole", "frames", dict(model="gpt", arrangement="whole", schedule="zigzag"))]
+    # the piece before each attention (layer 0's: the embedding and the first norm) has none
+    + [(f"{m}-break-before-attention", "frames", dict(model=m, arrangement="break-before-attention",
+                                                       schedule="zigzag")) for m in ("gpt", "llama")],
     4: [(f"llama-{a}", "frames", dict(model="llama", arrangement=a, schedule="zigzag")) for a in ARRANGEMENTS],
 }
 NAMES = [(P, name) for P, cases in CASES.items() for name, _, _ in cases]
