@@ -103,6 +103,10 @@ def render_json(path: str) -> list[str]:
     for key, value in tables:
         if not (isinstance(value, list) and value and all(isinstance(r, dict) for r in value)):
             continue
+        if all(all(isinstance(v, (dict, list)) for v in r.values()) for r in value):
+            # raw per-rank records (a dict of results per rank): no table; they stay in the JSON
+            lines += ["", f"`{key}`: {len(value)} nested records, in the JSON"]
+            continue
         cols = list(dict.fromkeys(c for r in value for c in r))
         lines += ["", f"`{key}`:" if key != "rows" else "", "| " + " | ".join(cols) + " |",
                   "|" + "---|" * len(cols)]

@@ -378,11 +378,14 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
                                              if isinstance(x, torch.Tensor) and x.dim() >= 2
                                              and not _is_model_state(n, x) and not isinstance(x.shape[1], torch.SymInt)])
     from .frames import first_piece_length, note_token_lengths
-    note_token_lengths(gm, example_inputs, static, opts["lengths_seen"])
+    seen = opts.setdefault("lengths_seen", set())      # made by backend(); a caller's own opts start empty
+    note_token_lengths(gm, example_inputs, static, seen)
     first_piece = False
-    if not attention and not shards and piece_S is None and _has_trainable_state(gm, example_inputs):
-        # the embedding, or a norm a graph break cut off from the first layer's attention
-        S = piece_S = first_piece_length(gm, example_inputs, static, P, opts["lengths_seen"])
+    if (not attention and not shards and piece_S is None and not hidden
+            and _has_trainable_state(gm, example_inputs)):
+        # the embedding, or a norm a graph break cut off from the first layer's attention (attention
+        # hidden in a disabled function keeps the frame replicated and says so, as before)
+        S = piece_S = first_piece_length(gm, example_inputs, static, P, seen)
         first_piece = piece_S is not None
     if (not attention or S is None) and not shards and piece_S is None:
         what = "no" if not attention else "only cross-attention, no"
@@ -428,7 +431,7 @@ def _shard_graph(gm, example_inputs, pg, opts, dump=None, shards=None) -> torch.
     with refusal(ValueError):
         schedule = hybrid_layout(schedule, opts["ulysses_degree"], pg, strict=False)
         check_sequence_length(S, schedule, P, what="the model's sequence length")
-    opts["lengths_seen"].add(S)
+    seen.add(S)
     ctx = ShardingContext(S=S, P=P, rank=dist.get_rank(pg), schedule=schedule,
                           group_name=pg.group_name, fallback=opts["fallback"], output="local",
                           kernel=opts["kernel"], overlap=overlap, grad_reduce=opts["grad_reduce"],
