@@ -153,8 +153,8 @@ ARCHITECTURES = {
     "mixtral-eager": (_moe("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2),
                       "causal", "eager"),
     # the router's load-balancing loss in the loss (weight 1: its errors would show): sums over every token.
-    # Exact; not fully sharded: transformers' output capturing breaks the first layer's graph before its
-    # attention, and that piece (an RMSNorm) runs replicated, warned
+    # transformers' output capturing breaks the first layer's graph before its attention: that piece (an
+    # RMSNorm) has no attention and takes its length from the position ids the frames before it took
     "mixtral-eager-aux": (_moe("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2,
                                router_aux_loss_coef=1.0), "aux", "eager"),
     "qwen3-moe-grouped_mm": (_moe("Qwen3MoeForCausalLM", "Qwen3MoeConfig", num_experts=4, num_experts_per_tok=2,
