@@ -91,10 +91,29 @@ _UNSAFE_FX_PURITY = False
 
 
 def eliminate_dead_code(graph: fx.Graph) -> bool:
-    """``Graph.eliminate_dead_code`` that keeps every write (see the module docstring)."""
+    """``Graph.eliminate_dead_code`` that keeps every write (see the module docstring), in the
+    graph and in every body it reads with ``get_attr`` (a higher-order op's: an autograd.Function's
+    backward). torch's own pass recurses into those bodies with its default purity, which deleted
+    the in-place ``scatter_add_`` of Phimoe's router backward (its result unused): the function's
+    gradient came out wrong. So the walk is written here, bodies included."""
     if _UNSAFE_FX_PURITY:
         return graph.eliminate_dead_code()
-    return graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or is_write(n))
+    graph.lint()
+    changed = False
+    for node in reversed(graph.nodes):
+        if not node.users and not (node.is_impure() or is_write(node)):
+            graph.erase_node(node)
+            changed = True
+    root = graph.owning_module
+    if root is not None:
+        for target in dict.fromkeys(n.target for n in graph.find_nodes(op="get_attr")):
+            body = root
+            for part in str(target).split("."):
+                body = getattr(body, part, None)
+            if isinstance(body, fx.GraphModule) and eliminate_dead_code(body.graph):
+                body.recompile()
+                changed = True
+    return changed
 
 
 def _storage(value: Any):

@@ -360,6 +360,23 @@ class _AddSequenceMean(torch.autograd.Function):
         return g + g.mean(1, keepdim=True)
 
 
+class _WritingBackward(torch.autograd.Function):
+    """A backward that writes into its result in place and never reads the write's return value
+    (Phimoe's router: ``grad.scatter_add_(...)``): the body's dead-code pass must keep the write."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x.argmax(-1, keepdim=True))
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        out = g * 2
+        out.scatter_add_(-1, idx, g)
+        return out
+
+
 @_body_idiom("autograd-function-elementwise")
 def _autograd_gelu(self, x):
     return x + _TanhGelu.apply(x)
@@ -368,3 +385,8 @@ def _autograd_gelu(self, x):
 @_body_idiom("autograd-function-over-the-sequence-falls-back", fallback="autograd_function_apply")
 def _autograd_sequence_mean(self, x):
     return _AddSequenceMean.apply(x)
+
+
+@_body_idiom("autograd-function-writing-backward-falls-back", fallback="autograd_function_apply")
+def _autograd_writing_backward(self, x):
+    return _WritingBackward.apply(x)
