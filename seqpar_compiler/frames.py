@@ -33,8 +33,8 @@ from .runtime.sequence_ops import shard_sequence_op
 from .runtime.sequence_shard import SequenceShard, ShardSpec, from_local, full_tensor, to_local
 
 __all__ = ["frame_shard_inputs", "entry_activations", "check_frame_shards", "seed_shard_inputs", "exit_specs",
-           "local_examples", "ddp_piece_length", "note_token_lengths", "first_piece_length", "proof_values", "wrap_frame", "LOCAL_OUTPUT_HINT",
-           "refuse_local_in_ddp_pieces"]
+           "local_examples", "ddp_piece_length", "note_token_lengths", "first_piece_length", "proof_values",
+           "wrap_frame", "LOCAL_OUTPUT_HINT", "refuse_local_in_ddp_pieces"]
 
 
 def frame_shard_inputs(example_inputs: Sequence[Any]) -> dict[int, ShardSpec]:
@@ -294,7 +294,6 @@ def ddp_piece_length(attention: list) -> int | None:
     return lengths.pop() if len(lengths) == 1 else None
 
 
-
 _EMBEDDINGS = (F.embedding, torch.embedding, torch.ops.aten.embedding.default)
 _PASS_THROUGH = {"to", "long", "int", "contiguous", "view", "reshape", "clone"}
 
@@ -357,18 +356,15 @@ def _callers_token_shapes(depth: int = 64) -> set:
     and of seqpar are not read."""
     import inspect
     import os
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-            + "seqpar_compiler")
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
     out = set()
     frame = inspect.currentframe()
     for _ in range(depth):
         if frame is None:
             break
         if not frame.f_code.co_filename.startswith(skip):
-            for value in frame.f_locals.values():
-                if (type(value) is torch.Tensor and value.dim() == 2 and not value.is_floating_point()
-                        and not value.is_complex() and value.dtype is not torch.bool):
-                    out.add((int(value.shape[0]), int(value.shape[1])))
+            out.update((int(v.shape[0]), int(v.shape[1])) for v in frame.f_locals.values()
+                       if type(v) is torch.Tensor and _is_token_ids(v))
         frame = frame.f_back
     return out
 
@@ -378,8 +374,13 @@ def _token_ids(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], static: 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return {n: value for n, value in zip(placeholders, example_inputs)
             if isinstance(value, torch.Tensor) and not isinstance(value, SequenceShard) and n not in static
-            and value.dim() == 2 and not value.is_floating_point() and not value.is_complex()
-            and value.dtype is not torch.bool and isinstance(value.shape[1], int)}
+            and _is_token_ids(value) and isinstance(value.shape[1], int)}
+
+
+def _is_token_ids(value: torch.Tensor) -> bool:
+    """An integer ``[B, S]`` tensor: token ids, position ids, labels."""
+    return (value.dim() == 2 and not value.is_floating_point() and not value.is_complex()
+            and value.dtype is not torch.bool)
 
 
 def _splits(S: int, P: int) -> int | None:
